@@ -1,0 +1,41 @@
+"""torchvision's ResNet family (ResNet, ResNeXt, Wide ResNet) in JAX / Flax NNX, with an exact
+weight port from PyTorch."""
+
+from resnext_flax.checkpoint import load_checkpoint, save_checkpoint
+from resnext_flax.model import FEATURE_NAMES, BasicBlock, Bottleneck, ResNet
+from resnext_flax.registry import CONSTRUCTORS, create_model, list_models
+from resnext_flax.variants import VARIANTS, ModelSpec
+from resnext_flax.weights import (
+    StateDictMismatchError,
+    StateDictReport,
+    compare_state_dict,
+    infer_architecture,
+    load_torch_state_dict,
+    read_state_dict,
+    to_torch_state_dict,
+)
+
+globals().update(CONSTRUCTORS)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FEATURE_NAMES",
+    "VARIANTS",
+    "BasicBlock",
+    "Bottleneck",
+    "ModelSpec",
+    "ResNet",
+    "StateDictMismatchError",
+    "StateDictReport",
+    "compare_state_dict",
+    "create_model",
+    "infer_architecture",
+    "list_models",
+    "load_checkpoint",
+    "load_torch_state_dict",
+    "read_state_dict",
+    "save_checkpoint",
+    "to_torch_state_dict",
+    *CONSTRUCTORS,
+]

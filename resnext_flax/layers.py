@@ -1,0 +1,132 @@
+"""Layers with torch's semantics: Conv (HWIO kernel, symmetric padding) and BatchNorm
+(torch momentum, unbiased running variance), initialized the way torchvision initializes."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from resnext_flax import ops
+
+# torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), an untruncated normal.
+conv_kernel_init = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch.nn.Linear: kaiming_uniform_(a=sqrt(5)) is uniform(+-1/sqrt(fan_in)).
+linear_kernel_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def linear_bias_init(fan_in: int) -> nnx.Initializer:
+    """torch.nn.Linear's bias init: uniform(+-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Conv(nnx.Module):
+    """Bias-free 2-D convolution, NHWC in and out, kernel stored HWIO.
+
+    The kernel's I axis is ``in_channels // groups`` exactly as torch's weight stores it, so
+    grouped (ResNeXt) kernels map to torch by a plain transpose.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"channels ({in_channels} in, {out_channels} out) must be divisible by "
+                f"groups={groups}"
+            )
+        shape = (kernel_size, kernel_size, in_channels // groups, out_channels)
+        self.kernel = nnx.Param(conv_kernel_init(rngs.params(), shape, param_dtype))
+        self.stride = stride
+        self.padding = padding
+        self.groups = groups
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        return ops.conv2d(
+            x.astype(dtype),
+            self.kernel.value.astype(dtype),
+            stride=self.stride,
+            padding=self.padding,
+            groups=self.groups,
+        )
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm over the channel (last) axis with torch's semantics.
+
+    Training mode normalizes with the biased batch variance and updates the running
+    statistics as torch does: ``new = (1 - momentum) * old + momentum * batch`` (torch's
+    momentum, not Flax's inverted one), with the *unbiased* batch variance for ``var``.
+    Statistics are computed in float32 whatever the compute dtype.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        momentum: float = 0.1,
+        epsilon: float = 1e-5,
+        zero_init: bool = False,
+        use_running_average: bool = False,
+        axis_name: str | None = None,
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+    ):
+        init_scale = jnp.zeros if zero_init else jnp.ones
+        self.scale = nnx.Param(init_scale((num_features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.use_running_average = use_running_average
+        self.axis_name = axis_name
+        self.dtype = dtype
+
+    def _batch_statistics(self, x: jax.Array) -> tuple[jax.Array, jax.Array, int]:
+        """Mean and biased variance over all but the channel axis (two-pass, float32)."""
+        xf = x.astype(jnp.float32)
+        axes = tuple(range(x.ndim - 1))
+        count = math.prod(x.shape[:-1])
+        mean = jnp.mean(xf, axis=axes)
+        if self.axis_name is not None:
+            # Per-device programs (shard_map): statistics of the global batch.
+            mean = jax.lax.pmean(mean, self.axis_name)
+            count *= jax.lax.axis_size(self.axis_name)
+        var = jnp.mean(jnp.square(xf - mean), axis=axes)
+        if self.axis_name is not None:
+            var = jax.lax.pmean(var, self.axis_name)
+        return mean, var, count
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        if self.use_running_average:
+            mean, var = self.mean.value, self.var.value
+        else:
+            mean, var, count = self._batch_statistics(x)
+            unbiased = var * (count / max(count - 1, 1))
+            m = self.momentum
+            self.mean.value = (1.0 - m) * self.mean.value + m * mean
+            self.var.value = (1.0 - m) * self.var.value + m * unbiased
+        multiplier = self.scale.value.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
+        offset = self.bias.value.astype(jnp.float32) - mean * multiplier
+        return (x.astype(jnp.float32) * multiplier + offset).astype(dtype)

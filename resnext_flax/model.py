@@ -1,0 +1,235 @@
+"""ResNet, ResNeXt and Wide ResNet as Flax NNX modules, NHWC, mirroring torchvision.
+
+Attribute names equal torchvision's state-dict names (``conv1``, ``bn1``, ``layer1``…,
+``downsample``, ``fc``) so the weight map is structural (see ``resnext_flax.weights``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from resnext_flax import ops
+from resnext_flax.layers import BatchNorm, Conv, linear_bias_init, linear_kernel_init
+from resnext_flax.variants import ModelSpec
+
+#: Names of the intermediate outputs returned by :meth:`ResNet.forward_features`.
+FEATURE_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4", "pre_logits")
+
+
+class BasicBlock(nnx.Module):
+    """Two 3x3 convs and a residual shortcut (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        *,
+        stride: int = 1,
+        downsample: nnx.List | None = None,
+        spec: ModelSpec,
+        zero_init_residual: bool = False,
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if spec.groups != 1 or spec.width_per_group != 64:
+            raise ValueError("BasicBlock only supports groups=1 and width_per_group=64")
+        conv = functools.partial(Conv, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        norm = functools.partial(BatchNorm, dtype=dtype, param_dtype=param_dtype)
+        self.conv1 = conv(inplanes, planes, 3, stride=stride, padding=1)
+        self.bn1 = norm(planes)
+        self.conv2 = conv(planes, planes, 3, padding=1)
+        self.bn2 = norm(planes, zero_init=zero_init_residual)
+        self.downsample = downsample
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        identity = x if self.downsample is None else _sequential(self.downsample, x)
+        out = jax.nn.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return jax.nn.relu(out + identity)
+
+
+class Bottleneck(nnx.Module):
+    """1x1 conv, grouped 3x3 conv (stride here, as torchvision's ResNet V1.5), 1x1 conv.
+
+    The 3x3 conv has ``feature_group_count = groups`` and width
+    ``int(planes * width_per_group / 64) * groups``; output channels are ``planes * 4``.
+    """
+
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        *,
+        stride: int = 1,
+        downsample: nnx.List | None = None,
+        spec: ModelSpec,
+        zero_init_residual: bool = False,
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        width = spec.block_width(planes)
+        conv = functools.partial(Conv, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        norm = functools.partial(BatchNorm, dtype=dtype, param_dtype=param_dtype)
+        self.conv1 = conv(inplanes, width, 1)
+        self.bn1 = norm(width)
+        self.conv2 = conv(width, width, 3, stride=stride, padding=1, groups=spec.groups)
+        self.bn2 = norm(width)
+        self.conv3 = conv(width, planes * self.expansion, 1)
+        self.bn3 = norm(planes * self.expansion, zero_init=zero_init_residual)
+        self.downsample = downsample
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        identity = x if self.downsample is None else _sequential(self.downsample, x)
+        out = jax.nn.relu(self.bn1(self.conv1(x)))
+        out = jax.nn.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return jax.nn.relu(out + identity)
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+def _sequential(layers: nnx.List, x: jax.Array) -> jax.Array:
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def check_input(x: jax.Array, in_channels: int = 3) -> None:
+    """Raise a clear ValueError for inputs the model cannot take (checked on static shapes)."""
+    shape = tuple(getattr(x, "shape", ()))
+    dtype = getattr(x, "dtype", None)
+    expected = f"a floating-point array of shape (N, H, W, {in_channels}) (NHWC)"
+    if len(shape) != 4:
+        raise ValueError(f"expected {expected}, got an array of rank {len(shape)}: {shape}")
+    if shape[-1] != in_channels:
+        hint = ""
+        if shape[1] == in_channels:
+            hint = "; this looks like NCHW, transpose it with x.transpose(0, 2, 3, 1)"
+        raise ValueError(
+            f"expected {expected}, got shape {shape} with {shape[-1]} channels last{hint}"
+        )
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"expected {expected}, got dtype {dtype}; convert images with "
+            "resnext_flax preprocessing or x.astype(jnp.float32)"
+        )
+
+
+class ResNet(nnx.Module):
+    """torchvision's ResNet family (ResNet, ResNeXt, Wide ResNet) in Flax NNX.
+
+    **Arguments:**
+    - `spec`: the architecture (see ``resnext_flax.VARIANTS``).
+    - `num_classes`: size of the classifier head.
+    - `zero_init_residual`: zero the last BatchNorm scale of every block (torchvision's
+      option of the same name).
+    - `dtype`: compute dtype (e.g. ``jnp.bfloat16``); parameters stay in `param_dtype`.
+    - `rngs`: random streams for initialization.
+
+    Call it on NHWC images to get logits; :meth:`forward_features` returns the stem, every
+    stage and the pooled pre-logits. ``model.eval()`` switches BatchNorm to running statistics,
+    ``model.train()`` back to batch statistics.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        num_classes: int = 1000,
+        zero_init_residual: bool = False,
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.spec = spec
+        self.num_classes = num_classes
+        self.dtype = dtype
+        self.conv1 = Conv(3, 64, 7, stride=2, padding=3, dtype=dtype, param_dtype=param_dtype,
+                          rngs=rngs)
+        self.bn1 = BatchNorm(64, dtype=dtype, param_dtype=param_dtype)
+        make_stage = functools.partial(
+            self._make_stage,
+            zero_init_residual=zero_init_residual,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        inplanes = 64
+        self.layer1, inplanes = make_stage(inplanes, 64, spec.layers[0], stride=1)
+        self.layer2, inplanes = make_stage(inplanes, 128, spec.layers[1], stride=2)
+        self.layer3, inplanes = make_stage(inplanes, 256, spec.layers[2], stride=2)
+        self.layer4, inplanes = make_stage(inplanes, 512, spec.layers[3], stride=2)
+        self.num_features = inplanes
+        self.fc = nnx.Linear(
+            inplanes,
+            num_classes,
+            kernel_init=linear_kernel_init,
+            bias_init=linear_bias_init(inplanes),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def _make_stage(
+        self, inplanes: int, planes: int, num_blocks: int, *, stride: int, **kwargs
+    ) -> tuple[nnx.List, int]:
+        block = BLOCKS[self.spec.block]
+        outplanes = planes * block.expansion
+        downsample = None
+        if stride != 1 or inplanes != outplanes:
+            conv_kwargs = {k: kwargs[k] for k in ("dtype", "param_dtype", "rngs")}
+            downsample = nnx.List(
+                [
+                    Conv(inplanes, outplanes, 1, stride=stride, **conv_kwargs),
+                    BatchNorm(outplanes, dtype=kwargs["dtype"],
+                              param_dtype=kwargs["param_dtype"]),
+                ]
+            )
+        blocks = [block(inplanes, planes, stride=stride, downsample=downsample,
+                        spec=self.spec, **kwargs)]
+        blocks += [block(outplanes, planes, spec=self.spec, **kwargs)
+                   for _ in range(1, num_blocks)]
+        return nnx.List(blocks), outplanes
+
+    def stem(self, x: jax.Array) -> jax.Array:
+        """conv1 (7x7/2), bn1, ReLU and the 3x3/2 max-pool."""
+        x = jax.nn.relu(self.bn1(self.conv1(x)))
+        return ops.max_pool(x, window=3, stride=2, padding=1)
+
+    def forward_features(self, x: jax.Array) -> dict[str, jax.Array]:
+        """Every intermediate output, keyed by ``FEATURE_NAMES``.
+
+        Stage outputs are NHWC; ``pre_logits`` is the globally average-pooled ``layer4``
+        output, shape (N, num_features).
+        """
+        check_input(x)
+        features = {"stem": self.stem(x)}
+        out = features["stem"]
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            out = _sequential(getattr(self, name), out)
+            features[name] = out
+        features["pre_logits"] = self.pool(out)
+        return features
+
+    def pool(self, x: jax.Array) -> jax.Array:
+        """Global average pool, (N, H, W, C) -> (N, C), accumulated in float32."""
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+
+    def forward_head(self, pre_logits: jax.Array) -> jax.Array:
+        """The classifier: pooled features (N, num_features) -> logits (N, num_classes)."""
+        return self.fc(pre_logits)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Logits (N, num_classes) for NHWC images (N, H, W, 3)."""
+        return self.forward_head(self.forward_features(x)["pre_logits"])

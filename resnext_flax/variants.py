@@ -1,0 +1,70 @@
+"""The one table of architectures: torchvision's ten ResNet-family models.
+
+Pure data, kept apart from weight metadata (URLs, accuracies, preprocessing) and from code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import MappingProxyType
+from typing import Literal
+
+BlockKind = Literal["basic", "bottleneck"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Hyper-parameters that define one ResNet-family architecture (torchvision's names).
+
+    **Arguments:**
+    - `block`: "basic" (two 3x3 convs, expansion 1) or "bottleneck" (1x1, grouped 3x3, 1x1;
+      expansion 4).
+    - `layers`: number of blocks in each of the four stages.
+    - `groups`: cardinality of the grouped 3x3 conv (ResNeXt); 1 for plain ResNets.
+    - `width_per_group`: torchvision's `base_width`; the bottleneck width is
+      `int(planes * width_per_group / 64) * groups`.
+    """
+
+    block: BlockKind
+    layers: tuple[int, int, int, int]
+    groups: int = 1
+    width_per_group: int = 64
+
+    @property
+    def expansion(self) -> int:
+        return 4 if self.block == "bottleneck" else 1
+
+    def block_width(self, planes: int) -> int:
+        """Channels inside a block of `planes` (the grouped conv's width for bottlenecks)."""
+        return int(planes * (self.width_per_group / 64.0)) * self.groups
+
+
+VARIANTS: MappingProxyType[str, ModelSpec] = MappingProxyType(
+    {
+        "resnet18": ModelSpec("basic", (2, 2, 2, 2)),
+        "resnet34": ModelSpec("basic", (3, 4, 6, 3)),
+        "resnet50": ModelSpec("bottleneck", (3, 4, 6, 3)),
+        "resnet101": ModelSpec("bottleneck", (3, 4, 23, 3)),
+        "resnet152": ModelSpec("bottleneck", (3, 8, 36, 3)),
+        "resnext50_32x4d": ModelSpec("bottleneck", (3, 4, 6, 3), groups=32, width_per_group=4),
+        "resnext101_32x8d": ModelSpec("bottleneck", (3, 4, 23, 3), groups=32, width_per_group=8),
+        "resnext101_64x4d": ModelSpec("bottleneck", (3, 4, 23, 3), groups=64, width_per_group=4),
+        "wide_resnet50_2": ModelSpec("bottleneck", (3, 4, 6, 3), width_per_group=128),
+        "wide_resnet101_2": ModelSpec("bottleneck", (3, 4, 23, 3), width_per_group=128),
+    }
+)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec for a torchvision model name; unknown names list the known ones."""
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}; known models: {', '.join(VARIANTS)}"
+        ) from None
+
+
+def find_variant(spec: ModelSpec) -> str | None:
+    """The torchvision name of an architecture, or None if it is not one of the ten."""
+    return next((name for name, known in VARIANTS.items() if known == spec), None)
