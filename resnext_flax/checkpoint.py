@@ -67,7 +67,7 @@ def save_checkpoint(
         "model": find_variant(model.spec) or "",
         **(metadata or {}),
     }
-    tensors = {key: np.asarray(var.value) for key, var in _flat_variables(model).items()}
+    tensors = {key: np.asarray(var.get_value()) for key, var in _flat_variables(model).items()}
     blob = save(tensors, metadata=header)
 
     def write(tmp: str) -> None:
@@ -116,9 +116,9 @@ def load_checkpoint(
     missing = sorted(variables.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - variables.keys())
     mismatched = [
-        f"{k}: expected {tuple(variables[k].value.shape)}, got {tensors[k].shape}"
+        f"{k}: expected {tuple(variables[k].get_value().shape)}, got {tensors[k].shape}"
         for k in sorted(variables.keys() & tensors.keys())
-        if tuple(variables[k].value.shape) != tensors[k].shape
+        if tuple(variables[k].get_value().shape) != tensors[k].shape
     ]
     if missing or unexpected or mismatched:
         raise ValueError(
@@ -126,7 +126,7 @@ def load_checkpoint(
             f"missing {missing}, unexpected {unexpected}, mismatched {mismatched}"
         )
     for key, var in variables.items():
-        var.value = jax.device_put(jnp.asarray(tensors[key], dtype=var.value.dtype))
+        var.set_value(jax.device_put(jnp.asarray(tensors[key], dtype=var.get_value().dtype)))
     model.eval()
     return model
 

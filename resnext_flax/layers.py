@@ -63,7 +63,7 @@ class Conv(nnx.Module):
         dtype = self.dtype or x.dtype
         return ops.conv2d(
             x.astype(dtype),
-            self.kernel.value.astype(dtype),
+            self.kernel.get_value().astype(dtype),
             stride=self.stride,
             padding=self.padding,
             groups=self.groups,
@@ -120,13 +120,13 @@ class BatchNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
         if self.use_running_average:
-            mean, var = self.mean.value, self.var.value
+            mean, var = self.mean.get_value(), self.var.get_value()
         else:
             mean, var, count = self._batch_statistics(x)
             unbiased = var * (count / max(count - 1, 1))
             m = self.momentum
-            self.mean.value = (1.0 - m) * self.mean.value + m * mean
-            self.var.value = (1.0 - m) * self.var.value + m * unbiased
-        multiplier = self.scale.value.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
-        offset = self.bias.value.astype(jnp.float32) - mean * multiplier
+            self.mean.set_value((1.0 - m) * self.mean.get_value() + m * mean)
+            self.var.set_value((1.0 - m) * self.var.get_value() + m * unbiased)
+        multiplier = self.scale.get_value().astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
+        offset = self.bias.get_value().astype(jnp.float32) - mean * multiplier
         return (x.astype(jnp.float32) * multiplier + offset).astype(dtype)

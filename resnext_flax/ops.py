@@ -2,14 +2,72 @@
 
 Padding is always explicit and symmetric, exactly as torchvision pads; XLA's 'SAME' pads
 stride-2 layers unevenly and silently changes the numbers.
+
+``conv2d`` picks a *lowering* per backend and shape, behind the same HWIO kernel: on XLA's CPU
+backend a grouped conv is slow (PITFALLS 15) and a 1x1 conv runs faster as a plain matmul, so
+those shapes are rewritten; everything else, and every shape on GPU/TPU, stays XLA's native
+convolution. Every lowering computes the same sum (only the float rounding order differs);
+``docs/performance.md`` has the measurements behind the choices.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
+
+#: The lowerings ``conv2d`` can use; "auto" picks one by backend and shape.
+LOWERINGS = ("auto", "xla", "matmul", "im2col", "shifted_taps")
+
+# Largest channels-per-group for which the elementwise "shifted taps" form beats XLA's grouped
+# conv on CPU (measured: d=4 and 8 win 3-8x, d=16 loses 10x).
+_MAX_TAPS_GROUP_WIDTH = 8
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "resnext_flax_conv_lowering", default=None
+)
+
+
+@contextlib.contextmanager
+def conv_lowering(name: str) -> Iterator[None]:
+    """Force one lowering for every ``conv2d`` *traced* inside the block (benchmarks, tests).
+
+    It acts at trace time: a function jitted before the block keeps its compiled lowering.
+    A lowering that cannot express a conv (``shifted_taps`` for a dense conv) falls back to
+    "xla" for it.
+    """
+    if name not in LOWERINGS:
+        raise ValueError(f"unknown conv lowering {name!r}; expected one of {LOWERINGS}")
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def select_lowering(
+    kernel_shape: tuple[int, ...], *, groups: int = 1, backend: str | None = None
+) -> str:
+    """The lowering ``conv2d`` uses for a kernel (HWIO) on a backend, by default the current one.
+
+    On GPU/TPU: always XLA's native conv (cuDNN / TPU convs are fast; nothing measured says
+    otherwise). On CPU: grouped convs with <= 8 channels per group as shifted taps, 1x1 convs as
+    one matmul, the rest native.
+    """
+    backend = backend or jax.default_backend()
+    if backend != "cpu":
+        return "xla"
+    kh, kw, per_group, _ = kernel_shape
+    if groups > 1:
+        return "shifted_taps" if per_group <= _MAX_TAPS_GROUP_WIDTH else "xla"
+    if kh == kw == 1:
+        return "matmul"
+    return "xla"
 
 
 def conv2d(
@@ -19,8 +77,29 @@ def conv2d(
     stride: int = 1,
     padding: int = 0,
     groups: int = 1,
+    lowering: str | None = None,
 ) -> jax.Array:
-    """2-D convolution of an NHWC input with an HWIO kernel, torch-style symmetric padding."""
+    """2-D convolution of an NHWC input with an HWIO kernel, torch-style symmetric padding.
+
+    ``lowering`` (default: the ``conv_lowering`` override, else :func:`select_lowering`)
+    chooses how XLA computes it; the parameters and the result are the same for all.
+    """
+    lowering = lowering or _override.get() or "auto"
+    if lowering == "auto":
+        lowering = select_lowering(kernel.shape, groups=groups)
+    kh, kw = kernel.shape[:2]
+    if lowering == "shifted_taps" and groups > 1:
+        return _conv_shifted_taps(x, kernel, stride, padding, groups)
+    if lowering == "matmul" and groups == 1 and kh == kw == 1:
+        return _conv1x1_matmul(x, kernel, stride, padding)
+    if lowering in ("matmul", "im2col") and groups == 1:
+        return _conv_im2col(x, kernel, stride, padding)
+    if lowering not in LOWERINGS:
+        raise ValueError(f"unknown conv lowering {lowering!r}; expected one of {LOWERINGS}")
+    return _conv_xla(x, kernel, stride, padding, groups)
+
+
+def _conv_xla(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int):
     return jax.lax.conv_general_dilated(
         x,
         kernel,
@@ -29,6 +108,70 @@ def conv2d(
         dimension_numbers=_NHWC,
         feature_group_count=groups,
     )
+
+
+def _acc(x: jax.Array) -> jnp.dtype:
+    """Accumulate in float32 at least, as XLA's convs do for bf16/f16 inputs."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _taps(x: jax.Array, kh: int, kw: int, stride: int, padding: int) -> list[jax.Array]:
+    """The kh*kw strided windows of the padded input, each (N, Ho, Wo, C), row-major taps."""
+    n, h, w, c = x.shape
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    ho = (h + 2 * padding - kh) // stride + 1
+    wo = (w + 2 * padding - kw) // stride + 1
+    return [
+        jax.lax.slice(
+            x,
+            (0, i, j, 0),
+            (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+            (1, stride, stride, 1),
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+
+
+def _conv1x1_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """A 1x1 conv is a matmul over channels (XLA's CPU dot runs ~1.5-2.5x its conv here)."""
+    (tap,) = _taps(x, 1, 1, stride, padding)
+    out = jnp.einsum("nhwc,co->nhwo", tap, kernel[0, 0], preferred_element_type=_acc(x))
+    return out.astype(x.dtype)
+
+
+def _conv_im2col(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """Dense conv as im2col (taps concatenated on channels, tap-major) and one matmul."""
+    kh, kw, cin, cout = kernel.shape
+    patches = jnp.concatenate(_taps(x, kh, kw, stride, padding), axis=-1)
+    kernel = kernel.reshape(kh * kw * cin, cout)
+    out = jnp.einsum("nhwk,ko->nhwo", patches, kernel, preferred_element_type=_acc(x))
+    return out.astype(x.dtype)
+
+
+def _conv_shifted_taps(
+    x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int
+) -> jax.Array:
+    """Grouped conv as kh*kw*d broadcast multiply-adds, which XLA fuses into one loop.
+
+    For each tap and each of the d input channels of a group, the channel (N, Ho, Wo, G, 1) is
+    multiplied by that kernel row (G, d_out) and accumulated: no im2col buffer, no tiny
+    matmuls. It wins for small d (4, 8) and loses badly from d=16 on (the fused loop's
+    arithmetic grows as d^2 per output).
+    """
+    kh, kw, d, cout = kernel.shape
+    out_per_group = cout // groups
+    k = kernel.reshape(kh, kw, d, groups, out_per_group).astype(_acc(x))
+    acc = None
+    for t, tap in enumerate(_taps(x, kh, kw, stride, padding)):
+        n, ho, wo, _ = tap.shape
+        tap = tap.reshape(n, ho, wo, groups, d).astype(_acc(x))
+        i, j = divmod(t, kw)
+        for c in range(d):
+            term = tap[..., c : c + 1] * k[i, j, c]
+            acc = term if acc is None else acc + term
+    return acc.reshape(n, ho, wo, cout).astype(x.dtype)
 
 
 def max_pool(x: jax.Array, *, window: int, stride: int, padding: int) -> jax.Array:

@@ -76,7 +76,7 @@ def to_torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     ``torch.from_numpy``); ``num_batches_tracked`` is torch's step counter and is omitted.
     """
     return {
-        key: np.array(_to_torch_layout(leaf, np.asarray(var.value)), order="C")
+        key: np.array(_to_torch_layout(leaf, np.asarray(var.get_value())), order="C")
         for key, (leaf, var) in torch_variables(model).items()
     }
 
@@ -196,7 +196,7 @@ def compare_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> Stat
     mismatched = []
     for key in expected.keys() & sd.keys():
         leaf, var = expected[key]
-        want = _torch_shape(leaf, var.value.shape)
+        want = _torch_shape(leaf, var.get_value().shape)
         got = tuple(np.shape(sd[key]))
         if want != got:
             mismatched.append((key, want, got))
@@ -237,7 +237,7 @@ def load_torch_state_dict(
     for key, (leaf, var) in torch_variables(model).items():
         if key in sd and key not in skip:
             array = _from_torch_layout(leaf, _to_numpy(key, sd[key]))
-            var.value = jnp.asarray(array, dtype=var.value.dtype)
+            var.set_value(jnp.asarray(array, dtype=var.get_value().dtype))
     return model
 
 
@@ -249,10 +249,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     ``"state_dict"`` or ``"model"`` is unwrapped.
     """
     path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
+    obj = _read_safetensors(path) if path.endswith(".safetensors") else _read_torch_file(path)
+    return {key: _to_numpy(key, value) for key, value in obj.items()
+            if not key.endswith(_IGNORED_SUFFIXES)}
 
-        return load_file(path)
+
+def _read_safetensors(path: str) -> Mapping[str, Any]:
+    # The flax (jax.numpy) reader understands bfloat16, which numpy's reader does not.
+    from safetensors.flax import load_file
+
+    try:
+        return {key: np.asarray(value) for key, value in load_file(path).items()}
+    except Exception as err:
+        raise ValueError(f"could not read {path!r} as a safetensors file: {err}") from err
+
+
+def _read_torch_file(path: str) -> Mapping[str, Any]:
     try:
         import torch
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -269,5 +281,4 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             obj = obj[wrapper]
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict")
-    return {key: _to_numpy(key, value) for key, value in obj.items()
-            if not key.endswith(_IGNORED_SUFFIXES)}
+    return obj

@@ -1,0 +1,112 @@
+"""torchvision checkpoint file -> verified Flax checkpoint file (the library side of
+``convert/``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from resnext_flax.checkpoint import save_checkpoint
+from resnext_flax.model import ResNet
+from resnext_flax.registry import create_model
+from resnext_flax.variants import find_variant
+from resnext_flax.weights import (
+    infer_spec,
+    load_torch_state_dict,
+    normalize_state_dict,
+    read_state_dict,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParityReport:
+    """Logits agreement between the Flax model and torchvision on one probe batch."""
+
+    max_abs_error: float
+    relative_error: float
+    top1_agreement: float
+
+    def __str__(self) -> str:
+        return (
+            f"max-abs error {self.max_abs_error:.3e}, relative error "
+            f"{self.relative_error:.3e}, top-1 agreement {self.top1_agreement:.0%}"
+        )
+
+
+def model_from_state_dict(state_dict: Any, name: str | None = None) -> ResNet:
+    """Build the architecture a state dict belongs to (checked against `name` if given) and
+    load it strictly, without a random initialization; returns the model in eval mode."""
+    inferred = infer_spec(state_dict)
+    if name is None:
+        if inferred is None or find_variant(inferred[0]) is None:
+            raise ValueError(
+                "cannot tell which model this state dict belongs to; pass its name "
+                "(one of resnext_flax.list_models())"
+            )
+        name = find_variant(inferred[0])
+    num_classes = inferred[1] if inferred else 1000
+    model = nnx.eval_shape(lambda: create_model(name, num_classes=num_classes))
+    load_torch_state_dict(model, state_dict, strict=True)
+    model.eval()
+    return model
+
+
+def verify_against_torchvision(
+    model: ResNet, state_dict: Any, name: str, *, probe_shape=(2, 224, 224), seed: int = 0
+) -> ParityReport:
+    """Run torchvision's `name` with the same state dict and this model on one random NHWC
+    probe batch (float32, highest matmul precision) and compare the logits."""
+    import torch
+    import torchvision
+
+    reference = torchvision.models.get_model(name, weights=None, num_classes=model.num_classes)
+    reference.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in
+                               normalize_state_dict(state_dict).items()}, strict=True)
+    reference.eval()
+    batch, height, width = probe_shape
+    images = np.random.default_rng(seed).standard_normal((batch, height, width, 3))
+    images = images.astype(np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+    with jax.default_matmul_precision("highest"):
+        actual = np.asarray(jax.jit(lambda x: model(x))(images))
+    diff = actual.astype(np.float64) - expected
+    return ParityReport(
+        max_abs_error=float(np.abs(diff).max()),
+        relative_error=float(np.linalg.norm(diff) / np.linalg.norm(expected)),
+        top1_agreement=float(np.mean(actual.argmax(-1) == expected.argmax(-1))),
+    )
+
+
+def convert_checkpoint(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    name: str | None = None,
+    verify: bool = True,
+    probe_shape: tuple[int, int, int] = (2, 224, 224),
+    tolerance: float = 1e-4,
+) -> ParityReport | None:
+    """Convert a torchvision ``.pth``/``.safetensors`` file into a Flax checkpoint.
+
+    The output is written (atomically) only after the strict load and, with `verify`, only if
+    the logits agree with torchvision's within relative `tolerance`.
+    """
+    state_dict = read_state_dict(source)
+    model = model_from_state_dict(state_dict, name)
+    name = find_variant(model.spec)
+    report = None
+    if verify:
+        report = verify_against_torchvision(model, state_dict, name, probe_shape=probe_shape)
+        if not report.relative_error <= tolerance:
+            raise ValueError(
+                f"converted {name} does not match torchvision ({report}); "
+                f"tolerance {tolerance:g}; nothing written"
+            )
+    save_checkpoint(model, output, metadata={"source": os.path.basename(os.fspath(source))})
+    return report

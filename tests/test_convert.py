@@ -1,0 +1,106 @@
+"""The command-line converter, end to end on temporary files, and converted checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch_reference import random_images, relative_error, to_nchw, torch_model
+
+import resnext_flax
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONVERTER = os.path.join(REPO, "convert", "convert_torchvision.py")
+
+
+def run_converter(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, CONVERTER, *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_converter_end_to_end(tmp_path, suffix):
+    reference = torch_model("resnext50_32x4d", seed=11, num_classes=10)
+    source = tmp_path / f"resnext50_32x4d-0123abcd{suffix}"
+    state_dict = {f"module.{k}": v for k, v in reference.state_dict().items()}
+    if suffix == ".pth":
+        torch.save(state_dict, source)
+    else:
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, source)
+    output = tmp_path / "out" / "resnext50.safetensors"
+
+    result = run_converter(source, "--output", output, "--probe-size", "64")
+    assert result.returncode == 0, result.stderr
+    assert "verified against torchvision: max-abs error" in result.stdout
+    rel = float(result.stdout.split("relative error ")[1].split(",")[0])
+    assert rel <= 1e-5
+    assert sorted(os.listdir(output.parent)) == ["resnext50.safetensors"]
+
+    model = resnext_flax.load_checkpoint(output)
+    assert model.num_classes == 10 and model.spec == resnext_flax.VARIANTS["resnext50_32x4d"]
+    images = random_images(2, 65, 77, seed=5)
+    with torch.no_grad():
+        expected = reference(to_nchw(images)).numpy()
+    actual = np.asarray(jax.jit(lambda x: model(x))(images))
+    assert relative_error(actual, expected) <= 1e-5
+
+
+def test_converter_rejects_the_wrong_model_and_writes_nothing(tmp_path):
+    source = tmp_path / "r18.pth"
+    torch.save(torch_model("resnet18").state_dict(), source)
+    output = tmp_path / "out.safetensors"
+    result = run_converter(source, "--output", output, "--model", "resnet34", "--no-verify")
+    assert result.returncode == 1
+    assert "does not fit resnet34: it looks like resnet18" in result.stderr
+    assert "missing key(s): " in result.stderr
+    assert "layer1.2.conv1.weight" in result.stderr and "layer3.5.bn2.running_var" in result.stderr
+    assert os.listdir(tmp_path) == ["r18.pth"]
+
+
+def test_converter_reports_an_unreadable_file(tmp_path):
+    source = tmp_path / "truncated.pth"
+    torch.save(torch_model("resnet18").state_dict(), source)
+    source.write_bytes(source.read_bytes()[:1000])
+    result = run_converter(source, "--output", tmp_path / "out.safetensors", "--no-verify")
+    assert result.returncode == 1 and "could not read" in result.stderr
+    assert os.listdir(tmp_path) == ["truncated.pth"]
+
+
+def test_loading_a_converted_checkpoint_needs_no_torch(tmp_path):
+    model = resnext_flax.resnet18(num_classes=5)
+    path = tmp_path / "r18.safetensors"
+    resnext_flax.save_checkpoint(model, path)
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
+        "import numpy as np, resnext_flax\n"
+        f"m = resnext_flax.load_checkpoint({str(path)!r})\n"
+        "print(m(np.ones((1, 32, 32, 3), np.float32)).shape)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(1, 5)"
+
+
+def test_checkpoint_round_trip_and_bad_files(tmp_path):
+    model = resnext_flax.resnet18(num_classes=5)
+    path = tmp_path / "r18.safetensors"
+    resnext_flax.save_checkpoint(model, path)
+    loaded = resnext_flax.load_checkpoint(path)
+    for key, value in resnext_flax.to_torch_state_dict(model).items():
+        np.testing.assert_array_equal(resnext_flax.to_torch_state_dict(loaded)[key], value)
+
+    not_ours = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(2)}, not_ours)
+    with pytest.raises(ValueError, match="not a resnext_flax checkpoint"):
+        resnext_flax.load_checkpoint(not_ours)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        resnext_flax.load_checkpoint(garbage)

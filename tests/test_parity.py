@@ -1,0 +1,132 @@
+"""Eval-mode parity with torchvision, variant by variant and stage by stage.
+
+Reference models have random weights and randomized BatchNorm statistics and affine parameters.
+Every forward pass here is one jit of a pure function over the split model state, run on the
+CPU and, where JAX sees one, on a GPU/TPU (matmul precision 'highest', torch TF32 off).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from torch_reference import flax_model_from_torch, random_images, relative_error, to_nchw
+from torch_reference import torch_model as make_torch_model
+
+import resnext_flax
+
+ODD_SIZE = (97, 131)
+FULL_SIZE = (224, 224)
+FULL_SIZE_MODELS = ("resnet18", "resnet50", "resnext50_32x4d")
+# float32 CPU parity of a whole ResNet is ~1e-6 relative; 1e-5 leaves room for accumulation
+# order differences without hiding a real bug (a swapped statistic gives ~1e-1).
+RTOL = 1e-5
+
+
+def _accelerator() -> jax.Device | None:
+    return next((d for d in jax.devices() if d.platform != "cpu"), None)
+
+
+BACKENDS = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("accelerator", id="accelerator", marks=[
+        pytest.mark.accelerator,
+        pytest.mark.skipif(_accelerator() is None, reason="JAX sees no GPU/TPU"),
+    ]),
+]
+
+
+class Pair:
+    """A torchvision model and the ported Flax model, with cached outputs per input."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.torch = make_torch_model(name, seed=len(name))
+        self.flax = flax_model_from_torch(name, self.torch)
+        graphdef, state = nnx.split(self.flax)
+        self._state = state
+
+        def forward(state, images):
+            model = nnx.merge(graphdef, state)
+            features = model.forward_features(images)
+            return {**features, "logits": model.forward_head(features["pre_logits"])}
+
+        self._forward = jax.jit(forward)
+
+    @functools.cache  # noqa: B019 - one Pair per module-scoped fixture
+    def flax_outputs(self, backend: str, batch: int, size: tuple[int, int]) -> dict:
+        device = jax.devices("cpu")[0] if backend == "cpu" else _accelerator()
+        images = jax.device_put(random_images(batch, *size, seed=batch), device)
+        state = jax.device_put(self._state, device)
+        outputs = self._forward(state, images)
+        assert all(o.devices() == {device} for o in outputs.values())
+        return {k: np.asarray(v) for k, v in outputs.items()}
+
+    @functools.cache  # noqa: B019
+    def torch_outputs(self, batch: int, size: tuple[int, int]) -> dict:
+        m = self.torch
+        with torch.no_grad():
+            x = to_nchw(random_images(batch, *size, seed=batch))
+            out = {"stem": m.maxpool(m.relu(m.bn1(m.conv1(x))))}
+            for name in ("layer1", "layer2", "layer3", "layer4"):
+                x = getattr(m, name)(out["stem"] if name == "layer1" else x)
+                out[name] = x
+            out["pre_logits"] = torch.flatten(m.avgpool(x), 1)
+            out["logits"] = m.fc(out["pre_logits"])
+        nhwc = {k: v.permute(0, 2, 3, 1) if v.ndim == 4 else v for k, v in out.items()}
+        return {k: v.numpy() for k, v in nhwc.items()}
+
+
+@pytest.fixture(scope="module", params=resnext_flax.list_models())
+def pair(request) -> Pair:
+    return Pair(request.param)
+
+
+def _assert_logits_match(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.shape == expected.shape
+    err = relative_error(actual, expected)
+    assert err <= RTOL, f"logits relative error {err:.2e} > {RTOL:.0e}"
+    np.testing.assert_array_equal(actual.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_logits_match_torchvision_at_odd_size(pair: Pair, backend: str, batch: int):
+    actual = pair.flax_outputs(backend, batch, ODD_SIZE)["logits"]
+    _assert_logits_match(actual, pair.torch_outputs(batch, ODD_SIZE)["logits"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_stage_matches_torchvision(pair: Pair, backend: str):
+    actual = pair.flax_outputs(backend, 2, ODD_SIZE)
+    expected = pair.torch_outputs(2, ODD_SIZE)
+    for name in resnext_flax.FEATURE_NAMES:
+        assert actual[name].shape == expected[name].shape, name
+        err = relative_error(actual[name], expected[name])
+        assert err <= RTOL, f"{name}: relative error {err:.2e} > {RTOL:.0e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", FULL_SIZE_MODELS)
+def test_logits_match_torchvision_at_224(name: str, backend: str):
+    pair = Pair(name)
+    actual = pair.flax_outputs(backend, 2, FULL_SIZE)["logits"]
+    _assert_logits_match(actual, pair.torch_outputs(2, FULL_SIZE)["logits"])
+
+
+def test_parity_check_can_fail():
+    """The comparison above must notice a single swapped BN statistic."""
+    pair = Pair("resnet18")
+    sd = pair.torch.state_dict()
+    broken = dict(sd)
+    broken["layer2.0.bn1.running_mean"] = sd["layer2.0.bn1.running_var"]
+    model = flax_model_from_torch("resnet18", pair.torch)
+    resnext_flax.load_torch_state_dict(model, broken)
+    images = random_images(2, *ODD_SIZE, seed=2)
+    actual = np.asarray(jax.jit(lambda x: model(x))(images))
+    with pytest.raises(AssertionError):
+        _assert_logits_match(actual, pair.torch_outputs(2, ODD_SIZE)["logits"])
