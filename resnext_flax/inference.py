@@ -1,0 +1,188 @@
+"""Jit-compiled inference: one pure function of (variables, images), compiled once per shape.
+
+``nnx.jit`` walks the module graph in Python on every call; here the model is split once
+(``graphdef, state = nnx.split(model)``) and ``jax.jit`` compiles a pure function of
+``(state, images)`` — the graph is merged only while tracing. The forward function is a
+constructor argument (:class:`Predictor`), so an optimized forward (e.g. BatchNorm folded into
+the convolutions) drops in without touching the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from resnext_flax.preprocess import ImageInput, image_list, preprocess
+from resnext_flax.weight_sets import Preprocessing, WeightSet, get_weight_set
+
+#: A pure forward function: ``apply_fn(variables, images NHWC float) -> logits (N, C)``.
+ApplyFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def pure_forward(model: nnx.Module, method: str = "__call__") -> tuple[Callable, Any]:
+    """``(fn, state)`` with ``fn(state, x) == model.<method>(x)`` in eval mode, as a pure
+    function fit for ``jax.jit``. The model itself is not switched to eval mode."""
+    graphdef, state = nnx.split(model)
+
+    def fn(variables: Any, x: jax.Array) -> Any:
+        merged = nnx.merge(graphdef, variables)
+        merged.eval()  # BatchNorm on running statistics, whatever mode the source model is in
+        return getattr(merged, method)(x)
+
+    return fn, state
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+    """Top-k results for a batch: `indices` and `probabilities` are (N, k), best first;
+    `labels` holds the category names of `indices`; `logits` is the full (N, C) output."""
+
+    logits: np.ndarray
+    probabilities: np.ndarray
+    indices: np.ndarray
+    labels: tuple[tuple[str, ...], ...]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def top(self, i: int) -> list[tuple[str, float]]:
+        """``[(label, probability), ...]`` for image `i`, best first."""
+        return [(label, float(p)) for label, p in zip(self.labels[i], self.probabilities[i],
+                                                     strict=True)]
+
+
+class Predictor:
+    """Classify images with a jit-compiled forward pass.
+
+    **Arguments:**
+    - `apply_fn`: pure ``apply_fn(variables, images) -> logits``; see :func:`pure_forward`.
+      Any function of that shape works, e.g. an inference-optimized (BN-folded) forward; a
+      model that is itself a callable pytree runs as ``Predictor(lambda m, x: m(x), folded)``.
+    - `variables`: the pytree `apply_fn` takes (an ``nnx.State`` for :meth:`from_model`).
+    - `categories`: class names; ``"class <i>"`` for classes without one.
+    - `preprocessing`: used by :meth:`classify` for raw images (ImageNet's 256/224 if omitted).
+    - `top_k`: how many classes to report (clamped to the class count).
+    - `batch_size`: :meth:`classify` runs batches of this size; the last one is padded, so one
+      compiled program serves every batch.
+
+    Use :meth:`from_model` or :meth:`from_pretrained` to build one from a model.
+    """
+
+    def __init__(
+        self,
+        apply_fn: ApplyFn,
+        variables: Any,
+        *,
+        categories: Sequence[str] | None = None,
+        preprocessing: Preprocessing | WeightSet | None = None,
+        top_k: int = 5,
+        batch_size: int = 16,
+    ):
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if isinstance(preprocessing, WeightSet):
+            preprocessing = preprocessing.preprocessing
+        self.variables = variables
+        self.categories = tuple(categories) if categories is not None else None
+        self.preprocessing = preprocessing or Preprocessing()
+        self.top_k = top_k
+        self.batch_size = batch_size
+
+        def run(variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+            logits = apply_fn(variables, images).astype(jnp.float32)
+            probabilities = jax.nn.softmax(logits, axis=-1)
+            top_p, top_i = jax.lax.top_k(probabilities, min(self.top_k, logits.shape[-1]))
+            return logits, top_p, top_i
+
+        self._run = jax.jit(run)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nnx.Module,
+        *,
+        categories: Sequence[str] | None = None,
+        preprocessing: Preprocessing | WeightSet | None = None,
+        top_k: int = 5,
+        batch_size: int = 16,
+    ) -> Predictor:
+        """A predictor over `model`'s current weights, run in eval mode (BatchNorm on running
+        statistics); the model object is not modified."""
+        fn, state = pure_forward(model)
+        return cls(fn, state, categories=categories, preprocessing=preprocessing,
+                   top_k=top_k, batch_size=batch_size)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str,
+        weights: str | WeightSet = "DEFAULT",
+        *,
+        checkpoint: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        progress: bool = True,
+        top_k: int = 5,
+        batch_size: int = 16,
+    ) -> Predictor:
+        """A predictor for torchvision's pretrained `name` with its weight set's preprocessing
+        and category names (see :func:`resnext_flax.from_pretrained`)."""
+        from resnext_flax.pretrained import from_pretrained
+
+        ws = weights if isinstance(weights, WeightSet) else get_weight_set(name, weights)
+        model = from_pretrained(name, ws, checkpoint=checkpoint, cache_dir=cache_dir,
+                                progress=progress)
+        categories = ws.categories if model.num_classes == len(ws.categories) else None
+        return cls.from_model(model, categories=categories, preprocessing=ws,
+                              top_k=top_k, batch_size=batch_size)
+
+    def _label(self, index: int) -> str:
+        if self.categories is not None and index < len(self.categories):
+            return self.categories[index]
+        return f"class {index}"
+
+    def __call__(self, images: Any) -> Predictions:
+        """Predict on preprocessed NHWC float images (one compiled program per shape)."""
+        shape = tuple(getattr(images, "shape", ()))
+        if len(shape) != 4 or shape[-1] != 3:
+            raise ValueError(
+                f"expected preprocessed images of shape (N, H, W, 3), got {shape}; raw images "
+                "go through Predictor.classify"
+            )
+        # One kind of argument (a device array) so numpy and jax inputs share one compilation.
+        images = jnp.asarray(images)
+        logits, top_p, top_i = jax.device_get(self._run(self.variables, images))
+        labels = tuple(tuple(self._label(int(i)) for i in row) for row in top_i)
+        return Predictions(np.asarray(logits), np.asarray(top_p), np.asarray(top_i), labels)
+
+    def classify(self, images: ImageInput | Sequence[ImageInput]) -> Predictions:
+        """Preprocess raw images (PIL, paths, uint8 arrays) and predict, `batch_size` at a
+        time (so memory stays bounded); a short last batch is zero-padded to `batch_size` so
+        it reuses the compiled program, and a single batch runs at its own size."""
+        items = image_list(images)
+        if len(items) <= self.batch_size:
+            return self(preprocess(items, self.preprocessing))
+        parts = []
+        for start in range(0, len(items), self.batch_size):
+            chunk = preprocess(items[start:start + self.batch_size], self.preprocessing)
+            n = len(chunk)
+            if n < self.batch_size:
+                chunk = np.concatenate([chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]),
+                                                        chunk.dtype)])
+            out = self(chunk)
+            parts.append(Predictions(out.logits[:n], out.probabilities[:n], out.indices[:n],
+                                     out.labels[:n]))
+        return Predictions(
+            np.concatenate([p.logits for p in parts]),
+            np.concatenate([p.probabilities for p in parts]),
+            np.concatenate([p.indices for p in parts]),
+            tuple(label for p in parts for label in p.labels),
+        )

@@ -1,0 +1,114 @@
+"""The ``resnext-flax`` command end to end, with a local checkpoint (no download)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch_reference
+from pretrained_helpers import (
+    sample_image_paths,
+    save_torchvision_file,
+    torch_top_k,
+    torchvision_pipeline,
+)
+from torchvision.models import get_model_weights
+
+from resnext_flax import cli, list_weight_sets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LINE = re.compile(r"^\s+(\d+)\. (.+?)\s+(\d+\.\d\d)%$")
+
+
+@pytest.fixture(scope="module")
+def resnet18(tmp_path_factory):
+    model = torch_reference.torch_model("resnet18", seed=11)
+    return model, save_torchvision_file(model, tmp_path_factory.mktemp("w"), "resnet18")
+
+
+def parse(output: str) -> dict[str, list[tuple[str, float]]]:
+    results: dict[str, list[tuple[str, float]]] = {}
+    current = None
+    for line in output.splitlines():
+        match = LINE.match(line)
+        if match:
+            results[current].append((match.group(2), float(match.group(3))))
+        else:
+            current = line
+            results[current] = []
+    return results
+
+
+def test_predict_matches_torchvision(resnet18, capsys):
+    torch_model, pth = resnet18
+    paths = sample_image_paths()
+    status = cli.main(["predict", *paths, "--model", "resnet18", "--checkpoint", str(pth),
+                       "--top-k", "3"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    results = parse(captured.out)
+    assert list(results) == paths
+    _, logits = torchvision_pipeline(torch_model, "resnet18", paths)
+    probabilities, indices = torch_top_k(logits, 3)
+    categories = get_model_weights("resnet18").DEFAULT.meta["categories"]
+    for i, path in enumerate(paths):
+        assert [label for label, _ in results[path]] == [categories[j] for j in indices[i]]
+        for (_, percent), p in zip(results[path], probabilities[i], strict=True):
+            assert percent == pytest.approx(100 * p, abs=0.005 + 1e-6)
+
+
+def test_list(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:4] == ["model", "weights", "acc@1", "acc@5"]
+    rows = out[2:]
+    assert len(rows) == len(list_weight_sets()) == 17
+    assert re.match(r"resnet50\s+IMAGENET1K_V2 \(DEFAULT\)\s+80\.858\s+95\.434\s+25\.6M\s+4\.09"
+                    r"\s+97\.8 MB\s+232/224$", rows[3])
+    assert cli.main(["list", "--model", "resnext101_64x4d"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert len(rows) == 1 and "IMAGENET1K_V1 (DEFAULT)" in rows[0] and "83.246" in rows[0]
+
+
+def test_errors(tmp_path, resnet18, capsys):
+    image = sample_image_paths()[0]
+    missing = str(tmp_path / "missing.pth")
+    assert cli.main(["predict", image, "--model", "resnet18", "--checkpoint", missing]) == 1
+    assert f"no checkpoint file at {missing!r}" in capsys.readouterr().err
+    assert cli.main(["predict", image, "--model", "resnet18", "--weights", "V3",
+                     "--checkpoint", str(resnet18[1])]) == 1
+    assert "resnet18 has no weight set 'V3'" in capsys.readouterr().err
+    assert cli.main(["predict", str(tmp_path / "nope.jpg"), "--model", "resnet18",
+                     "--checkpoint", str(resnet18[1])]) == 1
+    assert "no image file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["predict", image, "--model", "resnet19"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit):
+        cli.main([])
+
+
+def test_console_script_and_module_entry_point():
+    with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
+        pyproject = f.read()  # (tomllib needs Python 3.11; we support 3.10)
+    assert '[project.scripts]\nresnext-flax = "resnext_flax.cli:main"\n' in pyproject
+    result = subprocess.run([sys.executable, "-m", "resnext_flax.cli", "list", "--model",
+                             "resnet18"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr
+    assert "IMAGENET1K_V1 (DEFAULT)" in result.stdout
+
+
+def test_example_script(resnet18, capsys, monkeypatch):
+    import runpy
+
+    paths = sample_image_paths()
+    monkeypatch.setattr(sys, "argv", ["classify.py", *paths, "--model", "resnet18",
+                                      "--checkpoint", str(resnet18[1])])
+    runpy.run_path(os.path.join(ROOT, "examples", "classify.py"), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == paths[0] and lines[6] == paths[1]
+    assert all(re.match(r"^\s+\d+\.\d\d%  \S", line) for line in lines[1:6] + lines[7:])
