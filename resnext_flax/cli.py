@@ -4,6 +4,7 @@ and their weight sets. argparse (stdlib) keeps the command free of extra depende
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -81,7 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, ImportError) as err:
         print(f"resnext-flax: error: {err}", file=sys.stderr)
         return 1
-    print(output)
+    try:
+        print(output, flush=True)
+    except BrokenPipeError:  # the reader went away, e.g. `resnext-flax list | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
