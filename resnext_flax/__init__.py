@@ -3,6 +3,7 @@ weight port from PyTorch."""
 
 from resnext_flax.checkpoint import load_checkpoint, save_checkpoint
 from resnext_flax.inference import Predictions, Predictor
+from resnext_flax.inference_opt import FoldedResNet, optimize_for_inference
 from resnext_flax.model import FEATURE_NAMES, BasicBlock, Bottleneck, ResNet
 from resnext_flax.preprocess import load_image, preprocess, preprocess_image
 from resnext_flax.pretrained import (
@@ -12,6 +13,7 @@ from resnext_flax.pretrained import (
     from_pretrained,
 )
 from resnext_flax.registry import CONSTRUCTORS, create_model, list_models
+from resnext_flax.training import TrainState, create_train_state, make_train_step
 from resnext_flax.transfer import FeatureExtractor, replace_head
 from resnext_flax.variants import VARIANTS, ModelSpec
 from resnext_flax.weight_sets import (
@@ -72,5 +74,12 @@ __all__ = [
     "preprocess",
     "preprocess_image",
     "replace_head",
+    # fast inference (BatchNorm folded)
+    "FoldedResNet",
+    "optimize_for_inference",
+    # fine-tuning (resnext_flax.training, resnext_flax.parallel)
+    "TrainState",
+    "create_train_state",
+    "make_train_step",
     *CONSTRUCTORS,
 ]

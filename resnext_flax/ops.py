@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -27,6 +28,11 @@ LOWERINGS = ("auto", "xla", "matmul", "im2col", "shifted_taps")
 # Largest channels-per-group for which the elementwise "shifted taps" form beats XLA's grouped
 # conv on CPU (measured: d=4 and 8 win 3-8x, d=16 loses 10x).
 _MAX_TAPS_GROUP_WIDTH = 8
+
+# Largest output H*W for which a dense 3x3 conv is lowered as im2col + matmul. Alone, 14x14 and
+# 7x7 convs win 10-30% that way, but whole ResNet-18/50 ran 3-10% slower (and compiled 2x
+# longer) with 14*14 here, so it is off.
+_MAX_IM2COL_HW = 0
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "resnext_flax_conv_lowering", default=None
@@ -51,13 +57,19 @@ def conv_lowering(name: str) -> Iterator[None]:
 
 
 def select_lowering(
-    kernel_shape: tuple[int, ...], *, groups: int = 1, backend: str | None = None
+    kernel_shape: tuple[int, ...],
+    *,
+    groups: int = 1,
+    out_hw: tuple[int, int] | None = None,
+    backend: str | None = None,
 ) -> str:
     """The lowering ``conv2d`` uses for a kernel (HWIO) on a backend, by default the current one.
 
     On GPU/TPU: always XLA's native conv (cuDNN / TPU convs are fast; nothing measured says
     otherwise). On CPU: grouped convs with <= 8 channels per group as shifted taps, 1x1 convs as
-    one matmul, the rest native.
+    one matmul, the rest native. ``out_hw`` (the output's H, W) enables im2col for dense 3x3
+    convs whose output has at most ``_MAX_IM2COL_HW`` pixels; that threshold is 0 (off)
+    because it lost at model level (docs/performance.md), though it wins in isolation.
     """
     backend = backend or jax.default_backend()
     if backend != "cpu":
@@ -67,6 +79,8 @@ def select_lowering(
         return "shifted_taps" if per_group <= _MAX_TAPS_GROUP_WIDTH else "xla"
     if kh == kw == 1:
         return "matmul"
+    if kh == kw == 3 and out_hw is not None and out_hw[0] * out_hw[1] <= _MAX_IM2COL_HW:
+        return "im2col"
     return "xla"
 
 
@@ -85,9 +99,11 @@ def conv2d(
     chooses how XLA computes it; the parameters and the result are the same for all.
     """
     lowering = lowering or _override.get() or "auto"
-    if lowering == "auto":
-        lowering = select_lowering(kernel.shape, groups=groups)
     kh, kw = kernel.shape[:2]
+    if lowering == "auto":
+        out_hw = tuple((n + 2 * padding - k) // stride + 1
+                       for n, k in zip(x.shape[1:3], (kh, kw), strict=True))
+        lowering = select_lowering(kernel.shape, groups=groups, out_hw=out_hw)
     if lowering == "shifted_taps" and groups > 1:
         return _conv_shifted_taps(x, kernel, stride, padding, groups)
     if lowering == "matmul" and groups == 1 and kh == kw == 1:
@@ -178,7 +194,9 @@ def max_pool(x: jax.Array, *, window: int, stride: int, padding: int) -> jax.Arr
     """Max-pool over H and W, padding with -inf as torch does."""
     return jax.lax.reduce_window(
         x,
-        jnp.array(-jnp.inf, dtype=x.dtype),
+        # A concrete (numpy) init value: a traced one hides the max monoid from JAX, which then
+        # cannot differentiate reduce_window under jit.
+        np.array(-np.inf, dtype=x.dtype),
         jax.lax.max,
         window_dimensions=(1, window, window, 1),
         window_strides=(1, stride, stride, 1),

@@ -237,7 +237,9 @@ def load_torch_state_dict(
     for key, (leaf, var) in torch_variables(model).items():
         if key in sd and key not in skip:
             array = _from_torch_layout(leaf, _to_numpy(key, sd[key]))
-            var.set_value(jnp.asarray(array, dtype=var.get_value().dtype))
+            # A copy: on the CPU jnp.asarray may alias the torch tensor's memory, which torch
+            # could later change in place.
+            var.set_value(jnp.array(array, dtype=var.get_value().dtype, copy=True))
     return model
 
 

@@ -1,0 +1,122 @@
+"""Data parallelism over a ``jax.sharding.Mesh``: batch sharded, parameters replicated.
+
+Two ways to run the same step on many devices:
+
+- ``jax.jit`` with a sharded batch (GSPMD): the plain :data:`resnext_flax.training.train_step`
+  partitioned by XLA. Simple, but for grouped convolutions (ResNeXt) XLA all-gathers the
+  batch (openxla/xla#47945), so every device computes the whole batch there.
+- ``jax.shard_map`` per-device programs (:func:`make_parallel_train_step`,
+  :func:`make_parallel_predict`): each device runs the model on its shard; BatchNorm averages
+  its statistics over the mesh axis (``axis_name``) and the loss is the global mean, so the
+  result equals a single-device step on the whole batch, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from resnext_flax import training
+from resnext_flax.training import Metrics, TrainState
+
+DATA_AXIS = "data"
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = DATA_AXIS) -> Mesh:
+    """A 1-D mesh over `devices` (all of ``jax.devices()`` by default, across processes)."""
+    devices = list(jax.devices() if devices is None else devices)
+    return Mesh(np.array(devices), (axis_name,))
+
+
+def shard_batch(mesh: Mesh, *arrays: Any, axis_name: str = DATA_AXIS) -> Any:
+    """Put arrays on the mesh split along their first (batch) axis.
+
+    The batch size must be a multiple of the number of devices. In multi-process runs each
+    process passes its *local* part (``jax.make_array_from_process_local_data``).
+    """
+    sharding = NamedSharding(mesh, P(axis_name))
+    if jax.process_count() > 1:
+        out = [jax.make_array_from_process_local_data(sharding, np.asarray(a)) for a in arrays]
+    else:
+        out = [jax.device_put(a, sharding) for a in arrays]
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def replicate(mesh: Mesh, tree: Any) -> Any:
+    """Copy a pytree (e.g. a :class:`TrainState`) to every device of the mesh."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def with_batchnorm_axis(state: TrainState, axis_name: str | None = DATA_AXIS) -> TrainState:
+    """The same state with every BatchNorm reducing its batch statistics over `axis_name`.
+
+    Needed for training under ``shard_map`` (statistics of the global batch, as on one
+    device); ``None`` switches back to per-device statistics.
+    """
+    model = nnx.merge(state.graphdef, state.params, state.batch_stats)
+    for bn in training.batchnorm_modules(model):
+        bn.axis_name = axis_name
+    graphdef, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return state.replace(graphdef=graphdef)
+
+
+def make_parallel_train_step(
+    mesh: Mesh,
+    *,
+    label_smoothing: float = 0.0,
+    axis_name: str = DATA_AXIS,
+    donate: bool = False,
+) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
+    """A jit-compiled ``shard_map`` train step: each device runs its shard of the batch.
+
+    The state must come from :func:`with_batchnorm_axis` (BatchNorm statistics over the whole
+    mesh); it is replicated, images and labels are sharded along `axis_name`.
+    """
+    step = training.train_step_fn(label_smoothing=label_smoothing, axis_name=axis_name)
+    per_device = jax.shard_map(
+        step, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name)), out_specs=(P(), P())
+    )
+    return jax.jit(per_device, donate_argnums=(0,) if donate else ())
+
+
+def make_parallel_predict(
+    mesh: Mesh, *, axis_name: str = DATA_AXIS
+) -> Callable[[TrainState, jax.Array], jax.Array]:
+    """Jit-compiled per-device inference (eval mode): logits sharded like the images."""
+    per_device = jax.shard_map(
+        training.predict_fn, mesh=mesh, in_specs=(P(), P(axis_name)), out_specs=P(axis_name)
+    )
+    return jax.jit(per_device)
+
+
+def make_parallel_eval_step(
+    mesh: Mesh, *, axis_name: str = DATA_AXIS
+) -> Callable[[TrainState, jax.Array, jax.Array], Metrics]:
+    """Jit-compiled per-device eval step; the summed loss and correct count of the batch."""
+    step = training.eval_step_fn(axis_name=axis_name)
+    per_device = jax.shard_map(
+        step, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name)), out_specs=P()
+    )
+    return jax.jit(per_device)
+
+
+_COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)"
+                         r"(?:-start)?\(")
+
+
+def collectives(jitted: Callable[..., Any], *args: Any) -> dict[str, int]:
+    """Count the collective ops in the compiled program of ``jitted(*args)``.
+
+    For checking how XLA partitioned a step: e.g. ``all-gather`` in a GSPMD ResNeXt step is
+    the batch being gathered for grouped convolutions (openxla/xla#47945).
+    """
+    text = jitted.lower(*args).compile().as_text()
+    return dict(collections.Counter(m.group(1) for m in _COLLECTIVE.finditer(text)))

@@ -1,0 +1,229 @@
+"""Fine-tuning with optax: a train state over ``nnx.split`` state and jit-compiled pure steps.
+
+The steps are plain functions of (state, images, labels) compiled with ``jax.jit``, not
+``nnx.jit``: ``nnx.jit`` walks the module graph in Python on every call, ~8 ms per ResNet-18
+step here (docs/training.md); a pure function over split state pays the graph walk once, at
+trace time. The model is rebuilt inside the trace with
+``nnx.merge``, so everything the library's modules do (torch-semantics BatchNorm included)
+applies unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from resnext_flax.layers import BatchNorm
+
+Params = dict[str, Any]
+Metrics = dict[str, jax.Array]
+
+#: The classifier's attribute name; with ``freeze_backbone=True`` only it trains.
+HEAD = "fc"
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a training step reads and writes, as one pytree.
+
+    ``params`` and ``batch_stats`` are pure nested dicts (``nnx.to_pure_dict``), so optax
+    masks, orbax checkpoints and sharding treat them as ordinary pytrees. ``graphdef`` (the
+    architecture, including the compute dtype), ``tx`` and ``freeze_backbone`` are static.
+    """
+
+    params: Params
+    batch_stats: Params
+    opt_state: optax.OptState
+    step: jax.Array
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    freeze_backbone: bool = struct.field(pytree_node=False, default=False)
+
+    def trainable(self) -> Params:
+        """The parameters the optimizer updates: all of them, or only the head."""
+        return {HEAD: self.params[HEAD]} if self.freeze_backbone else self.params
+
+    def model(self) -> nnx.Module:
+        """The current weights as an NNX module (eval mode), e.g. for export."""
+        model = nnx.merge(self.graphdef, self.params, self.batch_stats)
+        model.eval()
+        return model
+
+
+def create_train_state(
+    model: nnx.Module, tx: optax.GradientTransformation, *, freeze_backbone: bool = False
+) -> TrainState:
+    """Split `model` into a :class:`TrainState` and initialize the optimizer.
+
+    With ``freeze_backbone=True`` only the head (``fc``) trains: the optimizer state covers
+    only it and the backbone runs with its running BatchNorm statistics, which stay fixed
+    (a linear probe; the backbone's backward pass is never computed).
+    """
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params = nnx.to_pure_dict(params)
+    state = TrainState(
+        params=params,
+        batch_stats=nnx.to_pure_dict(batch_stats),
+        opt_state=None,
+        step=jnp.zeros((), jnp.int32),
+        graphdef=graphdef,
+        tx=tx,
+        freeze_backbone=freeze_backbone,
+    )
+    return state.replace(opt_state=tx.init(state.trainable()))
+
+
+def decay_mask(params: Params) -> Params:
+    """True for conv and linear kernels, False for BatchNorm scale/bias and the fc bias.
+
+    The usual fine-tuning recipe: weight decay on BN affine parameters and biases only
+    fights the normalization and rarely helps.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params
+    )
+
+
+def sgd(
+    learning_rate: float | optax.Schedule,
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    decay_bn_and_bias: bool = False,
+    nesterov: bool = False,
+) -> optax.GradientTransformation:
+    """torch.optim.SGD's update: coupled L2 (``grad + wd * param``) *before* momentum.
+
+    torch decays every parameter; that is ``decay_bn_and_bias=True``. The default masks
+    BN scale/bias and biases out (:func:`decay_mask`).
+    """
+    mask = None if decay_bn_and_bias else decay_mask
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=mask),
+        optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),
+    )
+
+
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0
+) -> jax.Array:
+    """Mean softmax cross-entropy in float32; smoothing as torch's ``CrossEntropyLoss``
+    (``(1 - eps) * one_hot + eps / num_classes``)."""
+    logits = logits.astype(jnp.float32)
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+
+
+def _forward_train(
+    state: TrainState, trainable: Params, images: jax.Array
+) -> tuple[jax.Array, Params]:
+    """Train-mode logits and the updated BatchNorm statistics."""
+    params = {**state.params, **trainable} if state.freeze_backbone else trainable
+    model = nnx.merge(state.graphdef, params, state.batch_stats)
+    if state.freeze_backbone:
+        model.eval()
+        features = model.forward_features(images)["pre_logits"]
+        return model.forward_head(jax.lax.stop_gradient(features)), state.batch_stats
+    model.train()
+    logits = model(images)
+    return logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+
+def train_step_fn(
+    *, label_smoothing: float = 0.0, axis_name: str | None = None
+) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
+    """The un-jitted step: forward (train mode), loss, gradients, optax update, BN statistics.
+
+    With `axis_name` it is a per-device program for ``shard_map``: loss and gradients are
+    those of the global batch (BatchNorm needs the same `axis_name`, see
+    :func:`resnext_flax.parallel.with_batchnorm_axis`).
+    """
+
+    def step(state: TrainState, images: jax.Array, labels: jax.Array):
+        def loss_fn(trainable):
+            logits, batch_stats = _forward_train(state, trainable, images)
+            loss = cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            if axis_name is not None:
+                # The global batch's mean loss. shard_map transposes the implicit broadcast
+                # of the replicated parameters into a psum, so the gradient of this
+                # device-invariant loss is already the global one (no pmean of grads).
+                loss = jax.lax.pmean(loss, axis_name)
+            return loss, (logits, batch_stats)
+
+        trainable = state.trainable()
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            trainable
+        )
+        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+        if axis_name is not None:
+            correct = jax.lax.psum(correct, axis_name)
+        updates, opt_state = state.tx.update(grads, state.opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        params = {**state.params, **trainable} if state.freeze_backbone else trainable
+        new_state = state.replace(
+            params=params, batch_stats=batch_stats, opt_state=opt_state, step=state.step + 1
+        )
+        return new_state, {"loss": loss, "correct": correct}
+
+    return step
+
+
+def eval_step_fn(
+    *, axis_name: str | None = None
+) -> Callable[[TrainState, jax.Array, jax.Array], Metrics]:
+    """The un-jitted eval step: eval-mode logits, summed loss and correct count."""
+
+    def step(state: TrainState, images: jax.Array, labels: jax.Array) -> Metrics:
+        logits = predict_fn(state, images)
+        losses = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), labels
+        )
+        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+        metrics = {"loss_sum": jnp.sum(losses), "correct": correct}
+        if axis_name is not None:
+            metrics = jax.lax.psum(metrics, axis_name)
+        return metrics
+
+    return step
+
+
+def predict_fn(state: TrainState, images: jax.Array) -> jax.Array:
+    """Eval-mode logits (running BatchNorm statistics); pure, for jit or shard_map."""
+    model = nnx.merge(state.graphdef, state.params, state.batch_stats)
+    model.eval()
+    return model(images)
+
+
+@functools.cache
+def make_train_step(
+    *, label_smoothing: float = 0.0, donate: bool = False
+) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
+    """A jit-compiled train step ``(state, images, labels) -> (state, metrics)``.
+
+    ``donate=True`` lets XLA reuse the old state's buffers (saves memory on accelerators;
+    the state passed in must not be used again). Cached: the same options give the same
+    jitted function, so its compilations are reused.
+    """
+    step = train_step_fn(label_smoothing=label_smoothing)
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+#: Jit-compiled defaults: ``train_step(state, images, labels) -> (state, {'loss', 'correct'})``.
+train_step = make_train_step()
+#: ``eval_step(state, images, labels) -> {'loss_sum', 'correct'}`` with running BN statistics.
+eval_step = jax.jit(eval_step_fn())
+#: ``predict(state, images) -> logits`` in eval mode.
+predict = jax.jit(predict_fn)
+
+
+def batchnorm_modules(model: nnx.Module) -> list[BatchNorm]:
+    """Every BatchNorm of `model` (for switching modes or setting ``axis_name``)."""
+    return [m for _, m in nnx.iter_graph(model) if isinstance(m, BatchNorm)]

@@ -1,0 +1,173 @@
+"""The fast inference paths compute the same numbers: every conv lowering against XLA's own
+(grouped) convolution, and the BatchNorm-folded model against the eval-mode model and
+torchvision."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from torch_reference import (
+    flax_model_from_torch,
+    random_images,
+    relative_error,
+    to_nchw,
+    torch_model,
+)
+
+from resnext_flax import ops
+from resnext_flax.inference_opt import FoldedResNet, optimize_for_inference
+
+RTOL = 1e-5
+
+
+def _reference_conv(x, kernel, stride, padding, groups):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+
+
+def _case(batch, h, w, cin, cout, k, groups, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, h, w, cin)).astype(np.float32)
+    kernel = rng.standard_normal((k, k, cin // groups, cout)).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(kernel)
+
+
+# (batch, H, W, channels, groups, stride): d = channels // groups = 2, 4, 8, 16, 32.
+GROUPED = [
+    (1, 13, 11, 64, 32, 1),
+    (2, 13, 11, 128, 32, 1),
+    (1, 15, 9, 128, 32, 2),
+    (1, 12, 12, 256, 32, 2),
+    (1, 9, 7, 256, 16, 1),
+    (1, 7, 9, 512, 32, 2),
+    (2, 5, 5, 256, 8, 1),
+]
+
+
+@pytest.mark.parametrize("lowering", ["shifted_taps", "auto"])
+@pytest.mark.parametrize(("batch", "h", "w", "c", "groups", "stride"), GROUPED)
+def test_grouped_lowering_matches_xla(lowering, batch, h, w, c, groups, stride):
+    x, kernel = _case(batch, h, w, c, c, 3, groups)
+    expected = _reference_conv(x, kernel, stride, 1, groups)
+    conv = jax.jit(lambda a, b: ops.conv2d(a, b, stride=stride, padding=1, groups=groups,
+                                           lowering=lowering))
+    actual = conv(x, kernel)
+    assert actual.shape == expected.shape
+    assert relative_error(actual, expected) <= RTOL
+
+
+# (batch, H, W, cin, cout, kernel, stride, padding): the dense convs of the model.
+DENSE = [
+    (1, 13, 11, 32, 48, 1, 1, 0),
+    (2, 13, 11, 32, 48, 1, 2, 0),
+    (1, 15, 9, 16, 24, 3, 1, 1),
+    (1, 15, 9, 16, 24, 3, 2, 1),
+    (2, 23, 19, 3, 16, 7, 2, 3),
+]
+
+
+@pytest.mark.parametrize("lowering", ["matmul", "im2col", "auto"])
+@pytest.mark.parametrize(("batch", "h", "w", "cin", "cout", "k", "stride", "padding"), DENSE)
+def test_dense_lowering_matches_xla(lowering, batch, h, w, cin, cout, k, stride, padding):
+    x, kernel = _case(batch, h, w, cin, cout, k, 1)
+    expected = _reference_conv(x, kernel, stride, padding, 1)
+    conv = jax.jit(lambda a, b: ops.conv2d(a, b, stride=stride, padding=padding,
+                                           lowering=lowering))
+    actual = conv(x, kernel)
+    assert actual.shape == expected.shape
+    assert relative_error(actual, expected) <= RTOL
+
+
+def _primitives(fn, *args) -> set[str]:
+    return {eqn.primitive.name for eqn in jax.make_jaxpr(fn)(*args).eqns}
+
+
+def test_auto_lowering_is_chosen_by_backend_and_shape():
+    assert ops.select_lowering((3, 3, 4, 128), groups=32, backend="cpu") == "shifted_taps"
+    assert ops.select_lowering((3, 3, 8, 256), groups=32, backend="cpu") == "shifted_taps"
+    assert ops.select_lowering((3, 3, 16, 512), groups=32, backend="cpu") == "xla"
+    assert ops.select_lowering((1, 1, 256, 64), backend="cpu") == "matmul"
+    for backend in ("gpu", "tpu"):
+        assert ops.select_lowering((3, 3, 4, 128), groups=32, backend=backend) == "xla"
+        assert ops.select_lowering((1, 1, 256, 64), backend=backend) == "xla"
+    if jax.default_backend() == "cpu":  # the choice really reaches the traced program
+        x, kernel = _case(1, 8, 8, 128, 128, 3, 32)
+        prims = _primitives(lambda a, b: ops.conv2d(a, b, padding=1, groups=32), x, kernel)
+        assert "conv_general_dilated" not in prims
+        with ops.conv_lowering("xla"):
+            prims = _primitives(lambda a, b: ops.conv2d(a, b, padding=1, groups=32), x, kernel)
+        assert "conv_general_dilated" in prims
+
+
+def test_unknown_lowering_is_rejected():
+    x, kernel = _case(1, 4, 4, 8, 8, 3, 1)
+    with pytest.raises(ValueError, match="unknown conv lowering"):
+        ops.conv2d(x, kernel, lowering="winograd")
+    with pytest.raises(ValueError, match="unknown conv lowering"), ops.conv_lowering("fft"):
+        pass
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_folded_model_matches_model_and_torchvision(name):
+    reference = torch_model(name, seed=3)
+    model = flax_model_from_torch(name, reference)
+    x = random_images(2, 97, 131, seed=1)
+    with torch.no_grad():
+        expected = reference(to_nchw(x)).numpy()
+
+    graphdef, state = nnx.split(model)
+    features = jax.jit(lambda s, a: nnx.merge(graphdef, s).forward_features(a))(state, x)
+    logits = model.forward_head(features["pre_logits"])
+
+    folded = optimize_for_inference(model)
+    folded_logits = np.asarray(folded(x))
+    assert relative_error(folded_logits, expected) <= RTOL
+    assert relative_error(folded_logits, logits) <= RTOL
+    np.testing.assert_array_equal(folded_logits.argmax(-1), expected.argmax(-1))
+
+    folded_features = folded.forward_features(x)
+    assert set(folded_features) == set(features)
+    for key, value in features.items():
+        assert folded_features[key].shape == value.shape, key
+        assert relative_error(folded_features[key], value) <= RTOL, key
+
+    # The model is untouched (still eval mode, same logits) and the folded one is a pytree.
+    assert relative_error(model(x[:1]), logits[:1]) <= RTOL
+    through_jit = jax.jit(lambda f, a: f(a))(folded, x)
+    assert relative_error(through_jit, folded_logits) <= 1e-6
+    leaves = jax.tree_util.tree_leaves(folded)
+    assert all(isinstance(leaf, jax.Array) for leaf in leaves)
+    assert isinstance(jax.tree_util.tree_map(lambda a: a, folded), FoldedResNet)
+
+
+def test_folded_model_checks_its_input():
+    model = flax_model_from_torch("resnet18", torch_model("resnet18"))
+    folded = optimize_for_inference(model)
+    with pytest.raises(ValueError, match="NCHW"):
+        folded(jnp.zeros((1, 3, 32, 32)))
+
+
+def test_benchmark_script_runs_and_agrees(tmp_path):
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "benchmark.py"
+    spec = importlib.util.spec_from_file_location("resnext_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "bench.json"
+    benchmark.main(["--models", "resnet18", "--batch-sizes", "1", "--size", "40",
+                    "--repeats", "1", "--warmup", "1", "--json", str(out)])
+    (case,) = json.loads(out.read_text())["cases"]
+    assert set(case["results"]) == {"jax_folded", "torch_nchw", "torch_channels_last"}
+    jax_result = case["results"]["jax_folded"]
+    assert jax_result["rel_err_vs_torch"] <= RTOL
+    assert jax_result["images_per_s"] > 0 and jax_result["compile_s"] > 0
