@@ -23,11 +23,16 @@ import numpy as np
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 #: The lowerings ``conv2d`` can use; "auto" picks one by backend and shape.
-LOWERINGS = ("auto", "xla", "matmul", "im2col", "shifted_taps")
+LOWERINGS = ("auto", "xla", "matmul", "im2col", "shifted_taps", "group_chunks")
 
 # Largest channels-per-group for which the elementwise "shifted taps" form beats XLA's grouped
 # conv on CPU (measured: d=4 and 8 win 3-8x, d=16 loses 10x).
 _MAX_TAPS_GROUP_WIDTH = 8
+
+# XLA's CPU grouped conv slows down far more than linearly with the group count (14x14x1024,
+# 64 groups of 16: 68 ms, but the same conv as 8 convs of 8 groups: 22 ms), so wider grouped
+# convs run as several XLA grouped convs of this many groups each, concatenated.
+_GROUPS_PER_CHUNK = 8
 
 # Largest output H*W for which a dense 3x3 conv is lowered as im2col + matmul. Alone, 14x14 and
 # 7x7 convs win 10-30% that way, but whole ResNet-18/50 ran 3-10% slower (and compiled 2x
@@ -66,17 +71,20 @@ def select_lowering(
     """The lowering ``conv2d`` uses for a kernel (HWIO) on a backend, by default the current one.
 
     On GPU/TPU: always XLA's native conv (cuDNN / TPU convs are fast; nothing measured says
-    otherwise). On CPU: grouped convs with <= 8 channels per group as shifted taps, 1x1 convs as
-    one matmul, the rest native. ``out_hw`` (the output's H, W) enables im2col for dense 3x3
-    convs whose output has at most ``_MAX_IM2COL_HW`` pixels; that threshold is 0 (off)
-    because it lost at model level (docs/performance.md), though it wins in isolation.
+    otherwise). On CPU: grouped convs with <= 8 channels per group as shifted taps, wider ones
+    as chunks of 8 groups, 1x1 convs as one matmul, the rest native. ``out_hw`` (the output's
+    H, W) enables im2col for dense 3x3 convs whose output has at most ``_MAX_IM2COL_HW``
+    pixels; that threshold is 0 (off) because it lost at model level (docs/performance.md),
+    though it wins in isolation.
     """
     backend = backend or jax.default_backend()
     if backend != "cpu":
         return "xla"
     kh, kw, per_group, _ = kernel_shape
     if groups > 1:
-        return "shifted_taps" if per_group <= _MAX_TAPS_GROUP_WIDTH else "xla"
+        if per_group <= _MAX_TAPS_GROUP_WIDTH:
+            return "shifted_taps"
+        return "group_chunks" if groups > _GROUPS_PER_CHUNK else "xla"
     if kh == kw == 1:
         return "matmul"
     if kh == kw == 3 and out_hw is not None and out_hw[0] * out_hw[1] <= _MAX_IM2COL_HW:
@@ -106,6 +114,8 @@ def conv2d(
         lowering = select_lowering(kernel.shape, groups=groups, out_hw=out_hw)
     if lowering == "shifted_taps" and groups > 1:
         return _conv_shifted_taps(x, kernel, stride, padding, groups)
+    if lowering == "group_chunks" and groups > 1:
+        return _conv_group_chunks(x, kernel, stride, padding, groups)
     if lowering == "matmul" and groups == 1 and kh == kw == 1:
         return _conv1x1_matmul(x, kernel, stride, padding)
     if lowering in ("matmul", "im2col") and groups == 1:
@@ -196,6 +206,24 @@ def _conv_shifted_taps(
             term = tap[..., c : c + 1] * k[i, j, c]
             acc = term if acc is None else acc + term
     return acc.reshape(n, ho, wo, cout).astype(x.dtype)
+
+
+def _conv_group_chunks(
+    x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int
+) -> jax.Array:
+    """A grouped conv as XLA grouped convs of ``_GROUPS_PER_CHUNK`` groups each, concatenated
+    on channels (group g reads input channels [g*d, (g+1)*d) and writes its own outputs)."""
+    d, cout = kernel.shape[2], kernel.shape[3]
+    out_per_group = cout // groups
+    chunks = []
+    for first in range(0, groups, _GROUPS_PER_CHUNK):
+        n = min(_GROUPS_PER_CHUNK, groups - first)
+        chunks.append(_conv_xla(
+            x[..., first * d:(first + n) * d],
+            kernel[..., first * out_per_group:(first + n) * out_per_group],
+            stride, padding, n,
+        ))
+    return jnp.concatenate(chunks, axis=-1)
 
 
 def max_pool(x: jax.Array, *, window: int, stride: int, padding: int) -> jax.Array:

@@ -48,10 +48,12 @@ GROUPED = [
     (1, 9, 7, 256, 16, 1),
     (1, 7, 9, 512, 32, 2),
     (2, 5, 5, 256, 8, 1),
+    (1, 7, 5, 640, 40, 2),  # 40 groups: chunks of 8 groups, the last one short
+    (1, 6, 6, 1024, 64, 1),
 ]
 
 
-@pytest.mark.parametrize("lowering", ["shifted_taps", "auto"])
+@pytest.mark.parametrize("lowering", ["shifted_taps", "group_chunks", "auto"])
 @pytest.mark.parametrize(("batch", "h", "w", "c", "groups", "stride"), GROUPED)
 def test_grouped_lowering_matches_xla(lowering, batch, h, w, c, groups, stride):
     x, kernel = _case(batch, h, w, c, c, 3, groups)
@@ -92,7 +94,8 @@ def _primitives(fn, *args) -> set[str]:
 def test_auto_lowering_is_chosen_by_backend_and_shape():
     assert ops.select_lowering((3, 3, 4, 128), groups=32, backend="cpu") == "shifted_taps"
     assert ops.select_lowering((3, 3, 8, 256), groups=32, backend="cpu") == "shifted_taps"
-    assert ops.select_lowering((3, 3, 16, 512), groups=32, backend="cpu") == "xla"
+    assert ops.select_lowering((3, 3, 16, 512), groups=32, backend="cpu") == "group_chunks"
+    assert ops.select_lowering((3, 3, 16, 128), groups=8, backend="cpu") == "xla"
     assert ops.select_lowering((1, 1, 256, 64), backend="cpu") == "matmul"
     for backend in ("gpu", "tpu"):
         assert ops.select_lowering((3, 3, 4, 128), groups=32, backend=backend) == "xla"
