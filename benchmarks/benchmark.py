@@ -41,6 +41,10 @@ import resnext_flax
 from resnext_flax import ops
 from resnext_flax.inference_opt import apply_logits, optimize_for_inference
 
+# The test suite's reference models (random weights and BN statistics), shared, not copied.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from torch_reference import torch_model
+
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -74,22 +78,6 @@ def peak_rss_delta(fn: Callable[[], Any], calls: int = 2) -> int:
         done.set()
         thread.join()
     return max(peak[0], _rss()) - base
-
-
-def torch_reference(name: str, seed: int) -> torch.nn.Module:
-    """torchvision model, random weights and random BN statistics/affine, eval mode."""
-    torch.manual_seed(seed)
-    model = torchvision.models.get_model(name, weights=None)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
-                m.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-    return model.eval()
 
 
 def jax_callables(
@@ -199,7 +187,7 @@ def torch_callables(
 def run_case(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    tmodel = torch_reference(name, seed=0)
+    tmodel = torch_model(name, seed=0)
     x_np = np.random.default_rng(0).standard_normal((batch, args.size, args.size, 3))
     x_np = x_np.astype(np.float32)
     x = jnp.asarray(x_np, dtype=jdtype)
