@@ -100,7 +100,8 @@ def jax_callables(
     for path in paths:
         for lowering in lowerings:
             t0 = time.perf_counter()
-            with ops.conv_lowering(lowering):
+            forced, *excluded = lowering.split("-")  # "auto-winograd": auto without winograd
+            with ops.conv_lowering(forced, exclude=excluded):
                 if path == "folded":
                     folded = optimize_for_inference(model)
 
@@ -288,7 +289,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="'folded' (optimize_for_inference) and/or 'model' (the NNX model)")
     p.add_argument("--conv-lowerings", default="auto",
                    help="comma-separated resnext_flax.ops.conv2d lowerings to time side by side "
-                   f"(choices: {', '.join(ops.LOWERINGS)}; default: auto, the library's choice)")
+                   f"(choices: {', '.join(ops.LOWERINGS)}; default: auto, the library's choice; "
+                   "'auto-winograd' is the automatic choice without winograd)")
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's own choice)")

@@ -4,6 +4,8 @@ torchvision."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,10 +52,27 @@ GROUPED = [
     (2, 5, 5, 256, 8, 1),
     (1, 7, 5, 640, 40, 2),  # 40 groups: chunks of 8 groups, the last one short
     (1, 6, 6, 1024, 64, 1),
+    (2, 7, 6, 96, 6, 1),  # d = 16, 6 groups
+    (1, 4, 5, 2048, 32, 1),  # d = 64
 ]
 
 
-@pytest.mark.parametrize("lowering", ["shifted_taps", "group_chunks", "auto"])
+@pytest.mark.parametrize("chunk_width", [16, 32, 64])
+@pytest.mark.parametrize(("h", "w", "c", "groups", "padding"),
+                         [(9, 7, 256, 16, 1), (6, 5, 96, 6, 1), (7, 8, 128, 32, 0)])
+def test_winograd_block_diagonal_chunks_match_xla(monkeypatch, chunk_width, h, w, c, groups,
+                                                  padding):
+    """Chunks that merge several groups (block-diagonal kernels) compute the grouped conv."""
+    monkeypatch.setattr(ops, "_WINOGRAD_CHUNK_WIDTH", chunk_width)
+    x, kernel = _case(2, h, w, c, c, 3, groups, seed=3)
+    expected = _reference_conv(x, kernel, 1, padding, groups)
+    actual = jax.jit(lambda a, b: ops.conv2d(a, b, padding=padding, groups=groups,
+                                             lowering="winograd"))(x, kernel)
+    assert actual.shape == expected.shape
+    assert relative_error(actual, expected) <= RTOL
+
+
+@pytest.mark.parametrize("lowering", ["shifted_taps", "group_chunks", "winograd", "auto"])
 @pytest.mark.parametrize(("batch", "h", "w", "c", "groups", "stride"), GROUPED)
 def test_grouped_lowering_matches_xla(lowering, batch, h, w, c, groups, stride):
     x, kernel = _case(batch, h, w, c, c, 3, groups)
@@ -72,10 +91,14 @@ DENSE = [
     (1, 15, 9, 16, 24, 3, 1, 1),
     (1, 15, 9, 16, 24, 3, 2, 1),
     (2, 23, 19, 3, 16, 7, 2, 3),
+    (2, 14, 14, 64, 64, 3, 1, 1),
+    (1, 1, 1, 8, 4, 3, 1, 1),  # a single pixel: one Winograd tile, mostly padding
+    (1, 2, 9, 8, 4, 3, 1, 2),
+    (1, 10, 7, 8, 4, 3, 1, 0),
 ]
 
 
-@pytest.mark.parametrize("lowering", ["matmul", "im2col", "auto"])
+@pytest.mark.parametrize("lowering", ["matmul", "im2col", "winograd", "auto"])
 @pytest.mark.parametrize(("batch", "h", "w", "cin", "cout", "k", "stride", "padding"), DENSE)
 def test_dense_lowering_matches_xla(lowering, batch, h, w, cin, cout, k, stride, padding):
     x, kernel = _case(batch, h, w, cin, cout, k, 1)
@@ -94,12 +117,18 @@ def _primitives(fn, *args) -> set[str]:
 def test_auto_lowering_is_chosen_by_backend_and_shape():
     assert ops.select_lowering((3, 3, 4, 128), groups=32, backend="cpu") == "shifted_taps"
     assert ops.select_lowering((3, 3, 8, 256), groups=32, backend="cpu") == "shifted_taps"
-    assert ops.select_lowering((3, 3, 16, 512), groups=32, backend="cpu") == "group_chunks"
-    assert ops.select_lowering((3, 3, 16, 128), groups=8, backend="cpu") == "xla"
+    assert ops.select_lowering((3, 3, 16, 512), groups=32, backend="cpu") == "winograd"
+    assert ops.select_lowering((3, 3, 16, 512), groups=32, stride=2,
+                               backend="cpu") == "group_chunks"
+    assert ops.select_lowering((3, 3, 16, 128), groups=8, stride=2, backend="cpu") == "xla"
     assert ops.select_lowering((1, 1, 256, 64), backend="cpu") == "matmul"
+    assert ops.select_lowering((3, 3, 64, 64), backend="cpu") == "winograd"
+    assert ops.select_lowering((3, 3, 64, 64), stride=2, backend="cpu") == "xla"
+    assert ops.select_lowering((7, 7, 3, 64), stride=2, backend="cpu") == "xla"
     for backend in ("gpu", "tpu"):
         assert ops.select_lowering((3, 3, 4, 128), groups=32, backend=backend) == "xla"
         assert ops.select_lowering((1, 1, 256, 64), backend=backend) == "xla"
+        assert ops.select_lowering((3, 3, 64, 64), backend=backend) == "xla"
     if jax.default_backend() == "cpu":  # the choice really reaches the traced program
         x, kernel = _case(1, 8, 8, 128, 128, 3, 32)
         prims = _primitives(lambda a, b: ops.conv2d(a, b, padding=1, groups=32), x, kernel)
@@ -109,10 +138,36 @@ def test_auto_lowering_is_chosen_by_backend_and_shape():
         assert "conv_general_dilated" in prims
 
 
+@pytest.mark.parametrize("groups", [1, 32])
+def test_winograd_is_differentiated_as_the_direct_conv(groups):
+    """Evaluation runs Winograd; gradients (training) go through the direct conv."""
+    x, kernel = _case(2, 9, 7, 512, 512, 3, groups, seed=5)
+    conv = functools.partial(ops.conv2d, padding=1, groups=groups)
+    with ops.conv_lowering("winograd"):
+        program = jax.jit(conv).lower(x, kernel).as_text()
+        grads = jax.grad(lambda a, b: jnp.sum(jnp.sin(conv(a, b))), argnums=(0, 1))(x, kernel)
+    assert "convolution" not in program and "dot_general" in program
+    with ops.conv_lowering("group_chunks" if groups > 1 else "xla"):
+        expected = jax.grad(lambda a, b: jnp.sum(jnp.sin(conv(a, b))), argnums=(0, 1))(x, kernel)
+    for got, want in zip(grads, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_excluded_lowerings_fall_back_to_the_next_preference():
+    with ops.conv_lowering("auto", exclude=["winograd"]):
+        assert ops.select_lowering((3, 3, 64, 64), backend="cpu") == "xla"
+        assert ops.select_lowering((3, 3, 16, 512), groups=32, backend="cpu") == "group_chunks"
+        assert ops.select_lowering((1, 1, 64, 64), backend="cpu") == "matmul"
+    assert ops.select_lowering((3, 3, 64, 64), backend="cpu") == "winograd"
+    with (pytest.raises(ValueError, match="unknown conv lowering 'wino'"),
+          ops.conv_lowering("auto", exclude=["wino"])):
+        pass
+
+
 def test_unknown_lowering_is_rejected():
     x, kernel = _case(1, 4, 4, 8, 8, 3, 1)
     with pytest.raises(ValueError, match="unknown conv lowering"):
-        ops.conv2d(x, kernel, lowering="winograd")
+        ops.conv2d(x, kernel, lowering="fft")
     with pytest.raises(ValueError, match="unknown conv lowering"), ops.conv_lowering("fft"):
         pass
 
