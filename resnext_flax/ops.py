@@ -36,11 +36,6 @@ _MAX_TAPS_GROUP_WIDTH = 8
 # convs run as several XLA grouped convs of this many groups each, concatenated.
 _GROUPS_PER_CHUNK = 8
 
-# Largest output H*W for which a dense 3x3 conv is lowered as im2col + matmul. Alone, 14x14 and
-# 7x7 convs win 10-30% that way, but whole ResNet-18/50 ran 3-10% slower (and compiled 2x
-# longer) with 14*14 here, so it is off.
-_MAX_IM2COL_HW = 0
-
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "resnext_flax_conv_lowering", default=None
 )
@@ -74,7 +69,6 @@ def select_lowering(
     kernel_shape: tuple[int, ...],
     *,
     groups: int = 1,
-    out_hw: tuple[int, int] | None = None,
     stride: int = 1,
     backend: str | None = None,
 ) -> str:
@@ -83,23 +77,25 @@ def select_lowering(
     On GPU/TPU: always XLA's native conv (cuDNN / TPU convs are fast; nothing measured says
     otherwise). On CPU: grouped convs with <= 8 channels per group as shifted taps, wider ones
     as Winograd (stride 1) or chunks of 8 groups (stride 2), 1x1 convs as one matmul, dense
-    3x3 stride-1 convs as Winograd, the rest (stride-2 3x3, the 7x7 stem) native. ``out_hw``
-    (the output's H, W) enables im2col for dense 3x3 convs whose output has at most
-    ``_MAX_IM2COL_HW`` pixels; that threshold is 0 (off) because it lost at model level
-    (docs/performance.md), though it wins in isolation. Lowerings excluded with
+    3x3 stride-1 convs as Winograd, the rest (stride-2 3x3, the 7x7 stem) native. ``im2col``
+    is never chosen (it won alone at 14x14 and 7x7 but lost at model level,
+    docs/performance.md); force it with ``conv_lowering``. Lowerings excluded with
     ``conv_lowering("auto", exclude=...)`` are skipped for the next preference.
     """
     backend = backend or jax.default_backend()
     if backend != "cpu":
         return "xla"
-    excluded = _excluded.get()
-    preferences = _cpu_preferences(kernel_shape, groups=groups, out_hw=out_hw, stride=stride)
+    return _first_cpu_lowering(kernel_shape, groups, stride, excluded=_excluded.get())
+
+
+def _first_cpu_lowering(
+    kernel_shape: tuple[int, ...], groups: int, stride: int, *, excluded: Iterable[str]
+) -> str:
+    preferences = _cpu_preferences(kernel_shape, groups=groups, stride=stride)
     return next((name for name in preferences if name not in excluded), "xla")
 
 
-def _cpu_preferences(
-    kernel_shape: tuple[int, ...], *, groups: int, out_hw: tuple[int, int] | None, stride: int
-) -> list[str]:
+def _cpu_preferences(kernel_shape: tuple[int, ...], *, groups: int, stride: int) -> list[str]:
     """The CPU lowerings for a conv, best first (measured: docs/performance.md)."""
     kh, kw, per_group, _ = kernel_shape
     if groups > 1:
@@ -109,10 +105,7 @@ def _cpu_preferences(
         return preferences + (["group_chunks"] if groups > _GROUPS_PER_CHUNK else [])
     if kh == kw == 1:
         return ["matmul"]
-    preferences = ["winograd"] if kh == kw == 3 and stride == 1 else []
-    if kh == kw == 3 and out_hw is not None and out_hw[0] * out_hw[1] <= _MAX_IM2COL_HW:
-        preferences.append("im2col")
-    return preferences
+    return ["winograd"] if kh == kw == 3 and stride == 1 else []
 
 
 def conv2d(
@@ -132,9 +125,7 @@ def conv2d(
     lowering = lowering or _override.get() or "auto"
     kh, kw = kernel.shape[:2]
     if lowering == "auto":
-        out_hw = tuple((n + 2 * padding - k) // stride + 1
-                       for n, k in zip(x.shape[1:3], (kh, kw), strict=True))
-        lowering = select_lowering(kernel.shape, groups=groups, out_hw=out_hw, stride=stride)
+        lowering = select_lowering(kernel.shape, groups=groups, stride=stride)
     if lowering == "shifted_taps" and groups > 1:
         return _conv_shifted_taps(x, kernel, stride, padding, groups)
     if lowering == "group_chunks" and groups > 1:
@@ -276,14 +267,13 @@ def _combine(terms: list[jax.Array], coefficients: np.ndarray) -> jax.Array:
     return out
 
 
-def _winograd_input_tiles(x: jax.Array, padding: int) -> list[jax.Array]:
-    """The 16 transformed inputs B^T d B, each (N, tiles_h, tiles_w, C), one per tile entry.
+def _winograd_input_tiles(x: jax.Array, padding: int, th: int, tw: int) -> list[jax.Array]:
+    """The 16 transformed inputs B^T d B, each (N, th, tw, C) for th x tw tiles, one per entry.
 
     The 4x4 tiles (stride 2) are read through a reshape into blocks of 2 rather than strided
     slices, which XLA:CPU vectorizes better (measured 1.5x on the 56x56 stage).
     """
     n, h, w, c = x.shape
-    th, tw = -(-(h + 2 * padding - 2) // 2), -(-(w + 2 * padding - 2) // 2)
     # Pad to (tiles + 1) blocks of 2 so every tile is in range; the outputs this adds past the
     # true output size are computed from zeros and cropped.
     xp = jnp.pad(x, ((0, 0), (padding, 2 * th + 2 - h - padding),
@@ -338,7 +328,8 @@ def _conv_winograd(x: jax.Array, kernel: jax.Array, padding: int, groups: int) -
     width, out_width = per_chunk * d, cout // chunks
     # (n, h, w, chunks * width) -> (chunks * n, h, w, width): chunk-major batch.
     x = x.astype(acc).reshape(n, h, w, chunks, width).transpose(3, 0, 1, 2, 4)
-    tiles = _winograd_input_tiles(x.reshape(chunks * n, h, w, width), padding)
+    tiles = _winograd_input_tiles(x.reshape(chunks * n, h, w, width), padding,
+                                  -(-out_h // 2), -(-out_w // 2))
     k = kernel.astype(acc).reshape(3, 3, d, chunks, per_chunk, cout // groups)
     k = jnp.einsum("hwdkgo,gf->hwkgdfo", k, jnp.eye(per_chunk, dtype=acc))
     k_tiles = _winograd_kernel_tiles(k.reshape(3, 3, chunks, width, out_width))
@@ -366,12 +357,11 @@ def _winograd_for_inference(
 
 @_winograd_for_inference.defjvp
 def _winograd_jvp(padding: int, groups: int, primals, tangents):
-    def direct(x, kernel):
-        if groups > _GROUPS_PER_CHUNK:
-            return _conv_group_chunks(x, kernel, 1, padding, groups)
-        return _conv_xla(x, kernel, 1, padding, groups)
-
-    return jax.jvp(direct, primals, tangents)
+    # The direct conv is the CPU choice without Winograd (XLA native or group chunks).
+    direct = _first_cpu_lowering(primals[1].shape, groups, 1, excluded=("winograd",))
+    return jax.jvp(
+        lambda x, kernel: conv2d(x, kernel, padding=padding, groups=groups, lowering=direct),
+        primals, tangents)
 
 
 def max_pool(x: jax.Array, *, window: int, stride: int, padding: int) -> jax.Array:
