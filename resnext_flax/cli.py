@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from resnext_flax.variants import VARIANTS
-from resnext_flax.weight_sets import DEFAULT_TAGS, list_weight_sets
+from resnext_flax.weight_sets import list_weight_sets
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def _list(model: str | None) -> str:
     header = ("model", "weights", "acc@1", "acc@5", "params", "GFLOPS", "file", "resize/crop")
     rows = [header]
     for ws in list_weight_sets(model):
-        tag = ws.tag + (" (DEFAULT)" if ws.tag == DEFAULT_TAGS[ws.model] else "")
+        tag = ws.tag + (" (DEFAULT)" if ws.is_default else "")
         pre = ws.preprocessing
         rows.append((ws.model, tag, f"{ws.acc1:.3f}", f"{ws.acc5:.3f}",
                      f"{ws.num_params / 1e6:.1f}M", f"{ws.gflops:.2f}",

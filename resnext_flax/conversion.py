@@ -12,10 +12,12 @@ import numpy as np
 from flax import nnx
 
 from resnext_flax.checkpoint import save_checkpoint
+from resnext_flax.inference import pure_forward
 from resnext_flax.model import ResNet
 from resnext_flax.registry import create_model
 from resnext_flax.variants import find_variant
 from resnext_flax.weights import (
+    infer_architecture,
     infer_spec,
     load_torch_state_dict,
     normalize_state_dict,
@@ -38,19 +40,21 @@ class ParityReport:
         )
 
 
-def model_from_state_dict(state_dict: Any, name: str | None = None) -> ResNet:
+def model_from_state_dict(
+    state_dict: Any, name: str | None = None, *, dtype: Any = None
+) -> ResNet:
     """Build the architecture a state dict belongs to (checked against `name` if given) and
     load it strictly, without a random initialization; returns the model in eval mode."""
-    inferred = infer_spec(state_dict)
     if name is None:
-        if inferred is None or find_variant(inferred[0]) is None:
+        name = infer_architecture(state_dict)
+        if name is None:
             raise ValueError(
                 "cannot tell which model this state dict belongs to; pass its name "
                 "(one of resnext_flax.list_models())"
             )
-        name = find_variant(inferred[0])
+    inferred = infer_spec(state_dict)
     num_classes = inferred[1] if inferred else 1000
-    model = nnx.eval_shape(lambda: create_model(name, num_classes=num_classes))
+    model = nnx.eval_shape(lambda: create_model(name, num_classes=num_classes, dtype=dtype))
     load_torch_state_dict(model, state_dict, strict=True)
     model.eval()
     return model
@@ -73,8 +77,9 @@ def verify_against_torchvision(
     images = images.astype(np.float32)
     with torch.no_grad():
         expected = reference(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+    forward, variables = pure_forward(model)
     with jax.default_matmul_precision("highest"):
-        actual = np.asarray(jax.jit(lambda x: model(x))(images))
+        actual = np.asarray(jax.jit(forward)(variables, images))
     diff = actual.astype(np.float64) - expected
     return ParityReport(
         max_abs_error=float(np.abs(diff).max()),

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from resnext_flax.preprocess import ImageInput, image_list, preprocess
+from resnext_flax.preprocess import ImageInput, image_list, preprocess, preprocessing_config
 from resnext_flax.weight_sets import Preprocessing, WeightSet, get_weight_set
 
 #: A pure forward function: ``apply_fn(variables, images NHWC float) -> logits (N, C)``.
@@ -89,11 +89,9 @@ class Predictor:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if isinstance(preprocessing, WeightSet):
-            preprocessing = preprocessing.preprocessing
         self.variables = variables
         self.categories = tuple(categories) if categories is not None else None
-        self.preprocessing = preprocessing or Preprocessing()
+        self.preprocessing = preprocessing_config(preprocessing)
         self.top_k = top_k
         self.batch_size = batch_size
 

@@ -32,7 +32,8 @@ _PIL_FILTERS = {
 }
 
 
-def _config(config: Preprocessing | WeightSet | None) -> Preprocessing:
+def preprocessing_config(config: Preprocessing | WeightSet | None) -> Preprocessing:
+    """The preprocessing a weight set (or explicit config, or None: the default) asks for."""
     if config is None:
         return Preprocessing()
     if isinstance(config, WeightSet):
@@ -122,7 +123,7 @@ def preprocess_image(
     ImageNet's resize 256 / crop 224 when omitted. Arrays are treated as the PIL image
     ``Image.fromarray(array)`` would be.
     """
-    cfg = _config(config)
+    cfg = preprocessing_config(config)
     pil = load_image(image)
     height, width = pil.height, pil.width
     new_height, new_width = resized_size(height, width, cfg.resize_size)
@@ -168,7 +169,7 @@ def preprocess(
     batch array (N, H, W, 3). Many images are decoded and resized on `num_workers` threads
     (Pillow releases the GIL while resizing); the result is the same as one at a time.
     """
-    cfg = _config(config)
+    cfg = preprocessing_config(config)
     items = image_list(images)
     out = np.empty((len(items), cfg.crop_size, cfg.crop_size, 3), np.float32)
 

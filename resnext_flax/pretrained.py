@@ -29,15 +29,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from flax import nnx
-
 from resnext_flax.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from resnext_flax.checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
+from resnext_flax.conversion import model_from_state_dict
 from resnext_flax.model import ResNet
-from resnext_flax.registry import create_model
 from resnext_flax.variants import get_spec
 from resnext_flax.weight_sets import WeightSet, get_weight_set
-from resnext_flax.weights import infer_spec, load_torch_state_dict, read_state_dict
+from resnext_flax.weights import read_state_dict
 
 CACHE_ENV = "RESNEXT_FLAX_CACHE"
 BASE_URL_ENV = "RESNEXT_FLAX_BASE_URL"
@@ -131,13 +129,7 @@ def _model_from_torch_file(
     name: str, path: str | os.PathLike, *, dtype: Any = None
 ) -> ResNet:
     """Build `name` from a torchvision state-dict file (strict, by name)."""
-    state_dict = read_state_dict(path)
-    inferred = infer_spec(state_dict)
-    num_classes = inferred[1] if inferred else 1000
-    model = nnx.eval_shape(lambda: create_model(name, num_classes=num_classes, dtype=dtype))
-    load_torch_state_dict(model, state_dict)
-    model.eval()
-    return model
+    return model_from_state_dict(read_state_dict(path), name, dtype=dtype)
 
 
 def _load_converted(

@@ -197,9 +197,7 @@ def eval_step_fn(
 
 def predict_fn(state: TrainState, images: jax.Array) -> jax.Array:
     """Eval-mode logits (running BatchNorm statistics); pure, for jit or shard_map."""
-    model = nnx.merge(state.graphdef, state.params, state.batch_stats)
-    model.eval()
-    return model(images)
+    return state.model()(images)
 
 
 @functools.cache
