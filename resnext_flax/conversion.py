@@ -60,6 +60,13 @@ def model_from_state_dict(
     return model
 
 
+def _torch_compatible(value: Any) -> np.ndarray:
+    """numpy has no bfloat16 torch accepts (safetensors files read as ml_dtypes.bfloat16);
+    float32 holds every bfloat16 value exactly, and torch casts into its float32 parameters."""
+    array = np.asarray(value)
+    return array.astype(np.float32) if array.dtype.name == "bfloat16" else array
+
+
 def verify_against_torchvision(
     model: ResNet, state_dict: Any, name: str, *, probe_shape=(2, 224, 224), seed: int = 0
 ) -> ParityReport:
@@ -69,7 +76,7 @@ def verify_against_torchvision(
     import torchvision
 
     reference = torchvision.models.get_model(name, weights=None, num_classes=model.num_classes)
-    reference.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in
+    reference.load_state_dict({k: torch.as_tensor(_torch_compatible(v)) for k, v in
                                normalize_state_dict(state_dict).items()}, strict=True)
     reference.eval()
     batch, height, width = probe_shape

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch_reference import random_images, relative_error, to_nchw, torch_model
 
 import resnext_flax
+from resnext_flax.conversion import convert_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERTER = os.path.join(REPO, "convert", "convert_torchvision.py")
@@ -49,6 +50,16 @@ def test_converter_end_to_end(tmp_path, suffix):
         expected = reference(to_nchw(images)).numpy()
     actual = np.asarray(jax.jit(lambda x: model(x))(images))
     assert relative_error(actual, expected) <= 1e-5
+
+
+def test_a_bfloat16_safetensors_source_converts_and_verifies(tmp_path):
+    reference = torch_model("resnet18", seed=12).to(torch.bfloat16)
+    source = tmp_path / "resnet18-bf16.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, source)
+    output = tmp_path / "resnet18.safetensors"
+    report = convert_checkpoint(source, output, probe_shape=(1, 64, 64))
+    assert report.relative_error <= 1e-5
+    assert resnext_flax.load_checkpoint(output).spec == resnext_flax.VARIANTS["resnet18"]
 
 
 def test_converter_rejects_the_wrong_model_and_writes_nothing(tmp_path):
