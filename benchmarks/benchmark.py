@@ -20,6 +20,7 @@ Example (the README table):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -34,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import torchvision
 from flax import nnx
 
 import resnext_flax
@@ -43,7 +43,13 @@ from resnext_flax.inference_opt import apply_logits, optimize_for_inference
 
 # The test suite's reference models (random weights and BN statistics), shared, not copied.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from torch_reference import torch_model
+from torch_reference import (
+    flax_model_from_torch,
+    random_images,
+    relative_error,
+    to_nchw,
+    torch_model,
+)
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -93,9 +99,7 @@ def jax_callables(
     One entry per (path, conv lowering); "auto" entries are named ``jax_<path>``, the others
     ``jax_<path>:<lowering>``. Each is traced from a fresh closure, so no trace is shared.
     """
-    abstract = nnx.eval_shape(lambda: resnext_flax.create_model(name, dtype=dtype))
-    model = resnext_flax.load_torch_state_dict(abstract, tmodel.state_dict())
-    model.eval()
+    model = flax_model_from_torch(name, tmodel, dtype=dtype)
     out = {}
     for path in paths:
         for lowering in lowerings:
@@ -145,12 +149,10 @@ def torch_callables(
     `extra_threads` adds eager entries run with that many intra-op threads (``@<n>t``): on a
     CPU shared with other jobs, torch's OpenMP ops can run faster on fewer threads.
     """
-    nchw = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    nchw = nchw.to(device=device, dtype=dtype)
+    nchw = to_nchw(x).to(device=device, dtype=dtype)
+    cl_model = copy.deepcopy(tmodel).to(device=device, dtype=dtype)
+    cl_model = cl_model.to(memory_format=torch.channels_last)
     m = tmodel.to(device=device, dtype=dtype)
-    cl_model = torchvision.models.get_model(name, weights=None).eval()
-    cl_model.load_state_dict(tmodel.state_dict())
-    cl_model = cl_model.to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
     cl = nchw.contiguous(memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
@@ -189,8 +191,7 @@ def run_case(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     tmodel = torch_model(name, seed=0)
-    x_np = np.random.default_rng(0).standard_normal((batch, args.size, args.size, 3))
-    x_np = x_np.astype(np.float32)
+    x_np = random_images(batch, args.size, args.size, seed=0)
     x = jnp.asarray(x_np, dtype=jdtype)
     jax_fns = jax_callables(name, tmodel, x, jdtype if args.dtype != "float32" else None,
                             args.jax_paths, args.conv_lowerings)
@@ -202,7 +203,7 @@ def run_case(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
         results: dict[str, Any] = {}
         for key, (fn, compile_s, xla_bytes) in jax_fns.items():
             logits = np.asarray(fn(), np.float64)
-            err = np.linalg.norm(logits - reference) / np.linalg.norm(reference)
+            err = relative_error(logits, reference)
             top1 = float(np.mean(logits.argmax(-1) == reference.argmax(-1)))
             results[key] = {"compile_s": compile_s, "xla_buffer_bytes": xla_bytes,
                             "rel_err_vs_torch": float(err), "top1_agreement": top1}

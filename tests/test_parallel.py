@@ -138,7 +138,6 @@ def _setup(batch: int):
 def _child_devices() -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from resnext_flax import ops, parallel, training
@@ -188,7 +187,6 @@ def _child_devices() -> dict:
         "gspmd_dense": conv_collectives(1, False),
         "shard_map_grouped_xla": conv_collectives(32, True),
     }
-    del np
     return out
 
 

@@ -12,9 +12,14 @@ import functools
 import jax
 import numpy as np
 import pytest
-import torch
 from flax import nnx
-from torch_reference import flax_model_from_torch, random_images, relative_error, to_nchw
+from torch_reference import (
+    flax_model_from_torch,
+    random_images,
+    relative_error,
+    to_nchw,
+    torch_stages,
+)
 from torch_reference import torch_model as make_torch_model
 
 import resnext_flax
@@ -68,17 +73,7 @@ class Pair:
 
     @functools.cache  # noqa: B019
     def torch_outputs(self, batch: int, size: tuple[int, int]) -> dict:
-        m = self.torch
-        with torch.no_grad():
-            x = to_nchw(random_images(batch, *size, seed=batch))
-            out = {"stem": m.maxpool(m.relu(m.bn1(m.conv1(x))))}
-            for name in ("layer1", "layer2", "layer3", "layer4"):
-                x = getattr(m, name)(out["stem"] if name == "layer1" else x)
-                out[name] = x
-            out["pre_logits"] = torch.flatten(m.avgpool(x), 1)
-            out["logits"] = m.fc(out["pre_logits"])
-        nhwc = {k: v.permute(0, 2, 3, 1) if v.ndim == 4 else v for k, v in out.items()}
-        return {k: v.numpy() for k, v in nhwc.items()}
+        return torch_stages(self.torch, to_nchw(random_images(batch, *size, seed=batch)))
 
 
 @pytest.fixture(scope="module", params=resnext_flax.list_models())

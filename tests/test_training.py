@@ -12,8 +12,13 @@ import numpy as np
 import optax
 import pytest
 import torch
-from flax import nnx
-from torch_reference import randomize_batchnorm, relative_error, to_nchw, torch_model
+from torch_reference import (
+    flax_model_from_torch,
+    randomize_batchnorm,
+    relative_error,
+    to_nchw,
+    torch_model,
+)
 
 import resnext_flax
 from resnext_flax import training
@@ -135,10 +140,9 @@ def _torch_steps(model: torch.nn.Module, batches, lr: float) -> list[float]:
 def test_sgd_steps_match_torch_train_mode(name: str):
     lr, bound = PARITY[name]
     reference = torch_model(name, num_classes=10, seed=0)
-    # A deep copy: load_torch_state_dict may share memory with the torch tensors on CPU,
-    # which torch's in-place optimizer would then change under JAX's feet.
-    model = nnx.eval_shape(lambda: resnext_flax.create_model(name, num_classes=10))
-    model = resnext_flax.load_torch_state_dict(model, copy.deepcopy(reference).state_dict())
+    # No copy of the state dict needed: load_torch_state_dict copies, so torch's in-place
+    # optimizer steps below cannot reach the JAX arrays.
+    model = flax_model_from_torch(name, reference)
     reference.train()
     rng = np.random.default_rng(1)
     batches = [(rng.standard_normal((4, 64, 64, 3)).astype(np.float32),
@@ -176,9 +180,7 @@ def test_bfloat16_logits_close_to_float32():
     reference = torch_model("resnet18", seed=0)
     logits = {}
     for dtype in (None, jnp.bfloat16):
-        model = nnx.eval_shape(lambda dtype=dtype: resnext_flax.create_model("resnet18",
-                                                                             dtype=dtype))
-        model = resnext_flax.load_torch_state_dict(model, reference.state_dict())
+        model = flax_model_from_torch("resnet18", reference, dtype=dtype)
         state = training.create_train_state(model, training.sgd(0.1))
         images = np.random.default_rng(0).standard_normal((16, 64, 64, 3)).astype(np.float32)
         out = training.predict(state, jnp.asarray(images))
@@ -217,8 +219,7 @@ def test_resnext_sgd_steps_within_the_float32_floor():
     """
     name, lr = "resnext50_32x4d", 1e-5
     reference = torch_model(name, num_classes=10, seed=0)
-    model = nnx.eval_shape(lambda: resnext_flax.create_model(name, num_classes=10))
-    model = resnext_flax.load_torch_state_dict(model, copy.deepcopy(reference).state_dict())
+    model = flax_model_from_torch(name, reference)
     reference.train()
     reference64 = copy.deepcopy(reference).double()
     rng = np.random.default_rng(1)

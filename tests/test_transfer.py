@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 import torch_reference
 from flax import nnx
 from pretrained_helpers import sample_image_paths, save_torchvision_file
@@ -33,20 +32,14 @@ def test_embeddings_and_stages_match_torchvision(resnet18):
     assert features["layer3"].shape == (2, 14, 14, 256)
     np.testing.assert_array_equal(extractor.embed(images), features["pre_logits"])
 
-    x = torch_reference.to_nchw(images)
-    with torch.no_grad():
-        t = torch_model
-        stem = t.maxpool(t.relu(t.bn1(t.conv1(x))))
-        layer3 = t.layer3(t.layer2(t.layer1(stem)))
-        pooled = torch.flatten(t.avgpool(t.layer4(layer3)), 1)
-    expected_layer3 = layer3.numpy().transpose(0, 2, 3, 1)
-    error3 = torch_reference.relative_error(features["layer3"], expected_layer3)
-    error = torch_reference.relative_error(features["pre_logits"], pooled.numpy())
+    expected = torch_reference.torch_stages(torch_model, torch_reference.to_nchw(images))
+    error3 = torch_reference.relative_error(features["layer3"], expected["layer3"])
+    error = torch_reference.relative_error(features["pre_logits"], expected["pre_logits"])
     print(f"layer3 relative error {error3:.2e}, pre_logits {error:.2e}")
     assert error3 <= 1e-5 and error <= 1e-5
 
 
-def test_feature_extractor_errors(resnet18):
+def test_feature_extractor_errors():
     model = nnx.eval_shape(lambda: resnext_flax.create_model("resnet18"))
     with pytest.raises(ValueError, match="unknown feature names"):
         FeatureExtractor(model, names=("layer5",))

@@ -32,12 +32,16 @@ def torch_model(name: str, *, seed: int = 0, num_classes: int = 1000) -> torch.n
     return randomize_batchnorm(model, seed).eval()
 
 
-def flax_model_from_torch(name: str, model: torch.nn.Module) -> resnext_flax.ResNet:
-    """The library's model of the same architecture, loaded from the torch model's weights."""
+def flax_model_from_torch(
+    name: str, model: torch.nn.Module, *, dtype=None
+) -> resnext_flax.ResNet:
+    """The library's model of the same architecture (eval mode), loaded from the torch model's
+    weights."""
     from flax import nnx
 
     num_classes = model.fc.out_features
-    abstract = nnx.eval_shape(lambda: resnext_flax.create_model(name, num_classes=num_classes))
+    abstract = nnx.eval_shape(
+        lambda: resnext_flax.create_model(name, num_classes=num_classes, dtype=dtype))
     flax_model = resnext_flax.load_torch_state_dict(abstract, model.state_dict())
     flax_model.eval()
     return flax_model
@@ -48,6 +52,18 @@ def random_images(batch: int, height: int, width: int, *, seed: int = 0) -> np.n
     return np.random.default_rng(seed).standard_normal((batch, height, width, 3)).astype(
         np.float32
     )
+
+
+def torch_stages(model: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """torchvision's outputs at the library's ``FEATURE_NAMES`` (plus logits), NHWC numpy."""
+    with torch.no_grad():
+        out = {"stem": model.maxpool(model.relu(model.bn1(model.conv1(x))))}
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            x = getattr(model, name)(out["stem"] if name == "layer1" else x)
+            out[name] = x
+        out["pre_logits"] = torch.flatten(model.avgpool(x), 1)
+        out["logits"] = model.fc(out["pre_logits"])
+    return {k: (v.permute(0, 2, 3, 1) if v.ndim == 4 else v).numpy() for k, v in out.items()}
 
 
 def to_nchw(x: np.ndarray) -> torch.Tensor:
