@@ -134,10 +134,12 @@ def run(args: argparse.Namespace) -> tuple[training.TrainState, list[dict]]:
         os.path.abspath(args.checkpoint_dir),
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
     )
-    ckpt = {"params": state.params, "batch_stats": state.batch_stats,
-            "opt_state": state.opt_state, "step": state.step}
+    def checkpointed(state: training.TrainState) -> dict:
+        return {"params": state.params, "batch_stats": state.batch_stats,
+                "opt_state": state.opt_state, "step": state.step}
+
     if manager.latest_step() is not None:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, ckpt)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpointed(state))
         restored = manager.restore(manager.latest_step(),
                                    args=ocp.args.StandardRestore(abstract))
         state = state.replace(**restored)
@@ -146,9 +148,8 @@ def run(args: argparse.Namespace) -> tuple[training.TrainState, list[dict]]:
     def save() -> None:
         if manager.latest_step() == int(state.step):
             return  # already saved (an epoch end that is also a --save-every step)
-        manager.save(int(state.step), args=ocp.args.StandardSave(
-            {"params": state.params, "batch_stats": state.batch_stats,
-             "opt_state": state.opt_state, "step": state.step}), force=True)
+        manager.save(int(state.step), args=ocp.args.StandardSave(checkpointed(state)),
+                     force=True)
 
     history = []
     step = int(state.step)
@@ -165,7 +166,8 @@ def run(args: argparse.Namespace) -> tuple[training.TrainState, list[dict]]:
                 state, metrics = step_fn(state, jnp.asarray(x_train[idx]),
                                          jnp.asarray(y_train[idx]))
                 step += 1
-                bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+                if not args.no_progress:  # reading the loss waits for the step to finish
+                    bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
                 if args.stop_after_steps and step >= args.stop_after_steps:
                     manager.wait_until_finished()
                     return state, history

@@ -19,11 +19,9 @@ assert torch.cuda.is_available(), "PyTorch sees no GPU"
 print("JAX:", jax.devices(), "torch:", torch.cuda.get_device_name(0))
 PY
 
-# 1. Parity at precision 'highest' (torch TF32 off is set by the accelerator tests themselves).
-export JAX_DEFAULT_MATMUL_PRECISION=highest
-python -m pytest -q -x -m accelerator tests || echo "accelerator parity tests FAILED" >&2
+# 1. Parity at precision 'highest', torch TF32 off (both set by tests/conftest.py).
+scripts/accelerator_checks.sh -x || echo "accelerator parity tests FAILED" >&2
 python -m pytest -q -x tests/test_performance_paths.py || echo "performance-path tests FAILED" >&2
-unset JAX_DEFAULT_MATMUL_PRECISION
 
 # 2. Benchmark: default precision (what users get: TF32 allowed on both sides) in fp32 and bf16.
 {
