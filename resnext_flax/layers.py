@@ -76,7 +76,8 @@ class BatchNorm(nnx.Module):
     Training mode normalizes with the biased batch variance and updates the running
     statistics as torch does: ``new = (1 - momentum) * old + momentum * batch`` (torch's
     momentum, not Flax's inverted one), with the *unbiased* batch variance for ``var``.
-    Statistics are computed in float32 whatever the compute dtype.
+    Statistics are computed in float32 whatever the (narrower) compute dtype, in float64 for
+    float64 inputs.
     """
 
     def __init__(
@@ -92,10 +93,12 @@ class BatchNorm(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
     ):
         init_scale = jnp.zeros if zero_init else jnp.ones
+        # Statistics are kept in float32 at least (float64 with float64 parameters).
+        stat_dtype = jnp.promote_types(param_dtype, jnp.float32)
         self.scale = nnx.Param(init_scale((num_features,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
-        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), stat_dtype))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), stat_dtype))
         self.momentum = momentum
         self.epsilon = epsilon
         self.use_running_average = use_running_average
@@ -103,8 +106,8 @@ class BatchNorm(nnx.Module):
         self.dtype = dtype
 
     def _batch_statistics(self, x: jax.Array) -> tuple[jax.Array, jax.Array, int]:
-        """Mean and biased variance over all but the channel axis (two-pass, float32)."""
-        xf = x.astype(jnp.float32)
+        """Mean and biased variance over all but the channel axis (two-pass, float32 or wider)."""
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         axes = tuple(range(x.ndim - 1))
         count = math.prod(x.shape[:-1])
         mean = jnp.mean(xf, axis=axes)
@@ -127,9 +130,10 @@ class BatchNorm(nnx.Module):
             m = self.momentum
             self.mean.set_value((1.0 - m) * self.mean.get_value() + m * mean)
             self.var.set_value((1.0 - m) * self.var.get_value() + m * unbiased)
-        multiplier = self.scale.get_value().astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
+        acc = jnp.promote_types(x.dtype, jnp.float32)
+        multiplier = self.scale.get_value().astype(acc) * jax.lax.rsqrt(var + self.epsilon)
         # Centered, not folded into x * multiplier + (bias - mean * multiplier): the folded
         # form's gradient for the scale is sum(g * x) - mean * sum(g), which cancels
         # catastrophically when |mean| >> std (ResNet-18 f32 gradients were off by 1e-2).
-        centered = x.astype(jnp.float32) - mean
-        return (centered * multiplier + self.bias.get_value().astype(jnp.float32)).astype(dtype)
+        centered = x.astype(acc) - mean
+        return (centered * multiplier + self.bias.get_value().astype(acc)).astype(dtype)

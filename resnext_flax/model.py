@@ -223,8 +223,9 @@ class ResNet(nnx.Module):
         return features
 
     def pool(self, x: jax.Array) -> jax.Array:
-        """Global average pool, (N, H, W, C) -> (N, C), accumulated in float32."""
-        return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+        """Global average pool, (N, H, W, C) -> (N, C), accumulated in float32 at least."""
+        return jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)),
+                        axis=(1, 2)).astype(x.dtype)
 
     def forward_head(self, pre_logits: jax.Array) -> jax.Array:
         """The classifier: pooled features (N, num_features) -> logits (N, num_classes)."""

@@ -113,10 +113,10 @@ def sgd(
 def cross_entropy(
     logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0
 ) -> jax.Array:
-    """Mean softmax cross-entropy in float32; smoothing as torch's ``CrossEntropyLoss``
-    (``(1 - eps) * one_hot + eps / num_classes``)."""
-    logits = logits.astype(jnp.float32)
-    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    """Mean softmax cross-entropy in float32 (float64 for float64 logits); smoothing as torch's
+    ``CrossEntropyLoss`` (``(1 - eps) * one_hot + eps / num_classes``)."""
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
     return jnp.mean(optax.softmax_cross_entropy(logits, targets))
@@ -184,7 +184,7 @@ def eval_step_fn(
     def step(state: TrainState, images: jax.Array, labels: jax.Array) -> Metrics:
         logits = predict_fn(state, images)
         losses = optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), labels
+            logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), labels
         )
         correct = jnp.sum(jnp.argmax(logits, -1) == labels)
         metrics = {"loss_sum": jnp.sum(losses), "correct": correct}

@@ -13,18 +13,33 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# Single device vs 8 devices, one SGD step (lr 0.01) of a random resnet18 at 8x32x32: the
-# per-device programs reduce in a different order, and this random-init model amplifies
-# rounding (see test_training.py); measured: parameters 8.6e-6, running statistics 1.1e-6,
-# loss 2e-7, eval logits 7e-7 (relative).
-PARAM_BOUND = 5e-5
-STAT_BOUND = 1e-5
-LOGIT_BOUND = 1e-5
+# Single device vs 8 devices (or two processes), one SGD step (lr 0.01) of a random resnet18 at
+# 8x32x32. The per-device programs reduce in another order than one device does, and this
+# random-init model amplifies rounding (see test_training.py), by amounts that depend on the
+# CPU's kernels. So the collectives' math is proven in float64 (measured ~1e-15), and float32
+# is judged against the float32 floor measured in the same child process: how far the
+# single-device float32 step drifts from the single-device float64 step. The parallel float32
+# step may drift from float64 by FLOOR_MULTIPLE times that plus FLOOR_ABSOLUTE (the reasoning
+# for 4x is in test_training.py; measured here: 0.3x-2x).
+FLOAT64_BOUND = 1e-10
+FLOOR_MULTIPLE = 4.0
+FLOOR_ABSOLUTE = 1e-6
+
+
+def _assert_within_floor(result: dict, label: str) -> None:
+    for kind in ("loss", "params", "batch_stats"):
+        assert result["float64"][kind] <= FLOAT64_BOUND, (label, "float64", kind, result)
+        error, floor = result["float32"][kind], result["floor"][kind]
+        bound = FLOOR_MULTIPLE * floor + FLOOR_ABSOLUTE
+        assert error <= bound, (
+            f"{label}, {kind}: float32 drift from float64 {error:.2e} > {FLOOR_MULTIPLE:g} x "
+            f"single-device float32 floor {floor:.2e} + {FLOOR_ABSOLUTE:g}")
 
 
 def _run_child(args: list[str], env: dict[str, str], timeout: float) -> dict:
@@ -37,7 +52,9 @@ def _run_child(args: list[str], env: dict[str, str], timeout: float) -> dict:
 
 def _env(devices: int) -> dict[str, str]:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # Appended, so flags the suite runs under (e.g. --xla_cpu_max_isa) reach the children.
+    flags = env.get("XLA_FLAGS", "")
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
     return env
@@ -52,15 +69,16 @@ def test_data_parallel_training_equals_single_device(eight_devices: dict):
     r = eight_devices
     assert r["device_count"] == 8
     for path in ("gspmd", "shard_map"):
-        assert r[path]["loss"] < 1e-5, path
-        assert r[path]["params"] < PARAM_BOUND, path
-        assert r[path]["batch_stats"] < STAT_BOUND, path
+        _assert_within_floor(r[path], path)
         assert r[path]["correct_equal"], path
-    assert r["shard_map"]["params_moved"] > 100 * PARAM_BOUND  # the step did something
+    assert r["shard_map"]["params_moved"] > 1e-3  # the step did something
 
 
 def test_data_parallel_inference_equals_single_device(eight_devices: dict):
-    assert eight_devices["predict"] < LOGIT_BOUND
+    """Eval-mode logits are no chaotic system: float32 rounding of one forward pass."""
+    predict = eight_devices["predict"]
+    assert predict["float64"] <= FLOAT64_BOUND
+    assert predict["float32"] <= FLOOR_MULTIPLE * predict["floor"] + FLOOR_ABSOLUTE, predict
     assert eight_devices["eval_equal"]
 
 
@@ -99,9 +117,7 @@ def test_two_processes_train_like_one():
         assert p.returncode == 0, err[-4000:]
     result = json.loads([ln for ln in outs[0][0].splitlines() if ln.startswith("{")][-1])
     assert result["process_count"] == 2 and result["device_count"] == 2
-    assert result["loss"] < 1e-5
-    assert result["params"] < PARAM_BOUND
-    assert result["batch_stats"] < STAT_BOUND
+    _assert_within_floor(result, "two processes")
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,8 +135,13 @@ def _rel(a, b) -> float:
     return max(errors)
 
 
-def _setup(batch: int):
+def _setup(batch: int, dtype):
+    """A random resnet18 train state and one batch, in `dtype` (parameters and compute).
+
+    The float64 state holds the float32 state's values (the children run with
+    jax_enable_x64, so float64 is real), so both start from the same point."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     import resnext_flax
@@ -128,11 +149,33 @@ def _setup(batch: int):
 
     jax.config.update("jax_default_matmul_precision", "highest")
     model = resnext_flax.create_model("resnet18", num_classes=10)
-    state = training.create_train_state(model, training.sgd(0.01, weight_decay=1e-4))
+    tx = training.sgd(0.01, weight_decay=1e-4)
+    state = training.create_train_state(model, tx)
+    if dtype == np.float64:
+        params, stats = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
+                                     (state.params, state.batch_stats))
+        state = state.replace(params=params, batch_stats=stats, opt_state=tx.init(params))
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, 32, 32, 3)).astype(np.float32)
+    x = rng.standard_normal((batch, 32, 32, 3)).astype(dtype)
     y = rng.integers(0, 10, batch).astype(np.int32)
     return state, x, y
+
+
+def _step_errors(new, metrics, exact, exact_metrics) -> dict:
+    loss = float(np.asarray(metrics["loss"]))
+    exact_loss = float(exact_metrics["loss"])
+    return {"loss": abs(loss - exact_loss) / exact_loss,
+            "params": _rel(new.params, exact.params),
+            "batch_stats": _rel(new.batch_stats, exact.batch_stats)}
+
+
+def _drifts(runs: dict, single: dict) -> dict:
+    """Errors of one parallel path's steps (`runs`, by dtype) against the single-device
+    float64 step, and the float32 floor (single-device float32 against float64)."""
+    exact = single[np.float64]
+    return {"float64": _step_errors(*runs[np.float64], *exact),
+            "float32": _step_errors(*runs[np.float32], *exact),
+            "floor": _step_errors(*single[np.float32], *exact)}
 
 
 def _child_devices() -> dict:
@@ -143,27 +186,45 @@ def _child_devices() -> dict:
     from resnext_flax import ops, parallel, training
     from resnext_flax.layers import Conv
 
-    state, x, y = _setup(8)
-    single, m1 = training.train_step(state, x, y)
+    jax.config.update("jax_enable_x64", True)
     mesh = parallel.data_mesh()
-    xs, ys = parallel.shard_batch(mesh, x, y)
+    single = {dtype: training.train_step(*_setup(8, dtype)) for dtype in (np.float64,
+                                                                          np.float32)}
     out = {"device_count": jax.device_count()}
 
-    def compare(new, metrics):
-        return {"loss": abs(float(metrics["loss"]) - float(m1["loss"])) / float(m1["loss"]),
-                "params": _rel(new.params, single.params),
-                "batch_stats": _rel(new.batch_stats, single.batch_stats),
-                "correct_equal": int(metrics["correct"]) == int(m1["correct"]),
-                "params_moved": _rel(new.params, state.params)}
+    def gspmd(dtype):
+        state, x, y = _setup(8, dtype)
+        return training.train_step(parallel.replicate(mesh, state),
+                                   *parallel.shard_batch(mesh, x, y))
 
-    out["gspmd"] = compare(*training.train_step(parallel.replicate(mesh, state), xs, ys))
-    pstate = parallel.replicate(mesh, parallel.with_batchnorm_axis(state))
-    out["shard_map"] = compare(*parallel.make_parallel_train_step(mesh)(pstate, xs, ys))
-    logits = parallel.make_parallel_predict(mesh)(pstate, xs)
-    out["predict"] = _rel(logits, training.predict(state, x))
-    ev = parallel.make_parallel_eval_step(mesh)(pstate, xs, ys)
-    ev1 = training.eval_step(state, x, y)
-    out["eval_equal"] = int(ev["correct"]) == int(ev1["correct"])
+    def per_device(dtype):
+        state, x, y = _setup(8, dtype)
+        pstate = parallel.replicate(mesh, parallel.with_batchnorm_axis(state))
+        return parallel.make_parallel_train_step(mesh)(pstate, *parallel.shard_batch(mesh, x, y))
+
+    for name, run in (("gspmd", gspmd), ("shard_map", per_device)):
+        runs = {dtype: run(dtype) for dtype in (np.float64, np.float32)}
+        out[name] = _drifts(runs, single)
+        out[name]["correct_equal"] = (int(runs[np.float32][1]["correct"])
+                                      == int(single[np.float32][1]["correct"]))
+        out[name]["params_moved"] = _rel(runs[np.float32][0].params["conv1"],
+                                         _setup(8, np.float32)[0].params["conv1"])
+
+    logits = {}
+    for dtype in (np.float64, np.float32):
+        state, x, y = _setup(8, dtype)
+        pstate = parallel.replicate(mesh, parallel.with_batchnorm_axis(state))
+        xs, ys = parallel.shard_batch(mesh, x, y)
+        logits[dtype] = (parallel.make_parallel_predict(mesh)(pstate, xs),
+                         training.predict(state, x))
+        if dtype == np.float32:
+            ev = parallel.make_parallel_eval_step(mesh)(pstate, xs, ys)
+            ev1 = training.eval_step(state, x, y)
+            out["eval_equal"] = int(ev["correct"]) == int(ev1["correct"])
+    exact = logits[np.float64][1]
+    out["predict"] = {"float64": _rel(logits[np.float64][0], exact),
+                      "float32": _rel(logits[np.float32][0], exact),
+                      "floor": _rel(logits[np.float32][1], exact)}
 
     # A ResNeXt-50 stage-2 grouped 3x3 conv (32 groups of 4) and a dense one, under batch
     # sharding (GSPMD) and per device (shard_map), lowered as XLA's native convolution.
@@ -194,24 +255,28 @@ def _child_process(index: int, port: int) -> dict:
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_enable_x64", True)
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=index,
                                initialization_timeout=60)
     from resnext_flax import parallel, training
 
-    state, x, y = _setup(8)
     mesh = parallel.data_mesh()
-    local = slice(4 * index, 4 * index + 4)  # each process feeds its half of the batch
-    xs, ys = parallel.shard_batch(mesh, x[local], y[local])
-    pstate = parallel.replicate(mesh, parallel.with_batchnorm_axis(state))
-    new, metrics = parallel.make_parallel_train_step(mesh)(pstate, xs, ys)
-    local = jax.local_devices()[0]
-    single, m1 = training.train_step(*jax.device_put((state, x, y), local))
-    new = jax.tree.map(lambda a: a.addressable_data(0), new)
+    local_device = jax.local_devices()[0]
+    single = {dtype: training.train_step(*jax.device_put(_setup(8, dtype), local_device))
+              for dtype in (np.float64, np.float32)}
+
+    def two_processes(dtype):
+        state, x, y = _setup(8, dtype)
+        local = slice(4 * index, 4 * index + 4)  # each process feeds its half of the batch
+        xs, ys = parallel.shard_batch(mesh, x[local], y[local])
+        pstate = parallel.replicate(mesh, parallel.with_batchnorm_axis(state))
+        new, metrics = parallel.make_parallel_train_step(mesh)(pstate, xs, ys)
+        return (jax.tree.map(lambda a: a.addressable_data(0), new),
+                jax.tree.map(lambda a: a.addressable_data(0), metrics))
+
     result = {"process_count": jax.process_count(), "device_count": jax.device_count(),
-              "loss": abs(float(metrics["loss"].addressable_data(0)) - float(m1["loss"]))
-              / float(m1["loss"]),
-              "params": _rel(new.params, single.params),
-              "batch_stats": _rel(new.batch_stats, single.batch_stats)}
+              **_drifts({dtype: two_processes(dtype) for dtype in (np.float64, np.float32)},
+                        single)}
     jax.distributed.shutdown()
     return result
 

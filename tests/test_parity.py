@@ -7,6 +7,7 @@ CPU and, where JAX sees one, on a GPU/TPU (matmul precision 'highest', torch TF3
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import jax
@@ -27,9 +28,13 @@ import resnext_flax
 ODD_SIZE = (97, 131)
 FULL_SIZE = (224, 224)
 FULL_SIZE_MODELS = ("resnet18", "resnet50", "resnext50_32x4d")
-# float32 CPU parity of a whole ResNet is ~1e-6 relative; 1e-5 leaves room for accumulation
-# order differences without hiding a real bug (a swapped statistic gives ~1e-1).
+# float32 parity of a whole ResNet in eval mode is ~1e-6 relative: one forward pass, no
+# feedback, so it stays near the float32 floor (torch float32 vs torch float64, measured in
+# every test below: 4e-7 to 8e-7 for the logits at the odd size, on AVX2 and AVX-512 CPUs
+# alike; ours vs torch float64 0.9-1.4x that). The bound is 1e-5, or 10x the floor where a
+# machine's floor is larger; a real bug gives ~1e-1 (a swapped statistic).
 RTOL = 1e-5
+FLOOR_MULTIPLE = 10.0
 
 
 def _accelerator() -> jax.Device | None:
@@ -75,16 +80,25 @@ class Pair:
     def torch_outputs(self, batch: int, size: tuple[int, int]) -> dict:
         return torch_stages(self.torch, to_nchw(random_images(batch, *size, seed=batch)))
 
+    @functools.cache  # noqa: B019
+    def bounds(self, batch: int, size: tuple[int, int]) -> dict[str, float]:
+        """Per output, the bound: RTOL or FLOOR_MULTIPLE x torch float32's own error against
+        torch float64 on the same input, whichever is larger."""
+        exact = torch_stages(copy.deepcopy(self.torch).double(),
+                             to_nchw(random_images(batch, *size, seed=batch)).double())
+        return {k: max(RTOL, FLOOR_MULTIPLE * relative_error(v, exact[k]))
+                for k, v in self.torch_outputs(batch, size).items()}
+
 
 @pytest.fixture(scope="module", params=resnext_flax.list_models())
 def pair(request) -> Pair:
     return Pair(request.param)
 
 
-def _assert_logits_match(actual: np.ndarray, expected: np.ndarray) -> None:
+def _assert_logits_match(actual: np.ndarray, expected: np.ndarray, bound: float) -> None:
     assert actual.shape == expected.shape
     err = relative_error(actual, expected)
-    assert err <= RTOL, f"logits relative error {err:.2e} > {RTOL:.0e}"
+    assert err <= bound, f"logits relative error {err:.2e} > {bound:.1e}"
     np.testing.assert_array_equal(actual.argmax(-1), expected.argmax(-1))
 
 
@@ -92,17 +106,19 @@ def _assert_logits_match(actual: np.ndarray, expected: np.ndarray) -> None:
 @pytest.mark.parametrize("batch", [1, 2])
 def test_logits_match_torchvision_at_odd_size(pair: Pair, backend: str, batch: int):
     actual = pair.flax_outputs(backend, batch, ODD_SIZE)["logits"]
-    _assert_logits_match(actual, pair.torch_outputs(batch, ODD_SIZE)["logits"])
+    _assert_logits_match(actual, pair.torch_outputs(batch, ODD_SIZE)["logits"],
+                         pair.bounds(batch, ODD_SIZE)["logits"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_stage_matches_torchvision(pair: Pair, backend: str):
     actual = pair.flax_outputs(backend, 2, ODD_SIZE)
     expected = pair.torch_outputs(2, ODD_SIZE)
+    bounds = pair.bounds(2, ODD_SIZE)
     for name in resnext_flax.FEATURE_NAMES:
         assert actual[name].shape == expected[name].shape, name
         err = relative_error(actual[name], expected[name])
-        assert err <= RTOL, f"{name}: relative error {err:.2e} > {RTOL:.0e}"
+        assert err <= bounds[name], f"{name}: relative error {err:.2e} > {bounds[name]:.1e}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -110,7 +126,8 @@ def test_every_stage_matches_torchvision(pair: Pair, backend: str):
 def test_logits_match_torchvision_at_224(name: str, backend: str):
     pair = Pair(name)
     actual = pair.flax_outputs(backend, 2, FULL_SIZE)["logits"]
-    _assert_logits_match(actual, pair.torch_outputs(2, FULL_SIZE)["logits"])
+    _assert_logits_match(actual, pair.torch_outputs(2, FULL_SIZE)["logits"],
+                         pair.bounds(2, FULL_SIZE)["logits"])
 
 
 def test_parity_check_can_fail():
@@ -124,4 +141,5 @@ def test_parity_check_can_fail():
     images = random_images(2, *ODD_SIZE, seed=2)
     actual = np.asarray(jax.jit(lambda x: model(x))(images))
     with pytest.raises(AssertionError):
-        _assert_logits_match(actual, pair.torch_outputs(2, ODD_SIZE)["logits"])
+        _assert_logits_match(actual, pair.torch_outputs(2, ODD_SIZE)["logits"],
+                             pair.bounds(2, ODD_SIZE)["logits"])
