@@ -38,8 +38,8 @@ import torch
 from flax import nnx
 
 import resnext_flax
-from resnext_flax import ops
-from resnext_flax.inference_opt import apply_logits, optimize_for_inference
+from resnext_flax.models.folding import optimize_for_inference
+from resnext_flax.nn import ops
 
 # The test suite's reference models (random weights and BN statistics), shared, not copied.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -107,12 +107,10 @@ def jax_callables(
             forced, *excluded = lowering.split("-")  # "auto-winograd": auto without winograd
             with ops.conv_lowering(forced, exclude=excluded):
                 if path == "folded":
-                    folded = optimize_for_inference(model)
+                    def forward(folded, images):
+                        return folded(images)
 
-                    def forward(params, images, spec=folded.spec):
-                        return apply_logits(params, images, spec=spec, dtype=dtype)
-
-                    args = (folded.params, x)
+                    args = (optimize_for_inference(model), x)
                 elif path == "model":
                     graphdef, state = nnx.split(model)
 
@@ -289,7 +287,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jax-paths", default="folded",
                    help="'folded' (optimize_for_inference) and/or 'model' (the NNX model)")
     p.add_argument("--conv-lowerings", default="auto",
-                   help="comma-separated resnext_flax.ops.conv2d lowerings to time side by side "
+                   help="comma-separated resnext_flax.nn.ops.conv2d lowerings to time side by side "
                    f"(choices: {', '.join(ops.LOWERINGS)}; default: auto, the library's choice; "
                    "'auto-winograd' is the automatic choice without winograd)")
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")

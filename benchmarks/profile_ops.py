@@ -27,8 +27,8 @@ import jax
 import numpy as np
 
 import resnext_flax
-from resnext_flax import ops
-from resnext_flax.inference_opt import apply_logits, optimize_for_inference
+from resnext_flax.models.folding import optimize_for_inference
+from resnext_flax.nn import ops
 
 _DEFINITION = re.compile(r"\s*(?:ROOT )?%(\S+) = (\S+) ")
 
@@ -72,15 +72,14 @@ def main(argv: list[str] | None = None) -> None:
     images = np.random.default_rng(0).standard_normal(
         (args.batch, args.size, args.size, 3)).astype(np.float32)
     with ops.conv_lowering("auto", exclude=[e for e in args.exclude.split(",") if e]):
-        compiled = jax.jit(lambda p, x: apply_logits(p, x, spec=folded.spec)).lower(
-            folded.params, images).compile()
+        compiled = jax.jit(lambda f, x: f(x)).lower(folded, images).compile()
     for _ in range(2):
-        compiled(folded.params, images).block_until_ready()
+        compiled(folded, images).block_until_ready()
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
         start = time.perf_counter()
         for _ in range(args.calls):
-            compiled(folded.params, images).block_until_ready()
+            compiled(folded, images).block_until_ready()
         wall_ms = (time.perf_counter() - start) * 1e3 / args.calls
         jax.profiler.stop_trace()
         times = thunk_times(trace_dir, args.calls)

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from resnext_flax import list_models
-from resnext_flax.conversion import convert_checkpoint
+from resnext_flax.weights.conversion import convert_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

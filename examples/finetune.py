@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import resnext_flax
 from resnext_flax import training
-from resnext_flax.weights import StateDictMismatchWarning
+from resnext_flax.weights.torch_port import StateDictMismatchWarning
 
 MEAN, STD = 0.3, 0.4  # of the digits scaled to [0, 1]
 

@@ -1,22 +1,47 @@
 """torchvision's ResNet family (ResNet, ResNeXt, Wide ResNet) in JAX / Flax NNX, with an exact
-weight port from PyTorch."""
+weight port from PyTorch.
 
-from resnext_flax.checkpoint import load_checkpoint, save_checkpoint
-from resnext_flax.inference import Predictions, Predictor
-from resnext_flax.inference_opt import FoldedResNet, optimize_for_inference
-from resnext_flax.model import FEATURE_NAMES, BasicBlock, Bottleneck, ResNet
-from resnext_flax.preprocess import load_image, preprocess, preprocess_image
-from resnext_flax.pretrained import (
-    ChecksumError,
-    WeightsUnavailableError,
-    download_pretrained,
-    from_pretrained,
+Layout, lowest layer first (each imports only the ones before it):
+
+- ``nn``: convolution lowerings, pooling and the layers with torch's semantics;
+- ``models``: the variant table, the NNX ResNet, pure/compiled forms, BatchNorm folding;
+- ``weights``: the torch port, weight files, converted checkpoints, the weight-set catalog,
+  the download cache and pretrained loading;
+- ``preprocess``, ``inference``, ``training``, ``parallel``: images, prediction and feature
+  extraction, fine-tuning, many devices;
+- ``builders`` (``create_model``, ``list_models``, one constructor per variant) and ``cli``.
+"""
+
+from resnext_flax.builders import (
+    CONSTRUCTORS,
+    ModelOptions,
+    create_model,
+    list_models,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet101,
+    resnet152,
+    resnext50_32x4d,
+    resnext101_32x8d,
+    resnext101_64x4d,
+    wide_resnet50_2,
+    wide_resnet101_2,
 )
-from resnext_flax.registry import CONSTRUCTORS, create_model, list_models
+from resnext_flax.inference import FeatureExtractor, Predictions, Predictor
+from resnext_flax.models.folding import FoldedResNet, fold_batchnorm, optimize_for_inference
+from resnext_flax.models.resnet import (
+    FEATURE_NAMES,
+    BasicBlock,
+    Bottleneck,
+    ResNet,
+    replace_head,
+)
+from resnext_flax.models.variants import VARIANTS, ModelSpec
+from resnext_flax.preprocess import load_image, preprocess, preprocess_image
 from resnext_flax.training import TrainState, create_train_state, make_train_step
-from resnext_flax.transfer import FeatureExtractor, replace_head
-from resnext_flax.variants import VARIANTS, ModelSpec
-from resnext_flax.weight_sets import (
+from resnext_flax.weights.cache import ChecksumError, WeightsUnavailableError
+from resnext_flax.weights.catalog import (
     WEIGHT_SETS,
     Preprocessing,
     WeightSet,
@@ -24,62 +49,73 @@ from resnext_flax.weight_sets import (
     imagenet_categories,
     list_weight_sets,
 )
-from resnext_flax.weights import (
+from resnext_flax.weights.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from resnext_flax.weights.loading import load_model, read_state_dict
+from resnext_flax.weights.pretrained import download_pretrained, from_pretrained
+from resnext_flax.weights.resolve import infer_architecture
+from resnext_flax.weights.torch_port import (
     StateDictMismatchError,
     StateDictReport,
     compare_state_dict,
-    infer_architecture,
     load_torch_state_dict,
-    read_state_dict,
     to_torch_state_dict,
 )
-
-globals().update(CONSTRUCTORS)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CONSTRUCTORS",
     "FEATURE_NAMES",
     "VARIANTS",
+    "WEIGHT_SETS",
     "BasicBlock",
     "Bottleneck",
-    "ModelSpec",
-    "ResNet",
-    "StateDictMismatchError",
-    "StateDictReport",
-    "compare_state_dict",
-    "create_model",
-    "infer_architecture",
-    "list_models",
-    "load_checkpoint",
-    "load_torch_state_dict",
-    "read_state_dict",
-    "save_checkpoint",
-    "to_torch_state_dict",
-    # pretrained weights, preprocessing, inference, transfer learning
-    "WEIGHT_SETS",
+    "CheckpointError",
     "ChecksumError",
     "FeatureExtractor",
+    "FoldedResNet",
+    "ModelOptions",
+    "ModelSpec",
     "Predictions",
     "Predictor",
     "Preprocessing",
+    "ResNet",
+    "StateDictMismatchError",
+    "StateDictReport",
+    "TrainState",
     "WeightSet",
     "WeightsUnavailableError",
+    "compare_state_dict",
+    "create_model",
+    "create_train_state",
     "download_pretrained",
+    "fold_batchnorm",
     "from_pretrained",
     "get_weight_set",
     "imagenet_categories",
+    "infer_architecture",
+    "list_models",
     "list_weight_sets",
+    "load_checkpoint",
     "load_image",
+    "load_model",
+    "load_torch_state_dict",
+    "make_train_step",
+    "optimize_for_inference",
     "preprocess",
     "preprocess_image",
+    "read_state_dict",
     "replace_head",
-    # fast inference (BatchNorm folded)
-    "FoldedResNet",
-    "optimize_for_inference",
-    # fine-tuning (resnext_flax.training, resnext_flax.parallel)
-    "TrainState",
-    "create_train_state",
-    "make_train_step",
-    *CONSTRUCTORS,
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "save_checkpoint",
+    "to_torch_state_dict",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
 ]

@@ -8,8 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from resnext_flax.variants import VARIANTS
-from resnext_flax.weight_sets import list_weight_sets
+from resnext_flax.models.variants import VARIANTS
+from resnext_flax.weights.catalog import list_weight_sets
 
 
 def _parser() -> argparse.ArgumentParser:

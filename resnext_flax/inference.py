@@ -1,10 +1,9 @@
-"""Jit-compiled inference: one pure function of (variables, images), compiled once per shape.
+"""Jit-compiled inference: classify images (:class:`Predictor`) and extract features
+(:class:`FeatureExtractor`), each one pure function of (variables, images) compiled once per
+shape (``models.functional.pure_forward``).
 
-``nnx.jit`` walks the module graph in Python on every call; here the model is split once
-(``graphdef, state = nnx.split(model)``) and ``jax.jit`` compiles a pure function of
-``(state, images)`` — the graph is merged only while tracing. The forward function is a
-constructor argument (:class:`Predictor`), so an optimized forward (e.g. BatchNorm folded into
-the convolutions) drops in without touching the rest.
+The forward function is a constructor argument of :class:`Predictor`, so an optimized forward
+(e.g. BatchNorm folded into the convolutions) drops in without touching the rest.
 """
 
 from __future__ import annotations
@@ -19,24 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from resnext_flax.models.functional import pure_forward
+from resnext_flax.models.resnet import FEATURE_NAMES, ResNet, check_input
 from resnext_flax.preprocess import ImageInput, image_list, preprocess, preprocessing_config
-from resnext_flax.weight_sets import Preprocessing, WeightSet, get_weight_set
+from resnext_flax.weights.catalog import Preprocessing, WeightSet, resolve_weights
+from resnext_flax.weights.pretrained import from_pretrained
 
 #: A pure forward function: ``apply_fn(variables, images NHWC float) -> logits (N, C)``.
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
-
-
-def pure_forward(model: nnx.Module, method: str = "__call__") -> tuple[Callable, Any]:
-    """``(fn, state)`` with ``fn(state, x) == model.<method>(x)`` in eval mode, as a pure
-    function fit for ``jax.jit``. The model itself is not switched to eval mode."""
-    graphdef, state = nnx.split(model)
-
-    def fn(variables: Any, x: jax.Array) -> Any:
-        merged = nnx.merge(graphdef, variables)
-        merged.eval()  # BatchNorm on running statistics, whatever mode the source model is in
-        return getattr(merged, method)(x)
-
-    return fn, state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,9 +122,7 @@ class Predictor:
     ) -> Predictor:
         """A predictor for torchvision's pretrained `name` with its weight set's preprocessing
         and category names (see :func:`resnext_flax.from_pretrained`)."""
-        from resnext_flax.pretrained import from_pretrained
-
-        ws = weights if isinstance(weights, WeightSet) else get_weight_set(name, weights)
+        ws = resolve_weights(name, weights)
         model = from_pretrained(name, ws, checkpoint=checkpoint, cache_dir=cache_dir,
                                 progress=progress)
         categories = ws.categories if model.num_classes == len(ws.categories) else None
@@ -149,12 +136,7 @@ class Predictor:
 
     def __call__(self, images: Any) -> Predictions:
         """Predict on preprocessed NHWC float images (one compiled program per shape)."""
-        shape = tuple(getattr(images, "shape", ()))
-        if len(shape) != 4 or shape[-1] != 3:
-            raise ValueError(
-                f"expected preprocessed images of shape (N, H, W, 3), got {shape}; raw images "
-                "go through Predictor.classify"
-            )
+        check_input(images, hint="; raw images go through Predictor.classify")
         # One kind of argument (a device array) so numpy and jax inputs share one compilation.
         images = jnp.asarray(images)
         logits, top_p, top_i = jax.device_get(self._run(self.variables, images))
@@ -184,3 +166,39 @@ class Predictor:
             np.concatenate([p.indices for p in parts]),
             tuple(label for p in parts for label in p.labels),
         )
+
+
+class FeatureExtractor:
+    """Jit-compiled intermediate outputs of a model (eval mode), one program per input shape.
+
+    **Arguments:**
+    - `model`: a :class:`~resnext_flax.ResNet` (e.g. from ``from_pretrained``).
+    - `names`: which of ``FEATURE_NAMES`` to return (``"stem"``, ``"layer1"``..``"layer4"``
+      NHWC maps; ``"pre_logits"``, the pooled (N, num_features) embedding).
+    """
+
+    def __init__(self, model: ResNet, names: Sequence[str] = ("pre_logits",)):
+        unknown = [n for n in names if n not in FEATURE_NAMES]
+        if unknown or not names:
+            raise ValueError(
+                f"unknown feature names {unknown}; choose from {', '.join(FEATURE_NAMES)}"
+            )
+        self.names = tuple(names)
+        fn, self.variables = pure_forward(model, "forward_features")
+
+        def run(variables: Any, images: jax.Array) -> dict[str, jax.Array]:
+            features = fn(variables, images)
+            return {name: features[name] for name in self.names}
+
+        self._run = jax.jit(run)
+
+    def __call__(self, images: Any) -> dict[str, np.ndarray]:
+        """Features of preprocessed NHWC float images, keyed by name."""
+        features = self._run(self.variables, jnp.asarray(images))
+        return {name: np.asarray(value) for name, value in jax.device_get(features).items()}
+
+    def embed(self, images: Any) -> np.ndarray:
+        """The pooled pre-logits embedding (N, num_features), e.g. for a linear probe."""
+        if "pre_logits" not in self.names:
+            raise ValueError("this extractor was built without 'pre_logits' in names")
+        return self(images)["pre_logits"]

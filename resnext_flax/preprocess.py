@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from resnext_flax.weight_sets import Preprocessing, WeightSet
+from resnext_flax.weights.catalog import Preprocessing, WeightSet
 
 ImageInput = Image.Image | str | os.PathLike | np.ndarray
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from resnext_flax.layers import BatchNorm
+from resnext_flax.nn.layers import BatchNorm
 
 Params = dict[str, Any]
 Metrics = dict[str, jax.Array]

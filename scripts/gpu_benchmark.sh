@@ -31,7 +31,7 @@ python -m pytest -q -x tests/test_performance_paths.py || echo "performance-path
   echo "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true)"
   echo
   echo "JAX side: \`optimize_for_inference\` (BatchNorm folded) jitted; XLA's native convs"
-  echo "(\`resnext_flax.ops.select_lowering\` keeps them on GPU). PyTorch: eager, NCHW and"
+  echo "(\`resnext_flax.nn.ops.select_lowering\` keeps them on GPU). PyTorch: eager, NCHW and"
   echo "channels_last; ratio over the faster. Default matmul precision on both sides."
 } > "$DOC"
 for DTYPE in float32 bfloat16; do

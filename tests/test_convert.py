@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch_reference import random_images, relative_error, to_nchw, torch_model
 
 import resnext_flax
-from resnext_flax.conversion import convert_checkpoint
+from resnext_flax.weights.conversion import convert_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERTER = os.path.join(REPO, "convert", "convert_torchvision.py")

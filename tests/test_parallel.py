@@ -183,8 +183,9 @@ def _child_devices() -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from resnext_flax import ops, parallel, training
-    from resnext_flax.layers import Conv
+    from resnext_flax import parallel, training
+    from resnext_flax.nn import ops
+    from resnext_flax.nn.layers import Conv
 
     jax.config.update("jax_enable_x64", True)
     mesh = parallel.data_mesh()

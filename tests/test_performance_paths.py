@@ -20,8 +20,8 @@ from torch_reference import (
     torch_model,
 )
 
-from resnext_flax import ops
-from resnext_flax.inference_opt import FoldedResNet, optimize_for_inference
+from resnext_flax.models.folding import FoldedResNet, optimize_for_inference
+from resnext_flax.nn import ops
 
 RTOL = 1e-5
 # One convolution: the lowerings differ from XLA's conv by float32 rounding only (measured

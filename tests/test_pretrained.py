@@ -24,8 +24,7 @@ from resnext_flax import (
     from_pretrained,
     get_weight_set,
 )
-from resnext_flax.checkpoint import read_checkpoint_metadata
-from resnext_flax.pretrained import (
+from resnext_flax.weights.cache import (
     BASE_URL_ENV,
     CACHE_ENV,
     OFFLINE_ENV,
@@ -34,6 +33,7 @@ from resnext_flax.pretrained import (
     torch_hub_checkpoint_dir,
     weights_url,
 )
+from resnext_flax.weights.checkpoint import read_checkpoint_metadata
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from torch_reference import (
 
 import resnext_flax
 from resnext_flax import training
-from resnext_flax.layers import BatchNorm
+from resnext_flax.nn.layers import BatchNorm
 
 
 def test_batchnorm_running_statistics_match_torch_after_k_steps():

@@ -12,7 +12,7 @@ from flax import nnx
 from torchvision.models import get_model_weights
 
 import resnext_flax
-from resnext_flax.weight_sets import DEFAULT_TAGS, WEIGHT_SETS, get_weight_set, list_weight_sets
+from resnext_flax.weights.catalog import DEFAULT_TAGS, WEIGHT_SETS, get_weight_set, list_weight_sets
 
 MODELS = resnext_flax.list_models()
 HUB_HASH = re.compile(r"-([a-f0-9]*)\.")  # torch.hub.HASH_REGEX

@@ -11,7 +11,7 @@ from flax import nnx
 from torch_reference import randomize_batchnorm, torch_model
 
 import resnext_flax
-from resnext_flax.weights import StateDictMismatchWarning
+from resnext_flax.weights.torch_port import StateDictMismatchWarning
 
 
 def abstract_model(name: str, **kwargs) -> resnext_flax.ResNet:

@@ -1,7 +1,9 @@
 """ResNet, ResNeXt and Wide ResNet as Flax NNX modules, NHWC, mirroring torchvision.
 
 Attribute names equal torchvision's state-dict names (``conv1``, ``bn1``, ``layer1``…,
-``downsample``, ``fc``) so the weight map is structural (see ``resnext_flax.weights``).
+``downsample``, ``fc``) so the weight map is structural (see ``resnext_flax.weights.torch_port``).
+This is the only forward pass of the library: a BatchNorm-folded model (``models.folding``) is
+the same module tree with biased convs and identities in place of the BatchNorms.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resnext_flax import ops
-from resnext_flax.layers import BatchNorm, Conv, linear_bias_init, linear_kernel_init
-from resnext_flax.variants import ModelSpec
+from resnext_flax.models.variants import ModelSpec
+from resnext_flax.nn import ops
+from resnext_flax.nn.layers import BatchNorm, Conv, Identity, Linear
 
 #: Names of the intermediate outputs returned by :meth:`ResNet.forward_features`.
 FEATURE_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4", "pre_logits")
@@ -105,25 +107,26 @@ def _sequential(layers: nnx.List, x: jax.Array) -> jax.Array:
     return x
 
 
-def check_input(x: jax.Array, in_channels: int = 3) -> None:
-    """Raise a clear ValueError for inputs the model cannot take (checked on static shapes)."""
+def check_input(x: jax.Array, in_channels: int = 3, *, hint: str = "") -> None:
+    """Raise a clear ValueError for inputs the model cannot take (checked on static shapes,
+    so it costs nothing under jit); `hint` is appended to the message."""
     shape = tuple(getattr(x, "shape", ()))
     dtype = getattr(x, "dtype", None)
     expected = f"a floating-point array of shape (N, H, W, {in_channels}) (NHWC)"
+    problem = None
     if len(shape) != 4:
-        raise ValueError(f"expected {expected}, got an array of rank {len(shape)}: {shape}")
-    if shape[-1] != in_channels:
-        hint = ""
+        problem = f"got an array of rank {len(shape)}: {shape}"
+    elif shape[-1] != in_channels:
+        problem = f"got shape {shape} with {shape[-1]} channels last"
         if shape[1] == in_channels:
-            hint = "; this looks like NCHW, transpose it with x.transpose(0, 2, 3, 1)"
-        raise ValueError(
-            f"expected {expected}, got shape {shape} with {shape[-1]} channels last{hint}"
-        )
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(
-            f"expected {expected}, got dtype {dtype}; convert images with "
-            "resnext_flax preprocessing or x.astype(jnp.float32)"
-        )
+            problem += "; this looks like NCHW, transpose it with x.transpose(0, 2, 3, 1)"
+    elif min(shape[:3]) < 1:
+        problem = f"got shape {shape}: N, H and W must be at least 1"
+    elif dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        problem = (f"got dtype {dtype}; convert images with resnext_flax preprocessing or "
+                   "x.astype(jnp.float32)")
+    if problem:
+        raise ValueError(f"expected {expected}, {problem}{hint}")
 
 
 class ResNet(nnx.Module):
@@ -131,7 +134,8 @@ class ResNet(nnx.Module):
 
     **Arguments:**
     - `spec`: the architecture (see ``resnext_flax.VARIANTS``).
-    - `num_classes`: size of the classifier head.
+    - `num_classes`: size of the classifier head; 0 for a headless model whose output is the
+      pooled features (``fc`` is then an identity).
     - `zero_init_residual`: zero the last BatchNorm scale of every block (torchvision's
       option of the same name).
     - `dtype`: compute dtype (e.g. ``jnp.bfloat16``); parameters stay in `param_dtype`.
@@ -152,6 +156,8 @@ class ResNet(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0: headless), got {num_classes!r}")
         self.spec = spec
         self.num_classes = num_classes
         self.dtype = dtype
@@ -171,15 +177,7 @@ class ResNet(nnx.Module):
         self.layer3, inplanes = make_stage(inplanes, 256, spec.layers[2], stride=2)
         self.layer4, inplanes = make_stage(inplanes, 512, spec.layers[3], stride=2)
         self.num_features = inplanes
-        self.fc = nnx.Linear(
-            inplanes,
-            num_classes,
-            kernel_init=linear_kernel_init,
-            bias_init=linear_bias_init(inplanes),
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
+        self.fc = _head(inplanes, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def _make_stage(
         self, inplanes: int, planes: int, num_blocks: int, *, stride: int, **kwargs
@@ -228,9 +226,38 @@ class ResNet(nnx.Module):
                         axis=(1, 2)).astype(x.dtype)
 
     def forward_head(self, pre_logits: jax.Array) -> jax.Array:
-        """The classifier: pooled features (N, num_features) -> logits (N, num_classes)."""
+        """The classifier: pooled features (N, num_features) -> logits (N, num_classes); the
+        features themselves for a headless model (``num_classes=0``)."""
         return self.fc(pre_logits)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """Logits (N, num_classes) for NHWC images (N, H, W, 3)."""
+        """Logits (N, num_classes) for NHWC images (N, H, W, 3); pooled features
+        (N, num_features) for a headless model."""
         return self.forward_head(self.forward_features(x)["pre_logits"])
+
+    def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None) -> None:
+        """Replace ``fc`` by a freshly initialized head of `num_classes` (0: headless), as
+        torchvision's fine-tuning recipes do with ``model.fc = nn.Linear(...)``; every other
+        weight and BatchNorm statistic is kept. ``rngs`` defaults to ``nnx.Rngs(0)``."""
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0: headless), got {num_classes!r}")
+        param_dtype = self.conv1.kernel.get_value().dtype
+        self.fc = _head(self.num_features, num_classes, dtype=self.dtype,
+                        param_dtype=param_dtype, rngs=rngs if rngs is not None else nnx.Rngs(0))
+        self.num_classes = num_classes
+
+
+def _head(num_features: int, num_classes: int, **kwargs) -> nnx.Module:
+    if num_classes == 0:
+        return Identity()
+    return Linear(num_features, num_classes, **kwargs)
+
+
+def replace_head(model: ResNet, num_classes: int, *, rngs: nnx.Rngs) -> ResNet:
+    """The functional form of :meth:`ResNet.reset_classifier`: a new ``fc`` for
+    `num_classes` classes, initialized like torch's ``nn.Linear``; modifies `model` in place
+    and returns it."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    model.reset_classifier(num_classes, rngs=rngs)
+    return model

@@ -1,6 +1,6 @@
 """Pretrained weight sets: torchvision's published ImageNet weights for the ten architectures.
 
-Kept apart from the architecture table (``variants.py``): one architecture has several weight
+Kept apart from the architecture table (``models/variants.py``): one architecture has several weight
 sets (``IMAGENET1K_V1``, ``IMAGENET1K_V2``), each with its own file, preprocessing and accuracy.
 The values were generated from torchvision 0.29's weight enums by
 ``scripts/generate_weight_sets.py`` and are plain data here, so nothing imports torchvision at
@@ -15,7 +15,7 @@ import importlib.resources
 import re
 from types import MappingProxyType
 
-from resnext_flax.variants import VARIANTS
+from resnext_flax.models.variants import VARIANTS, get_spec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -241,6 +241,22 @@ def get_weight_set(model: str, tag: str = "DEFAULT") -> WeightSet:
             f"{', '.join(sets)}"
         )
     return sets[short]
+
+
+def resolve_weights(model: str, weights: str | WeightSet | None) -> WeightSet:
+    """The weight set `weights` (a tag or a :class:`WeightSet`) of `model`, checked to belong
+    to it."""
+    get_spec(model)  # a clear error for unknown names
+    if isinstance(weights, WeightSet):
+        if weights.model != model:
+            raise ValueError(f"weight set {weights.name} is for {weights.model}, not {model}")
+        return weights
+    if weights is None:
+        raise ValueError(
+            "pretrained weights need a weight set (e.g. 'DEFAULT'); for random weights use "
+            f"resnext_flax.create_model({model!r})"
+        )
+    return get_weight_set(model, weights)
 
 
 def list_weight_sets(model: str | None = None) -> list[WeightSet]:

@@ -1,14 +1,14 @@
-"""Low-level array ops shared by the layers: convolution and pooling with torch's padding.
+"""Convolution and pooling with torch's padding, and the per-shape choice of conv lowering.
 
 Padding is always explicit and symmetric, exactly as torchvision pads; XLA's 'SAME' pads
 stride-2 layers unevenly and silently changes the numbers.
 
-``conv2d`` picks a *lowering* per backend and shape, behind the same HWIO kernel: on XLA's CPU
-backend a grouped conv is slow (PITFALLS 15), a 1x1 conv runs faster as a plain matmul and a
-3x3 stride-1 conv faster as Winograd F(2x2, 3x3) matmuls, so those shapes are rewritten; the
-rest, and every shape on GPU/TPU, stays XLA's native convolution. Every lowering computes the
-same sum (only the float rounding order differs); ``docs/performance.md`` has the measurements
-behind the choices.
+``conv2d`` picks a *lowering* per backend and shape, behind the same HWIO kernel. On XLA's CPU
+backend a grouped conv is slow (one ResNeXt-50 stage-1 grouped conv, batch 8: 153 ms in XLA,
+9 ms in PyTorch), a 1x1 conv runs faster as a plain matmul and a 3x3 stride-1 conv faster as
+Winograd F(2x2, 3x3) matmuls, so those shapes are rewritten; the rest, and every shape on
+GPU/TPU, stays XLA's native convolution. Every lowering computes the same sum (only the float
+rounding order differs); ``docs/performance.md`` has the measurements behind the choices.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from resnext_flax.nn import winograd
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -35,6 +37,9 @@ _MAX_TAPS_GROUP_WIDTH = 8
 # 64 groups of 16: 68 ms, but the same conv as 8 convs of 8 groups: 22 ms), so wider grouped
 # convs run as several XLA grouped convs of this many groups each, concatenated.
 _GROUPS_PER_CHUNK = 8
+
+# Lowerings that run only when a conv is evaluated; differentiation takes the direct conv.
+_FAST_LOWERINGS = ("winograd",)
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "resnext_flax_conv_lowering", default=None
@@ -133,7 +138,7 @@ def conv2d(
     if lowering == "matmul" and groups == 1 and kh == kw == 1:
         return _conv1x1_matmul(x, kernel, stride, padding)
     if lowering == "winograd" and kh == kw == 3 and stride == 1:
-        return _winograd_for_inference(x, kernel, padding, groups)
+        return _conv_winograd(x, kernel, padding, groups)
     if lowering in ("matmul", "im2col") and groups == 1:
         return _conv_im2col(x, kernel, stride, padding)
     if lowering not in LOWERINGS:
@@ -242,125 +247,33 @@ def _conv_group_chunks(
     return jnp.concatenate(chunks, axis=-1)
 
 
-# Winograd F(2x2, 3x3) (Lavin & Gray, 2016): each 2x2 output tile is computed from a 4x4 input
-# tile as A^T [(G g G^T) * (B^T d B)] A, so a 3x3 conv becomes 16 channel matmuls on 4x4 tiles
-# (2.25x fewer multiplies). The transforms only add, subtract and halve, so float32 results
-# stay within ~1e-6 of the direct conv; F(4x4, 3x3) would save more but errs ~1e-5.
-_WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]])
-_WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
-_WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]])
-# A grouped conv runs Winograd on chunks of groups this many input channels wide (one group
-# when groups are wider), as block-diagonal matmuls batched over the chunks. Whole ResNeXt
-# models ran fastest with 16, i.e. one group per chunk from 16 channels per group on
-# (32 and 64 merge groups into block-diagonal chunks; docs/performance.md).
-_WINOGRAD_CHUNK_WIDTH = 16
-
-
-def _combine(terms: list[jax.Array], coefficients: np.ndarray) -> jax.Array:
-    """sum(c * t) over the nonzero coefficients, without multiplying by +-1."""
-    out = None
-    for c, t in zip(coefficients.tolist(), terms, strict=True):
-        if c == 0:
-            continue
-        t = t if c == 1 else -t if c == -1 else t * c
-        out = t if out is None else out + t
-    return out
-
-
-def _winograd_input_tiles(x: jax.Array, padding: int, th: int, tw: int) -> list[jax.Array]:
-    """The 16 transformed inputs B^T d B, each (N, th, tw, C) for th x tw tiles, one per entry.
-
-    The 4x4 tiles (stride 2) are read through a reshape into blocks of 2 rather than strided
-    slices, which XLA:CPU vectorizes better (measured 1.5x on the 56x56 stage).
-    """
-    n, h, w, c = x.shape
-    # Pad to (tiles + 1) blocks of 2 so every tile is in range; the outputs this adds past the
-    # true output size are computed from zeros and cropped.
-    xp = jnp.pad(x, ((0, 0), (padding, 2 * th + 2 - h - padding),
-                     (padding, 2 * tw + 2 - w - padding), (0, 0)))
-    blocks = xp.reshape(n, th + 1, 2, tw + 1, 2, c)
-    rows = [blocks[:, i // 2:i // 2 + th, i % 2] for i in range(4)]  # (n, th, tw+1, 2, c)
-    tiles = []
-    for row in (_combine(rows, b) for b in _WINOGRAD_BT):
-        cols = [row[:, :, j // 2:j // 2 + tw, j % 2] for j in range(4)]  # (n, th, tw, c)
-        tiles += [_combine(cols, b) for b in _WINOGRAD_BT]
-    return tiles
-
-
-def _winograd_kernel_tiles(kernel: jax.Array) -> list[jax.Array]:
-    """The 16 entries of G g G^T for a (3, 3, ...) kernel, each of shape kernel.shape[2:]."""
-    rows = [_combine([kernel[r] for r in range(3)], g) for g in _WINOGRAD_G]
-    return [_combine([row[s] for s in range(3)], g) for row in rows for g in _WINOGRAD_G]
-
-
-def _winograd_output(products: list[jax.Array], out_h: int, out_w: int) -> jax.Array:
-    """A^T M A from the 16 products (N, tiles_h, tiles_w, O): the (N, out_h, out_w, O) output."""
-    grid = [products[4 * i:4 * i + 4] for i in range(4)]
-    rows = [[_combine([grid[i][j] for i in range(4)], a) for j in range(4)] for a in _WINOGRAD_AT]
-    out = [[_combine(row, a) for a in _WINOGRAD_AT] for row in rows]  # out[dy][dx]
-    out = jnp.stack([jnp.stack(row, axis=3) for row in out], axis=2)  # (n, th, 2, tw, 2, o)
-    n, th, _, tw, _, o = out.shape
-    return out.reshape(n, 2 * th, 2 * tw, o)[:, :out_h, :out_w]
-
-
-def _groups_per_chunk(groups: int, per_group: int) -> int:
-    """Largest divisor of ``groups`` whose chunk is at most ``_WINOGRAD_CHUNK_WIDTH`` wide."""
-    most = max(1, _WINOGRAD_CHUNK_WIDTH // per_group)
-    return max(k for k in range(1, min(most, groups) + 1) if groups % k == 0)
-
-
 def _conv_winograd(x: jax.Array, kernel: jax.Array, padding: int, groups: int) -> jax.Array:
-    """3x3 stride-1 conv as Winograd F(2x2, 3x3): 16 matmuls of (tiles, C) x (C, O).
-
-    A grouped conv is split into ``k`` chunks of whole groups, each a dense conv with a
-    block-diagonal kernel; the chunks move to the batch axis (the transposes fuse into the
-    transforms) so each of the 16 products is one matmul batched over chunks. The zeros cost
-    FLOPs, but from 16 channels per group this beats XLA:CPU's grouped conv ~1.5-2x and
-    compiles in one pass (a separate dense conv per chunk compiled for minutes at ResNeXt-101).
-    The 16 products stay separate arrays: one matmul batched over them measured 1.2-4x slower.
-    """
-    dtype, acc = x.dtype, _acc(x)
-    n, h, w, _ = x.shape
-    d, cout = kernel.shape[2], kernel.shape[3]
-    out_h, out_w = h + 2 * padding - 2, w + 2 * padding - 2
-    per_chunk = _groups_per_chunk(groups, d) if groups > 1 else 1
-    chunks = groups // per_chunk
-    width, out_width = per_chunk * d, cout // chunks
-    # (n, h, w, chunks * width) -> (chunks * n, h, w, width): chunk-major batch.
-    x = x.astype(acc).reshape(n, h, w, chunks, width).transpose(3, 0, 1, 2, 4)
-    tiles = _winograd_input_tiles(x.reshape(chunks * n, h, w, width), padding,
-                                  -(-out_h // 2), -(-out_w // 2))
-    k = kernel.astype(acc).reshape(3, 3, d, chunks, per_chunk, cout // groups)
-    k = jnp.einsum("hwdkgo,gf->hwkgdfo", k, jnp.eye(per_chunk, dtype=acc))
-    k_tiles = _winograd_kernel_tiles(k.reshape(3, 3, chunks, width, out_width))
-    products = [
-        jnp.einsum("kpc,kco->kpo", v.reshape(chunks, -1, width), u).reshape(*v.shape[:3], -1)
-        for v, u in zip(tiles, k_tiles, strict=True)
-    ]
-    out = _winograd_output(products, out_h, out_w).reshape(chunks, n, out_h, out_w, out_width)
-    return out.transpose(1, 2, 3, 0, 4).reshape(n, out_h, out_w, cout).astype(dtype)
+    return _evaluated_fast(winograd.conv_winograd, x, kernel, 1, padding, groups)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _winograd_for_inference(
-    x: jax.Array, kernel: jax.Array, padding: int, groups: int
-) -> jax.Array:
-    """Winograd when the conv is only evaluated; the direct conv when it is differentiated.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 3, 4, 5))
+def _evaluated_fast(fast, x: jax.Array, kernel: jax.Array, stride: int, padding: int,
+                    groups: int) -> jax.Array:
+    """``fast(x, kernel, padding, groups)`` when the conv is only evaluated; the direct conv
+    when it is differentiated.
 
     Training keeps the direct conv's forward and gradients (those the parity tests compare
-    with torch step by step): measured on ResNeXt-50's 3-step SGD test, Winograd in the training
-    path left the parameters as close to torch's float64 trajectory as before (6.5e-3 vs
-    6.6e-3) but moved the chaotic step-3 loss from 1.8x to 2.2x of torch float32's own drift.
+    with torch step by step): measured on ResNeXt-50's 3-step SGD test, Winograd in the
+    training path left the parameters as close to torch's float64 trajectory as before
+    (6.5e-3 vs 6.6e-3) but moved the chaotic step-3 loss from 1.8x to 2.2x of torch float32's
+    own drift.
     """
-    return _conv_winograd(x, kernel, padding, groups)
+    return fast(x, kernel, padding, groups)
 
 
-@_winograd_for_inference.defjvp
-def _winograd_jvp(padding: int, groups: int, primals, tangents):
-    # The direct conv is the CPU choice without Winograd (XLA native or group chunks).
-    direct = _first_cpu_lowering(primals[1].shape, groups, 1, excluded=("winograd",))
+@_evaluated_fast.defjvp
+def _evaluated_fast_jvp(fast, stride: int, padding: int, groups: int, primals, tangents):
+    del fast
+    # The direct conv is the CPU choice without the fast lowerings (XLA native or chunks).
+    direct = _first_cpu_lowering(primals[1].shape, groups, stride, excluded=_FAST_LOWERINGS)
     return jax.jvp(
-        lambda x, kernel: conv2d(x, kernel, padding=padding, groups=groups, lowering=direct),
+        lambda x, kernel: conv2d(x, kernel, stride=stride, padding=padding, groups=groups,
+                                 lowering=direct),
         primals, tangents)
 
 

@@ -9,20 +9,13 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
-from resnext_flax.checkpoint import save_checkpoint
-from resnext_flax.inference import pure_forward
-from resnext_flax.model import ResNet
-from resnext_flax.registry import create_model
-from resnext_flax.variants import find_variant
-from resnext_flax.weights import (
-    infer_architecture,
-    infer_spec,
-    load_torch_state_dict,
-    normalize_state_dict,
-    read_state_dict,
-)
+from resnext_flax.models.functional import pure_forward
+from resnext_flax.models.resnet import ResNet
+from resnext_flax.models.variants import find_variant
+from resnext_flax.weights.checkpoint import save_checkpoint
+from resnext_flax.weights.loading import load_model, read_state_dict
+from resnext_flax.weights.resolve import normalize_state_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,26 +31,6 @@ class ParityReport:
             f"max-abs error {self.max_abs_error:.3e}, relative error "
             f"{self.relative_error:.3e}, top-1 agreement {self.top1_agreement:.0%}"
         )
-
-
-def model_from_state_dict(
-    state_dict: Any, name: str | None = None, *, dtype: Any = None
-) -> ResNet:
-    """Build the architecture a state dict belongs to (checked against `name` if given) and
-    load it strictly, without a random initialization; returns the model in eval mode."""
-    if name is None:
-        name = infer_architecture(state_dict)
-        if name is None:
-            raise ValueError(
-                "cannot tell which model this state dict belongs to; pass its name "
-                "(one of resnext_flax.list_models())"
-            )
-    inferred = infer_spec(state_dict)
-    num_classes = inferred[1] if inferred else 1000
-    model = nnx.eval_shape(lambda: create_model(name, num_classes=num_classes, dtype=dtype))
-    load_torch_state_dict(model, state_dict, strict=True)
-    model.eval()
-    return model
 
 
 def _torch_compatible(value: Any) -> np.ndarray:
@@ -110,7 +83,7 @@ def convert_checkpoint(
     the logits agree with torchvision's within relative `tolerance`.
     """
     state_dict = read_state_dict(source)
-    model = model_from_state_dict(state_dict, name)
+    model = load_model(state_dict, name)
     name = find_variant(model.spec)
     report = None
     if verify:

@@ -12,13 +12,17 @@ from typing import Literal
 BlockKind = Literal["basic", "bottleneck"]
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """Hyper-parameters that define one ResNet-family architecture (torchvision's names).
 
     **Arguments:**
-    - `block`: "basic" (two 3x3 convs, expansion 1) or "bottleneck" (1x1, grouped 3x3, 1x1;
-      expansion 4).
+    - `block`: "basic" (two 3x3 convs) or "bottleneck" (1x1, grouped 3x3, 1x1); the block
+      classes in ``models.resnet`` carry their channel expansion (1 and 4).
     - `layers`: number of blocks in each of the four stages.
     - `groups`: cardinality of the grouped 3x3 conv (ResNeXt); 1 for plain ResNets.
     - `width_per_group`: torchvision's `base_width`; the bottleneck width is
@@ -30,9 +34,21 @@ class ModelSpec:
     groups: int = 1
     width_per_group: int = 64
 
-    @property
-    def expansion(self) -> int:
-        return 4 if self.block == "bottleneck" else 1
+    def __post_init__(self) -> None:
+        problems = []
+        if self.block not in ("basic", "bottleneck"):
+            problems.append(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
+        layers = self.layers
+        if not (isinstance(layers, tuple) and len(layers) == 4
+                and all(_positive_int(n) for n in layers)):
+            problems.append(f"layers must be 4 positive ints, got {layers!r}")
+        for field in ("groups", "width_per_group"):
+            if not _positive_int(getattr(self, field)):
+                problems.append(f"{field} must be a positive int, got {getattr(self, field)!r}")
+        if self.block == "basic" and (self.groups, self.width_per_group) != (1, 64):
+            problems.append("a 'basic' block needs groups=1 and width_per_group=64")
+        if problems:
+            raise ValueError("invalid ModelSpec: " + "; ".join(problems))
 
     def block_width(self, planes: int) -> int:
         """Channels inside a block of `planes` (the grouped conv's width for bottlenecks)."""

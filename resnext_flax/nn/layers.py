@@ -1,5 +1,6 @@
-"""Layers with torch's semantics: Conv (HWIO kernel, symmetric padding) and BatchNorm
-(torch momentum, unbiased running variance), initialized the way torchvision initializes."""
+"""Layers with torch's semantics: Conv (HWIO kernel, symmetric padding), BatchNorm (torch
+momentum, unbiased running variance) and Linear, initialized the way torchvision initializes;
+Identity stands in for a BatchNorm folded into its conv."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resnext_flax import ops
+from resnext_flax.nn import ops
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), an untruncated normal.
 conv_kernel_init = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -28,10 +29,11 @@ def linear_bias_init(fan_in: int) -> nnx.Initializer:
 
 
 class Conv(nnx.Module):
-    """Bias-free 2-D convolution, NHWC in and out, kernel stored HWIO.
+    """2-D convolution, NHWC in and out, kernel stored HWIO; bias-free unless `use_bias`.
 
     The kernel's I axis is ``in_channels // groups`` exactly as torch's weight stores it, so
-    grouped (ResNeXt) kernels map to torch by a plain transpose.
+    grouped (ResNeXt) kernels map to torch by a plain transpose. torchvision's convs have no
+    bias; a bias appears when a BatchNorm is folded into the conv (``models.folding``).
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class Conv(nnx.Module):
         stride: int = 1,
         padding: int = 0,
         groups: int = 1,
+        use_bias: bool = False,
         dtype: jnp.dtype | None = None,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -54,6 +57,7 @@ class Conv(nnx.Module):
             )
         shape = (kernel_size, kernel_size, in_channels // groups, out_channels)
         self.kernel = nnx.Param(conv_kernel_init(rngs.params(), shape, param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_channels,), param_dtype)) if use_bias else None
         self.stride = stride
         self.padding = padding
         self.groups = groups
@@ -61,13 +65,14 @@ class Conv(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
-        return ops.conv2d(
+        y = ops.conv2d(
             x.astype(dtype),
             self.kernel.get_value().astype(dtype),
             stride=self.stride,
             padding=self.padding,
             groups=self.groups,
         )
+        return y if self.bias is None else y + self.bias.get_value().astype(dtype)
 
 
 class BatchNorm(nnx.Module):
@@ -137,3 +142,37 @@ class BatchNorm(nnx.Module):
         # catastrophically when |mean| >> std (ResNet-18 f32 gradients were off by 1e-2).
         centered = x.astype(acc) - mean
         return (centered * multiplier + self.bias.get_value().astype(acc)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel + bias`` with torch.nn.Linear's initialization; kernel stored (in, out).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.kernel = nnx.Param(linear_kernel_init(rngs.params(), (in_features, out_features),
+                                                   param_dtype))
+        self.bias = nnx.Param(linear_bias_init(in_features)(rngs.params(), (out_features,),
+                                                           param_dtype))
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        kernel = self.kernel.get_value().astype(dtype)
+        return x.astype(dtype) @ kernel + self.bias.get_value().astype(dtype)
+
+
+class Identity(nnx.Module):
+    """Returns its input: a folded BatchNorm, or the head of a headless model."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x

@@ -1,0 +1,161 @@
+"""Building models by name: ``list_models``, ``create_model`` and one constructor per variant.
+
+The constructors are thin, explicit functions (visible to IDEs, type checkers and ``help()``);
+the architecture of each comes from the one table, ``models.variants.VARIANTS``. Like
+torchvision's builders they take ``weights=`` for pretrained weights, and ``num_classes`` must
+then agree with the weights.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, TypedDict
+
+import jax.numpy as jnp
+from flax import nnx
+
+from resnext_flax.models.resnet import ResNet
+from resnext_flax.models.variants import VARIANTS, get_spec
+from resnext_flax.weights.catalog import WeightSet, resolve_weights
+from resnext_flax.weights.pretrained import from_pretrained
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+
+class ModelOptions(TypedDict, total=False):
+    """Keyword arguments of every constructor (see :func:`create_model`)."""
+
+    weights: str | WeightSet | None
+    num_classes: int | None
+    rngs: nnx.Rngs | None
+    dtype: Any
+    param_dtype: Any
+    zero_init_residual: bool
+
+
+def list_models(
+    include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None
+) -> list[str]:
+    """torchvision names of the architectures this library builds, in table order.
+
+    `include` / `exclude` are wildcard patterns (``"resnext*"``) or lists of them, as in
+    ``torchvision.models.list_models``.
+    """
+    def patterns(value: str | Iterable[str] | None) -> list[str]:
+        return [value] if isinstance(value, str) else list(value or [])
+
+    names = list(VARIANTS)
+    if include is not None:
+        names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns(include))]
+    return [n for n in names if not any(fnmatch.fnmatch(n, p) for p in patterns(exclude))]
+
+
+def create_model(
+    name: str,
+    *,
+    weights: str | WeightSet | None = None,
+    num_classes: int | None = None,
+    rngs: nnx.Rngs | None = None,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    zero_init_residual: bool = False,
+) -> ResNet:
+    """Build the named architecture, with random weights or a published weight set.
+
+    **Arguments:**
+    - `name`: one of :func:`list_models` (torchvision's names).
+    - `weights`: None for torchvision-style random initialization; a tag (``"DEFAULT"``,
+      ``"IMAGENET1K_V2"``) or a :class:`WeightSet` for pretrained weights
+      (:func:`resnext_flax.from_pretrained`; the model comes back in eval mode).
+    - `num_classes`: classifier size (default 1000); 0 builds a headless model whose output
+      is the pooled features. With `weights` it must equal the weights' class count.
+    - `rngs`: random streams; ``nnx.Rngs(0)`` when omitted (deterministic).
+    - `dtype`: compute dtype, e.g. ``jnp.bfloat16`` for mixed precision.
+    - `param_dtype`: parameter dtype (float32 with `weights`).
+    - `zero_init_residual`: zero-init the last BatchNorm of each block (random init only).
+    """
+    spec = get_spec(name)
+    if weights is not None:
+        ws = resolve_weights(name, weights)
+        if num_classes is not None and num_classes != ws.num_classes:
+            raise ValueError(
+                f"num_classes={num_classes} conflicts with {ws.name}, which has "
+                f"{ws.num_classes} classes; load it as is and call "
+                "model.reset_classifier(num_classes) for a new head")
+        if jnp.dtype(param_dtype) != jnp.float32:
+            raise ValueError("pretrained weights load as float32 parameters; use dtype= for "
+                             "the compute dtype")
+        return from_pretrained(name, ws, dtype=dtype)
+    return ResNet(
+        spec,
+        num_classes=1000 if num_classes is None else num_classes,
+        zero_init_residual=zero_init_residual,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs if rngs is not None else nnx.Rngs(0),
+    )
+
+
+def resnet18(**options: Unpack[ModelOptions]) -> ResNet:
+    """ResNet-18 (torchvision's ``resnet18``); options as :func:`create_model`."""
+    return create_model("resnet18", **options)
+
+
+def resnet34(**options: Unpack[ModelOptions]) -> ResNet:
+    """ResNet-34 (torchvision's ``resnet34``); options as :func:`create_model`."""
+    return create_model("resnet34", **options)
+
+
+def resnet50(**options: Unpack[ModelOptions]) -> ResNet:
+    """ResNet-50 (torchvision's ``resnet50``, V1.5: stride in the 3x3 conv); options as
+    :func:`create_model`."""
+    return create_model("resnet50", **options)
+
+
+def resnet101(**options: Unpack[ModelOptions]) -> ResNet:
+    """ResNet-101 (torchvision's ``resnet101``); options as :func:`create_model`."""
+    return create_model("resnet101", **options)
+
+
+def resnet152(**options: Unpack[ModelOptions]) -> ResNet:
+    """ResNet-152 (torchvision's ``resnet152``); options as :func:`create_model`."""
+    return create_model("resnet152", **options)
+
+
+def resnext50_32x4d(**options: Unpack[ModelOptions]) -> ResNet:
+    """ResNeXt-50 32x4d (torchvision's ``resnext50_32x4d``): 32 groups of 4 channels in the
+    first stage's 3x3 conv; options as :func:`create_model`."""
+    return create_model("resnext50_32x4d", **options)
+
+
+def resnext101_32x8d(**options: Unpack[ModelOptions]) -> ResNet:
+    """ResNeXt-101 32x8d (torchvision's ``resnext101_32x8d``); options as
+    :func:`create_model`."""
+    return create_model("resnext101_32x8d", **options)
+
+
+def resnext101_64x4d(**options: Unpack[ModelOptions]) -> ResNet:
+    """ResNeXt-101 64x4d (torchvision's ``resnext101_64x4d``); options as
+    :func:`create_model`."""
+    return create_model("resnext101_64x4d", **options)
+
+
+def wide_resnet50_2(**options: Unpack[ModelOptions]) -> ResNet:
+    """Wide ResNet-50-2 (torchvision's ``wide_resnet50_2``): twice the bottleneck width;
+    options as :func:`create_model`."""
+    return create_model("wide_resnet50_2", **options)
+
+
+def wide_resnet101_2(**options: Unpack[ModelOptions]) -> ResNet:
+    """Wide ResNet-101-2 (torchvision's ``wide_resnet101_2``); options as
+    :func:`create_model`."""
+    return create_model("wide_resnet101_2", **options)
+
+
+#: name -> constructor, for code that iterates over the models.
+CONSTRUCTORS = {fn.__name__: fn for fn in (
+    resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d, resnext101_32x8d,
+    resnext101_64x4d, wide_resnet50_2, wide_resnet101_2)}
+assert tuple(CONSTRUCTORS) == tuple(VARIANTS), "one constructor per variant, in table order"

@@ -1,0 +1,2 @@
+"""Building blocks: convolution lowerings and pooling (``ops``, ``winograd``) and the layers
+with torch's semantics (``layers``)."""

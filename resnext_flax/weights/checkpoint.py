@@ -1,0 +1,175 @@
+"""Converted checkpoints: one ``.safetensors`` file per model, readable without torch.
+
+Tensors are stored under their NNX paths (``layer1.0.conv2.kernel``, HWIO) and the
+architecture in the file's metadata, so :func:`load_checkpoint` rebuilds the model from the file
+alone. safetensors is a flat, memory-mappable, pickle-free format with a JSON header that any
+framework reads; orbax is the tool for training state (see ``docs/training.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from resnext_flax.models.resnet import ResNet
+from resnext_flax.models.variants import ModelSpec, find_variant
+from resnext_flax.weights.files import (
+    CONVERTED_FORMAT,
+    WeightFile,
+    atomic_write,
+    read_safetensors_metadata,
+    read_weight_file,
+)
+from resnext_flax.weights.torch_port import compare_shapes
+
+FORMAT = CONVERTED_FORMAT
+FORMAT_VERSION = "1"
+#: Header keys written by this library; user metadata may not override them.
+RESERVED_KEYS = ("format", "format_version", "spec", "num_classes", "model")
+
+
+class CheckpointError(ValueError):
+    """A converted checkpoint is malformed or does not match its own header."""
+
+
+def _flat_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
+    return {
+        ".".join(map(str, path)): var
+        for path, var in nnx.iter_graph(model)
+        if isinstance(var, nnx.Param | nnx.BatchStat)
+    }
+
+
+def save_checkpoint(
+    model: ResNet, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write the model's parameters and BN statistics to a ``.safetensors`` file, atomically.
+
+    `metadata` adds string entries to the header (e.g. where the weights came from); the
+    library's own keys (``RESERVED_KEYS``) cannot be overridden.
+    """
+    from safetensors.numpy import save
+
+    metadata = dict(metadata or {})
+    clash = sorted(set(metadata) & set(RESERVED_KEYS))
+    if clash:
+        raise ValueError(f"metadata keys {clash} are reserved for the checkpoint format")
+    bad = sorted(k for k, v in metadata.items() if not isinstance(k, str)
+                 or not isinstance(v, str))
+    if bad:
+        raise ValueError(f"metadata must map strings to strings; not so for {bad}")
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "spec": json.dumps(_spec_to_json(model.spec)),
+        "num_classes": str(model.num_classes),
+        "model": find_variant(model.spec) or "",
+        **metadata,
+    }
+    tensors = {key: np.asarray(var.get_value()) for key, var in _flat_variables(model).items()}
+    blob = save(tensors, metadata=header)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(blob)
+
+    atomic_write(path, write)
+
+
+def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata header of a converted checkpoint; ValueError if it is not one."""
+    meta = read_safetensors_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a resnext_flax checkpoint (no '{FORMAT}' metadata); "
+            "torchvision files load with resnext_flax.read_state_dict"
+        )
+    return meta
+
+
+def load_checkpoint(
+    path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = jnp.float32
+) -> ResNet:
+    """Rebuild a model from a converted checkpoint (no torch, no random initialization).
+
+    Returns the model in eval mode. Every stored tensor must match the architecture recorded in
+    the file, key by key and shape by shape.
+    """
+    weight_file = read_weight_file(path)
+    if weight_file.kind != "converted":
+        read_checkpoint_metadata(path)  # raises the "not a resnext_flax checkpoint" error
+    return model_from_converted(weight_file, dtype=dtype, param_dtype=param_dtype)
+
+
+def model_from_converted(
+    weight_file: WeightFile, *, dtype: Any = None, param_dtype: Any = jnp.float32
+) -> ResNet:
+    """The model a converted checkpoint (read by ``read_weight_file``) describes, filled."""
+    path, tensors = weight_file.path, weight_file.content
+    spec, num_classes = _architecture(weight_file.metadata, tensors, path)
+    model = nnx.eval_shape(
+        lambda: ResNet(spec, num_classes=num_classes, dtype=dtype, param_dtype=param_dtype,
+                       rngs=nnx.Rngs(0))
+    )
+    variables = _flat_variables(model)
+    report = compare_shapes({k: tuple(v.get_value().shape) for k, v in variables.items()},
+                            {k: tuple(v.shape) for k, v in tensors.items()},
+                            f"its header records {spec} with num_classes={num_classes}")
+    if not report.ok:
+        raise CheckpointError(report.format(repr(path)))
+    for key, var in variables.items():
+        var.set_value(jax.device_put(jnp.asarray(tensors[key], dtype=var.get_value().dtype)))
+    model.eval()
+    return model
+
+
+def _architecture(
+    meta: Mapping[str, str], tensors: Mapping[str, Any], path: str
+) -> tuple[ModelSpec, int]:
+    """The header's architecture, validated against the tensors before anything is built (a
+    header claiming thousands of blocks must not make the loader build them)."""
+    def fail(field: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{path!r}: malformed converted-checkpoint header, "
+                               f"field {field!r}: {why}")
+
+    if "spec" not in meta:
+        raise fail("spec", "missing")
+    try:
+        data = json.loads(meta["spec"])
+    except json.JSONDecodeError as err:
+        raise fail("spec", f"not JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise fail("spec", f"expected a JSON object, got {type(data).__name__}")
+    fields = {"block", "layers", "groups", "width_per_group"}
+    unknown, absent = sorted(set(data) - fields), sorted(fields - set(data))
+    if unknown or absent:
+        raise fail("spec", f"expected the fields {sorted(fields)}; unknown {unknown}, "
+                           f"missing {absent}")
+    try:
+        layers = data["layers"]
+        spec = ModelSpec(data["block"], tuple(layers) if isinstance(layers, list) else layers,
+                         data["groups"], data["width_per_group"])
+    except (TypeError, ValueError) as err:
+        raise fail("spec", str(err)) from None
+    raw = meta.get("num_classes", "")
+    if not re.fullmatch(r"\d+", raw):
+        raise fail("num_classes", f"expected a non-negative integer, got {raw!r}")
+    stored = [len({k.split(".")[1] for k in tensors if k.startswith(f"layer{s}.")})
+              for s in range(1, 5)]
+    if tuple(stored) != spec.layers:
+        raise fail("spec", f"records blocks per stage {list(spec.layers)}, but the file holds "
+                           f"tensors for {stored}")
+    return spec, int(raw)
+
+
+def _spec_to_json(spec: ModelSpec) -> dict[str, Any]:
+    return {"block": spec.block, "layers": list(spec.layers), "groups": spec.groups,
+            "width_per_group": spec.width_per_group}

@@ -1,0 +1,153 @@
+"""Pretrained models: ``from_pretrained(name, weights)`` with a cache of converted checkpoints.
+
+Lookup order, first hit wins:
+
+1. ``checkpoint=`` — a local torchvision ``.pth`` / ``.safetensors`` file or a converted
+   resnext_flax checkpoint; never touches the network.
+2. This library's cache (``$RESNEXT_FLAX_CACHE``, else ``$XDG_CACHE_HOME/resnext_flax``, else
+   ``~/.cache/resnext_flax``): ``<torchvision file stem>.safetensors``, loaded without torch.
+3. torch hub's checkpoint folder (``torch.hub.get_dir()/checkpoints``): the ``.pth`` a
+   torchvision user already downloaded; its sha256 prefix is checked, then it is converted
+   into the cache.
+4. Download the ``.pth`` (urllib; ``file://`` URLs work, ``$RESNEXT_FLAX_BASE_URL`` names a
+   mirror), check its sha256 prefix, convert it into the cache and discard the ``.pth``.
+
+Converting a ``.pth`` needs torch (``torch.load``); every later load reads the converted
+safetensors file and needs neither torch nor the network. Cache writes go through a
+temporary file and a rename, so a failed or interrupted download never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from resnext_flax.models.resnet import ResNet
+from resnext_flax.weights.cache import (
+    OFFLINE_ENV,
+    ChecksumError,
+    WeightsUnavailableError,
+    cached_checkpoint_path,
+    check_hash,
+    download,
+    sha256_file,
+    torch_hub_checkpoint_dir,
+    unavailable_message,
+    weights_url,
+)
+from resnext_flax.weights.catalog import WeightSet, resolve_weights
+from resnext_flax.weights.checkpoint import read_checkpoint_metadata, save_checkpoint
+from resnext_flax.weights.loading import load_model
+
+
+def _convert_into_cache(
+    weights: WeightSet, pth: str | os.PathLike, dest: Path, *, source_url: str, digest: str
+) -> None:
+    model = load_model(pth, weights.model)
+    save_checkpoint(model, dest, metadata={
+        "weights": weights.name,
+        "source_url": source_url,
+        "source_sha256": digest,
+    })
+
+
+def _require_torch(weights: WeightSet) -> None:
+    if importlib.util.find_spec("torch") is None:
+        raise ImportError(
+            f"converting {weights.filename} (a PyTorch file) needs torch once: "
+            "pip install 'resnext-flax[torch]'; or pass checkpoint= a converted .safetensors file"
+        )
+
+
+def download_pretrained(
+    name: str,
+    weights: str | WeightSet = "DEFAULT",
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    url: str | None = None,
+) -> Path:
+    """Make sure the converted checkpoint of ``name`` / `weights` is in the cache; return its
+    path. Uses the cache, then torch hub's folder, then downloads (see the module docstring).
+
+    **Arguments:**
+    - `weights`: a tag (``"DEFAULT"``, ``"IMAGENET1K_V1"``…) or a :class:`WeightSet`.
+    - `cache_dir`: overrides ``$RESNEXT_FLAX_CACHE`` / ``~/.cache/resnext_flax``.
+    - `progress`: show a tqdm progress bar while downloading.
+    - `url`: download from here instead (a mirror or a ``file://`` URL); the file must still
+      carry the weight set's sha256 prefix.
+    """
+    ws = resolve_weights(name, weights)
+    dest = cached_checkpoint_path(ws, cache_dir)
+    if dest.is_file():
+        return dest
+    hub_file = torch_hub_checkpoint_dir() / ws.filename
+    if hub_file.is_file():
+        _require_torch(ws)
+        digest = sha256_file(hub_file)
+        check_hash(digest, ws, f"{hub_file} (torch hub's copy; delete it to re-download)")
+        _convert_into_cache(ws, hub_file, dest, source_url=hub_file.as_uri(), digest=digest)
+        return dest
+    source = weights_url(ws, url)
+    if os.environ.get(OFFLINE_ENV, "").strip() not in ("", "0"):
+        raise WeightsUnavailableError(
+            unavailable_message(ws, source, f"${OFFLINE_ENV} is set; no download attempted")
+        )
+    _require_torch(ws)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=dest.parent) as tmp:
+        pth = Path(tmp, ws.filename)
+        digest = download(source, pth, ws, progress=progress)
+        _convert_into_cache(ws, pth, dest, source_url=source, digest=digest)
+    return dest
+
+
+def from_pretrained(
+    name: str,
+    weights: str | WeightSet = "DEFAULT",
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    url: str | None = None,
+    dtype: Any = None,
+) -> ResNet:
+    """torchvision's pretrained `name` as a Flax model, in eval mode.
+
+    **Arguments:**
+    - `name`: a model name (``resnext_flax.list_models()``).
+    - `weights`: ``"DEFAULT"`` (torchvision's choice), a tag such as ``"IMAGENET1K_V1"``, or
+      a :class:`WeightSet`.
+    - `checkpoint`: a local torchvision ``.pth`` / ``.safetensors`` state dict or a converted
+      resnext_flax checkpoint; loaded strictly, no network. Its class count is kept (e.g. a
+      fine-tuned head).
+    - `cache_dir`, `progress`, `url`: see :func:`download_pretrained`.
+    - `dtype`: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
+    """
+    ws = resolve_weights(name, weights)
+    if checkpoint is not None:
+        return load_model(checkpoint, name, dtype=dtype)
+    path = download_pretrained(name, ws, cache_dir=cache_dir, progress=progress, url=url)
+    try:
+        meta = read_checkpoint_metadata(path)
+    except ValueError as err:
+        raise ValueError(f"cached checkpoint {path} is unreadable; delete it to fetch it "
+                         f"again ({err})") from err
+    expected = ws.sha256_prefix
+    if not meta.get("source_sha256", expected).startswith(expected):
+        raise ValueError(
+            f"cached checkpoint {path} was converted from a file with sha256 "
+            f"{meta['source_sha256'][:16]}..., not {ws.filename}; delete it to fetch it again"
+        )
+    return load_model(path, name, dtype=dtype)
+
+
+__all__ = [
+    "ChecksumError",
+    "WeightsUnavailableError",
+    "download_pretrained",
+    "from_pretrained",
+]
