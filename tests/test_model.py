@@ -45,13 +45,76 @@ def test_parameter_count_equals_torchvision(name: str):
     assert count_params(model) == PUBLISHED_PARAMS[name]
 
 
-def test_constructors_are_generated_for_every_variant():
+def test_every_variant_has_an_explicit_constructor():
     for name in resnext_flax.list_models():
         build = getattr(resnext_flax, name)
         assert build.__name__ == name and name in build.__doc__
+        assert build.__module__ == "resnext_flax.builders"  # a def, visible to IDEs
         model = nnx.eval_shape(lambda b=build: b(num_classes=3))
         assert model.spec == resnext_flax.VARIANTS[name]
         assert model.fc.kernel.get_value().shape == (model.num_features, 3)
+
+
+def test_list_models_filters_with_wildcards():
+    assert resnext_flax.list_models("resnext*") == [
+        "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d"]
+    assert resnext_flax.list_models(["resnet1*", "wide*"], exclude="*101*") == [
+        "resnet18", "resnet152", "wide_resnet50_2"]
+    assert resnext_flax.list_models(exclude=["resnet*", "wide*"]) == resnext_flax.list_models(
+        "resnext*")
+    assert resnext_flax.list_models("vit*") == []
+
+
+def test_weights_and_a_different_num_classes_conflict():
+    """As torchvision's builders: the weights fix the class count (checked before loading)."""
+    with pytest.raises(ValueError, match=r"num_classes=10 conflicts with resnet18.IMAGENET1K_V1"):
+        resnext_flax.resnet18(weights="DEFAULT", num_classes=10)
+    with pytest.raises(ValueError, match="no weight set 'IMAGENET1K_V9'"):
+        resnext_flax.resnet18(weights="IMAGENET1K_V9")
+
+
+def test_random_weights_are_drawn_as_the_eager_initializers_draw_them(monkeypatch):
+    """The batched draw (nn.init) equals drawing each parameter eagerly, bit for bit."""
+    import contextlib
+
+    from resnext_flax.models import resnet
+
+    for name in ("resnet18", "resnext50_32x4d"):
+        batched = resnext_flax.create_model(name, num_classes=7, rngs=nnx.Rngs(5))
+        with monkeypatch.context() as patch:
+            patch.setattr(resnet, "batched_init", contextlib.nullcontext)
+            eager = resnext_flax.create_model(name, num_classes=7, rngs=nnx.Rngs(5))
+        for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(batched)),
+                                     nnx.to_flat_state(nnx.state(eager)), strict=True):
+            assert a.get_value().dtype == b.get_value().dtype, path
+            np.testing.assert_array_equal(a.get_value(), b.get_value(), err_msg=str(path))
+
+
+def test_headless_model_returns_pooled_features():
+    model = resnext_flax.resnet18(num_classes=0)
+    model.eval()
+    x = jnp.ones((2, 40, 40, 3))
+    out = model(x)
+    assert out.shape == (2, 512)
+    np.testing.assert_array_equal(out, model.forward_features(x)["pre_logits"])
+    assert not any("fc" in str(path) for path, _ in nnx.to_flat_state(nnx.state(model)))
+
+
+@pytest.mark.parametrize("bad", [-5, 2.5, True])
+def test_bad_num_classes_is_rejected(bad):
+    with pytest.raises(ValueError, match="num_classes must be an int >= 0"):
+        resnext_flax.resnet18(num_classes=bad)
+
+
+def test_reset_classifier_replaces_only_the_head():
+    model = resnext_flax.resnet18(num_classes=10)
+    before = np.asarray(model.layer4[1].conv2.kernel.get_value())
+    model.reset_classifier(3, rngs=nnx.Rngs(1))
+    assert model.num_classes == 3 and model.fc.kernel.get_value().shape == (512, 3)
+    np.testing.assert_array_equal(model.layer4[1].conv2.kernel.get_value(), before)
+    model.reset_classifier(0)
+    model.eval()
+    assert model(jnp.ones((1, 32, 32, 3))).shape == (1, 512)
 
 
 def test_unknown_model_lists_the_known_ones():
@@ -123,6 +186,8 @@ def test_features_have_the_documented_shapes(resnet18):
         (np.zeros((2, 3, 64, 64), np.float32), "looks like NCHW"),
         (np.zeros((2, 64, 64, 4), np.float32), "4 channels"),
         (np.zeros((2, 64, 64, 3), np.uint8), "got dtype uint8"),
+        (np.zeros((0, 64, 64, 3), np.float32), "must be at least 1"),
+        (np.zeros((1, 0, 0, 3), np.float32), "must be at least 1"),
     ],
 )
 def test_bad_input_is_rejected_before_tracing(resnet18, images, message):

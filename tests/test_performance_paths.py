@@ -21,7 +21,8 @@ from torch_reference import (
 )
 
 from resnext_flax.models.folding import FoldedResNet, optimize_for_inference
-from resnext_flax.nn import ops
+from resnext_flax.nn import ops, winograd
+from resnext_flax.nn.layers import BatchNorm
 
 RTOL = 1e-5
 # One convolution: the lowerings differ from XLA's conv by float32 rounding only (measured
@@ -76,7 +77,7 @@ GROUPED = [
 def test_winograd_block_diagonal_chunks_match_xla(monkeypatch, chunk_width, h, w, c, groups,
                                                   padding):
     """Chunks that merge several groups (block-diagonal kernels) compute the grouped conv."""
-    monkeypatch.setattr(ops, "_WINOGRAD_CHUNK_WIDTH", chunk_width)
+    monkeypatch.setattr(winograd, "CHUNK_WIDTH", chunk_width)
     x, kernel = _case(2, h, w, c, c, 3, groups, seed=3)
     expected = _reference_conv(x, kernel, 1, padding, groups)
     actual = jax.jit(lambda a, b: ops.conv2d(a, b, padding=padding, groups=groups,
@@ -216,6 +217,11 @@ def test_folded_model_matches_model_and_torchvision(name):
     leaves = jax.tree_util.tree_leaves(folded)
     assert all(isinstance(leaf, jax.Array) for leaf in leaves)
     assert isinstance(jax.tree_util.tree_map(lambda a: a, folded), FoldedResNet)
+    # One forward: the folded model is the same ResNet module tree, without BatchNorms.
+    module = folded.module()
+    assert type(module) is type(model)
+    assert not any(isinstance(m, BatchNorm) for _, m in nnx.iter_graph(module))
+    assert module.layer1[0].conv1.bias is not None
 
 
 def test_folded_model_checks_its_input():

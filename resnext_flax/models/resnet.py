@@ -16,6 +16,7 @@ from flax import nnx
 
 from resnext_flax.models.variants import ModelSpec
 from resnext_flax.nn import ops
+from resnext_flax.nn.init import batched_init, materialize
 from resnext_flax.nn.layers import BatchNorm, Conv, Identity, Linear
 
 #: Names of the intermediate outputs returned by :meth:`ResNet.forward_features`.
@@ -161,23 +162,28 @@ class ResNet(nnx.Module):
         self.spec = spec
         self.num_classes = num_classes
         self.dtype = dtype
-        self.conv1 = Conv(3, 64, 7, stride=2, padding=3, dtype=dtype, param_dtype=param_dtype,
-                          rngs=rngs)
-        self.bn1 = BatchNorm(64, dtype=dtype, param_dtype=param_dtype)
-        make_stage = functools.partial(
-            self._make_stage,
-            zero_init_residual=zero_init_residual,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
-        inplanes = 64
-        self.layer1, inplanes = make_stage(inplanes, 64, spec.layers[0], stride=1)
-        self.layer2, inplanes = make_stage(inplanes, 128, spec.layers[1], stride=2)
-        self.layer3, inplanes = make_stage(inplanes, 256, spec.layers[2], stride=2)
-        self.layer4, inplanes = make_stage(inplanes, 512, spec.layers[3], stride=2)
-        self.num_features = inplanes
-        self.fc = _head(inplanes, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # Random weights are recorded, then drawn in one batched pass (nn.init): the same
+        # values as drawing each eagerly, without compiling a program per parameter shape.
+        with batched_init():
+            self.conv1 = Conv(3, 64, 7, stride=2, padding=3, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
+            self.bn1 = BatchNorm(64, dtype=dtype, param_dtype=param_dtype)
+            make_stage = functools.partial(
+                self._make_stage,
+                zero_init_residual=zero_init_residual,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+            inplanes = 64
+            self.layer1, inplanes = make_stage(inplanes, 64, spec.layers[0], stride=1)
+            self.layer2, inplanes = make_stage(inplanes, 128, spec.layers[1], stride=2)
+            self.layer3, inplanes = make_stage(inplanes, 256, spec.layers[2], stride=2)
+            self.layer4, inplanes = make_stage(inplanes, 512, spec.layers[3], stride=2)
+            self.num_features = inplanes
+            self.fc = _head(inplanes, num_classes, dtype=dtype, param_dtype=param_dtype,
+                            rngs=rngs)
+        materialize(self)
 
     def _make_stage(
         self, inplanes: int, planes: int, num_blocks: int, *, stride: int, **kwargs

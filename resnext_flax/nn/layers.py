@@ -8,24 +8,16 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from resnext_flax.nn import ops
-
-# torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), an untruncated normal.
-conv_kernel_init = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-# torch.nn.Linear: kaiming_uniform_(a=sqrt(5)) is uniform(+-1/sqrt(fan_in)).
-linear_kernel_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+from resnext_flax.nn.init import conv_kernel_init, linear_bias_init, linear_kernel_init
 
 
-def linear_bias_init(fan_in: int) -> nnx.Initializer:
-    """torch.nn.Linear's bias init: uniform(+-1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
+def _constant(value: float, size: int, dtype) -> jax.Array:
+    """A filled vector, made on the host: an eager jnp.full would compile once per size."""
+    return jnp.asarray(np.full((size,), value, dtype=jnp.dtype(dtype)))
 
 
 class Conv(nnx.Module):
@@ -57,7 +49,7 @@ class Conv(nnx.Module):
             )
         shape = (kernel_size, kernel_size, in_channels // groups, out_channels)
         self.kernel = nnx.Param(conv_kernel_init(rngs.params(), shape, param_dtype))
-        self.bias = nnx.Param(jnp.zeros((out_channels,), param_dtype)) if use_bias else None
+        self.bias = nnx.Param(_constant(0.0, out_channels, param_dtype)) if use_bias else None
         self.stride = stride
         self.padding = padding
         self.groups = groups
@@ -97,13 +89,12 @@ class BatchNorm(nnx.Module):
         dtype: jnp.dtype | None = None,
         param_dtype: jnp.dtype = jnp.float32,
     ):
-        init_scale = jnp.zeros if zero_init else jnp.ones
         # Statistics are kept in float32 at least (float64 with float64 parameters).
         stat_dtype = jnp.promote_types(param_dtype, jnp.float32)
-        self.scale = nnx.Param(init_scale((num_features,), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
-        self.mean = nnx.BatchStat(jnp.zeros((num_features,), stat_dtype))
-        self.var = nnx.BatchStat(jnp.ones((num_features,), stat_dtype))
+        self.scale = nnx.Param(_constant(0.0 if zero_init else 1.0, num_features, param_dtype))
+        self.bias = nnx.Param(_constant(0.0, num_features, param_dtype))
+        self.mean = nnx.BatchStat(_constant(0.0, num_features, stat_dtype))
+        self.var = nnx.BatchStat(_constant(1.0, num_features, stat_dtype))
         self.momentum = momentum
         self.epsilon = epsilon
         self.use_running_average = use_running_average

@@ -1,0 +1,87 @@
+"""The package layout: no module imports a higher layer (lazy imports inside functions
+count too), and the public API is explicit."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import pathlib
+
+import pytest
+
+import resnext_flax
+
+PACKAGE = pathlib.Path(resnext_flax.__file__).parent
+
+# Lowest first; a module may import modules of its own layer or lower ones.
+LAYERS = {
+    "resnext_flax.nn": 0,
+    "resnext_flax.models": 1,
+    "resnext_flax.weights": 2,
+    "resnext_flax.preprocess": 3,
+    "resnext_flax.inference": 4,
+    "resnext_flax.training": 4,
+    "resnext_flax.parallel": 5,
+    "resnext_flax.builders": 6,
+    "resnext_flax.cli": 7,
+    "resnext_flax": 8,
+}
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    for end in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in LAYERS:
+            return LAYERS[prefix]
+    raise AssertionError(f"{module} is in no layer; add it to LAYERS")
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:  # `from pkg import module` imports the module only
+                full = f"{node.module}.{alias.name}"
+                found.add(full if _is_module(full) else node.module)
+    return {name for name in found if name.split(".")[0] == "resnext_flax"}
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: _module_name(p))
+def test_no_module_imports_a_higher_layer(path: pathlib.Path):
+    module = _module_name(path)
+    own = _layer(module)
+    upward = sorted(name for name in _imports(path) if _is_module(name) and _layer(name) > own)
+    assert not upward, f"{module} (layer {own}) imports higher layers: {upward}"
+
+
+def _is_module(name: str) -> bool:
+    """Whether an imported dotted name is a module of the package (not a name in one)."""
+    relative = pathlib.Path(*name.split(".")[1:])
+    return name == "resnext_flax" or (PACKAGE / relative).is_dir() or (
+        PACKAGE / relative).with_suffix(".py").is_file()
+
+
+def test_every_module_is_in_a_layer():
+    for path in MODULES:
+        _layer(_module_name(path))
+
+
+def test_public_api_is_explicit():
+    """Everything in __all__ is really defined (no generated globals), with a docstring."""
+    for name in resnext_flax.__all__:
+        value = getattr(resnext_flax, name)
+        if inspect.isfunction(value) or inspect.isclass(value):
+            assert value.__doc__, f"{name} has no docstring"
+    source = (PACKAGE / "__init__.py").read_text()
+    assert "globals()" not in source
