@@ -50,9 +50,19 @@ from resnext_flax.weights.catalog import (
     list_weight_sets,
 )
 from resnext_flax.weights.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from resnext_flax.weights.loading import load_model, read_state_dict
+from resnext_flax.weights.files import UntrustedPickleError
+from resnext_flax.weights.loading import (
+    inspect_checkpoint,
+    load_model,
+    load_model_with_report,
+    read_state_dict,
+)
 from resnext_flax.weights.pretrained import download_pretrained, from_pretrained
-from resnext_flax.weights.resolve import infer_architecture
+from resnext_flax.weights.resolve import (
+    CheckpointLayoutError,
+    CheckpointReport,
+    infer_architecture,
+)
 from resnext_flax.weights.torch_port import (
     StateDictMismatchError,
     StateDictReport,
@@ -71,6 +81,8 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "CheckpointError",
+    "CheckpointLayoutError",
+    "CheckpointReport",
     "ChecksumError",
     "FeatureExtractor",
     "FoldedResNet",
@@ -83,6 +95,7 @@ __all__ = [
     "StateDictMismatchError",
     "StateDictReport",
     "TrainState",
+    "UntrustedPickleError",
     "WeightSet",
     "WeightsUnavailableError",
     "compare_state_dict",
@@ -94,11 +107,13 @@ __all__ = [
     "get_weight_set",
     "imagenet_categories",
     "infer_architecture",
+    "inspect_checkpoint",
     "list_models",
     "list_weight_sets",
     "load_checkpoint",
     "load_image",
     "load_model",
+    "load_model_with_report",
     "load_torch_state_dict",
     "make_train_step",
     "optimize_for_inference",

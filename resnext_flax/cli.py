@@ -1,5 +1,6 @@
 """The ``resnext-flax`` command: ``predict`` images with a pretrained model, ``list`` the models
-and their weight sets. argparse (stdlib) keeps the command free of extra dependencies."""
+and their weight sets, ``inspect`` a checkpoint file. argparse (stdlib) keeps the command free
+of extra dependencies."""
 
 from __future__ import annotations
 
@@ -10,6 +11,30 @@ from collections.abc import Sequence
 
 from resnext_flax.models.variants import VARIANTS
 from resnext_flax.weights.catalog import list_weight_sets
+
+
+def add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
+    """The options every checkpoint reader takes (``inspect``, the converter): which trunk,
+    which head, whether to trust the pickle."""
+    parser.add_argument("--prefix", metavar="PREFIX",
+                        help="key prefix of the trunk to load where several hold one, "
+                             "e.g. module.encoder_k. ('' for none)")
+    parser.add_argument("--ema", action="store_true",
+                        help="load the EMA weights (model_ema, state_dict_ema)")
+    parser.add_argument("--key", metavar="KEY",
+                        help="container to load, dotted for nesting (e.g. state_dict_ema)")
+    parser.add_argument("--num-classes", type=int, metavar="N",
+                        help="classes of the model's head: 0 headless, N a fresh head unless "
+                             "the file's has N (default: the file's head)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="unpickle types outside the allow-list: RUNS CODE FROM THE FILE; "
+                             "only for files you trust")
+
+
+def checkpoint_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of :func:`resnext_flax.load_model` given on the command line."""
+    return {"prefix": args.prefix, "ema": args.ema, "key": args.key,
+            "num_classes": args.num_classes, "trust_pickle": args.trust_pickle}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="models and weight sets, with accuracy and size")
     listing.add_argument("--model", choices=list(VARIANTS), metavar="NAME",
                          help="only this model")
+
+    inspect = commands.add_parser(
+        "inspect", help="what a checkpoint file holds and what a load would take from it")
+    inspect.add_argument("file", metavar="FILE",
+                         help=".pth/.pt/.bin/.ckpt/.safetensors file or Hugging Face folder")
+    inspect.add_argument("--model", choices=list(VARIANTS), metavar="NAME",
+                         help="the model to load it as (default: inferred)")
+    add_checkpoint_options(inspect)
     return parser
 
 
@@ -74,11 +107,23 @@ def _predict(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _inspect(args: argparse.Namespace) -> str:
+    from resnext_flax.weights.loading import inspect_checkpoint
+
+    report = inspect_checkpoint(args.file, args.model, **checkpoint_options(args))
+    if report.error:  # the survey on stdout, the reason on stderr, exit status 1
+        print(report.format(), flush=True)
+        report.require()
+    return report.format()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``resnext-flax``; returns the exit status (1 on a reported error)."""
     args = _parser().parse_args(argv)
+    commands = {"list": lambda: _list(args.model), "predict": lambda: _predict(args),
+                "inspect": lambda: _inspect(args)}
     try:
-        output = _list(args.model) if args.command == "list" else _predict(args)
+        output = commands[args.command]()
     except (OSError, ValueError, ImportError) as err:
         print(f"resnext-flax: error: {err}", file=sys.stderr)
         return 1

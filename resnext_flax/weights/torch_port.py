@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from resnext_flax.models.variants import find_variant
-from resnext_flax.weights.resolve import describe, normalize_state_dict
+from resnext_flax.weights.resolve import describe, normalize_state_dict, suggest_fix
 
 # NNX leaf name -> torch leaf name.
 _TORCH_LEAF = {
@@ -102,12 +102,14 @@ def to_numpy(key: str, value: Any) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class StateDictReport:
     """How a state dict fits a model: keys the model needs but the dict lacks, keys the dict has
-    but the model does not, and keys whose shapes differ ``(key, expected, got)``."""
+    but the model does not, and keys whose shapes differ ``(key, expected, got)``; `fix`:
+    the option that would make it load, when one would (the message's last line)."""
 
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
     mismatched: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]
     source: str
+    fix: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -122,6 +124,8 @@ class StateDictReport:
         if self.mismatched:
             lines.append(f"{len(self.mismatched)} key(s) with mismatched shapes:")
             lines += [f"  {k}: expected {tuple(e)}, got {tuple(g)}" for k, e, g in self.mismatched]
+        if self.fix:
+            lines.append(f"fix: {self.fix}")
         return "\n".join(lines)
 
 
@@ -178,12 +182,15 @@ def load_torch_state_dict(
     written, so a failed load leaves the model as it was. With ``strict=True`` any missing,
     unexpected or mis-shaped key raises one :class:`StateDictMismatchError` listing them all;
     with ``strict=False`` the fitting keys load and the rest are reported as a
-    :class:`StateDictMismatchWarning`.
+    :class:`StateDictMismatchWarning`. A trunk under another prefix, in a container or with
+    other names is for :func:`resnext_flax.load_model`, which finds it (the error says so).
     """
     report = compare_state_dict(model, state_dict)
     if not report.ok:
         if strict:
-            raise StateDictMismatchError(report, model_name(model))
+            fix = suggest_fix(state_dict, getattr(model, "spec", None),
+                              getattr(model, "num_classes", 0))
+            raise StateDictMismatchError(dataclasses.replace(report, fix=fix), model_name(model))
         warnings.warn(report.format(model_name(model)), StateDictMismatchWarning, stacklevel=2)
     sd = normalize_state_dict(state_dict)
     skip = {k for k, _, _ in report.mismatched}
