@@ -186,7 +186,7 @@ def test_moco_query_encoder_by_default_mlp_head_dropped(moco, images):
 
     model = resnext_flax.load_model(path, prefix="module.encoder_k.", num_classes=5)
     assert_computes_like(model, key, images, logits=False)
-    assert model(images).shape == (2, 5)  # a fresh head for linear evaluation
+    assert features_and_output(model, images)[1].shape == (2, 5)  # a fresh head: linear eval
 
 
 # ---- prefixes, numbering, heads ----------------------------------------------------------------
@@ -218,9 +218,10 @@ def test_headless_file_loads_headless_or_with_a_fresh_head(tmp_path, r18, images
                 tmp_path / "dino_resnet18_backbone.pth")
     model = resnext_flax.load_model(path)
     assert model.num_classes == 0
-    assert relative_error(model(images), torch_outputs(r18, images)["pooled"]) <= BOUND
+    output = features_and_output(model, images)[1]  # a headless model outputs the features
+    assert relative_error(output, torch_outputs(r18, images)["pooled"]) <= BOUND
     model, report = resnext_flax.load_model_with_report(path, num_classes=7)
-    assert report.fresh_head and model(images).shape == (2, 7)
+    assert report.fresh_head and features_and_output(model, images)[1].shape == (2, 7)
     assert_computes_like(model, r18, images, logits=False)
     # A linear head is kept; num_classes=0 drops it.
     full = save(r18.state_dict(), tmp_path / "full.pth")
@@ -265,10 +266,10 @@ def test_transformers_resnet(tmp_path, images, arch, layer_type, depths, widths,
     pooled = out.pooler_output.flatten(1) if headless else None
     if headless:
         assert model.num_classes == 0 and report.prefix == ""
-        assert relative_error(model(images), pooled.numpy()) <= BOUND
+        assert relative_error(features_and_output(model, images)[1], pooled.numpy()) <= BOUND
     else:
         assert report.prefix == "resnet." and model.num_classes == 6
-        assert relative_error(model(images), out.logits.numpy()) <= BOUND
+        assert relative_error(features_and_output(model, images)[1], out.logits.numpy()) <= BOUND
         assert report.class_names == tuple(f"kind {i}" for i in range(6))
 
 
@@ -417,7 +418,8 @@ def test_converter_takes_the_same_options(tmp_path, moco, images):
                            "--probe-size", "64", "--probe-batch", "1"]) == 0
     model = resnext_flax.load_checkpoint(output)
     assert model.num_classes == 0
-    assert relative_error(model(images), torch_outputs(key, images)["pooled"]) <= BOUND
+    output = features_and_output(model, images)[1]
+    assert relative_error(output, torch_outputs(key, images)["pooled"]) <= BOUND
 
 
 def test_transformers_class_names_survive_conversion(tmp_path, images):
