@@ -57,12 +57,9 @@ from resnext_flax.weights.loading import (
     load_model_with_report,
     read_state_dict,
 )
+from resnext_flax.weights.names import infer_architecture
 from resnext_flax.weights.pretrained import download_pretrained, from_pretrained
-from resnext_flax.weights.resolve import (
-    CheckpointLayoutError,
-    CheckpointReport,
-    infer_architecture,
-)
+from resnext_flax.weights.resolve import CheckpointLayoutError, CheckpointReport
 from resnext_flax.weights.torch_port import (
     StateDictMismatchError,
     StateDictReport,

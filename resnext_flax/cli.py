@@ -111,9 +111,10 @@ def _inspect(args: argparse.Namespace) -> str:
     from resnext_flax.weights.loading import inspect_checkpoint
 
     report = inspect_checkpoint(args.file, args.model, **checkpoint_options(args))
-    if report.error:  # the survey on stdout, the reason on stderr, exit status 1
+    if report.error or report.problems:  # the survey on stdout, why on stderr, status 1
         print(report.format(), flush=True)
         report.require()
+        raise ValueError(f"the strict load would fail: {'; '.join(report.problems)}")
     return report.format()
 
 

@@ -22,7 +22,8 @@ from torch_reference import random_images, randomize_batchnorm, relative_error, 
 
 import resnext_flax
 from resnext_flax import cli
-from resnext_flax.weights.resolve import CheckpointLayoutError, torchvision_shapes
+from resnext_flax.weights.names import torchvision_shapes
+from resnext_flax.weights.resolve import CheckpointLayoutError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BOUND = 1e-5  # a whole ResNet in float32 agrees to ~1e-6 (docs/testing.md)
@@ -396,7 +397,8 @@ def test_inspect_command(tmp_path, r18, r18_ema, capsys):
     for line in ("layout: torchvision reference-script checkpoint", "EMA weights: present",
                  "container: 'model'", "prefix: ''", "architecture: resnet18",
                  "head in the file: linear, 10 classes", "dtypes: float32",
-                 f"parameters: {params:,} loaded", "would load: 102 tensors",
+                 f"parameters: {params:,} loaded",
+                 "would load: 102 tensors into resnet18, strictly: every key and shape fits",
                  "dropped: nothing"):
         assert line in out.splitlines(), line
     assert "container 'model_ema', prefix 'module.': resnet18" in out
@@ -405,6 +407,12 @@ def test_inspect_command(tmp_path, r18, r18_ema, capsys):
     assert "container: 'model_ema'" in out and "dropped: n_averaged, module.fc.* (2 keys)" in out
     assert cli.main(["inspect", str(path), "--key", "nothing"]) == 1
     assert "no ResNet trunk in container 'nothing'" in capsys.readouterr().err
+    assert cli.main(["inspect", str(path), "--model", "resnet34"]) == 1
+    captured = capsys.readouterr()
+    # resnet34 has 8 blocks more (1+2+4+1), 10 tensors each (2 convs, 2 BatchNorms x 4).
+    assert "would load: 102 tensors into resnet34; the strict load would fail: 80 missing " \
+           "(layer1.2.conv1.weight, layer1.2.bn1.weight, layer1.2.bn1.bias, ...)" in captured.out
+    assert "the strict load would fail: 80 missing" in captured.err
 
 
 def test_converter_takes_the_same_options(tmp_path, moco, images):

@@ -16,7 +16,7 @@ from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import find_variant
 from resnext_flax.weights.checkpoint import save_checkpoint
 from resnext_flax.weights.loading import CONVERTED_LAYOUT, load_model_with_report
-from resnext_flax.weights.resolve import normalize_state_dict
+from resnext_flax.weights.names import normalize_state_dict
 from resnext_flax.weights.torch_port import to_torch_state_dict
 
 

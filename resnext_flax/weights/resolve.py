@@ -19,129 +19,22 @@ from collections.abc import Mapping
 from typing import Any
 
 from resnext_flax.models.variants import VARIANTS, ModelSpec, find_variant
+from resnext_flax.weights.names import (
+    IGNORED_SUFFIXES,
+    KEY_STYLES,
+    TRUNK_CHILDREN,
+    arch_phrase,
+    infer_spec,
+    rename_sequential,
+    rename_transformers,
+    torchvision_shapes,
+    trunk_prefixes,
+)
 
-_IGNORED_SUFFIXES = ("num_batches_tracked",)  # torch's BN step counter; no Flax counterpart
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile
 #: Container keys that hold exponential-moving-average weights (torchvision's reference
 #: scripts: ``model_ema``; timm: ``state_dict_ema``; others).
 EMA_KEYS = ("model_ema", "state_dict_ema", "ema", "ema_state_dict", "ema_model")
-_TRUNK_CHILDREN = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
-_BN_LEAVES = ("weight", "bias", "running_mean", "running_var")
-#: ``nn.Sequential(*list(resnet.children()))`` indices -> torchvision names (2: relu,
-#: 3: maxpool, 8: avgpool hold no weights).
-_SEQUENTIAL_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3",
-                        "7": "layer4", "9": "fc"}
-_TRANSFORMERS_STEM = "embedder.embedder."
 _MAX_CONTAINER_DEPTH = 4
-
-KEY_STYLES = {
-    "torchvision": "torchvision names",
-    "sequential": "nn.Sequential(*list(resnet.children())) numbering (0=conv1, 1=bn1, "
-                  "4..7=layer1..layer4)",
-    "transformers": "Hugging Face transformers ResNet names",
-}
-
-
-# ---- torchvision's names ---------------------------------------------------------------------
-
-
-def normalize_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Strip DataParallel/DDP (``module.``) and torch.compile (``_orig_mod.``) prefixes and
-    drop ``num_batches_tracked``; values are left as they are."""
-    out = {}
-    for key, value in state_dict.items():
-        key = str(key)
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        if key.endswith(_IGNORED_SUFFIXES):
-            continue
-        out[key] = value
-    return out
-
-
-def torchvision_shapes(spec: ModelSpec, num_classes: int = 0) -> dict[str, tuple[int, ...]]:
-    """Every key of torchvision's state dict for `spec` (without ``num_batches_tracked``)
-    and its shape; ``fc`` only if `num_classes` > 0. Lets a file be checked for a complete
-    trunk without building a model."""
-    def bn(name: str, n: int) -> dict[str, tuple[int, ...]]:
-        return {f"{name}.{leaf}": (n,) for leaf in _BN_LEAVES}
-
-    basic = spec.block == "basic"
-    expansion = 1 if basic else 4
-    shapes = {"conv1.weight": (64, 3, 7, 7), **bn("bn1", 64)}
-    inplanes = 64
-    for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), spec.layers,
-                                                 strict=True), start=1):
-        stride = 1 if stage == 1 else 2
-        width, out = (planes if basic else spec.block_width(planes)), planes * expansion
-        for b in range(blocks):
-            p, cin = f"layer{stage}.{b}.", inplanes if b == 0 else out
-            if basic:
-                convs = [(width, cin, 3), (out, width, 3)]
-            else:
-                convs = [(width, cin, 1), (width, width // spec.groups, 3), (out, width, 1)]
-            for i, (o, c, k) in enumerate(convs, start=1):
-                shapes[f"{p}conv{i}.weight"] = (o, c, k, k)
-                shapes.update(bn(f"{p}bn{i}", o))
-            if b == 0 and (stride != 1 or inplanes != out):
-                shapes[f"{p}downsample.0.weight"] = (out, inplanes, 1, 1)
-                shapes.update(bn(f"{p}downsample.1", out))
-        inplanes = out
-    if num_classes:
-        shapes.update({"fc.weight": (num_classes, inplanes), "fc.bias": (num_classes,)})
-    return shapes
-
-
-def infer_spec(state_dict: Mapping[str, Any]) -> tuple[ModelSpec, int] | None:
-    """The architecture and class count (0: no linear ``fc``) a torchvision-named state dict
-    was saved from, or None if its keys do not describe a ResNet-family model."""
-    sd = normalize_state_dict(state_dict)
-    try:
-        blocks = []
-        for stage in range(1, 5):
-            indices = {int(m.group(1)) for k in sd
-                       if (m := re.match(rf"layer{stage}\.(\d+)\.conv1\.weight$", k))}
-            blocks.append(len(indices))
-        bottleneck = "layer1.0.conv3.weight" in sd
-        conv2 = tuple(sd["layer1.0.conv2.weight"].shape)
-        fc = sd.get("fc.weight")
-        num_classes = int(fc.shape[0]) if fc is not None and len(fc.shape) == 2 else 0
-        if not all(blocks):
-            return None
-        if bottleneck:
-            width, per_group = conv2[0], conv2[1]
-            spec = ModelSpec("bottleneck", tuple(blocks), groups=width // per_group,
-                             width_per_group=per_group)
-        else:
-            spec = ModelSpec("basic", tuple(blocks))
-    except (KeyError, AttributeError, IndexError, TypeError, ValueError, ZeroDivisionError):
-        return None
-    return spec, num_classes
-
-
-def infer_architecture(state_dict: Mapping[str, Any]) -> str | None:
-    """torchvision's name for the architecture of a state dict, or None if not one of ours."""
-    inferred = infer_spec(state_dict)
-    return find_variant(inferred[0]) if inferred else None
-
-
-def _arch(spec: ModelSpec | None) -> str:
-    if spec is None:
-        return "an unknown architecture"
-    return find_variant(spec) or f"an unlisted ResNet ({spec})"
-
-
-def describe(state_dict: Mapping[str, Any]) -> str:
-    """One phrase for messages: which architecture the state dict looks like."""
-    inferred = infer_spec(state_dict)
-    if inferred is None:
-        return "it does not look like a torchvision ResNet-family state dict"
-    spec, num_classes = inferred
-    return f"it looks like {_arch(spec)} with num_classes={num_classes}"
 
 
 # ---- options and findings --------------------------------------------------------------------
@@ -230,7 +123,7 @@ class Candidate:
         return find_variant(self.spec) if self.spec is not None else None
 
     def label(self) -> str:
-        state = _arch(self.spec)
+        state = arch_phrase(self.spec)
         if not self.complete:
             absent = self.missing + self.mismatched
             state += f", incomplete: {len(absent)} trunk key(s) missing or mis-shaped " \
@@ -268,64 +161,6 @@ def _state_dicts(obj: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, 
     return found
 
 
-def _rename_sequential(keys: list[str]) -> dict[str, str]:
-    """old -> new names for trunks saved as ``nn.Sequential(*list(resnet.children())...)``."""
-    renames = {}
-    for key in keys:
-        m = re.match(r"(.*?)4\.0\.conv1\.weight$", key)
-        if not m or (m.group(1) and not m.group(1).endswith(".")):
-            continue
-        prefix = m.group(1)
-        if prefix + "0.weight" not in keys:
-            continue
-        for old in keys:
-            parts = old[len(prefix):].split(".", 1)
-            if old.startswith(prefix) and len(parts) == 2 and parts[0] in _SEQUENTIAL_CHILDREN:
-                renames[old] = f"{prefix}{_SEQUENTIAL_CHILDREN[parts[0]]}.{parts[1]}"
-    return renames
-
-
-_TRANSFORMERS_BLOCK = re.compile(
-    r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(?:layer\.(\d+)|(shortcut))\."
-    r"(convolution|normalization)\.(.+)$")
-
-
-def _rename_transformers(keys: list[str]) -> dict[str, str]:
-    """old -> new names for Hugging Face transformers' ``ResNetModel`` /
-    ``ResNetForImageClassification`` keys (``resnet.embedder.embedder.convolution.weight``,
-    ``resnet.encoder.stages.{i}.layers.{j}.layer.{k}.…``, ``classifier.1.weight``)."""
-    renames = {}
-    stems = {k[: -len(_TRANSFORMERS_STEM + "convolution.weight")] for k in keys
-             if k.endswith(_TRANSFORMERS_STEM + "convolution.weight")}
-    for prefix in stems:
-        if prefix and not prefix.endswith("."):
-            continue
-        for old in keys:
-            if not old.startswith(prefix):
-                continue
-            rest = old[len(prefix):]
-            if rest.startswith(_TRANSFORMERS_STEM):
-                module, _, leaf = rest[len(_TRANSFORMERS_STEM):].partition(".")
-                name = {"convolution": "conv1", "normalization": "bn1"}.get(module)
-                if name:
-                    renames[old] = f"{prefix}{name}.{leaf}"
-            elif m := _TRANSFORMERS_BLOCK.match(rest):
-                stage, block, conv, shortcut, module, leaf = m.groups()
-                conv_module = module == "convolution"
-                if shortcut:
-                    name = "downsample.0" if conv_module else "downsample.1"
-                else:
-                    name = f"{'conv' if conv_module else 'bn'}{int(conv) + 1}"
-                renames[old] = f"{prefix}layer{int(stage) + 1}.{block}.{name}.{leaf}"
-        # ResNetForImageClassification: the head sits beside ``resnet.``, as ``classifier.1``.
-        if prefix.endswith("resnet."):
-            outer = prefix[: -len("resnet.")]
-            for leaf in ("weight", "bias"):
-                if f"{outer}classifier.1.{leaf}" in keys:
-                    renames[f"{outer}classifier.1.{leaf}"] = f"{prefix}fc.{leaf}"
-    return renames
-
-
 def _classify_head(sub: Mapping[str, Any]) -> Head:
     keys = tuple(sorted(k for k in sub if k.split(".", 1)[0] == "fc"))
     shapes = tuple(tuple(sub[k].shape) for k in keys)
@@ -339,33 +174,21 @@ def _classify_head(sub: Mapping[str, Any]) -> Head:
     return Head("other", 0, keys, shapes)
 
 
-def _trunk_prefixes(keys: Mapping[str, Any]) -> list[str]:
-    """Prefixes under which torchvision-named trunk keys (``conv1.weight`` or
-    ``layerS.B.conv1.weight``) sit, complete or not."""
-    found = set()
-    for key in keys:
-        m = re.match(r"(.*?)(?:layer[1-4]\.\d+\.)?conv1\.weight$", key)
-        if m and (not m.group(1) or m.group(1).endswith(".")):
-            found.add(m.group(1))
-    return sorted(p for p in found if any(k.startswith(p + "layer") for k in keys)
-                  or p + "bn1.weight" in keys)
-
-
 def _candidates(container: tuple[str, ...], tensors: dict[str, Any]) -> list[Candidate]:
     keys = list(tensors)
     styles = {}
-    renames = _rename_transformers(keys)
+    renames = rename_transformers(keys)
     styles.update({new: "transformers" for new in renames.values()})
-    seq = _rename_sequential([k for k in keys if k not in renames])
+    seq = rename_sequential([k for k in keys if k not in renames])
     styles.update({new: "sequential" for new in seq.values()})
     renames.update(seq)
     named = {renames.get(k, k): k for k in keys}
     found = []
-    for prefix in _trunk_prefixes(named):
+    for prefix in trunk_prefixes(named):
         sub = {k[len(prefix):]: tensors[named[k]] for k in named if k.startswith(prefix)}
         originals = {k[len(prefix):]: named[k] for k in named if k.startswith(prefix)}
         sub = {k: v for k, v in sub.items()
-               if k.split(".", 1)[0] in (*_TRUNK_CHILDREN, "fc")}
+               if k.split(".", 1)[0] in (*TRUNK_CHILDREN, "fc")}
         inferred = infer_spec(sub)
         spec = inferred[0] if inferred else None
         mismatched: tuple[str, ...] = ()
@@ -375,7 +198,7 @@ def _candidates(container: tuple[str, ...], tensors: dict[str, Any]) -> list[Can
             mismatched = tuple(k for k in expected if k in sub
                                and tuple(sub[k].shape) != expected[k])
         else:  # too little to tell the architecture: name the absent parts
-            missing = tuple(f"{part}.*" for part in _TRUNK_CHILDREN
+            missing = tuple(f"{part}.*" for part in TRUNK_CHILDREN
                             if not any(k.startswith(part + ".") for k in sub))
         style = styles.get(prefix + "conv1.weight", "torchvision")
         found.append(Candidate(container, prefix, style, spec, _classify_head(sub), missing,
@@ -411,6 +234,7 @@ class CheckpointReport:
     notes: tuple[str, ...] = ()
     class_names: tuple[str, ...] | None = None
     state_dict: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+    model_name: str | None = None
 
     @property
     def architecture(self) -> str | None:
@@ -427,6 +251,12 @@ class CheckpointReport:
     @property
     def head(self) -> Head | None:
         return self.chosen.head if self.chosen else None
+
+    @property
+    def loaded_keys(self) -> tuple[str, ...]:
+        """The file's own names of the loaded tensors."""
+        names = self.chosen.original_keys if self.chosen else {}
+        return tuple(names.get(k, k) for k in self.state_dict)
 
     @property
     def ema_present(self) -> bool:
@@ -448,6 +278,23 @@ class CheckpointReport:
                     n *= int(d)
                 total += n
         return total
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        """Why the strict load of `state_dict` into the model (`model_name`, else the inferred
+        architecture) would fail; empty if it fits."""
+        chosen = self.chosen
+        spec = VARIANTS.get(self.model_name or "") or (chosen.spec if chosen else None)
+        if chosen is None or spec is None or not chosen.original_keys:
+            return ()
+        loaded = 0 if self.fresh_head else self.num_classes or 0
+        expected = torchvision_shapes(spec, loaded)
+        got = {k: tuple(v.shape) for k, v in self.state_dict.items()}
+        found = [("missing", [k for k in expected if k not in got]),
+                 ("unexpected", [k for k in got if k not in expected]),
+                 ("mis-shaped", [k for k in got if k in expected and got[k] != expected[k]])]
+        return tuple(f"{len(ks)} {what} ({', '.join(ks[:3])}{', ...' if len(ks) > 3 else ''})"
+                     for what, ks in found if ks)
 
     def require(self) -> CheckpointReport:
         """The report itself, or the :class:`CheckpointLayoutError` that a load raises."""
@@ -474,13 +321,16 @@ class CheckpointReport:
             f"container: {_path(c.container)}",
             f"prefix: {c.prefix!r}",
             f"keys: {KEY_STYLES[c.key_style]}",
-            f"architecture: {_arch(c.spec)}",
+            f"architecture: {arch_phrase(c.spec)}",
             f"head in the file: {c.head}",
             f"model head: {head}",
             f"dtypes: {', '.join(self.dtypes)}",
             f"parameters: {self.num_params:,} loaded",
-            f"would load: {len(self.state_dict)} tensors",
-            f"dropped: {summarize_keys(self.dropped) or 'nothing'}",
+            f"would load: {len(self.state_dict)} tensors into "
+            f"{self.model_name or arch_phrase(c.spec)}"
+            + (f"; the strict load would fail: {'; '.join(self.problems)}"
+               if self.problems else ", strictly: every key and shape fits"),
+            f"dropped: {summarize_keys(self.dropped, self.loaded_keys) or 'nothing'}",
         ]
         if self.class_names:
             shown = ", ".join(self.class_names[:5])
@@ -489,14 +339,18 @@ class CheckpointReport:
         return "\n".join(lines)
 
 
-def summarize_keys(keys: tuple[str, ...], limit: int = 6) -> str:
-    """``"module.encoder_k.* (320 keys), module.queue"``: keys grouped by what differs."""
-    groups: dict[str, int] = {}
+def summarize_keys(keys: tuple[str, ...], kept: tuple[str, ...] = (), limit: int = 8) -> str:
+    """`keys` grouped under the shortest module path that holds none of the `kept` keys:
+    ``"module.encoder_k.* (320 keys), module.queue"``."""
+    kept_modules = {".".join(k.split(".")[:i]) + "." for k in kept
+                    for i in range(1, k.count(".") + 1)}
+    groups: dict[str, list[str]] = {}
     for key in keys:
         parts = key.split(".")
-        head = ".".join(parts[:2]) + ".*" if len(parts) > 2 else key
-        groups[head] = groups.get(head, 0) + 1
-    items = [f"{g} ({n} keys)" if n > 1 else g for g, n in groups.items()]
+        modules = (".".join(parts[:i]) + "." for i in range(1, len(parts)))
+        group = next((m + "*" for m in modules if m not in kept_modules), key)
+        groups.setdefault(group, []).append(key)
+    items = [f"{g} ({len(ks)} keys)" if len(ks) > 1 else ks[0] for g, ks in groups.items()]
     more = f", ... ({len(items) - limit} more groups)" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
 
@@ -640,16 +494,17 @@ def resolve_checkpoint(
         class_names = None
     used = {chosen.original_keys[k] for k in state_dict}
     dropped = tuple(k for path, tensors in state_dicts if path == chosen.container
-                    for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES))
+                    for k in tensors if k not in used and not k.endswith(IGNORED_SUFFIXES))
     return CheckpointReport(source, layout, containers, tuple(candidates), chosen, None,
-                            num_classes, fresh, dropped, tuple(notes), class_names, state_dict)
+                            num_classes, fresh, dropped, tuple(notes), class_names, state_dict,
+                            name)
 
 
 def _take(chosen: Candidate, options: CheckpointOptions,
           notes: list[str]) -> tuple[dict[str, Any], int, bool]:
     """The chosen trunk's state dict (plus the file's linear head if kept), the model's class
     count, and whether its head is fresh."""
-    sd = {k: v for k, v in chosen.state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    sd = {k: v for k, v in chosen.state_dict.items() if not k.endswith(IGNORED_SUFFIXES)}
     head = chosen.head
     trunk = {k: v for k, v in sd.items() if k.split(".", 1)[0] != "fc"}
     wanted = options.num_classes

@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 
 from resnext_flax.models.variants import find_variant
-from resnext_flax.weights.resolve import describe, normalize_state_dict, suggest_fix
+from resnext_flax.weights.names import describe, normalize_state_dict
+from resnext_flax.weights.resolve import suggest_fix
 
 # NNX leaf name -> torch leaf name.
 _TORCH_LEAF = {
