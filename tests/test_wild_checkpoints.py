@@ -228,6 +228,12 @@ def test_headless_file_loads_headless_or_with_a_fresh_head(tmp_path, r18, images
     full = save(r18.state_dict(), tmp_path / "full.pth")
     assert resnext_flax.load_model(full).num_classes == 10
     assert resnext_flax.load_model(full, num_classes=0).num_classes == 0
+    # A converted checkpoint takes num_classes too (from_pretrained's cache holds those).
+    converted = tmp_path / "converted.safetensors"
+    resnext_flax.save_checkpoint(resnext_flax.load_model(full), converted)
+    model = resnext_flax.from_pretrained("resnet18", checkpoint=converted, num_classes=7)
+    assert model.num_classes == 7
+    assert_computes_like(model, r18, images, logits=False)
 
 
 # ---- Hugging Face transformers ----------------------------------------------------------------
@@ -298,13 +304,16 @@ class Payload:
 
 def test_a_malicious_pickle_never_runs_by_default(tmp_path, r18, capsys):
     target = tmp_path / "pwned"
-    path = save({"state_dict": r18.state_dict(), "x": Payload(str(target))}, tmp_path / "e.pth")
+    path = save({"state_dict": r18.state_dict(), "args": namespace(),
+                 "x": Payload(str(target))}, tmp_path / "e.pth")
     for load in (resnext_flax.load_model, resnext_flax.inspect_checkpoint,
                  lambda p: resnext_flax.from_pretrained("resnet18", checkpoint=p)):
         with pytest.raises(resnext_flax.UntrustedPickleError) as info:
             load(path)
-        assert "posix.mkdir" in str(info.value) or "nt.mkdir" in str(info.value)
-        assert "trust_pickle=True (--trust-pickle)" in str(info.value)
+        message = str(info.value)
+        assert "pickles posix.mkdir, outside the allow-list" in message or "nt.mkdir" in message
+        assert "argparse" not in message  # allowed, so not named
+        assert "trust_pickle=True (--trust-pickle)" in message
         assert not target.exists()
     assert cli.main(["inspect", str(path)]) == 1
     assert "runs any code" in capsys.readouterr().err and not target.exists()
@@ -324,6 +333,12 @@ def test_trust_pickle_is_an_explicit_opt_in(tmp_path, r18, images):
         resnext_flax.load_model(path)
     model = resnext_flax.load_model(path, trust_pickle=True)
     assert_computes_like(model, r18, images)
+
+    whole = save(r18, tmp_path / "whole_model.pth")  # torch.save(model): a pickled module
+    with pytest.raises(resnext_flax.UntrustedPickleError,
+                       match=r"torchvision\.models\.resnet\.ResNet"):
+        resnext_flax.load_model(whole)
+    assert_computes_like(resnext_flax.load_model(whole, trust_pickle=True), r18, images)
 
 
 # ---- errors ------------------------------------------------------------------------------------

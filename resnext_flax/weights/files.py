@@ -148,8 +148,7 @@ def _read_torch_file(path: str, trust_pickle: bool = False) -> Any:
         with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        unsafe = _unsafe_globals(torch, path) if "weights_only" in str(err).lower() or \
-            "unsupported global" in str(err).lower() else []
+        unsafe = _unsafe_globals(torch, path)
         if unsafe:
             raise UntrustedPickleError(
                 f"{path!r} pickles {', '.join(unsafe)}, outside the allow-list of harmless "

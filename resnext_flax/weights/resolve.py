@@ -147,8 +147,18 @@ def _is_tensor(value: Any) -> bool:
     return hasattr(value, "shape") and hasattr(value, "dtype")
 
 
+def _as_mapping(obj: Any) -> Any:
+    """A pickled torch module (``torch.save(model)``, read with ``trust_pickle``) stands for
+    its ``state_dict()``."""
+    state_dict = getattr(obj, "state_dict", None)
+    if not isinstance(obj, Mapping) and callable(state_dict):
+        return state_dict()
+    return obj
+
+
 def _state_dicts(obj: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], dict]]:
     """Every mapping holding tensors under string keys, and its path of container keys."""
+    obj = _as_mapping(obj)
     if not isinstance(obj, Mapping) or len(path) > _MAX_CONTAINER_DEPTH:
         return []
     found = []
@@ -156,7 +166,7 @@ def _state_dicts(obj: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, 
     if tensors:
         found.append((path, tensors))
     for key, value in obj.items():
-        if isinstance(value, Mapping):
+        if not _is_tensor(value):
             found += _state_dicts(value, (*path, str(key)))
     return found
 
@@ -214,6 +224,8 @@ class CheckpointReport:
     """What a checkpoint holds and what a load takes from it (``resnext-flax inspect``).
 
     - `layout`: the project convention recognised (``"timm train.py checkpoint"``…).
+    - `containers`: the object's top-level entries other than tensors (``"model"``,
+      ``"optimizer"``, ``"epoch"``…).
     - `candidates`: every ResNet trunk found (in every container, under every prefix).
     - `chosen`: the one to load, or None with `error` saying why (loaders raise it).
     - `num_classes`: the model's class count; `fresh_head`: its head is newly initialized.
@@ -469,6 +481,7 @@ def resolve_checkpoint(
     architectures; `config` is a transformers ``config.json`` read beside the file.
     """
     options = options or CheckpointOptions()
+    obj = _as_mapping(obj)
     if not isinstance(obj, Mapping):
         return CheckpointReport(source, f"a {type(obj).__name__}", (), (), None,
                                 f"{source} holds a {type(obj).__name__}, not a state dict")
