@@ -185,9 +185,8 @@ def test_moco_query_encoder_by_default_mlp_head_dropped(moco, images):
     assert "module.queue" in report.dropped and "module.encoder_k.fc.2.bias" in report.dropped
     assert not any(k.startswith("fc.") for k in report.state_dict)
 
-    model = resnext_flax.load_model(path, prefix="module.encoder_k.", num_classes=5)
+    model = resnext_flax.load_model(path, prefix="module.encoder_k.")
     assert_computes_like(model, key, images, logits=False)
-    assert features_and_output(model, images)[1].shape == (2, 5)  # a fresh head: linear eval
 
 
 # ---- prefixes, numbering, heads ----------------------------------------------------------------
@@ -287,6 +286,15 @@ def test_transformers_config_that_is_not_torchvision_is_refused(tmp_path):
     hf.save_pretrained(tmp_path)
     with pytest.raises(CheckpointLayoutError, match=r"downsample_in_bottleneck=True"):
         resnext_flax.load_model(tmp_path / "model.safetensors")
+    # microsoft/resnet-26's architecture: torchvision has no bottleneck ResNet of 2-2-2-2.
+    resnet26 = transformers_resnet("bottleneck", [2, 2, 2, 2], [256, 512, 1024, 2048],
+                                   headless=False, seed=42)
+    resnet26.save_pretrained(tmp_path / "r26")
+    refusal = "is not one of the ten architectures this library builds"
+    with pytest.raises(CheckpointLayoutError, match=refusal):
+        resnext_flax.load_model(tmp_path / "r26")
+    spec = resnext_flax.ModelSpec("bottleneck", (2, 2, 2, 2))
+    assert resnext_flax.inspect_checkpoint(tmp_path / "r26").problems == (f"{spec} {refusal}",)
 
 
 # ---- pickles -----------------------------------------------------------------------------------

@@ -134,8 +134,8 @@ def _build(report: CheckpointReport, name: str | None, dtype: Any) -> ResNet:
         name = chosen.architecture
         if name is None:
             raise CheckpointLayoutError(
-                f"{report.source}: its trunk is {chosen.spec}, not one of "
-                f"{', '.join(VARIANTS)}; this library builds only those")
+                f"{report.source}: its trunk is {chosen.spec}, which is not one of the ten "
+                f"architectures this library builds ({', '.join(VARIANTS)})")
     spec = get_spec(name)
     loaded_classes = 0 if report.fresh_head else report.num_classes
     model = nnx.eval_shape(lambda: ResNet(spec, num_classes=loaded_classes, dtype=dtype,

@@ -299,6 +299,8 @@ class CheckpointReport:
         spec = VARIANTS.get(self.model_name or "") or (chosen.spec if chosen else None)
         if chosen is None or spec is None or not chosen.original_keys:
             return ()
+        if find_variant(spec) is None:
+            return (f"{spec} is not one of the ten architectures this library builds",)
         loaded = 0 if self.fresh_head else self.num_classes or 0
         expected = torchvision_shapes(spec, loaded)
         got = {k: tuple(v.shape) for k, v in self.state_dict.items()}
