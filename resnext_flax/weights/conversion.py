@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -14,7 +15,7 @@ from resnext_flax.models.functional import pure_forward
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import find_variant
 from resnext_flax.weights.checkpoint import save_checkpoint
-from resnext_flax.weights.loading import load_model, read_state_dict
+from resnext_flax.weights.loading import model_from_state_dict, read_state_dict
 from resnext_flax.weights.resolve import normalize_state_dict
 
 
@@ -68,6 +69,21 @@ def verify_against_torchvision(
     )
 
 
+def _check_options(source, output, probe_shape, tolerance) -> None:
+    source, output = os.fspath(source), os.fspath(output)
+    same = os.path.realpath(source) == os.path.realpath(output)
+    if not same and os.path.exists(source) and os.path.exists(output):
+        same = os.path.samefile(source, output)
+    if same:
+        raise ValueError(f"the output {output!r} is the input file; choose another output path "
+                         "(the input would be overwritten)")
+    if len(probe_shape) != 3 or not all(isinstance(n, int) and n >= 1 for n in probe_shape):
+        raise ValueError(f"the probe batch and size must be positive integers, got "
+                         f"{tuple(probe_shape)}")
+    if not (isinstance(tolerance, int | float) and math.isfinite(tolerance) and tolerance > 0):
+        raise ValueError(f"the tolerance must be a positive finite number, got {tolerance!r}")
+
+
 def convert_checkpoint(
     source: str | os.PathLike,
     output: str | os.PathLike,
@@ -80,10 +96,13 @@ def convert_checkpoint(
     """Convert a torchvision ``.pth``/``.safetensors`` file into a Flax checkpoint.
 
     The output is written (atomically) only after the strict load and, with `verify`, only if
-    the logits agree with torchvision's within relative `tolerance`.
+    the logits agree with torchvision's within relative `tolerance`. An output that is the
+    input file (the same path, or the same file through a link) is refused before anything is
+    read.
     """
+    _check_options(source, output, probe_shape, tolerance)
     state_dict = read_state_dict(source)
-    model = load_model(state_dict, name)
+    model = model_from_state_dict(state_dict, name, source=source)
     name = find_variant(model.spec)
     report = None
     if verify:

@@ -16,9 +16,18 @@ from flax import nnx
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import find_variant, get_spec
 from resnext_flax.weights.checkpoint import model_from_converted
-from resnext_flax.weights.files import WeightFile, read_weight_file
-from resnext_flax.weights.resolve import infer_architecture, infer_spec, resolve_state_dict
-from resnext_flax.weights.torch_port import load_torch_state_dict, to_numpy
+from resnext_flax.weights.files import WeightFile, WeightFileError, read_weight_file
+from resnext_flax.weights.resolve import (
+    describe,
+    infer_architecture,
+    infer_spec,
+    resolve_state_dict,
+)
+from resnext_flax.weights.torch_port import (
+    StateDictMismatchError,
+    load_torch_state_dict,
+    to_numpy,
+)
 
 Source = str | os.PathLike | Mapping[str, Any]
 
@@ -36,7 +45,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(
             f"{weight_file.path!r} is a converted resnext_flax checkpoint, not a torchvision "
             "state dict: load it with resnext_flax.load_checkpoint(path)")
-    return {key: to_numpy(key, value) for key, value in _torch_state_dict(weight_file).items()}
+    try:
+        return {key: to_numpy(key, value)
+                for key, value in _torch_state_dict(weight_file).items()}
+    except ValueError as err:
+        raise WeightFileError(f"{weight_file.path!r}: {err}") from None
 
 
 def _torch_state_dict(weight_file: WeightFile) -> dict[str, Any]:
@@ -44,24 +57,30 @@ def _torch_state_dict(weight_file: WeightFile) -> dict[str, Any]:
 
 
 def model_from_state_dict(
-    state_dict: Mapping[str, Any], name: str | None = None, *, dtype: Any = None
+    state_dict: Mapping[str, Any], name: str | None = None, *, dtype: Any = None,
+    source: str | os.PathLike | None = None,
 ) -> ResNet:
     """Build the architecture a state dict belongs to (checked against `name` if given) and
-    load it strictly, without a random initialization; returns the model in eval mode."""
+    load it strictly, without a random initialization; returns the model in eval mode.
+    `source` (the file it came from) is named in errors."""
+    where = f" (from {os.fspath(source)!r})" if source is not None else ""
     state_dict = resolve_state_dict(state_dict, source="the state dict").state_dict
     if name is None:
         name = infer_architecture(state_dict)
         if name is None:
-            raise ValueError(
-                "cannot tell which model this state dict belongs to; pass its name "
-                "(one of resnext_flax.list_models())"
+            raise WeightFileError(
+                f"cannot tell which model this state dict{where} belongs to: "
+                f"{describe(state_dict)}; pass its name (one of resnext_flax.list_models())"
             )
     spec = get_spec(name)
     inferred = infer_spec(state_dict)
     num_classes = inferred[1] if inferred else 1000
     model = nnx.eval_shape(lambda: ResNet(spec, num_classes=num_classes, dtype=dtype,
                                           rngs=nnx.Rngs(0)))
-    load_torch_state_dict(model, state_dict, strict=True)
+    try:
+        load_torch_state_dict(model, state_dict, strict=True)
+    except StateDictMismatchError as err:
+        raise StateDictMismatchError(err.report, name + where) from None
     model.eval()
     return model
 
@@ -73,7 +92,8 @@ def load_model(source: Source, name: str | None = None, *, dtype: Any = None) ->
         return model_from_state_dict(source, name, dtype=dtype)
     weight_file = read_weight_file(source)
     if weight_file.kind == "torch":
-        return model_from_state_dict(_torch_state_dict(weight_file), name, dtype=dtype)
+        return model_from_state_dict(_torch_state_dict(weight_file), name, dtype=dtype,
+                                     source=weight_file.path)
     model = model_from_converted(weight_file, dtype=dtype)
     held = find_variant(model.spec)
     if name is not None and held != name:

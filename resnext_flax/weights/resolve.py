@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from resnext_flax.models.variants import ModelSpec, find_variant
+from resnext_flax.weights.files import WeightFileError
 
 _IGNORED_SUFFIXES = ("num_batches_tracked",)  # torch's BN step counter; no Flax counterpart
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile
@@ -43,7 +44,7 @@ def resolve_state_dict(obj: Any, *, source: str = "the object") -> ResolvedState
         container.append(inner)
         obj = obj[inner]
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{source} holds a {type(obj).__name__}, not a state dict")
+        raise WeightFileError(f"{source} holds a {type(obj).__name__}, not a state dict")
     return ResolvedStateDict(normalize_state_dict(obj), tuple(container))
 
 
