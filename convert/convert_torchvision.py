@@ -16,6 +16,7 @@ import sys
 from resnext_flax import list_models
 from resnext_flax.cli import add_checkpoint_options, checkpoint_options
 from resnext_flax.weights.conversion import convert_checkpoint
+from resnext_flax.weights.files import sigterm_as_interrupt
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,18 +40,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        report = convert_checkpoint(
-            args.input,
-            args.output,
-            name=args.model,
-            verify=not args.no_verify,
-            probe_shape=(args.probe_batch, args.probe_size, args.probe_size),
-            tolerance=args.tolerance,
-            **checkpoint_options(args),
-        )
-    except (ValueError, OSError) as err:
+        with sigterm_as_interrupt():  # a terminated run cleans its temporary file up
+            report = convert_checkpoint(
+                args.input,
+                args.output,
+                name=args.model,
+                verify=not args.no_verify,
+                probe_shape=(args.probe_batch, args.probe_size, args.probe_size),
+                tolerance=args.tolerance,
+                **checkpoint_options(args),
+            )
+    except (ValueError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing written", file=sys.stderr)
+        return 130
     if report is not None:
         print(f"verified against torchvision: {report}")
     print(f"wrote {args.output}")

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from resnext_flax.models.variants import VARIANTS
 from resnext_flax.weights.catalog import list_weight_sets
+from resnext_flax.weights.files import sigterm_as_interrupt
 
 
 def add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
@@ -92,8 +93,9 @@ def _list(model: str | None) -> str:
 def _predict(args: argparse.Namespace) -> str:
     from resnext_flax.inference import Predictor
 
-    if args.top_k < 1:
-        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    for option, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{option} must be at least 1, got {value}")
     predictor = Predictor.from_pretrained(
         args.model, args.weights, checkpoint=args.checkpoint, cache_dir=args.cache_dir,
         progress=not args.no_progress, top_k=args.top_k, batch_size=args.batch_size,
@@ -102,6 +104,9 @@ def _predict(args: argparse.Namespace) -> str:
     lines = []
     for i, image in enumerate(args.images):
         lines.append(image)
+        if not result.finite[i]:
+            lines.append("  non-finite logits (NaN or Inf in the image or the weights)")
+            continue
         for rank, (label, p) in enumerate(result.top(i), start=1):
             lines.append(f"  {rank}. {label:<40} {100 * p:6.2f}%")
     return "\n".join(lines)
@@ -124,10 +129,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"list": lambda: _list(args.model), "predict": lambda: _predict(args),
                 "inspect": lambda: _inspect(args)}
     try:
-        output = commands[args.command]()
+        with sigterm_as_interrupt():
+            output = commands[args.command]()
     except (OSError, ValueError, ImportError) as err:
         print(f"resnext-flax: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("resnext-flax: interrupted", file=sys.stderr)
+        return 130
     try:
         print(output, flush=True)
     except BrokenPipeError:  # the reader went away, e.g. `resnext-flax list | head`

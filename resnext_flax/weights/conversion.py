@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -79,6 +80,21 @@ def verify_against_torchvision(
     )
 
 
+def _check_options(source, output, probe_shape, tolerance) -> None:
+    source, output = os.fspath(source), os.fspath(output)
+    same = os.path.realpath(source) == os.path.realpath(output)
+    if not same and os.path.exists(source) and os.path.exists(output):
+        same = os.path.samefile(source, output)
+    if same:
+        raise ValueError(f"the output {output!r} is the input file; choose another output path "
+                         "(the input would be overwritten)")
+    if len(probe_shape) != 3 or not all(isinstance(n, int) and n >= 1 for n in probe_shape):
+        raise ValueError(f"the probe batch and size must be positive integers, got "
+                         f"{tuple(probe_shape)}")
+    if not (isinstance(tolerance, int | float) and math.isfinite(tolerance) and tolerance > 0):
+        raise ValueError(f"the tolerance must be a positive finite number, got {tolerance!r}")
+
+
 def convert_checkpoint(
     source: str | os.PathLike,
     output: str | os.PathLike,
@@ -98,13 +114,18 @@ def convert_checkpoint(
 
     The output is written (atomically) only after the strict load and, with `verify`, only if
     the logits agree with torchvision's within relative `tolerance`. Class names the file
-    carries (transformers' ``id2label``) go into the output's header.
+    carries (transformers' ``id2label``) go into the output's header. An output that is the
+    input file (the same path, or the same file through a link) is refused before anything is
+    read.
     """
+    _check_options(source, output, probe_shape, tolerance)
     model, resolved = load_model_with_report(source, name, prefix=prefix, ema=ema, key=key,
                                              num_classes=num_classes,
                                              trust_pickle=trust_pickle)
     if resolved.layout == CONVERTED_LAYOUT:
-        raise ValueError(f"{resolved.source} is already a converted resnext_flax checkpoint")
+        raise ValueError(
+            f"{resolved.source} is a converted resnext_flax checkpoint, not a torchvision "
+            "state dict: load it with resnext_flax.load_checkpoint(path)")
     name = find_variant(model.spec)
     report = None
     if verify:

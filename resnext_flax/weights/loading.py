@@ -17,7 +17,7 @@ from flax import nnx
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import VARIANTS, find_variant, get_spec
 from resnext_flax.weights.checkpoint import model_from_converted
-from resnext_flax.weights.files import WeightFile, read_weight_file
+from resnext_flax.weights.files import WeightFile, WeightFileError, read_weight_file
 from resnext_flax.weights.resolve import (
     Candidate,
     CheckpointLayoutError,
@@ -26,7 +26,11 @@ from resnext_flax.weights.resolve import (
     Head,
     resolve_checkpoint,
 )
-from resnext_flax.weights.torch_port import load_torch_state_dict, to_numpy
+from resnext_flax.weights.torch_port import (
+    StateDictMismatchError,
+    load_torch_state_dict,
+    to_numpy,
+)
 
 Source = str | os.PathLike | Mapping[str, Any]
 #: The `layout` of a :class:`CheckpointReport` on a converted checkpoint of this library.
@@ -140,7 +144,10 @@ def _build(report: CheckpointReport, name: str | None, dtype: Any) -> ResNet:
     loaded_classes = 0 if report.fresh_head else report.num_classes
     model = nnx.eval_shape(lambda: ResNet(spec, num_classes=loaded_classes, dtype=dtype,
                                           rngs=nnx.Rngs(0)))
-    load_torch_state_dict(model, report.state_dict, strict=True)
+    try:
+        load_torch_state_dict(model, report.state_dict, strict=True)
+    except StateDictMismatchError as err:  # name the file
+        raise StateDictMismatchError(err.report, f"{name} (from {report.source})") from None
     if report.fresh_head:
         model.reset_classifier(report.num_classes)
     model.eval()
@@ -203,4 +210,7 @@ def read_state_dict(
             f"{report.source} is a converted resnext_flax checkpoint, not a torchvision "
             "state dict: load it with resnext_flax.load_checkpoint(path)")
     report.require()
-    return {k: to_numpy(k, v) for k, v in report.state_dict.items()}
+    try:
+        return {k: to_numpy(k, v) for k, v in report.state_dict.items()}
+    except ValueError as err:
+        raise WeightFileError(f"{report.source}: {err}") from None

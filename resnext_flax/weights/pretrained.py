@@ -31,6 +31,7 @@ from resnext_flax.weights.cache import (
     ChecksumError,
     WeightsUnavailableError,
     cached_checkpoint_path,
+    check_cache_dir,
     check_hash,
     download,
     sha256_file,
@@ -84,6 +85,7 @@ def download_pretrained(
     dest = cached_checkpoint_path(ws, cache_dir)
     if dest.is_file():
         return dest
+    check_cache_dir(dest.parent)
     hub_file = torch_hub_checkpoint_dir() / ws.filename
     if hub_file.is_file():
         _require_torch(ws)
@@ -97,7 +99,6 @@ def download_pretrained(
             unavailable_message(ws, source, f"${OFFLINE_ENV} is set; no download attempted")
         )
     _require_torch(ws)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=dest.parent) as tmp:
         pth = Path(tmp, ws.filename)
         digest = download(source, pth, ws, progress=progress)
@@ -150,12 +151,13 @@ def from_pretrained(
     except ValueError as err:
         raise ValueError(f"cached checkpoint {path} is unreadable; delete it to fetch it "
                          f"again ({err})") from err
-    expected = ws.sha256_prefix
-    if not meta.get("source_sha256", expected).startswith(expected):
-        raise ValueError(
-            f"cached checkpoint {path} was converted from a file with sha256 "
-            f"{meta['source_sha256'][:16]}..., not {ws.filename}; delete it to fetch it again"
-        )
+    recorded = meta.get("source_sha256", "")
+    if not recorded.startswith(ws.sha256_prefix):
+        what = (f"was converted from a file with sha256 {recorded[:16]}..." if recorded
+                else "records no source hash (not written by the download path)")
+        raise ChecksumError(
+            f"cached checkpoint {path} {what}, not {ws.filename}; it is not trusted as "
+            f"{ws.name}: delete it to fetch it again, or load it with checkpoint=")
     return load_model(path, name, dtype=dtype, num_classes=num_classes)
 
 

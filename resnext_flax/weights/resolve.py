@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from resnext_flax.models.variants import VARIANTS, ModelSpec, find_variant
+from resnext_flax.weights.files import WeightFileError
 from resnext_flax.weights.names import (
     IGNORED_SUFFIXES,
     KEY_STYLES,
@@ -135,7 +136,7 @@ def _path(container: tuple[str, ...]) -> str:
     return repr(".".join(container)) if container else "(top level)"
 
 
-class CheckpointLayoutError(ValueError):
+class CheckpointLayoutError(WeightFileError):
     """No single trunk can be taken from a checkpoint (none, several, or not the one asked
     for); the message lists what was found and the option that picks one."""
 
