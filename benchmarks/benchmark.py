@@ -39,7 +39,7 @@ from flax import nnx
 
 import resnext_flax
 from resnext_flax.models.folding import optimize_for_inference
-from resnext_flax.nn import ops
+from resnext_flax.nn import cpu_kernels, ops
 
 # The test suite's reference models (random weights and BN statistics), shared, not copied.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -104,8 +104,12 @@ def jax_callables(
     for path in paths:
         for lowering in lowerings:
             t0 = time.perf_counter()
-            forced, *excluded = lowering.split("-")  # "auto-winograd": auto without winograd
-            with ops.conv_lowering(forced, exclude=excluded):
+            # "auto-winograd": auto without winograd; "auto@onednn": the compiled CPU kernels
+            # restricted to one backend (resnext_flax.nn.cpu_kernels).
+            spec, _, backend = lowering.partition("@")
+            forced, *excluded = spec.split("-")
+            with ops.conv_lowering(forced, exclude=excluded), \
+                    cpu_kernels.use_backend(backend or None):
                 if path == "folded":
                     def forward(folded, images):
                         return folded(images)
@@ -289,7 +293,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--conv-lowerings", default="auto",
                    help="comma-separated resnext_flax.nn.ops.conv2d lowerings to time side by side "
                    f"(choices: {', '.join(ops.LOWERINGS)}; default: auto, the library's choice; "
-                   "'auto-winograd' is the automatic choice without winograd)")
+                   "'auto-winograd' is the automatic choice without winograd, 'auto-ffi' without "
+                   "the compiled CPU kernels, 'auto@onednn' with only their oneDNN backend)")
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's own choice)")

@@ -4,8 +4,9 @@ Runs this library's folded inference (random weights; torch is not needed) a few
 ``jax.profiler``, reads the trace's per-thunk events back, and prints the time per call grouped
 by the thunk's kind and output shape (a 1x1 conv is a ``ynn`` dot of shape [N*H*W, O]; a
 Winograd product a ``ynn`` dot of [groups, tiles, O]; shifted taps and transforms are ``loop``
-fusions). Thunks that run concurrently (e.g. a block's downsample beside its first conv) both
-count in full, so the sum can exceed the wall time, which is printed too.
+fusions; the compiled CPU kernels are ``ffi`` custom calls). Thunks that run concurrently
+(e.g. a block's downsample beside its first conv) both count in full, so the sum can exceed
+the wall time, which is printed too.
 
 Example (the ResNeXt-50 breakdown in docs/performance.md):
     python benchmarks/profile_ops.py --model resnext50_32x4d --batch 8 --top 25
@@ -88,12 +89,17 @@ def main(argv: list[str] | None = None) -> None:
     groups: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     for name, ms in times.items():
         if name in shapes:
-            kind = "ynn " if name.startswith("ynn") else "loop"
+            kind = ("ynn " if name.startswith("ynn")
+                    else "ffi " if name.startswith("ffi_call") else "loop")
             groups[f"{kind} {shapes[name]}"][0] += ms
             groups[f"{kind} {shapes[name]}"][1] += 1
     total = sum(ms for ms, _ in groups.values())
     print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}: {wall_ms:.1f} ms per "
           f"call under the profiler, {total:.1f} ms of thunk time")
+    kinds: dict[str, float] = collections.defaultdict(float)
+    for key, (ms, _) in groups.items():
+        kinds[key.split()[0]] += ms
+    print("by kind: " + ", ".join(f"{k} {ms:.1f} ms" for k, ms in sorted(kinds.items())))
     print(f"{'ms/call':>8}  {'thunks':>6}  kind and output shape")
     for key, (ms, count) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:args.top]:
         print(f"{ms:8.1f}  {count:6d}  {key}")

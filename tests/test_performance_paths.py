@@ -21,7 +21,7 @@ from torch_reference import (
 )
 
 from resnext_flax.models.folding import FoldedResNet, optimize_for_inference
-from resnext_flax.nn import ops, winograd
+from resnext_flax.nn import cpu_kernels, ops, winograd
 from resnext_flax.nn.layers import BatchNorm
 
 RTOL = 1e-5
@@ -129,12 +129,18 @@ def _primitives(fn, *args) -> set[str]:
 
 
 def test_auto_lowering_is_chosen_by_backend_and_shape():
-    assert ops.select_lowering((3, 3, 4, 128), groups=32, backend="cpu") == "shifted_taps"
-    assert ops.select_lowering((3, 3, 8, 256), groups=32, backend="cpu") == "shifted_taps"
-    assert ops.select_lowering((3, 3, 16, 512), groups=32, backend="cpu") == "winograd"
-    assert ops.select_lowering((3, 3, 16, 512), groups=32, stride=2,
-                               backend="cpu") == "group_chunks"
-    assert ops.select_lowering((3, 3, 16, 128), groups=8, stride=2, backend="cpu") == "xla"
+    # The compiled CPU kernel comes first for grouped 3x3 convs where it loaded
+    # (tests/test_cpu_kernels.py); the pure-XLA choices behind it:
+    ffi = "ffi" if cpu_kernels.available() else None
+    assert ops.select_lowering((3, 3, 4, 128), groups=32, backend="cpu") == (ffi or "shifted_taps")
+    assert ops.select_lowering((3, 3, 16, 512), groups=32, backend="cpu") == (ffi or "winograd")
+    with ops.conv_lowering("auto", exclude=["ffi"]):
+        assert ops.select_lowering((3, 3, 4, 128), groups=32, backend="cpu") == "shifted_taps"
+        assert ops.select_lowering((3, 3, 8, 256), groups=32, backend="cpu") == "shifted_taps"
+        assert ops.select_lowering((3, 3, 16, 512), groups=32, backend="cpu") == "winograd"
+        assert ops.select_lowering((3, 3, 16, 512), groups=32, stride=2,
+                                   backend="cpu") == "group_chunks"
+        assert ops.select_lowering((3, 3, 16, 128), groups=8, stride=2, backend="cpu") == "xla"
     assert ops.select_lowering((1, 1, 256, 64), backend="cpu") == "matmul"
     assert ops.select_lowering((3, 3, 64, 64), backend="cpu") == "winograd"
     assert ops.select_lowering((3, 3, 64, 64), stride=2, backend="cpu") == "xla"
@@ -168,7 +174,7 @@ def test_winograd_is_differentiated_as_the_direct_conv(groups):
 
 
 def test_excluded_lowerings_fall_back_to_the_next_preference():
-    with ops.conv_lowering("auto", exclude=["winograd"]):
+    with ops.conv_lowering("auto", exclude=["winograd", "ffi"]):
         assert ops.select_lowering((3, 3, 64, 64), backend="cpu") == "xla"
         assert ops.select_lowering((3, 3, 16, 512), groups=32, backend="cpu") == "group_chunks"
         assert ops.select_lowering((1, 1, 64, 64), backend="cpu") == "matmul"

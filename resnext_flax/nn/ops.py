@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnext_flax.nn import winograd
+from resnext_flax.nn import cpu_kernels, winograd
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 #: The lowerings ``conv2d`` can use; "auto" picks one by backend and shape.
-LOWERINGS = ("auto", "xla", "matmul", "im2col", "shifted_taps", "group_chunks", "winograd")
+LOWERINGS = ("auto", "xla", "matmul", "im2col", "shifted_taps", "group_chunks", "winograd", "ffi")
 
 # Largest channels-per-group for which the elementwise "shifted taps" form beats XLA's grouped
 # conv on CPU (measured: d=4 and 8 win 3-8x, d=16 loses 10x).
@@ -39,7 +39,7 @@ _MAX_TAPS_GROUP_WIDTH = 8
 _GROUPS_PER_CHUNK = 8
 
 # Lowerings that run only when a conv is evaluated; differentiation takes the direct conv.
-_FAST_LOWERINGS = ("winograd",)
+_FAST_LOWERINGS = ("winograd", "ffi")
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "resnext_flax_conv_lowering", default=None
@@ -86,6 +86,8 @@ def select_lowering(
     is never chosen (it won alone at 14x14 and 7x7 but lost at model level,
     docs/performance.md); force it with ``conv_lowering``. Lowerings excluded with
     ``conv_lowering("auto", exclude=...)`` are skipped for the next preference.
+    "ffi" (the compiled CPU kernel, ``nn.cpu_kernels``) comes first for grouped 3x3 convs where
+    it loaded; at trace time the next choice takes the convs it does not support.
     """
     backend = backend or jax.default_backend()
     if backend != "cpu":
@@ -104,10 +106,11 @@ def _cpu_preferences(kernel_shape: tuple[int, ...], *, groups: int, stride: int)
     """The CPU lowerings for a conv, best first (measured: docs/performance.md)."""
     kh, kw, per_group, _ = kernel_shape
     if groups > 1:
+        ffi = ["ffi"] if kh == kw == 3 and cpu_kernels.available() else []
         if per_group <= _MAX_TAPS_GROUP_WIDTH:
-            return ["shifted_taps"]
+            return [*ffi, "shifted_taps"]
         preferences = ["winograd"] if kh == kw == 3 and stride == 1 else []
-        return preferences + (["group_chunks"] if groups > _GROUPS_PER_CHUNK else [])
+        return ffi + preferences + (["group_chunks"] if groups > _GROUPS_PER_CHUNK else [])
     if kh == kw == 1:
         return ["matmul"]
     return ["winograd"] if kh == kw == 3 and stride == 1 else []
@@ -131,6 +134,8 @@ def conv2d(
     kh, kw = kernel.shape[:2]
     if lowering == "auto":
         lowering = select_lowering(kernel.shape, groups=groups, stride=stride)
+    if lowering == "ffi":
+        return _conv_ffi(x, kernel, stride, padding, groups)
     if lowering == "shifted_taps" and groups > 1:
         return _conv_shifted_taps(x, kernel, stride, padding, groups)
     if lowering == "group_chunks" and groups > 1:
@@ -144,6 +149,23 @@ def conv2d(
     if lowering not in LOWERINGS:
         raise ValueError(f"unknown conv lowering {lowering!r}; expected one of {LOWERINGS}")
     return _conv_xla(x, kernel, stride, padding, groups)
+
+
+def _conv_ffi(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int):
+    """The compiled kernel where it supports the conv, else the next choice; differentiated
+    as the direct conv (as Winograd is), so training computes what it did without it."""
+    def next_choice(*excluded: str) -> functools.partial:
+        lowering = "xla"
+        if jax.default_backend() == "cpu":
+            excluded = {"ffi", *excluded, *_excluded.get()}
+            lowering = _first_cpu_lowering(kernel.shape, groups, stride, excluded=excluded)
+        return functools.partial(conv2d, stride=stride, padding=padding, groups=groups,
+                                 lowering=lowering)
+
+    if not cpu_kernels.supports(x.shape, kernel.shape, stride, padding, groups, x.dtype):
+        return next_choice()(x, kernel)
+    return cpu_kernels.conv2d(x, kernel, stride=stride, padding=padding, groups=groups,
+                              differentiate_with=next_choice(*_FAST_LOWERINGS))
 
 
 def _conv_xla(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int):

@@ -1,0 +1,186 @@
+"""Per-layer timing of one 3x3 convolution: the library's pure-XLA lowering, the compiled CPU
+kernels (resnext_flax.nn.cpu_kernels: oneDNN, the direct AVX2 kernel) and torch channels_last.
+
+All sides run in one process, interleaved one call each per round (so load from other
+processes hits them alike), fp32, medians over rounds after warm-up; outputs are checked
+against XLA's conv. For oneDNN it also reports the implementation it picked, the one-off
+primitive creation time and the per-call weight reorder time (inside its column's time),
+and optionally a column with the weight cache on.
+
+Example (the ResNeXt grouped-conv shapes at batch 8 and 1):
+    python benchmarks/conv_kernels.py --batch-sizes 8,1
+    python benchmarks/conv_kernels.py --shapes dense --batch-sizes 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from resnext_flax.nn import cpu_kernels, ops
+
+# (name, h=w, channels, groups, stride) of ResNeXt / ResNet 3x3 convs (input size, NHWC).
+GROUPED = [
+    ("RNX50 layer1", 56, 128, 32, 1),
+    ("RNX50 layer2.0", 56, 256, 32, 2),
+    ("RNX50 layer2", 28, 256, 32, 1),
+    ("RNX50 layer3.0", 28, 512, 32, 2),
+    ("RNX50 layer3", 14, 512, 32, 1),
+    ("RNX50 layer4.0", 14, 1024, 32, 2),
+    ("RNX50 layer4", 7, 1024, 32, 1),
+    ("32x8d layer1", 56, 256, 32, 1),
+    ("32x8d layer2.0", 56, 512, 32, 2),
+    ("32x8d layer2", 28, 512, 32, 1),
+    ("32x8d layer3", 14, 1024, 32, 1),
+    ("32x8d layer4", 7, 2048, 32, 1),
+    ("64x4d layer1", 56, 256, 64, 1),
+    ("64x4d layer2", 28, 512, 64, 1),
+    ("64x4d layer3", 14, 1024, 64, 1),
+    ("64x4d layer4", 7, 2048, 64, 1),
+]
+DENSE = [
+    ("RN50 layer1", 56, 64, 1, 1),
+    ("RN50 layer2.0", 56, 128, 1, 2),
+    ("RN50 layer2", 28, 128, 1, 1),
+    ("RN50 layer3.0", 28, 256, 1, 2),
+    ("RN50 layer3", 14, 256, 1, 1),
+    ("RN50 layer4.0", 14, 512, 1, 2),
+    ("RN50 layer4", 7, 512, 1, 1),
+    ("WRN50 layer3", 14, 512, 1, 1),
+]
+# The 7x7 stride-2 stem (3 -> 64 channels, padding 3): (name, h, cin, cout, kernel, pad).
+STEM = [("stem 7x7", 224, 3, 64, 7, 3)]
+
+
+def _xla_conv(x, k, stride, padding, groups):
+    return jax.lax.conv_general_dilated(
+        x, k, (stride, stride), ((padding, padding),) * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+def measure(batch: int, h: int, cin: int, cout: int, size: int, groups: int, stride: int,
+            padding: int, args) -> dict:
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, h, h, cin)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((size, size, cin // groups, cout)) * 0.05, jnp.float32)
+    # Compiled inside each context: the lowering and backend are chosen at trace time.
+    with ops.conv_lowering("auto", exclude=("ffi",)):
+        lowering = ops.select_lowering(k.shape, groups=groups, stride=stride)
+        fns = {"lowering": jax.jit(lambda x, k: ops.conv2d(
+            x, k, stride=stride, padding=padding, groups=groups)).lower(x, k).compile()}
+    for backend in cpu_kernels.BACKENDS:
+        if cpu_kernels.available(backend):
+            with cpu_kernels.use_backend(backend):
+                if cpu_kernels.supports(x.shape, k.shape, stride, padding, groups, jnp.float32):
+                    fns[backend] = jax.jit(lambda x, k: cpu_kernels.conv2d(
+                        x, k, stride=stride, padding=padding, groups=groups)).lower(
+                            x, k).compile()
+                    text = fns[backend].as_text()
+                    assert f"resnext_flax_{backend}_conv" in text, backend
+    calls = {name: (lambda f=f: f(x, k).block_until_ready()) for name, f in fns.items()}
+    if "onednn" in fns and args.weight_cache:
+        # The same compiled call with the weight cache switched on around it (a run-time
+        # switch of the kernel).
+        def cached_call(f=fns["onednn"]):
+            cpu_kernels._configure_onednn(weight_cache=True)
+            f(x, k).block_until_ready()
+            cpu_kernels._configure_onednn(weight_cache=False)
+
+        calls["onednn+wcache"] = cached_call
+    tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).contiguous(
+        memory_format=torch.channels_last)
+    tw = torch.from_numpy(np.asarray(k).transpose(3, 2, 0, 1).copy())
+
+    def torch_call():
+        with torch.inference_mode():
+            return torch.nn.functional.conv2d(tx, tw, stride=stride, padding=padding,
+                                              groups=groups)
+
+    calls["torch_cl"] = torch_call
+    reference = np.asarray(_xla_conv(x, k, stride, padding, groups))
+    scale = np.abs(reference).max()
+    errors = {name: float(np.abs(np.asarray(f(x, k)) - reference).max() / scale)
+              for name, f in fns.items()}
+    info = {}
+    if "onednn" in fns:
+        info["impl"] = cpu_kernels._onednn_impl(x.shape, k.shape, stride, padding, groups)
+        # primitive creation (cache cleared) and the per-call weight reorder, from counters
+        lib = cpu_kernels._load().onednn
+        cpu_kernels._configure_onednn(timing=True)
+        cpu_kernels._onednn_stats()
+        lib.resnext_onednn_clear()
+        calls["onednn"]()
+        info["create_ms"] = cpu_kernels._onednn_stats()["create_s"] * 1e3
+        for _ in range(5):
+            calls["onednn"]()
+        stats = cpu_kernels._onednn_stats()
+        info["reorder_ms"] = stats["reorder_s"] / max(stats["calls"], 1) * 1e3
+        cpu_kernels._configure_onednn(timing=False)
+    for f in calls.values():
+        for _ in range(args.warmup):
+            f()
+    times = {name: [] for name in calls}
+    for _ in range(args.repeats):
+        for name, f in calls.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return {"lowering": lowering, "ms": medians, "errors": errors, **info}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="grouped",
+                   help="comma-separated: grouped, dense, stem")
+    p.add_argument("--batch-sizes", default="8,1")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--weight-cache", action="store_true",
+                   help="also time oneDNN with its weight cache on")
+    p.add_argument("--only", default="", help="comma-separated substrings of layer names")
+    args = p.parse_args()
+    shapes = []  # (name, h, cin, cout, kernel size, groups, stride, padding)
+    for kind in args.shapes.split(","):
+        if kind == "stem":
+            shapes += [(n, h, ci, co, k, 1, 2, p) for n, h, ci, co, k, p in STEM]
+        else:
+            table = {"grouped": GROUPED, "dense": DENSE}[kind]
+            shapes += [(n, h, c, c, 3, g, s, 1) for n, h, c, g, s in table]
+    if args.only:
+        shapes = [s for s in shapes if any(o in s[0] for o in args.only.split(","))]
+    print(f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}; "
+          f"kernels: {cpu_kernels._load().backends}")
+    cols = ["lowering", "onednn", "direct", "torch_cl"] + (
+        ["onednn+wcache"] if args.weight_cache else [])
+    print(f"| layer | input (NHWC) | d | stride | {' | '.join(cols)} | lowering / direct | "
+          "torch / direct | oneDNN impl | create ms | reorder ms |")
+    print("|" + "---|" * (len(cols) + 9))
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        for name, h, cin, cout, size, groups, stride, padding in shapes:
+            r = measure(batch, h, cin, cout, size, groups, stride, padding, args)
+            for side, err in r["errors"].items():
+                assert err < 1e-5, (name, side, err)
+            ms = r["ms"]
+            cells = [f"{ms[col]:.2f}" if col in ms else "" for col in cols]
+            cells[0] += f" ({r['lowering']})"
+            ratios = [f"{ms[a] / ms['direct']:.2f}" if "direct" in ms else ""
+                      for a in ("lowering", "torch_cl")]
+            print(f"| {name} | {batch}x{h}x{h}x{cin} | {cin // groups} | {stride} | "
+                  f"{' | '.join(cells)} | {' | '.join(ratios)} | "
+                  f"{r.get('impl', '')} | {r.get('create_ms', 0):.1f} | "
+                  f"{r.get('reorder_ms', 0):.2f} |", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,342 @@
+// Direct grouped 3x3 convolution for x86-64 CPUs with AVX2 + FMA, as an XLA typed-FFI handler.
+//
+// Layouts: input NHWC, output NHWC, float32; torch-style symmetric zero padding, any stride.
+// The kernel comes blocked as [unit][kh][kw][d][unit channels] (the Python side transposes
+// HWIO into it), so each unit's weights are contiguous: a unit is one group (unit == dout) or,
+// for 4 channels per group, two groups (unit == 8). Two vectorized forms, 8 output channels per
+// AVX2 register:
+//   * 4 channels per group (in and out): one register of 8 output channels spans two groups,
+//     and the 8 input channels of those two groups are one unaligned load; an in-lane permute
+//     broadcasts input channel c of each group to its four outputs, so every tap is
+//     1 load + 4 permutes + 4 FMAs per pixel (8 pixels per register tile).
+//   * out channels per group a multiple of 8 (any in channels per group): each input channel
+//     is broadcast from memory and multiplied into 1-2 registers of output channels, over a
+//     block of 6-8 pixels (a 6x16 or 8x8 register tile, like a GEMM micro-kernel).
+// Output pixels are taken in blocks along the flattened (n, oh, ow) axis, so blocks run across
+// rows; a tap in the padding reads from a buffer of zeros instead of being branched around.
+// Work is split into (unit chunk, pixel block) items, chunk-major, a chunk being as many units
+// as keep their weights within ~96 KiB (all units for small groups, so every input cache line
+// read serves all its channels). Items are claimed with an atomic counter by the calling thread
+// and by helpers scheduled on XLA's intra-op thread pool (the FFI's ThreadPool context); the
+// caller never waits for a helper that has not started, so a busy pool cannot deadlock it.
+//
+// The AVX2 code is compiled with function-level target attributes and only entered after a
+// runtime CPU check (resnext_direct_conv_vectorized), so the library loads on any x86-64 CPU;
+// a scalar form covers any shape (correct, slow; Python only routes vectorizable shapes here).
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define RESNEXT_X86 1
+#define RESNEXT_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define RESNEXT_X86 0
+#define RESNEXT_AVX2
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Shape {
+  int64_t n, h, w, c;       // input
+  int64_t kh, kw;           // kernel window
+  int64_t cout, groups;     // output channels, groups
+  int64_t d, dout;          // channels per group, in and out
+  int64_t stride, pad;
+  int64_t ho, wo;           // output size
+  // Output channels per unit of the blocked kernel [unit][kh][kw][d][unit channels]: a group
+  // (unit == dout), or two groups of 4 (unit == 8, d == dout == 4).
+  int64_t unit;
+};
+
+bool CpuHasAvx2Fma() {
+#if RESNEXT_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+#if RESNEXT_X86
+
+constexpr int kMaxP = 8;
+
+// For output pixels [q0, q0 + P) (flat over n, oh, ow): a pointer to channel 0 of the input
+// pixel under each of the 9 taps, or to a buffer of zeros where the tap falls in the padding.
+template <int P>
+inline void TapPointers(const Shape& s, const float* x, const float* zero, int64_t q0,
+                        const float* (&ptr)[9][kMaxP]) {
+  int64_t n = q0 / (s.ho * s.wo), oh = (q0 / s.wo) % s.ho, ow = q0 % s.wo;
+  for (int p = 0; p < P; ++p) {
+    for (int64_t i = 0; i < 3; ++i) {
+      const int64_t ih = oh * s.stride - s.pad + i;
+      const bool row_ok = ih >= 0 && ih < s.h;
+      for (int64_t j = 0; j < 3; ++j) {
+        const int64_t iw = ow * s.stride - s.pad + j;
+        ptr[i * 3 + j][p] = row_ok && iw >= 0 && iw < s.w ? x + ((n * s.h + ih) * s.w + iw) * s.c
+                                                          : zero;
+      }
+    }
+    if (++ow == s.wo) {
+      ow = 0;
+      if (++oh == s.ho) oh = 0, ++n;
+    }
+  }
+}
+
+// ---- 4 channels per group: unit u is output (and input) channels [8u, 8u + 8), two groups.
+// Blocked kernel: [unit][tap][c][8].
+template <int P>
+RESNEXT_AVX2 inline void D4Block(const Shape& s, const float* const (&ptr)[9][kMaxP],
+                                 const float* wb, float* y, int64_t q0, int64_t u) {
+  __m256 acc[P];
+  for (int p = 0; p < P; ++p) acc[p] = _mm256_setzero_ps();
+  const float* wu = wb + u * (9 * 4 * 8);
+  for (int t = 0; t < 9; ++t) {
+    const float* wt = wu + t * 32;
+    const __m256 w0 = _mm256_loadu_ps(wt);
+    const __m256 w1 = _mm256_loadu_ps(wt + 8);
+    const __m256 w2 = _mm256_loadu_ps(wt + 16);
+    const __m256 w3 = _mm256_loadu_ps(wt + 24);
+    for (int p = 0; p < P; ++p) {
+      const __m256 xi = _mm256_loadu_ps(ptr[t][p] + 8 * u);
+      acc[p] = _mm256_fmadd_ps(_mm256_permute_ps(xi, 0x00), w0, acc[p]);
+      acc[p] = _mm256_fmadd_ps(_mm256_permute_ps(xi, 0x55), w1, acc[p]);
+      acc[p] = _mm256_fmadd_ps(_mm256_permute_ps(xi, 0xAA), w2, acc[p]);
+      acc[p] = _mm256_fmadd_ps(_mm256_permute_ps(xi, 0xFF), w3, acc[p]);
+    }
+  }
+  for (int p = 0; p < P; ++p) _mm256_storeu_ps(y + (q0 + p) * s.cout + 8 * u, acc[p]);
+}
+
+// ---- dout a multiple of 8: unit g is one group; output vectors [j, j + V) of it.
+// Blocked kernel: [group][tap][c][dout].
+template <int P, int V>
+RESNEXT_AVX2 inline void BcastBlock(const Shape& s, const float* const (&ptr)[9][kMaxP],
+                                    const float* wb, float* y, int64_t q0, int64_t g,
+                                    int64_t j) {
+  __m256 acc[P][V];
+  for (int p = 0; p < P; ++p)
+    for (int q = 0; q < V; ++q) acc[p][q] = _mm256_setzero_ps();
+  const int64_t d = s.d, dout = s.dout;
+  const float* wg = wb + g * 9 * d * dout + 8 * j;
+  for (int t = 0; t < 9; ++t) {
+    const float* wt = wg + t * d * dout;
+    const float* xp[P];
+    for (int p = 0; p < P; ++p) xp[p] = ptr[t][p] + g * d;
+    for (int64_t c = 0; c < d; ++c) {
+      __m256 wv[V];
+      for (int q = 0; q < V; ++q) wv[q] = _mm256_loadu_ps(wt + c * dout + 8 * q);
+      for (int p = 0; p < P; ++p) {
+        const __m256 b = _mm256_broadcast_ss(xp[p] + c);
+        for (int q = 0; q < V; ++q) acc[p][q] = _mm256_fmadd_ps(b, wv[q], acc[p][q]);
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int q = 0; q < V; ++q)
+      _mm256_storeu_ps(y + (q0 + p) * s.cout + g * dout + 8 * (j + q), acc[p][q]);
+}
+
+template <int P>
+RESNEXT_AVX2 void PixelBlock(const Shape& s, bool d4, const float* x, const float* zero,
+                             const float* wb, float* y, int64_t q0, int64_t u0, int64_t u1) {
+  const float* ptr[9][kMaxP];
+  TapPointers<P>(s, x, zero, q0, ptr);
+  for (int64_t u = u0; u < u1; ++u) {
+    if (d4) {
+      D4Block<P>(s, ptr, wb, y, q0, u);
+      continue;
+    }
+    const int64_t vectors = s.dout / 8;
+    int64_t j = 0;
+    for (; j + 2 <= vectors; j += 2) BcastBlock<(P > 6 ? 6 : P), 2>(s, ptr, wb, y, q0, u, j);
+    if (j < vectors) BcastBlock<P, 1>(s, ptr, wb, y, q0, u, j);
+  }
+}
+
+// Output pixels [q0, q1) for units [u0, u1).
+RESNEXT_AVX2 void VectorRange(const Shape& s, bool d4, const float* x, const float* zero,
+                              const float* wb, float* y, int64_t q0, int64_t q1, int64_t u0,
+                              int64_t u1) {
+  // 6 pixels per block where a group has >= 16 outputs (a 6x2 register tile), else 8.
+  const int P = (!d4 && s.dout % 16 == 0) ? 6 : 8;
+  int64_t q = q0;
+  if (P == 6) {
+    for (; q + 6 <= q1; q += 6) PixelBlock<6>(s, d4, x, zero, wb, y, q, u0, u1);
+  } else {
+    for (; q + 8 <= q1; q += 8) PixelBlock<8>(s, d4, x, zero, wb, y, q, u0, u1);
+  }
+  if (q + 4 <= q1) { PixelBlock<4>(s, d4, x, zero, wb, y, q, u0, u1); q += 4; }
+  if (q + 2 <= q1) { PixelBlock<2>(s, d4, x, zero, wb, y, q, u0, u1); q += 2; }
+  if (q < q1) PixelBlock<1>(s, d4, x, zero, wb, y, q, u0, u1);
+}
+
+#endif  // RESNEXT_X86
+
+// Scalar form for any shape: output pixels [q0, q1), units [u0, u1).
+void ScalarRange(const Shape& s, const float* x, const float* wb, float* y, int64_t q0,
+                 int64_t q1, int64_t u0, int64_t u1) {
+  const int64_t taps = s.kh * s.kw;
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t n = q / (s.ho * s.wo), oh = (q / s.wo) % s.ho, ow = q % s.wo;
+    for (int64_t o = u0 * s.unit; o < std::min(s.cout, u1 * s.unit); ++o) {
+      const int64_t u = o / s.unit, j = o % s.unit, g = o / s.dout;
+      float acc = 0.f;
+      for (int64_t i = 0; i < s.kh; ++i) {
+        const int64_t ih = oh * s.stride - s.pad + i;
+        if (ih < 0 || ih >= s.h) continue;
+        for (int64_t k = 0; k < s.kw; ++k) {
+          const int64_t iw = ow * s.stride - s.pad + k;
+          if (iw < 0 || iw >= s.w) continue;
+          const float* xp = x + ((n * s.h + ih) * s.w + iw) * s.c + g * s.d;
+          const float* wp = wb + ((u * taps + i * s.kw + k) * s.d) * s.unit + j;
+          for (int64_t c = 0; c < s.d; ++c) acc += xp[c] * wp[c * s.unit];
+        }
+      }
+      y[q * s.cout + o] = acc;
+    }
+  }
+}
+
+enum class Form { kD4, kBcast, kScalar };
+
+Form ChooseForm(const Shape& s, bool avx2) {
+  if (!avx2 || s.kh != 3 || s.kw != 3) return Form::kScalar;
+  if (s.d == 4 && s.dout == 4 && s.unit == 8) return Form::kD4;
+  if (s.unit == s.dout && s.dout % 8 == 0) return Form::kBcast;
+  return Form::kScalar;
+}
+
+// Runs fn(item) for every item in [0, items), on the calling thread and on helpers scheduled
+// on XLA's intra-op pool. Items are claimed with an atomic counter; the caller works too and
+// then waits only for items already being run, never for a helper that has not started (the
+// pool may be busy, e.g. with the thread that called us), so it cannot deadlock.
+template <typename F>
+void ParallelFor(ffi::ThreadPool* pool, int64_t max_helpers, int64_t items, const F& fn) {
+  int64_t helpers = pool == nullptr ? 0 : std::min<int64_t>(pool->num_threads(), items - 1);
+  if (max_helpers >= 0) helpers = std::min(helpers, max_helpers);
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < items; ++i) fn(i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> in_flight{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  const F* f = &fn;
+  auto work = [items, f](State& st) {
+    for (;;) {
+      st.in_flight.fetch_add(1);
+      const int64_t i = st.next.fetch_add(1);
+      if (i < items) (*f)(i);
+      if (st.in_flight.fetch_sub(1) == 1) {
+        std::lock_guard<std::mutex> lock(st.mu);
+        st.cv.notify_all();
+      }
+      if (i >= items) return;
+    }
+  };
+  for (int64_t t = 0; t < helpers; ++t) pool->Schedule([state, work]() { work(*state); });
+  work(*state);
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->in_flight.load() == 0; });
+}
+
+const bool kAvx2 = CpuHasAvx2Fma();
+
+// Helper threads: -1 = as many as the pool has (default); 0 = run on the calling thread only.
+std::atomic<int> g_max_helpers{-1};
+
+ffi::Error DirectConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding,
+                      int64_t groups, int64_t unit) {
+  // x: (n, h, w, c); w: blocked (units, kh, kw, d, unit); y: (n, ho, wo, cout).
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || wd.size() != 5 || yd.size() != 4)
+    return ffi::Error::InvalidArgument("conv: expected NHWC input and a blocked kernel");
+  Shape s;
+  s.n = xd[0], s.h = xd[1], s.w = xd[2], s.c = xd[3];
+  s.kh = wd[1], s.kw = wd[2], s.d = wd[3], s.unit = wd[4], s.cout = wd[0] * wd[4];
+  s.groups = groups, s.stride = stride, s.pad = padding;
+  if (groups <= 0 || stride <= 0 || padding < 0 || s.c != s.d * groups || s.cout % groups ||
+      unit != s.unit)
+    return ffi::Error::InvalidArgument("conv: inconsistent channels, groups or stride");
+  s.dout = s.cout / groups;
+  if (s.unit != s.dout && !(s.d == 4 && s.dout == 4 && s.unit == 8))
+    return ffi::Error::InvalidArgument("conv: unsupported kernel blocking");
+  s.ho = (s.h + 2 * s.pad - s.kh) / s.stride + 1;
+  s.wo = (s.w + 2 * s.pad - s.kw) / s.stride + 1;
+  if (yd[0] != s.n || yd[1] != s.ho || yd[2] != s.wo || yd[3] != s.cout)
+    return ffi::Error::InvalidArgument("conv: output shape does not match");
+  if (s.ho <= 0 || s.wo <= 0 || s.n == 0) return ffi::Error::Success();
+
+  const Form form = ChooseForm(s, kAvx2);
+  const int64_t pixels = s.n * s.ho * s.wo;
+  const int64_t units = s.cout / s.unit;
+  // Items of (unit chunk, pixel block), chunk-major. A chunk is as many units as keep their
+  // weights within ~96 KiB (L2-resident while its pixels are swept); all units where they fit,
+  // so that every input cache line read is used by all its channels. Pixel blocks are a
+  // multiple of 24 (the register-tile widths 6 and 8) sized for >= 32 items in all.
+  const int64_t unit_bytes = s.kh * s.kw * s.d * s.unit * 4;
+  const int64_t unit_chunk = std::max<int64_t>(1, std::min(units, (96 << 10) / unit_bytes));
+  const int64_t chunks = (units + unit_chunk - 1) / unit_chunk;
+  const int64_t want_blocks = std::max<int64_t>(1, (32 + chunks - 1) / chunks);
+  int64_t pixel_block = (pixels + want_blocks - 1) / want_blocks;
+  pixel_block = std::max<int64_t>(24, (pixel_block + 23) / 24 * 24);
+  const int64_t blocks = (pixels + pixel_block - 1) / pixel_block;
+
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  auto run = [&](int64_t item) {
+    const int64_t u0 = (item / blocks) * unit_chunk;
+    const int64_t u1 = std::min(units, u0 + unit_chunk);
+    const int64_t q0 = (item % blocks) * pixel_block;
+    const int64_t q1 = std::min(pixels, q0 + pixel_block);
+#if RESNEXT_X86
+    if (form != Form::kScalar) {
+      thread_local std::vector<float> zero;
+      if (zero.size() < static_cast<size_t>(s.c)) zero.assign(s.c, 0.f);
+      VectorRange(s, form == Form::kD4, xp, zero.data(), wp, yp, q0, q1, u0, u1);
+      return;
+    }
+#endif
+    ScalarRange(s, xp, wp, yp, q0, q1, u0, u1);
+  };
+  ParallelFor(&pool, g_max_helpers.load(), chunks * blocks, run);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextDirectConv, DirectConv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("padding")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<int64_t>("unit"));
+
+// 1 when this CPU runs the vectorized forms (AVX2 and FMA); the scalar form is slow.
+extern "C" int resnext_direct_conv_vectorized() { return kAvx2 ? 1 : 0; }
+
+// Benchmarks: cap the helper threads taken from XLA's pool (0: the calling thread alone).
+extern "C" void resnext_direct_conv_set_helpers(int helpers) { g_max_helpers.store(helpers); }

@@ -1,0 +1,289 @@
+"""The compiled CPU convolutions (resnext_flax.nn.cpu_kernels) against XLA's conv.
+
+Numerics: each kernel's output is compared with a float64 numpy reference, and its relative
+error must stay within FACTOR times XLA's own float32 error on the same conv (measured here,
+floored at float32's unit roundoff). Gradients route to XLA's conv, so they must be
+bit-identical. Tests needing the extension are skipped only where it is genuinely unavailable
+(the skip says why); ``test_extension_loads_where_it_is_built`` fails instead on Linux x86-64,
+unless RESNEXT_FLAX_DISABLE_CPU_KERNELS is set.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnext_flax.nn import cpu_kernels, ops
+
+FACTOR = 4.0
+EPS32 = 2.0**-24
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _skip_reason(backend: str | None = None) -> str:
+    if jax.default_backend() != "cpu":
+        return f"the compiled kernels are CPU-only; JAX's backend is {jax.default_backend()}"
+    reasons = [r for r in cpu_kernels.unavailable_reasons()
+               if backend is None or r.startswith(backend)
+               or not r.startswith(cpu_kernels.BACKENDS)]  # e.g. "disabled by ..."
+    reasons = "; ".join(reasons) or "not loaded"
+    what = f"the {backend} CPU kernel" if backend else "the compiled CPU kernels"
+    return f"{what} unavailable: {reasons}"
+
+
+def _usable(backend: str | None = None) -> bool:
+    return jax.default_backend() == "cpu" and cpu_kernels.available(backend)
+
+
+BACKEND_PARAMS = [
+    pytest.param(b, marks=pytest.mark.skipif(not _usable(b), reason=_skip_reason(b)))
+    for b in cpu_kernels.BACKENDS
+]
+needs_kernels = pytest.mark.skipif(not _usable(), reason=_skip_reason())
+
+
+def _xla(x, k, stride, padding, groups):
+    return jax.lax.conv_general_dilated(
+        x, k, (stride, stride), ((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+def _reference64(x, k, stride, padding, groups) -> np.ndarray:
+    """The conv in float64 numpy: a sum over taps of per-group channel contractions."""
+    x = np.asarray(x, np.float64)
+    k = np.asarray(k, np.float64)
+    n, h, w, _ = x.shape
+    kh, kw, d, cout = k.shape
+    ho = (h + 2 * padding - kh) // stride + 1
+    wo = (w + 2 * padding - kw) // stride + 1
+    xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    kg = k.reshape(kh, kw, d, groups, cout // groups)
+    out = np.zeros((n, ho, wo, groups, cout // groups))
+    for i in range(kh):
+        for j in range(kw):
+            tap = xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+            out += np.einsum("nhwgc,cgo->nhwgo", tap.reshape(n, ho, wo, groups, d), kg[i, j])
+    return out.reshape(n, ho, wo, cout)
+
+
+def _rel(a, ref) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def _data(n, h, w, c, kh, d, cout, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((kh, kh, d, cout)) / np.sqrt(kh * kh * d), jnp.float32)
+    return x, k
+
+
+# (n, h, w, channels, groups, stride, padding): d = channels // groups.
+CASES = [
+    (2, 13, 17, 128, 32, 1, 1),    # d = 4
+    (2, 13, 17, 128, 32, 2, 1),
+    (3, 13, 17, 128, 32, 1, 0),
+    (2, 13, 17, 256, 32, 1, 1),    # d = 8
+    (2, 13, 17, 256, 32, 2, 0),
+    (2, 13, 17, 512, 32, 1, 1),    # d = 16
+    (1, 13, 17, 512, 32, 2, 1),
+    (2, 9, 11, 1024, 32, 1, 1),    # d = 32
+    (1, 7, 7, 2048, 32, 1, 1),     # d = 64
+    (1, 7, 7, 2048, 32, 2, 1),
+    (2, 13, 17, 64, 1, 1, 1),      # dense
+    (2, 13, 17, 64, 1, 2, 1),
+    (64, 6, 5, 128, 32, 1, 1),     # batch 64
+    (64, 4, 4, 256, 32, 2, 1),
+    (1, 1, 1, 128, 32, 1, 1),      # a single pixel
+    (1, 1, 1, 512, 32, 2, 1),
+    (4, 8, 8, 256, 64, 1, 1),      # 64 groups of 4 (ResNeXt-101 64x4d)
+]
+
+
+def _id(case) -> str:
+    n, h, w, c, g, s, p = case
+    return f"{n}x{h}x{w}x{c}-d{c // g}-s{s}-p{p}"
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_matches_xla(backend, case):
+    n, h, w, c, g, s, p = case
+    x, k = _data(n, h, w, c, 3, c // g, c)
+    with cpu_kernels.use_backend(backend):
+        assert cpu_kernels.backend_for(x.shape, k.shape, s, p, g, x.dtype) == backend
+        out = jax.jit(lambda x, k: cpu_kernels.conv2d(x, k, stride=s, padding=p, groups=g))(x, k)
+    expected = _xla(x, k, s, p, g)
+    assert out.shape == expected.shape and out.dtype == jnp.float32
+    ref = _reference64(x, k, s, p, g)
+    floor = max(_rel(expected, ref), EPS32)
+    assert _rel(out, ref) <= FACTOR * floor, (_rel(out, ref), floor)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_default_choice_and_unusual_shapes(backend):
+    """Grouped 3x3 convs go to the direct kernel when loaded; shapes a backend cannot run
+    fall back to XLA (same numbers as XLA's conv), never fail."""
+    x, k = _data(1, 9, 9, 64, 3, 2, 64)  # 32 groups of 2: no vector form in the direct kernel
+    with cpu_kernels.use_backend(backend):
+        chosen = cpu_kernels.backend_for(x.shape, k.shape, 1, 1, 32, x.dtype)
+        out = jax.jit(lambda x, k: cpu_kernels.conv2d(x, k, stride=1, padding=1, groups=32))(x, k)
+    assert chosen == (None if backend == "direct" else "onednn")
+    ref = _reference64(x, k, 1, 1, 32)
+    assert _rel(out, ref) <= FACTOR * max(_rel(_xla(x, k, 1, 1, 32), ref), EPS32)
+    if chosen is None:
+        np.testing.assert_array_equal(out, _xla(x, k, 1, 1, 32))
+    # Output smaller than the kernel window: XLA's business.
+    tiny = jnp.ones((1, 1, 1, 128), jnp.float32)
+    assert not cpu_kernels.supports(tiny.shape, k.shape, 1, 0, 64, jnp.float32)
+
+
+@needs_kernels
+def test_per_shape_default():
+    grouped = ((8, 56, 56, 128), (3, 3, 4, 128), 1, 1, 32)
+    if cpu_kernels.available("direct"):
+        assert cpu_kernels.backend_for(*grouped, jnp.float32) == "direct"
+    # The direct kernel never takes dense convs by default.
+    dense = ((1, 14, 14, 256), (3, 3, 256, 256), 1, 1, 1)
+    assert cpu_kernels.backend_for(*dense, jnp.float32) in (None, "onednn")
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_grad_is_xla_grad(backend, stride):
+    x, k = _data(2, 9, 11, 128, 3, 4, 128)
+    cot = jnp.asarray(np.random.default_rng(1).standard_normal(
+        _xla(x, k, stride, 1, 32).shape), jnp.float32)
+
+    def loss(conv):
+        return lambda x, k: jnp.sum(conv(x, k) * cot)
+
+    with cpu_kernels.use_backend(backend):
+        fast = jax.jit(jax.grad(loss(lambda x, k: cpu_kernels.conv2d(
+            x, k, stride=stride, padding=1, groups=32)), argnums=(0, 1)))(x, k)
+    slow = jax.jit(jax.grad(loss(lambda x, k: _xla(x, k, stride, 1, 32)), argnums=(0, 1)))(x, k)
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_kernels
+def test_ops_ffi_lowering_grad_is_fallback_grad():
+    """Through ops.conv2d, derivatives are those of the lowering chosen without "ffi"."""
+    x, k = _data(2, 9, 11, 128, 3, 4, 128)
+
+    def loss(lowering):
+        def f(x, k):
+            return jnp.sum(ops.conv2d(x, k, padding=1, groups=32, lowering=lowering) ** 2)
+        return f
+
+    with ops.conv_lowering("auto"):
+        fallback = ops._first_cpu_lowering(k.shape, 32, 1, excluded={"ffi"})
+    fast = jax.jit(jax.grad(loss("ffi"), argnums=(0, 1)))(x, k)
+    slow = jax.jit(jax.grad(loss(fallback), argnums=(0, 1)))(x, k)
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # and the forward pass is the compiled kernel's, close to the fallback's
+    np.testing.assert_allclose(ops.conv2d(x, k, padding=1, groups=32, lowering="ffi"),
+                               ops.conv2d(x, k, padding=1, groups=32, lowering=fallback),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_vmap(backend):
+    x, k = _data(2, 7, 9, 256, 3, 8, 256)
+    xs = jnp.stack([x, 2 * x, -x])
+    ks = jnp.stack([k, 0.5 * k, -k])
+
+    def conv(x, k):
+        return cpu_kernels.conv2d(x, k, stride=2, padding=1, groups=32)
+
+    def ref(x, k):
+        return _xla(x, k, 2, 1, 32)
+
+    with cpu_kernels.use_backend(backend):
+        got = [
+            jax.jit(jax.vmap(conv, in_axes=(0, None)))(xs, k),  # folded into the batch
+            jax.jit(jax.vmap(conv))(xs, ks),                    # one call per slice
+            jax.jit(jax.vmap(conv, in_axes=(None, 0)))(x, ks),
+            jax.jit(jax.vmap(jax.vmap(conv, in_axes=(0, None)), in_axes=(0, None)))(
+                jnp.stack([xs, xs]), k),
+        ]
+    want = [
+        jax.vmap(ref, in_axes=(0, None))(xs, k),
+        jax.vmap(ref)(xs, ks),
+        jax.vmap(ref, in_axes=(None, 0))(x, ks),
+        jnp.stack([jax.vmap(ref, in_axes=(0, None))(xs, k)] * 2),
+    ]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_unsupported_dtype_falls_back(dtype):
+    x, k = _data(2, 9, 9, 128, 3, 4, 128)
+    x, k = x.astype(dtype), k.astype(dtype)
+    assert not cpu_kernels.supports(x.shape, k.shape, 1, 1, 32, dtype)
+    out = jax.jit(lambda x, k: cpu_kernels.conv2d(x, k, padding=1, groups=32))(x, k)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, jax.jit(lambda x, k: _xla(x, k, 1, 1, 32))(x, k))
+    # also through the "ffi" lowering of ops.conv2d
+    ops.conv2d(x, k, padding=1, groups=32, lowering="ffi").block_until_ready()
+
+
+def test_disable_env_var_falls_back():
+    """With RESNEXT_FLAX_DISABLE_CPU_KERNELS=1 nothing is loaded, the reason is logged once,
+    and conv2d (and a model's forward) still give XLA's results."""
+    script = textwrap.dedent("""
+        import logging, sys
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(message)s")
+        import jax, jax.numpy as jnp, numpy as np
+        from resnext_flax.nn import cpu_kernels, ops
+        assert not cpu_kernels.available(), cpu_kernels._load()
+        assert not cpu_kernels.supports((2, 9, 9, 128), (3, 3, 4, 128), 1, 1, 32, jnp.float32)
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((2, 9, 9, 128)), jnp.float32)
+        k = jnp.asarray(rng.standard_normal((3, 3, 4, 128)), jnp.float32)
+        out = cpu_kernels.conv2d(x, k, padding=1, groups=32)
+        ref = jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=32)
+        np.testing.assert_array_equal(out, ref)
+        fallback = ops._first_cpu_lowering(k.shape, 32, 1, excluded={"ffi"})
+        np.testing.assert_array_equal(
+            ops.conv2d(x, k, padding=1, groups=32),
+            ops.conv2d(x, k, padding=1, groups=32, lowering=fallback))
+        cpu_kernels.available(); cpu_kernels.available("direct")
+        print("OK")
+    """)
+    env = {**os.environ, cpu_kernels.DISABLE_ENV: "1", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("OK")
+    logs = [line for line in proc.stdout.splitlines() if line.startswith("LOG resnext_flax")]
+    assert len(logs) == 1 and cpu_kernels.DISABLE_ENV in logs[0], proc.stdout
+
+
+def test_extension_loads_where_it_is_built():
+    """CI must notice a broken build: on Linux x86-64 the direct kernel has to load (unless
+    disabled on purpose with RESNEXT_FLAX_DISABLE_CPU_KERNELS or the CPU lacks AVX2/FMA), and
+    the opt-in oneDNN kernel has to load wherever it was built."""
+    if cpu_kernels.disabled_by_env():
+        pytest.skip(f"{cpu_kernels.DISABLE_ENV} is set")
+    if not cpu_kernels.expected_platform():
+        pytest.skip("the extension is only built on Linux x86-64")
+    reasons = cpu_kernels.unavailable_reasons()
+    direct = [r for r in reasons if r.startswith("direct")]
+    if not cpu_kernels.available("direct") and not any("AVX2" in r for r in direct):
+        pytest.fail(f"the direct CPU kernel did not load on Linux x86-64: {direct} "
+                    "(rebuild with `pip install -e .`; a C++17 compiler is needed)")
+    built = os.path.exists(os.path.join(os.path.dirname(cpu_kernels.__file__), "_cpu_onednn.so"))
+    if built and not cpu_kernels.available("onednn"):
+        onednn = [r for r in reasons if r.startswith("onednn")]
+        pytest.fail(f"the oneDNN CPU kernel was built but did not load: {onednn}")
