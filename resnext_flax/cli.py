@@ -1,5 +1,6 @@
 """The ``resnext-flax`` command: ``predict`` images with a pretrained model, ``list`` the models
-and their weight sets. argparse (stdlib) keeps the command free of extra dependencies."""
+and their weight sets, ``evaluate`` and ``finetune`` on image folders (``commands.py``).
+argparse (stdlib) keeps the command free of extra dependencies."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from resnext_flax import commands as folder_commands
 from resnext_flax.models.variants import VARIANTS
 from resnext_flax.weights.catalog import list_weight_sets
 
@@ -37,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="models and weight sets, with accuracy and size")
     listing.add_argument("--model", choices=list(VARIANTS), metavar="NAME",
                          help="only this model")
+    folder_commands.add_evaluate_parser(commands)
+    folder_commands.add_finetune_parser(commands)
     return parser
 
 
@@ -78,7 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``resnext-flax``; returns the exit status (1 on a reported error)."""
     args = _parser().parse_args(argv)
     try:
-        output = _list(args.model) if args.command == "list" else _predict(args)
+        run = {"list": lambda a: _list(a.model), "predict": _predict,
+               "evaluate": folder_commands.run_evaluate,
+               "finetune": folder_commands.run_finetune}[args.command]
+        output = run(args)
     except (OSError, ValueError, ImportError) as err:
         print(f"resnext-flax: error: {err}", file=sys.stderr)
         return 1
