@@ -108,17 +108,31 @@ def _write_evaluation_json(args: argparse.Namespace, result: Any, note: str) -> 
     atomic_write(args.json, write)
 
 
+_FINETUNE_DESCRIPTION = (
+    "Fine-tune a model on an ImageFolder layout or a list file: a new head for its classes, "
+    "validation each epoch, resumable checkpoints in --output-dir, and the best model written "
+    "to OUTPUT_DIR/best.safetensors with the class names in its header.")
+
+
 def add_finetune_parser(commands: Any) -> None:
     """``resnext-flax finetune TRAIN_DIR [--val-dir DIR | --val-split F] --model NAME ...``"""
+    _add_finetune_arguments(commands.add_parser(
+        "finetune", help="fine-tune on an image folder (new head for its classes)",
+        description=_FINETUNE_DESCRIPTION))
+
+
+def finetune_parser() -> argparse.ArgumentParser:
+    """A stand-alone parser of the ``finetune`` arguments (for scripts that wrap it)."""
+    parser = argparse.ArgumentParser(prog="resnext-flax finetune",
+                                     description=_FINETUNE_DESCRIPTION)
+    _add_finetune_arguments(parser)
+    return parser
+
+
+def _add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     from resnext_flax.finetuning import FinetuneConfig
 
     d = FinetuneConfig(model="resnet18")
-    p = commands.add_parser(
-        "finetune", help="fine-tune on an image folder (new head for its classes)",
-        description="Fine-tune a model on an ImageFolder layout or a list file: a new head "
-                    "for its classes, validation each epoch, resumable checkpoints in "
-                    "--output-dir, and the best model written to OUTPUT_DIR/best.safetensors "
-                    "with the class names in its header.")
     p.add_argument("train", metavar="TRAIN_DIR", help="training folder or list file")
     val = p.add_mutually_exclusive_group()
     val.add_argument("--val-dir", metavar="DIR", help="validation folder or list file")

@@ -97,6 +97,6 @@ def learnable_folder(root: pathlib.Path, per_class: int, *, seed: int = 0) -> li
     for i in range(per_class):
         write_image(root / "china" / f"{i:03d}.jpg", photo_crop(0, rng, 40, 160))
         write_image(root / "flower" / f"{i:03d}.png", photo_crop(1, rng, 40, 160))
-        write_image(root / "digits" / f"{i:03d}.png", images[i])
+        write_image(root / "digits" / f"{i:03d}.png", images[(100 * seed + i) % len(images)])
     (root / "flower" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     return sorted(os.listdir(root))
