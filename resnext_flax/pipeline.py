@@ -62,7 +62,9 @@ class LoaderOptions:
     - `num_workers`: Grain worker processes decoding batches (0: in the calling process).
     - `num_threads`: threads per process reading batches in parallel (Pillow releases the GIL
       while decoding and resizing, so threads help even without workers).
-    - `prefetch`: batches buffered per process.
+    - `prefetch`: batches buffered per process (at least `num_threads`). Every buffered
+      batch is ``batch x crop x crop x 3`` float32 (256 x 224 x 224: 154 MB), in shared
+      memory when it comes from a worker.
     """
 
     num_workers: int = 0
@@ -160,8 +162,10 @@ class BatchLoader:
 
     def _open(self, position: int) -> Any:
         grain = _grain()
+        # Grain uses at most prefetch_buffer_size threads.
+        buffer = max(self.options.prefetch, self.options.num_threads)
         iter_dataset = self._batches[position:].to_iter_dataset(grain.ReadOptions(
-            num_threads=self.options.num_threads, prefetch_buffer_size=self.options.prefetch))
+            num_threads=self.options.num_threads, prefetch_buffer_size=buffer))
         if self.options.num_workers:
             iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=self.options.num_workers,

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU checks for a lent accelerator machine: parity at precision 'highest', then the side-by-side
 # benchmark (this library's jit vs PyTorch eager on the same GPU) in fp32 and bf16 at batch
-# 1..256. Results go to docs/performance_gpu.md (JSON to $OUT, or /tmp). The defaults are sized
-# for a 15-minute device budget (an estimate: this script has not yet run on a GPU).
+# 1..256, then the input pipeline at batch 256 with 16 workers. Results go to
+# docs/performance_gpu.md (JSON to $OUT, or /tmp). The defaults are sized for a 15-minute
+# device budget (an estimate: this script has not yet run on a GPU).
 # Usage: scripts/gpu_benchmark.sh [MODELS] [BATCHES]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,4 +41,20 @@ for DTYPE in float32 bfloat16; do
     --dtype "$DTYPE" --repeats 10 --warmup 3 --markdown "$DOC" \
     --json "$OUTDIR/gpu_benchmark_$DTYPE.json"
 done
+
+# 3. Is the input pipeline the bottleneck? Grain workers decoding ImageNet-sized JPEGs (500x375,
+# 256/224 preprocessing) vs the model alone vs `evaluate` end to end, batch 256, 16 workers
+# (docs/data.md says how to read it). Grain must already be installed (no network here): bring
+# it as wheels (pip download grain array-record ...) when it is missing.
+if python -c "import grain" 2>/dev/null; then
+  {
+    echo -e "\n## Input pipeline (batch 256, resnet50, 16 workers)\n"
+    echo '```'
+    python benchmarks/data_pipeline.py --workers 0,8,16 --threads 1 --batch-size 256 \
+      --model resnet50 --images 4096 --rounds 2 --json "$OUTDIR/gpu_pipeline.json"
+    echo '```'
+  } >> "$DOC"
+else
+  echo "grain is not installed: input-pipeline benchmark skipped" >&2
+fi
 echo "wrote $DOC"
