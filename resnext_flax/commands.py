@@ -48,30 +48,17 @@ def add_evaluate_parser(commands: Any) -> None:
     _add_loader_arguments(p)
 
 
-def _preprocessing_override(args: argparse.Namespace, base: Any) -> Any:
-    import dataclasses
-
-    sizes = {k: v for k, v in (("resize_size", args.resize_size),
-                               ("crop_size", args.crop_size)) if v is not None}
-    return dataclasses.replace(base, **sizes) if sizes else None
-
-
 def run_evaluate(args: argparse.Namespace) -> str:
     """Run ``evaluate`` and return what it prints."""
     from resnext_flax.evaluation import evaluate_pretrained
     from resnext_flax.pipeline import LoaderOptions
-    from resnext_flax.weights.catalog import resolve_weights
-    from resnext_flax.weights.checkpoint import read_checkpoint_labels
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    base = resolve_weights(args.model, args.weights).preprocessing
-    if args.checkpoint:
-        base = read_checkpoint_labels(args.checkpoint)[1] or base
     result, note = evaluate_pretrained(
         args.folder, args.model, args.weights, checkpoint=args.checkpoint,
         batch_size=args.batch_size, loader=LoaderOptions(args.workers, args.threads),
-        preprocessing=_preprocessing_override(args, base), cache_dir=args.cache_dir,
+        resize_size=args.resize_size, crop_size=args.crop_size, cache_dir=args.cache_dir,
         progress=not args.no_progress)
     lines = [f"{args.folder}: {result.num_images} images, {len(result.classes)} classes "
              f"({note})", result.table(),

@@ -262,25 +262,28 @@ def evaluate_pretrained(
     checkpoint: str | os.PathLike | None = None,
     batch_size: int = 64,
     loader: LoaderOptions | None = None,
-    preprocessing: Preprocessing | None = None,
+    resize_size: int | None = None,
+    crop_size: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> tuple[EvaluationResult, str]:
     """Evaluate `name` with `weights` (or a local `checkpoint`) on a folder or list file.
 
     The preprocessing is the checkpoint's recorded one (a fine-tuned model), else the weight
-    set's, unless `preprocessing` overrides it. Returns the result and a note on how labels
-    were matched. Errors in the folder are raised before the model is loaded.
+    set's; `resize_size` / `crop_size` override its sizes. Returns the result and a note on
+    how labels were matched. Errors in the folder are raised before the model is loaded.
     """
     dataset = load_dataset(source)
     ws = resolve_weights(name, weights)
-    classes, recorded = (None, None) if checkpoint is None else read_checkpoint_labels(
-        checkpoint)
     model = from_pretrained(name, ws, checkpoint=checkpoint, cache_dir=cache_dir,
                             progress=progress)
+    classes, recorded = (None, None) if checkpoint is None else read_checkpoint_labels(
+        checkpoint)
     space = match_labels(dataset, model.num_classes, classes=classes,
                          weight_set=None if classes is not None else ws)
-    config = preprocessing or recorded or ws.preprocessing
+    sizes = {k: v for k, v in (("resize_size", resize_size), ("crop_size", crop_size))
+             if v is not None}
+    config = dataclasses.replace(recorded or ws.preprocessing, **sizes)
     result = evaluate(model, space.dataset, preprocessing=config, batch_size=batch_size,
                       loader=loader, progress=progress, published=space.published)
     if space.published is not None and config != ws.preprocessing:
