@@ -273,8 +273,9 @@ def finetune(
                 if on_step is not None:
                     on_step(step, metrics)
                 if progress and primary and (step % 10 == 0 or step % per_epoch == 0):
+                    accuracy = 100 * int(metrics["correct"]) / config.batch_size
                     bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
-                                    img_s=f"{timer.rate():.0f}")
+                                    acc1=f"{accuracy:.1f}", img_s=f"{timer.rate():.0f}")
                 if step % per_epoch == 0:
                     entry = totals.entry(step // per_epoch, step, config.batch_size)
                     entry.update(images_per_second=timer.rate(), skipped=skipped.count)
