@@ -66,9 +66,16 @@ from resnext_flax.weights.catalog import (
     list_weight_sets,
 )
 from resnext_flax.weights.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from resnext_flax.weights.loading import load_model, read_state_dict
+from resnext_flax.weights.files import UntrustedPickleError
+from resnext_flax.weights.loading import (
+    inspect_checkpoint,
+    load_model,
+    load_model_with_report,
+    read_state_dict,
+)
+from resnext_flax.weights.names import infer_architecture
 from resnext_flax.weights.pretrained import download_pretrained, from_pretrained
-from resnext_flax.weights.resolve import infer_architecture
+from resnext_flax.weights.resolve import CheckpointLayoutError, CheckpointReport
 from resnext_flax.weights.torch_port import (
     StateDictMismatchError,
     StateDictReport,
@@ -88,6 +95,8 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "CheckpointError",
+    "CheckpointLayoutError",
+    "CheckpointReport",
     "ChecksumError",
     "DatasetError",
     "EvaluationResult",
@@ -106,6 +115,7 @@ __all__ = [
     "StateDictMismatchError",
     "StateDictReport",
     "TrainState",
+    "UntrustedPickleError",
     "WeightSet",
     "WeightsUnavailableError",
     "compare_state_dict",
@@ -122,12 +132,14 @@ __all__ = [
     "imagenet_categories",
     "imagenet_wnids",
     "infer_architecture",
+    "inspect_checkpoint",
     "list_models",
     "list_weight_sets",
     "load_checkpoint",
     "load_dataset",
     "load_image",
     "load_model",
+    "load_model_with_report",
     "load_torch_state_dict",
     "make_train_step",
     "optimize_for_inference",

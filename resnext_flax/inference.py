@@ -42,8 +42,18 @@ class Predictions:
     def __len__(self) -> int:
         return len(self.indices)
 
+    @property
+    def finite(self) -> np.ndarray:
+        """Per image, whether its logits are all finite (NaN/Inf in an image or in the weights
+        makes every probability meaningless)."""
+        return np.isfinite(self.logits).all(axis=-1)
+
     def top(self, i: int) -> list[tuple[str, float]]:
-        """``[(label, probability), ...]`` for image `i`, best first."""
+        """``[(label, probability), ...]`` for image `i`, best first; a ValueError if its
+        logits are not finite (there is no top class then)."""
+        if not self.finite[i]:
+            raise ValueError(f"image {i}: non-finite logits (NaN or Inf in the image or in the "
+                             "weights); no class can be reported")
         return [(label, float(p)) for label, p in zip(self.labels[i], self.probabilities[i],
                                                      strict=True)]
 

@@ -42,6 +42,15 @@ def shard_batch(mesh: Mesh, *arrays: Any, axis_name: str = DATA_AXIS) -> Any:
     The batch size must be a multiple of the number of devices. In multi-process runs each
     process passes its *local* part (``jax.make_array_from_process_local_data``).
     """
+    devices = mesh.shape[axis_name]
+    local = devices // jax.process_count() if jax.process_count() > 1 else devices
+    for a in arrays:
+        n = np.shape(a)[0] if np.ndim(a) else 0
+        if n == 0 or n % local:
+            raise ValueError(
+                f"a batch of {n} cannot be split evenly over {local} devices (mesh axis "
+                f"{axis_name!r}): use a batch size that is a multiple of {local}, or pad the "
+                "last batch and ignore the padding")
     sharding = NamedSharding(mesh, P(axis_name))
     if jax.process_count() > 1:
         out = [jax.make_array_from_process_local_data(sharding, np.asarray(a)) for a in arrays]

@@ -46,9 +46,15 @@ def preprocessing_config(config: Preprocessing | WeightSet | None) -> Preprocess
 def load_image(image: ImageInput) -> Image.Image:
     """An RGB PIL image from a PIL image, a file path, or a uint8 array (H, W, 3), (H, W, 1)
     or (H, W). Grayscale, palette and RGBA images are converted with Pillow's ``convert("RGB")``
-    (alpha is dropped), which is what torchvision's pipeline needs for 3-channel weights."""
+    (alpha is dropped), which is what torchvision's pipeline needs for 3-channel weights.
+
+    16-bit images (``I;16`` and ``I`` with values up to 65535) are scaled to 8 bits
+    (``round(v / 257)``): Pillow's ``convert("RGB")`` clips them at 255, so a 16-bit PNG would
+    turn white (torchvision's PIL pipeline has that bug). Float images (mode ``F``) and 32-bit
+    integer images beyond 16 bits have no defined range and are refused.
+    """
     if isinstance(image, Image.Image):
-        pil = image
+        pil = _to_8_bit(image, "the image")
     elif isinstance(image, str | os.PathLike):
         path = os.fspath(image)
         if not os.path.isfile(path):
@@ -56,8 +62,9 @@ def load_image(image: ImageInput) -> Image.Image:
         try:
             with Image.open(path) as opened:
                 opened.load()
-                pil = opened.copy() if opened.mode == "RGB" else opened.convert("RGB")
-        except OSError as err:
+                pil = _to_8_bit(opened, repr(path))
+                pil = pil.copy() if pil is opened else pil
+        except (OSError, Image.DecompressionBombError) as err:
             raise ValueError(f"could not read {path!r} as an image: {err}") from err
     elif isinstance(image, np.ndarray):
         pil = Image.fromarray(_check_array(image))
@@ -67,6 +74,20 @@ def load_image(image: ImageInput) -> Image.Image:
             f"{type(image).__name__}"
         )
     return pil if pil.mode == "RGB" else pil.convert("RGB")
+
+
+def _to_8_bit(image: Image.Image, name: str) -> Image.Image:
+    """`image` with 16-bit integer pixels scaled to 8 bits ("L"); other modes unchanged."""
+    if image.mode == "F":
+        raise ValueError(f"{name} has floating-point pixels (mode F) with no defined range; "
+                         "convert it to 8 bits per channel first")
+    if not (image.mode == "I" or image.mode.startswith("I;16")):
+        return image
+    pixels = np.asarray(image).astype(np.int64)
+    if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+        raise ValueError(f"{name} has 32-bit integer pixels ({pixels.min()}..{pixels.max()}) "
+                         "with no defined range; convert it to 8 bits per channel first")
+    return Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8), mode="L")
 
 
 def _check_array(array: np.ndarray) -> np.ndarray:

@@ -11,11 +11,13 @@ applies unchanged.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
@@ -103,11 +105,23 @@ def sgd(
     torch decays every parameter; that is ``decay_bn_and_bias=True``. The default masks
     BN scale/bias and biases out (:func:`decay_mask`).
     """
+    check_hyperparameters(learning_rate=learning_rate, momentum=momentum,
+                          weight_decay=weight_decay)
     mask = None if decay_bn_and_bias else decay_mask
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=mask),
         optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),
     )
+
+
+def check_hyperparameters(**values: Any) -> None:
+    """Numbers (schedules pass through) must be finite and not negative: a NaN or negative
+    learning rate trains silently wrong."""
+    for name, value in values.items():
+        if callable(value):
+            continue
+        if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def cross_entropy(
@@ -122,12 +136,47 @@ def cross_entropy(
     return jnp.mean(optax.softmax_cross_entropy(logits, targets))
 
 
+def check_labels(images: jax.Array, labels: jax.Array) -> None:
+    """Trace-time check (free under jit): integer class indices, one per image.
+
+    torch's cross-entropy raises for float labels and for (N, 1) labels; here both would
+    broadcast into a wrong loss, so they are rejected."""
+    dtype = getattr(labels, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"labels must be integer class indices, got dtype {dtype}")
+    if tuple(labels.shape) != tuple(images.shape[:1]):
+        raise ValueError(f"labels must have shape (N,) = {tuple(images.shape[:1])}, one class "
+                         f"index per image, got {tuple(labels.shape)}")
+
+
+def validate_labels(labels: Any, num_classes: int) -> np.ndarray:
+    """Host-side check where a batch comes from: integer labels in [0, num_classes).
+    Returns them as a numpy array; raises a ValueError naming the offending values."""
+    array = np.asarray(labels)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"labels must be integer class indices, got dtype {array.dtype}")
+    bad = array[(array < 0) | (array >= num_classes)]
+    if bad.size:
+        raise ValueError(f"labels must be in [0, {num_classes}); got {np.unique(bad)[:10]} "
+                         "(class indices start at 0)")
+    return array
+
+
+def _invalid_labels(labels: jax.Array, num_classes: int, axis_name: str | None) -> jax.Array:
+    """How many labels of the (global) batch are outside [0, num_classes)."""
+    count = jnp.sum((labels < 0) | (labels >= num_classes))
+    return count if axis_name is None else jax.lax.psum(count, axis_name)
+
+
 def _forward_train(
     state: TrainState, trainable: Params, images: jax.Array
 ) -> tuple[jax.Array, Params]:
     """Train-mode logits and the updated BatchNorm statistics."""
     params = {**state.params, **trainable} if state.freeze_backbone else trainable
     model = nnx.merge(state.graphdef, params, state.batch_stats)
+    if getattr(model, "num_classes", None) == 0:
+        raise ValueError("a headless model (num_classes=0) has no classifier to train; give it "
+                         "one with model.reset_classifier(num_classes)")
     if state.freeze_backbone:
         model.eval()
         features = model.forward_features(images)["pre_logits"]
@@ -148,6 +197,8 @@ def train_step_fn(
     """
 
     def step(state: TrainState, images: jax.Array, labels: jax.Array):
+        check_labels(images, labels)
+
         def loss_fn(trainable):
             logits, batch_stats = _forward_train(state, trainable, images)
             loss = cross_entropy(logits, labels, label_smoothing=label_smoothing)
@@ -171,7 +222,14 @@ def train_step_fn(
         new_state = state.replace(
             params=params, batch_stats=batch_stats, opt_state=opt_state, step=state.step + 1
         )
-        return new_state, {"loss": loss, "correct": correct}
+        # A label outside [0, num_classes) would train on a wrong loss (one_hot gives a zero
+        # row): such a batch leaves the state as it was and reports a NaN loss, without a
+        # host round trip (validate_labels checks on the host where batches come from).
+        invalid = _invalid_labels(labels, logits.shape[-1], axis_name)
+        new_state = jax.tree.map(lambda new, old: jnp.where(invalid == 0, new, old),
+                                 new_state, state)
+        loss = jnp.where(invalid == 0, loss, jnp.nan)
+        return new_state, {"loss": loss, "correct": correct, "invalid_labels": invalid}
 
     return step
 
@@ -182,12 +240,14 @@ def eval_step_fn(
     """The un-jitted eval step: eval-mode logits, summed loss and correct count."""
 
     def step(state: TrainState, images: jax.Array, labels: jax.Array) -> Metrics:
+        check_labels(images, labels)
         logits = predict_fn(state, images)
         losses = optax.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), labels
         )
         correct = jnp.sum(jnp.argmax(logits, -1) == labels)
-        metrics = {"loss_sum": jnp.sum(losses), "correct": correct}
+        invalid = jnp.sum((labels < 0) | (labels >= logits.shape[-1]))
+        metrics = {"loss_sum": jnp.sum(losses), "correct": correct, "invalid_labels": invalid}
         if axis_name is not None:
             metrics = jax.lax.psum(metrics, axis_name)
         return metrics

@@ -68,7 +68,9 @@ def test_converter_rejects_the_wrong_model_and_writes_nothing(tmp_path):
     output = tmp_path / "out.safetensors"
     result = run_converter(source, "--output", output, "--model", "resnet34", "--no-verify")
     assert result.returncode == 1
-    assert "does not fit resnet34: it looks like resnet18" in result.stderr
+    assert f"does not fit resnet34 (from {str(source)!r}): it looks like resnet18" in result.stderr
+    assert result.stderr.rstrip().endswith("fix: the file holds resnet18: ask for that model "
+                                           "(name='resnet18', --model resnet18)")
     assert "missing key(s): " in result.stderr
     assert "layer1.2.conv1.weight" in result.stderr and "layer3.5.bn2.running_var" in result.stderr
     assert os.listdir(tmp_path) == ["r18.pth"]

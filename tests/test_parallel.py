@@ -74,6 +74,12 @@ def test_data_parallel_training_equals_single_device(eight_devices: dict):
     assert r["shard_map"]["params_moved"] > 1e-3  # the step did something
 
 
+def test_a_batch_that_does_not_split_evenly_is_refused(eight_devices: dict):
+    message = eight_devices["indivisible"]
+    assert "a batch of 7 cannot be split evenly over 8 devices" in message
+    assert "multiple of 8" in message
+
+
 def test_data_parallel_inference_equals_single_device(eight_devices: dict):
     """Eval-mode logits are no chaotic system: float32 rounding of one forward pass."""
     predict = eight_devices["predict"]
@@ -243,6 +249,12 @@ def _child_devices() -> dict:
         images = parallel.shard_batch(mesh, jnp.zeros((8, 16, 16, 128), jnp.float32))
         with ops.conv_lowering("xla"):
             return parallel.collectives(jax.jit(f), parallel.replicate(mesh, params), images)
+
+    try:
+        parallel.shard_batch(mesh, np.zeros((7, 2), np.float32))
+        out["indivisible"] = "no error"
+    except ValueError as err:
+        out["indivisible"] = str(err)
 
     out["collectives"] = {
         "gspmd_grouped_xla": conv_collectives(32, False),

@@ -62,6 +62,24 @@ def weights_url(weights: WeightSet, url: str | None = None) -> str:
     return weights.url
 
 
+def check_cache_dir(directory: Path) -> None:
+    """Make sure the cache folder exists and is writable, or say which folder and why."""
+    if directory.exists() and not directory.is_dir():
+        raise WeightsUnavailableError(
+            f"the cache folder {directory} is a file, not a folder; remove it, or set "
+            f"${CACHE_ENV} / cache_dir= to another folder")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WeightsUnavailableError(
+            f"cannot create the cache folder {directory} ({err.strerror}); set ${CACHE_ENV} / "
+            "cache_dir= to a writable folder") from err
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise WeightsUnavailableError(
+            f"the cache folder {directory} is not writable; set ${CACHE_ENV} / cache_dir= to a "
+            "writable folder")
+
+
 def cached_checkpoint_path(weights: WeightSet, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the converted checkpoint of `weights` lives in the cache (it may not exist)."""
     stem = weights.filename.rsplit(".", 1)[0]
@@ -87,11 +105,19 @@ def check_hash(digest: str, weights: WeightSet, source: str) -> None:
         )
 
 
+def max_download_bytes(weights: WeightSet) -> int:
+    """The most a download of `weights` may bring: its published size plus 1% and 1 MiB (the
+    published size is rounded), so a source that does not end cannot fill the disk."""
+    return int(weights.file_size_mb * 2**20 * 1.01) + 2**20
+
+
 def download(url: str, dest: Path, weights: WeightSet, *, progress: bool) -> str:
-    """Stream `url` into `dest`; returns the sha256. Raises on short reads and bad hashes."""
+    """Stream `url` into `dest`; returns the sha256. Raises on short reads, on more bytes
+    than the weight set's file can have, and on bad hashes."""
     from tqdm.auto import tqdm
 
     digest = hashlib.sha256()
+    limit = max_download_bytes(weights)
     try:
         response = urllib.request.urlopen(url, timeout=60)
     except (urllib.error.URLError, OSError, ValueError) as err:
@@ -99,14 +125,23 @@ def download(url: str, dest: Path, weights: WeightSet, *, progress: bool) -> str
     with response, open(dest, "wb") as f:
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
+        if total is not None and total > limit:
+            raise ChecksumError(
+                f"{url} announces {total} bytes, but {weights.filename} is "
+                f"{weights.file_size_mb:.1f} MB: not {weights.name}; nothing was downloaded")
         received = 0
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                   desc=weights.filename, disable=not progress) as bar:
             try:
                 while chunk := response.read(_CHUNK):
+                    received += len(chunk)
+                    if received > limit:
+                        raise ChecksumError(
+                            f"{url} sent more than {limit} bytes, but {weights.filename} is "
+                            f"{weights.file_size_mb:.1f} MB: not {weights.name}; stopped, "
+                            "nothing was cached")
                     f.write(chunk)
                     digest.update(chunk)
-                    received += len(chunk)
                     bar.update(len(chunk))
             except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
                 raise WeightsUnavailableError(

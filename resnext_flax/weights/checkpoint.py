@@ -30,7 +30,7 @@ from resnext_flax.weights.files import (
     read_safetensors_metadata,
     read_weight_file,
 )
-from resnext_flax.weights.torch_port import compare_shapes
+from resnext_flax.weights.torch_port import compare_shapes, warn_non_finite
 
 FORMAT = CONVERTED_FORMAT
 FORMAT_VERSION = "1"
@@ -183,6 +183,11 @@ def model_from_converted(
                             f"its header records {spec} with num_classes={num_classes}")
     if not report.ok:
         raise CheckpointError(report.format(repr(path)))
+    bad = sorted(k for k in variables if not jnp.issubdtype(tensors[k].dtype, jnp.floating))
+    if bad:
+        raise CheckpointError(f"{path!r}: tensors must be floating point; not so for "
+                              + ", ".join(f"{k} ({tensors[k].dtype})" for k in bad))
+    warn_non_finite({k: tensors[k] for k in variables}, repr(path))
     for key, var in variables.items():
         var.set_value(jax.device_put(jnp.asarray(tensors[key], dtype=var.get_value().dtype)))
     model.eval()

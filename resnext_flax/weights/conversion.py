@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 from typing import Any
 
@@ -14,8 +16,9 @@ from resnext_flax.models.functional import pure_forward
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import find_variant
 from resnext_flax.weights.checkpoint import save_checkpoint
-from resnext_flax.weights.loading import load_model, read_state_dict
-from resnext_flax.weights.resolve import normalize_state_dict
+from resnext_flax.weights.loading import CONVERTED_LAYOUT, load_model_with_report
+from resnext_flax.weights.names import normalize_state_dict
+from resnext_flax.weights.torch_port import to_torch_state_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +47,22 @@ def verify_against_torchvision(
     model: ResNet, state_dict: Any, name: str, *, probe_shape=(2, 224, 224), seed: int = 0
 ) -> ParityReport:
     """Run torchvision's `name` with the same state dict and this model on one random NHWC
-    probe batch (float32, highest matmul precision) and compare the logits."""
+    probe batch (float32, highest matmul precision) and compare the logits (the pooled
+    features of a headless model). A head the state dict lacks (freshly initialized) is
+    copied from the model; everything else comes from `state_dict`."""
     import torch
     import torchvision
 
-    reference = torchvision.models.get_model(name, weights=None, num_classes=model.num_classes)
+    state_dict = normalize_state_dict(state_dict)
+    if model.num_classes and "fc.weight" not in state_dict:
+        head = to_torch_state_dict(model)
+        state_dict = {**state_dict, "fc.weight": head["fc.weight"], "fc.bias": head["fc.bias"]}
+    reference = torchvision.models.get_model(name, weights=None,
+                                             num_classes=model.num_classes or 1)
+    if not model.num_classes:
+        reference.fc = torch.nn.Identity()
     reference.load_state_dict({k: torch.as_tensor(_torch_compatible(v)) for k, v in
-                               normalize_state_dict(state_dict).items()}, strict=True)
+                               state_dict.items()}, strict=True)
     reference.eval()
     batch, height, width = probe_shape
     images = np.random.default_rng(seed).standard_normal((batch, height, width, 3))
@@ -68,6 +80,21 @@ def verify_against_torchvision(
     )
 
 
+def _check_options(source, output, probe_shape, tolerance) -> None:
+    source, output = os.fspath(source), os.fspath(output)
+    same = os.path.realpath(source) == os.path.realpath(output)
+    if not same and os.path.exists(source) and os.path.exists(output):
+        same = os.path.samefile(source, output)
+    if same:
+        raise ValueError(f"the output {output!r} is the input file; choose another output path "
+                         "(the input would be overwritten)")
+    if len(probe_shape) != 3 or not all(isinstance(n, int) and n >= 1 for n in probe_shape):
+        raise ValueError(f"the probe batch and size must be positive integers, got "
+                         f"{tuple(probe_shape)}")
+    if not (isinstance(tolerance, int | float) and math.isfinite(tolerance) and tolerance > 0):
+        raise ValueError(f"the tolerance must be a positive finite number, got {tolerance!r}")
+
+
 def convert_checkpoint(
     source: str | os.PathLike,
     output: str | os.PathLike,
@@ -76,22 +103,41 @@ def convert_checkpoint(
     verify: bool = True,
     probe_shape: tuple[int, int, int] = (2, 224, 224),
     tolerance: float = 1e-4,
+    prefix: str | None = None,
+    ema: bool = False,
+    key: str | None = None,
+    num_classes: int | None = None,
+    trust_pickle: bool = False,
 ) -> ParityReport | None:
-    """Convert a torchvision ``.pth``/``.safetensors`` file into a Flax checkpoint.
+    """Convert a checkpoint as it comes (any layout ``load_model`` reads, with the same
+    options) into a Flax checkpoint.
 
     The output is written (atomically) only after the strict load and, with `verify`, only if
-    the logits agree with torchvision's within relative `tolerance`.
+    the logits agree with torchvision's within relative `tolerance`. Class names the file
+    carries (transformers' ``id2label``) go into the output's header. An output that is the
+    input file (the same path, or the same file through a link) is refused before anything is
+    read.
     """
-    state_dict = read_state_dict(source)
-    model = load_model(state_dict, name)
+    _check_options(source, output, probe_shape, tolerance)
+    model, resolved = load_model_with_report(source, name, prefix=prefix, ema=ema, key=key,
+                                             num_classes=num_classes,
+                                             trust_pickle=trust_pickle)
+    if resolved.layout == CONVERTED_LAYOUT:
+        raise ValueError(
+            f"{resolved.source} is a converted resnext_flax checkpoint, not a torchvision "
+            "state dict: load it with resnext_flax.load_checkpoint(path)")
     name = find_variant(model.spec)
     report = None
     if verify:
-        report = verify_against_torchvision(model, state_dict, name, probe_shape=probe_shape)
+        report = verify_against_torchvision(model, resolved.state_dict, name,
+                                            probe_shape=probe_shape)
         if not report.relative_error <= tolerance:
             raise ValueError(
                 f"converted {name} does not match torchvision ({report}); "
                 f"tolerance {tolerance:g}; nothing written"
             )
-    save_checkpoint(model, output, metadata={"source": os.path.basename(os.fspath(source))})
+    metadata = {"source": os.path.basename(os.path.normpath(os.fspath(source)))}
+    if resolved.class_names:
+        metadata["class_names"] = json.dumps(list(resolved.class_names))
+    save_checkpoint(model, output, metadata=metadata)
     return report

@@ -1,8 +1,9 @@
 """From a weight file (or an in-memory state dict) to a filled model, one way:
 
 read it (``files``) -> resolve what it holds (``resolve``) -> map the keys (``torch_port``)
--> build and fill the model. ``from_pretrained(..., checkpoint=...)``, the converter and the
-download cache all load through :func:`load_model`.
+-> build and fill the model. ``from_pretrained(..., checkpoint=...)``, the converter, the
+download cache and ``resnext-flax inspect`` all go through :func:`load_model_with_report`
+or :func:`inspect_checkpoint`, with the same options.
 """
 
 from __future__ import annotations
@@ -14,69 +15,202 @@ from typing import Any
 from flax import nnx
 
 from resnext_flax.models.resnet import ResNet
-from resnext_flax.models.variants import find_variant, get_spec
+from resnext_flax.models.variants import VARIANTS, find_variant, get_spec
 from resnext_flax.weights.checkpoint import model_from_converted
-from resnext_flax.weights.files import WeightFile, read_weight_file
-from resnext_flax.weights.resolve import infer_architecture, infer_spec, resolve_state_dict
-from resnext_flax.weights.torch_port import load_torch_state_dict, to_numpy
+from resnext_flax.weights.files import WeightFile, WeightFileError, read_weight_file
+from resnext_flax.weights.resolve import (
+    Candidate,
+    CheckpointLayoutError,
+    CheckpointOptions,
+    CheckpointReport,
+    Head,
+    resolve_checkpoint,
+)
+from resnext_flax.weights.torch_port import (
+    StateDictMismatchError,
+    load_torch_state_dict,
+    to_numpy,
+)
 
 Source = str | os.PathLike | Mapping[str, Any]
+#: The `layout` of a :class:`CheckpointReport` on a converted checkpoint of this library.
+CONVERTED_LAYOUT = "resnext_flax converted checkpoint"
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a torchvision checkpoint file into a torchvision-keyed dict of numpy arrays.
-
-    ``.safetensors`` needs no torch; anything else is read with
-    ``torch.load(..., weights_only=True)``. A checkpoint that wraps its state dict under
-    ``"state_dict"`` or ``"model"`` is unwrapped, ``module.``/``_orig_mod.`` prefixes are
-    stripped and ``num_batches_tracked`` dropped.
-    """
-    weight_file = read_weight_file(path)
-    if weight_file.kind == "converted":
-        raise ValueError(
-            f"{weight_file.path!r} is a converted resnext_flax checkpoint, not a torchvision "
-            "state dict: load it with resnext_flax.load_checkpoint(path)")
-    return {key: to_numpy(key, value) for key, value in _torch_state_dict(weight_file).items()}
+def _options(prefix: str | None, ema: bool, key: str | None,
+             num_classes: int | None) -> CheckpointOptions:
+    return CheckpointOptions(prefix=prefix, ema=ema, key=key, num_classes=num_classes)
 
 
-def _torch_state_dict(weight_file: WeightFile) -> dict[str, Any]:
-    return resolve_state_dict(weight_file.content, source=repr(weight_file.path)).state_dict
-
-
-def model_from_state_dict(
-    state_dict: Mapping[str, Any], name: str | None = None, *, dtype: Any = None
-) -> ResNet:
-    """Build the architecture a state dict belongs to (checked against `name` if given) and
-    load it strictly, without a random initialization; returns the model in eval mode."""
-    state_dict = resolve_state_dict(state_dict, source="the state dict").state_dict
-    if name is None:
-        name = infer_architecture(state_dict)
-        if name is None:
-            raise ValueError(
-                "cannot tell which model this state dict belongs to; pass its name "
-                "(one of resnext_flax.list_models())"
-            )
-    spec = get_spec(name)
-    inferred = infer_spec(state_dict)
-    num_classes = inferred[1] if inferred else 1000
-    model = nnx.eval_shape(lambda: ResNet(spec, num_classes=num_classes, dtype=dtype,
-                                          rngs=nnx.Rngs(0)))
-    load_torch_state_dict(model, state_dict, strict=True)
-    model.eval()
-    return model
-
-
-def load_model(source: Source, name: str | None = None, *, dtype: Any = None) -> ResNet:
-    """A model (eval mode) from a ``.pth``/``.safetensors`` file, a converted checkpoint or an
-    in-memory state dict, loaded strictly; `name`, if given, must match what it holds."""
+def inspect_checkpoint(
+    source: Source,
+    name: str | None = None,
+    *,
+    prefix: str | None = None,
+    ema: bool = False,
+    key: str | None = None,
+    num_classes: int | None = None,
+    trust_pickle: bool = False,
+) -> CheckpointReport:
+    """What a checkpoint file (or in-memory object) holds and what a load with these options
+    takes from it, without building a model: container, prefixes, architecture, head, dtypes,
+    parameter count, EMA, loaded and dropped keys. ``print(report.format())`` shows it; a
+    load raises ``report.error`` if set. Options: see :func:`load_model`."""
+    options = _options(prefix, ema, key, num_classes)
     if isinstance(source, Mapping):
-        return model_from_state_dict(source, name, dtype=dtype)
-    weight_file = read_weight_file(source)
-    if weight_file.kind == "torch":
-        return model_from_state_dict(_torch_state_dict(weight_file), name, dtype=dtype)
+        return resolve_checkpoint(source, options=options, name=name, source="the state dict")
+    weight_file = read_weight_file(source, trust_pickle=trust_pickle)
+    if weight_file.kind == "converted":
+        return _converted_report(weight_file, options)
+    return resolve_checkpoint(weight_file.content, options=options, name=name,
+                              source=repr(weight_file.path), config=weight_file.config)
+
+
+def _converted_report(weight_file: WeightFile, options: CheckpointOptions) -> CheckpointReport:
+    """A converted checkpoint holds one model under NNX names; only `num_classes` applies."""
+    source = repr(weight_file.path)
+    if options.prefix is not None or options.ema or options.key is not None:
+        raise ValueError(f"{source} is a converted resnext_flax checkpoint holding one model; "
+                         "prefix, ema and key apply to PyTorch files")
+    meta = weight_file.metadata
+    stored = int(meta.get("num_classes", "0") or 0)
+    spec = VARIANTS.get(meta.get("model", ""))
+    head = Head("linear", stored) if stored else Head("none")
+    chosen = Candidate((), "", "torchvision", spec, head, (), (), dict(weight_file.content), {})
+    wanted = stored if options.num_classes is None else options.num_classes
+    names = meta.get("class_names")
+    return CheckpointReport(source, CONVERTED_LAYOUT, (), (chosen,), chosen,
+                            num_classes=wanted, fresh_head=wanted != stored and wanted > 0,
+                            class_names=tuple(_json_list(names)) if names else None,
+                            state_dict=dict(weight_file.content))
+
+
+def _json_list(text: str) -> list[str]:
+    import json
+
+    value = json.loads(text)
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def load_model_with_report(
+    source: Source,
+    name: str | None = None,
+    *,
+    dtype: Any = None,
+    prefix: str | None = None,
+    ema: bool = False,
+    key: str | None = None,
+    num_classes: int | None = None,
+    trust_pickle: bool = False,
+) -> tuple[ResNet, CheckpointReport]:
+    """:func:`load_model`, also returning the :class:`CheckpointReport` of what was taken."""
+    options = _options(prefix, ema, key, num_classes)
+    if not isinstance(source, Mapping):
+        weight_file = read_weight_file(source, trust_pickle=trust_pickle)
+        if weight_file.kind == "converted":
+            return _load_converted(weight_file, name, options, dtype)
+        report = resolve_checkpoint(weight_file.content, options=options, name=name,
+                                    source=repr(weight_file.path), config=weight_file.config)
+    else:
+        report = resolve_checkpoint(source, options=options, name=name,
+                                    source="the state dict")
+    return _build(report.require(), name, dtype), report
+
+
+def _load_converted(weight_file: WeightFile, name: str | None, options: CheckpointOptions,
+                    dtype: Any) -> tuple[ResNet, CheckpointReport]:
+    report = _converted_report(weight_file, options)
     model = model_from_converted(weight_file, dtype=dtype)
     held = find_variant(model.spec)
     if name is not None and held != name:
         raise ValueError(f"{weight_file.path!r} holds a {held or model.spec} checkpoint, "
                          f"not {name}")
+    if report.num_classes != model.num_classes:
+        model.reset_classifier(report.num_classes)
+    return model, report
+
+
+def _build(report: CheckpointReport, name: str | None, dtype: Any) -> ResNet:
+    """The model of the report's architecture (or `name`'s: the strict load then names the
+    difference), filled strictly, in eval mode."""
+    chosen = report.chosen
+    if name is None:
+        name = chosen.architecture
+        if name is None:
+            raise CheckpointLayoutError(
+                f"{report.source}: its trunk is {chosen.spec}, which is not one of the ten "
+                f"architectures this library builds ({', '.join(VARIANTS)})")
+    spec = get_spec(name)
+    loaded_classes = 0 if report.fresh_head else report.num_classes
+    model = nnx.eval_shape(lambda: ResNet(spec, num_classes=loaded_classes, dtype=dtype,
+                                          rngs=nnx.Rngs(0)))
+    try:
+        load_torch_state_dict(model, report.state_dict, strict=True)
+    except StateDictMismatchError as err:  # name the file
+        raise StateDictMismatchError(err.report, f"{name} (from {report.source})") from None
+    if report.fresh_head:
+        model.reset_classifier(report.num_classes)
+    model.eval()
     return model
+
+
+def load_model(
+    source: Source,
+    name: str | None = None,
+    *,
+    dtype: Any = None,
+    prefix: str | None = None,
+    ema: bool = False,
+    key: str | None = None,
+    num_classes: int | None = None,
+    trust_pickle: bool = False,
+) -> ResNet:
+    """A model (eval mode) from a checkpoint as it comes (see ``docs/checkpoints.md``): a
+    ``.pth``/``.bin``/``.ckpt``/``.safetensors`` file, a Hugging Face model folder, a
+    converted checkpoint, or an in-memory state dict or container; loaded strictly.
+
+    **Arguments:**
+    - `name`: the model name; checked against what the file holds (inferred if omitted).
+    - `prefix`, `ema`, `key`: pick one trunk where the file holds several
+      (see :class:`~resnext_flax.weights.resolve.CheckpointOptions`).
+    - `num_classes`: None keeps the file's linear head (or none: a headless model); 0 builds a
+      headless model (output = pooled features); N builds a fresh N-class head unless the
+      file's head has N classes.
+    - `trust_pickle`: unpickle globals outside the allow-list; runs code from the file.
+    - `dtype`: compute dtype; parameters stay float32.
+    """
+    return load_model_with_report(source, name, dtype=dtype, prefix=prefix, ema=ema, key=key,
+                                  num_classes=num_classes, trust_pickle=trust_pickle)[0]
+
+
+def model_from_state_dict(
+    state_dict: Mapping[str, Any], name: str | None = None, *, dtype: Any = None
+) -> ResNet:
+    """Build the architecture a state dict (or container) belongs to, checked against `name`
+    if given, and load it strictly without a random initialization; eval mode."""
+    return load_model(state_dict, name, dtype=dtype)
+
+
+def read_state_dict(
+    path: str | os.PathLike,
+    *,
+    prefix: str | None = None,
+    ema: bool = False,
+    key: str | None = None,
+    num_classes: int | None = None,
+    trust_pickle: bool = False,
+) -> dict[str, Any]:
+    """The trunk (and linear head, if kept) a checkpoint file holds, as a torchvision-keyed
+    dict of numpy arrays: resolved as :func:`load_model` does, with the same options.
+    ``.safetensors`` needs no torch; ``num_batches_tracked`` is dropped."""
+    report = inspect_checkpoint(path, prefix=prefix, ema=ema, key=key, num_classes=num_classes,
+                                trust_pickle=trust_pickle)
+    if report.layout == CONVERTED_LAYOUT:
+        raise ValueError(
+            f"{report.source} is a converted resnext_flax checkpoint, not a torchvision "
+            "state dict: load it with resnext_flax.load_checkpoint(path)")
+    report.require()
+    try:
+        return {k: to_numpy(k, v) for k, v in report.state_dict.items()}
+    except ValueError as err:
+        raise WeightFileError(f"{report.source}: {err}") from None

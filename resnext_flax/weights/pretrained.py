@@ -31,6 +31,7 @@ from resnext_flax.weights.cache import (
     ChecksumError,
     WeightsUnavailableError,
     cached_checkpoint_path,
+    check_cache_dir,
     check_hash,
     download,
     sha256_file,
@@ -84,6 +85,7 @@ def download_pretrained(
     dest = cached_checkpoint_path(ws, cache_dir)
     if dest.is_file():
         return dest
+    check_cache_dir(dest.parent)
     hub_file = torch_hub_checkpoint_dir() / ws.filename
     if hub_file.is_file():
         _require_torch(ws)
@@ -97,7 +99,6 @@ def download_pretrained(
             unavailable_message(ws, source, f"${OFFLINE_ENV} is set; no download attempted")
         )
     _require_torch(ws)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=dest.parent) as tmp:
         pth = Path(tmp, ws.filename)
         digest = download(source, pth, ws, progress=progress)
@@ -114,6 +115,11 @@ def from_pretrained(
     progress: bool = True,
     url: str | None = None,
     dtype: Any = None,
+    prefix: str | None = None,
+    ema: bool = False,
+    key: str | None = None,
+    num_classes: int | None = None,
+    trust_pickle: bool = False,
 ) -> ResNet:
     """torchvision's pretrained `name` as a Flax model, in eval mode.
 
@@ -121,28 +127,38 @@ def from_pretrained(
     - `name`: a model name (``resnext_flax.list_models()``).
     - `weights`: ``"DEFAULT"`` (torchvision's choice), a tag such as ``"IMAGENET1K_V1"``, or
       a :class:`WeightSet`.
-    - `checkpoint`: a local torchvision ``.pth`` / ``.safetensors`` state dict or a converted
-      resnext_flax checkpoint; loaded strictly, no network. Its class count is kept (e.g. a
+    - `checkpoint`: a local checkpoint as it comes (a torchvision, timm, Lightning, MoCo,
+      Hugging Face... ``.pth`` / ``.bin`` / ``.ckpt`` / ``.safetensors`` file or model folder,
+      see ``docs/checkpoints.md``) or a converted resnext_flax checkpoint; loaded strictly
+      through :func:`~resnext_flax.load_model`, no network. Its class count is kept (e.g. a
       fine-tuned head).
+    - `prefix`, `ema`, `key`, `trust_pickle`: how to read `checkpoint` (see
+      :func:`~resnext_flax.load_model`); only with `checkpoint`.
+    - `num_classes`: None keeps the weights' head; 0 headless; N a fresh N-class head
+      (unless the weights' head has N classes).
     - `cache_dir`, `progress`, `url`: see :func:`download_pretrained`.
     - `dtype`: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
     """
     ws = resolve_weights(name, weights)
     if checkpoint is not None:
-        return load_model(checkpoint, name, dtype=dtype)
+        return load_model(checkpoint, name, dtype=dtype, prefix=prefix, ema=ema, key=key,
+                          num_classes=num_classes, trust_pickle=trust_pickle)
+    if prefix is not None or ema or key is not None or trust_pickle:
+        raise ValueError("prefix, ema, key and trust_pickle apply to checkpoint= files only")
     path = download_pretrained(name, ws, cache_dir=cache_dir, progress=progress, url=url)
     try:
         meta = read_checkpoint_metadata(path)
     except ValueError as err:
         raise ValueError(f"cached checkpoint {path} is unreadable; delete it to fetch it "
                          f"again ({err})") from err
-    expected = ws.sha256_prefix
-    if not meta.get("source_sha256", expected).startswith(expected):
-        raise ValueError(
-            f"cached checkpoint {path} was converted from a file with sha256 "
-            f"{meta['source_sha256'][:16]}..., not {ws.filename}; delete it to fetch it again"
-        )
-    return load_model(path, name, dtype=dtype)
+    recorded = meta.get("source_sha256", "")
+    if not recorded.startswith(ws.sha256_prefix):
+        what = (f"was converted from a file with sha256 {recorded[:16]}..." if recorded
+                else "records no source hash (not written by the download path)")
+        raise ChecksumError(
+            f"cached checkpoint {path} {what}, not {ws.filename}; it is not trusted as "
+            f"{ws.name}: delete it to fetch it again, or load it with checkpoint=")
+    return load_model(path, name, dtype=dtype, num_classes=num_classes)
 
 
 __all__ = [

@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 
 from resnext_flax.models.variants import find_variant
-from resnext_flax.weights.resolve import describe, normalize_state_dict
+from resnext_flax.weights.names import describe, normalize_state_dict
+from resnext_flax.weights.resolve import suggest_fix
 
 # NNX leaf name -> torch leaf name.
 _TORCH_LEAF = {
@@ -102,16 +103,20 @@ def to_numpy(key: str, value: Any) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class StateDictReport:
     """How a state dict fits a model: keys the model needs but the dict lacks, keys the dict has
-    but the model does not, and keys whose shapes differ ``(key, expected, got)``."""
+    but the model does not, keys whose shapes differ ``(key, expected, got)`` and keys that
+    are not floating point ``(key, dtype)``; `fix`: the option that would make it load, when
+    one would (the message's last line)."""
 
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
     mismatched: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]
     source: str
+    wrong_dtype: tuple[tuple[str, str], ...] = ()  # (key, dtype) of non-float tensors
+    fix: str | None = None
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
+        return not (self.missing or self.unexpected or self.mismatched or self.wrong_dtype)
 
     def format(self, model_name: str) -> str:
         lines = [f"state dict does not fit {model_name}: {self.source}."]
@@ -122,6 +127,11 @@ class StateDictReport:
         if self.mismatched:
             lines.append(f"{len(self.mismatched)} key(s) with mismatched shapes:")
             lines += [f"  {k}: expected {tuple(e)}, got {tuple(g)}" for k, e, g in self.mismatched]
+        if self.wrong_dtype:
+            lines.append(f"{len(self.wrong_dtype)} key(s) that are not floating point: "
+                         + ", ".join(f"{k} ({d})" for k, d in self.wrong_dtype))
+        if self.fix:
+            lines.append(f"fix: {self.fix}")
         return "\n".join(lines)
 
 
@@ -135,6 +145,19 @@ class StateDictMismatchError(ValueError):
 
 class StateDictMismatchWarning(UserWarning):
     """Emitted by a non-strict load for the keys it could not load."""
+
+
+class NonFiniteWeightsWarning(UserWarning):
+    """Loaded weights contain NaN or Inf (a diverged run, a corrupt file)."""
+
+
+def warn_non_finite(arrays: Mapping[str, np.ndarray], source: str) -> None:
+    """Warn, naming the tensors, if any of `arrays` holds NaN or Inf."""
+    bad = [key for key, value in arrays.items() if not np.isfinite(value).all()]
+    if bad:
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        warnings.warn(f"{source}: {len(bad)} tensor(s) hold NaN or Inf: {shown}",
+                      NonFiniteWeightsWarning, stacklevel=3)
 
 
 def compare_shapes(
@@ -151,13 +174,26 @@ def compare_shapes(
     )
 
 
+def _dtype_name(value: Any) -> str | None:
+    """The dtype of a tensor or array if it is not floating point, else None."""
+    if hasattr(value, "is_floating_point"):  # a torch tensor
+        return None if value.is_floating_point() else str(value.dtype)
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return type(value).__name__
+    return None if jnp.issubdtype(dtype, jnp.floating) else str(dtype)
+
+
 def compare_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> StateDictReport:
-    """Which keys of a (torchvision-named) state dict fit the model, without loading any."""
+    """Which keys of a (torchvision-named) state dict fit the model (names, shapes, floating
+    dtypes), without loading any."""
     sd = normalize_state_dict(state_dict)
     expected = {key: torch_shape(leaf, var.get_value().shape)
                 for key, (leaf, var) in torch_variables(model).items()}
-    return compare_shapes(expected, {k: tuple(np.shape(v)) for k, v in sd.items()},
-                          describe(sd))
+    report = compare_shapes(expected, {k: tuple(np.shape(v)) for k, v in sd.items()},
+                            describe(sd))
+    wrong = tuple((k, d) for k in expected if k in sd and (d := _dtype_name(sd[k])))
+    return dataclasses.replace(report, wrong_dtype=wrong)
 
 
 def model_name(model: nnx.Module) -> str:
@@ -178,22 +214,25 @@ def load_torch_state_dict(
     written, so a failed load leaves the model as it was. With ``strict=True`` any missing,
     unexpected or mis-shaped key raises one :class:`StateDictMismatchError` listing them all;
     with ``strict=False`` the fitting keys load and the rest are reported as a
-    :class:`StateDictMismatchWarning`.
+    :class:`StateDictMismatchWarning`. A trunk under another prefix, in a container or with
+    other names is for :func:`resnext_flax.load_model`, which finds it (the error says so).
     """
     report = compare_state_dict(model, state_dict)
     if not report.ok:
         if strict:
-            raise StateDictMismatchError(report, model_name(model))
+            fix = suggest_fix(state_dict, getattr(model, "spec", None),
+                              getattr(model, "num_classes", 0))
+            raise StateDictMismatchError(dataclasses.replace(report, fix=fix), model_name(model))
         warnings.warn(report.format(model_name(model)), StateDictMismatchWarning, stacklevel=2)
     sd = normalize_state_dict(state_dict)
-    skip = {k for k, _, _ in report.mismatched}
-    updates = []
+    skip = {k for k, _, _ in report.mismatched} | {k for k, _ in report.wrong_dtype}
+    arrays = {key: to_numpy(key, sd[key]) for key in torch_variables(model)
+              if key in sd and key not in skip}  # every dtype checked before any write
+    warn_non_finite(arrays, "the state dict")
     for key, (leaf, var) in torch_variables(model).items():
-        if key in sd and key not in skip:
-            array = from_torch_layout(leaf, to_numpy(key, sd[key]))
+        if key in arrays:
             # A copy: on the CPU jnp.asarray may alias the torch tensor's memory, which torch
             # could later change in place.
-            updates.append((var, jnp.array(array, dtype=var.get_value().dtype, copy=True)))
-    for var, value in updates:
-        var.set_value(value)
+            var.set_value(jnp.array(from_torch_layout(leaf, arrays[key]),
+                                    dtype=var.get_value().dtype, copy=True))
     return model
