@@ -9,9 +9,14 @@ Layout, lowest layer first (each imports only the ones before it):
   the download cache and pretrained loading;
 - ``preprocess``, ``inference``, ``training``, ``parallel``: images, prediction and feature
   extraction, fine-tuning, many devices;
-- ``builders`` (``create_model``, ``list_models``, one constructor per variant) and ``cli``.
+- ``datasets``, ``augment``, ``pipeline``: image folders and list files, torchvision's
+  training augmentation, the Grain input pipeline;
+- ``builders`` (``create_model``, ``list_models``, one constructor per variant);
+- ``evaluation``, ``finetuning``: accuracy on a folder, fine-tuning on a folder;
+- ``commands`` and ``cli``: the ``resnext-flax`` command.
 """
 
+from resnext_flax.augment import Augmentation
 from resnext_flax.builders import (
     CONSTRUCTORS,
     ModelOptions,
@@ -28,6 +33,15 @@ from resnext_flax.builders import (
     wide_resnet50_2,
     wide_resnet101_2,
 )
+from resnext_flax.datasets import (
+    DatasetError,
+    ImageDataset,
+    image_folder,
+    load_dataset,
+    read_list_file,
+)
+from resnext_flax.evaluation import EvaluationResult, evaluate, evaluate_pretrained
+from resnext_flax.finetuning import FinetuneConfig, FinetuneResult, finetune
 from resnext_flax.inference import FeatureExtractor, Predictions, Predictor
 from resnext_flax.models.folding import FoldedResNet, fold_batchnorm, optimize_for_inference
 from resnext_flax.models.resnet import (
@@ -38,6 +52,7 @@ from resnext_flax.models.resnet import (
     replace_head,
 )
 from resnext_flax.models.variants import VARIANTS, ModelSpec
+from resnext_flax.pipeline import LoaderOptions
 from resnext_flax.preprocess import load_image, preprocess, preprocess_image
 from resnext_flax.training import TrainState, create_train_state, make_train_step
 from resnext_flax.weights.cache import ChecksumError, WeightsUnavailableError
@@ -47,6 +62,7 @@ from resnext_flax.weights.catalog import (
     WeightSet,
     get_weight_set,
     imagenet_categories,
+    imagenet_wnids,
     list_weight_sets,
 )
 from resnext_flax.weights.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -75,14 +91,21 @@ __all__ = [
     "FEATURE_NAMES",
     "VARIANTS",
     "WEIGHT_SETS",
+    "Augmentation",
     "BasicBlock",
     "Bottleneck",
     "CheckpointError",
     "CheckpointLayoutError",
     "CheckpointReport",
     "ChecksumError",
+    "DatasetError",
+    "EvaluationResult",
     "FeatureExtractor",
+    "FinetuneConfig",
+    "FinetuneResult",
     "FoldedResNet",
+    "ImageDataset",
+    "LoaderOptions",
     "ModelOptions",
     "ModelSpec",
     "Predictions",
@@ -99,15 +122,21 @@ __all__ = [
     "create_model",
     "create_train_state",
     "download_pretrained",
+    "evaluate",
+    "evaluate_pretrained",
+    "finetune",
     "fold_batchnorm",
     "from_pretrained",
     "get_weight_set",
+    "image_folder",
     "imagenet_categories",
+    "imagenet_wnids",
     "infer_architecture",
     "inspect_checkpoint",
     "list_models",
     "list_weight_sets",
     "load_checkpoint",
+    "load_dataset",
     "load_image",
     "load_model",
     "load_model_with_report",
@@ -116,6 +145,7 @@ __all__ = [
     "optimize_for_inference",
     "preprocess",
     "preprocess_image",
+    "read_list_file",
     "read_state_dict",
     "replace_head",
     "resnet18",

@@ -1,6 +1,6 @@
 """The ``resnext-flax`` command: ``predict`` images with a pretrained model, ``list`` the models
-and their weight sets, ``inspect`` a checkpoint file. argparse (stdlib) keeps the command free
-of extra dependencies."""
+and their weight sets, ``inspect`` a checkpoint file, ``evaluate`` and ``finetune`` on image
+folders (``commands.py``). argparse (stdlib) keeps the command free of extra dependencies."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from resnext_flax import commands as folder_commands
 from resnext_flax.models.variants import VARIANTS
 from resnext_flax.weights.catalog import list_weight_sets
 from resnext_flax.weights.files import sigterm_as_interrupt
@@ -71,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--model", choices=list(VARIANTS), metavar="NAME",
                          help="the model to load it as (default: inferred)")
     add_checkpoint_options(inspect)
+    folder_commands.add_evaluate_parser(commands)
+    folder_commands.add_finetune_parser(commands)
     return parser
 
 
@@ -127,7 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``resnext-flax``; returns the exit status (1 on a reported error)."""
     args = _parser().parse_args(argv)
     commands = {"list": lambda: _list(args.model), "predict": lambda: _predict(args),
-                "inspect": lambda: _inspect(args)}
+                "inspect": lambda: _inspect(args),
+                "evaluate": lambda: folder_commands.run_evaluate(args),
+                "finetune": lambda: folder_commands.run_finetune(args)}
     try:
         with sigterm_as_interrupt():
             output = commands[args.command]()

@@ -22,6 +22,7 @@ from resnext_flax.models.functional import pure_forward
 from resnext_flax.models.resnet import FEATURE_NAMES, ResNet, check_input
 from resnext_flax.preprocess import ImageInput, image_list, preprocess, preprocessing_config
 from resnext_flax.weights.catalog import Preprocessing, WeightSet, resolve_weights
+from resnext_flax.weights.checkpoint import read_checkpoint_labels
 from resnext_flax.weights.pretrained import from_pretrained
 
 #: A pure forward function: ``apply_fn(variables, images NHWC float) -> logits (N, C)``.
@@ -131,12 +132,16 @@ class Predictor:
         batch_size: int = 16,
     ) -> Predictor:
         """A predictor for torchvision's pretrained `name` with its weight set's preprocessing
-        and category names (see :func:`resnext_flax.from_pretrained`)."""
+        and category names (see :func:`resnext_flax.from_pretrained`). A fine-tuned
+        `checkpoint` that records its class names and preprocessing uses those instead."""
         ws = resolve_weights(name, weights)
         model = from_pretrained(name, ws, checkpoint=checkpoint, cache_dir=cache_dir,
                                 progress=progress)
-        categories = ws.categories if model.num_classes == len(ws.categories) else None
-        return cls.from_model(model, categories=categories, preprocessing=ws,
+        classes, recorded = (None, None) if checkpoint is None else read_checkpoint_labels(
+            checkpoint)
+        categories = classes if classes is not None else (
+            ws.categories if model.num_classes == len(ws.categories) else None)
+        return cls.from_model(model, categories=categories, preprocessing=recorded or ws,
                               top_k=top_k, batch_size=batch_size)
 
     def _label(self, index: int) -> str:

@@ -149,14 +149,23 @@ def preprocess_image(
     height, width = pil.height, pil.width
     new_height, new_width = resized_size(height, width, cfg.resize_size)
     if (new_height, new_width) != (height, width):  # torchvision skips a no-op resize
-        pil = pil.resize((new_width, new_height), _PIL_FILTERS[cfg.interpolation])
+        pil = pil.resize((new_width, new_height), pil_filter(cfg.interpolation))
     array = _pad_to_crop(np.asarray(pil, dtype=np.uint8), cfg.crop_size)
     top, left = center_crop_offsets(array.shape[0], array.shape[1], cfg.crop_size)
-    array = array[top:top + cfg.crop_size, left:left + cfg.crop_size]
-    # Same float32 operations, same order, as convert_image_dtype (x / 255) and normalize.
+    return normalize(array[top:top + cfg.crop_size, left:left + cfg.crop_size], cfg)
+
+
+def pil_filter(interpolation: str) -> Image.Resampling:
+    """The Pillow filter torchvision resizes a PIL image with for an ``InterpolationMode``."""
+    return _PIL_FILTERS[interpolation]
+
+
+def normalize(array: np.ndarray, config: Preprocessing) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32, torchvision's ``x / 255`` then ``(x - mean) / std``: the
+    same float32 operations in the same order, so the result is bit-identical."""
     out = array.astype(np.float32) / np.float32(255)
-    out -= np.asarray(cfg.mean, np.float32)
-    out /= np.asarray(cfg.std, np.float32)
+    out -= np.asarray(config.mean, np.float32)
+    out /= np.asarray(config.std, np.float32)
     return out
 
 

@@ -19,12 +19,18 @@ LAYERS = {
     "resnext_flax.models": 1,
     "resnext_flax.weights": 2,
     "resnext_flax.preprocess": 3,
+    "resnext_flax.augment": 3,
+    "resnext_flax.datasets": 3,
     "resnext_flax.inference": 4,
     "resnext_flax.training": 4,
+    "resnext_flax.pipeline": 4,
     "resnext_flax.parallel": 5,
     "resnext_flax.builders": 6,
-    "resnext_flax.cli": 7,
-    "resnext_flax": 8,
+    "resnext_flax.evaluation": 7,
+    "resnext_flax.finetuning": 7,
+    "resnext_flax.commands": 8,
+    "resnext_flax.cli": 8,
+    "resnext_flax": 9,
 }
 
 

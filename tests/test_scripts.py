@@ -23,3 +23,6 @@ def test_gpu_benchmark_dry_run_writes_its_reports(tmp_path):
         data = json.loads((tmp_path / f"gpu_benchmark_{dtype}.json").read_text())
         assert {c["batch"] for c in data["cases"]} == {1, 2}
     assert "passed" in (tmp_path / "parity.log").read_text()
+    pipeline = report.split("## Input pipeline", 1)[1]
+    assert "pipeline, evaluation, 0 workers" in pipeline and "evaluate end to end" in pipeline
+    assert json.loads((tmp_path / "gpu_pipeline.json").read_text())["images"] == 16

@@ -8,10 +8,11 @@ framework reads; orbax is the tool for training state (see ``docs/training.md``)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -21,6 +22,7 @@ from flax import nnx
 
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import ModelSpec, find_variant
+from resnext_flax.weights.catalog import Preprocessing
 from resnext_flax.weights.files import (
     CONVERTED_FORMAT,
     WeightFile,
@@ -33,7 +35,8 @@ from resnext_flax.weights.torch_port import compare_shapes, warn_non_finite
 FORMAT = CONVERTED_FORMAT
 FORMAT_VERSION = "1"
 #: Header keys written by this library; user metadata may not override them.
-RESERVED_KEYS = ("format", "format_version", "spec", "num_classes", "model")
+RESERVED_KEYS = ("format", "format_version", "spec", "num_classes", "model", "classes",
+                 "preprocessing")
 
 
 class CheckpointError(ValueError):
@@ -49,12 +52,19 @@ def _flat_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
 
 
 def save_checkpoint(
-    model: ResNet, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None
+    model: ResNet,
+    path: str | os.PathLike,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    classes: Sequence[str] | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> None:
     """Write the model's parameters and BN statistics to a ``.safetensors`` file, atomically.
 
     `metadata` adds string entries to the header (e.g. where the weights came from); the
-    library's own keys (``RESERVED_KEYS``) cannot be overridden.
+    library's own keys (``RESERVED_KEYS``) cannot be overridden. `classes` (one name per
+    output) and `preprocessing` (what the model was trained and validated with) are recorded
+    for prediction (:func:`read_checkpoint_labels`).
     """
     from safetensors.numpy import save
 
@@ -74,6 +84,10 @@ def save_checkpoint(
         "model": find_variant(model.spec) or "",
         **metadata,
     }
+    if classes is not None:
+        header["classes"] = json.dumps(_check_classes(classes, model.num_classes, path))
+    if preprocessing is not None:
+        header["preprocessing"] = json.dumps(dataclasses.asdict(preprocessing))
     tensors = {key: np.asarray(var.get_value()) for key, var in _flat_variables(model).items()}
     blob = save(tensors, metadata=header)
 
@@ -93,6 +107,50 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
             "torchvision files load with resnext_flax.read_state_dict"
         )
     return meta
+
+
+def _check_classes(classes: Sequence[str], num_classes: int, path: Any) -> list[str]:
+    names = list(classes)
+    if isinstance(classes, str) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"classes must be a sequence of non-empty strings, got {classes!r}")
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for a model with {num_classes} outputs "
+                         f"(writing {os.fspath(path)!r})")
+    if len(set(names)) != len(names):
+        raise ValueError(f"class names must be distinct (writing {os.fspath(path)!r})")
+    return names
+
+
+def read_checkpoint_labels(
+    path: str | os.PathLike,
+) -> tuple[tuple[str, ...] | None, Preprocessing | None]:
+    """(class names, preprocessing) recorded in a converted checkpoint; None where absent (a
+    torchvision conversion, or any file that is not a converted checkpoint, such as a
+    ``.pth``); CheckpointError if they are malformed."""
+    if not os.fspath(path).endswith(".safetensors"):
+        return None, None
+    meta = read_safetensors_metadata(path)
+    if meta.get("format") != FORMAT:
+        return None, None
+
+    def field(key: str) -> Any:
+        try:
+            return json.loads(meta[key]) if key in meta else None
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{os.fspath(path)!r}: header field {key!r} is not JSON "
+                                  f"({err})") from None
+
+    classes, preprocessing = field("classes"), field("preprocessing")
+    try:
+        if classes is not None:
+            classes = tuple(_check_classes(classes, int(meta.get("num_classes", -1)), path))
+        if preprocessing is not None:
+            preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
+                                             for k, v in preprocessing.items()})
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{os.fspath(path)!r}: malformed class names or preprocessing "
+                              f"in the header: {err}") from None
+    return classes, preprocessing
 
 
 def load_checkpoint(

@@ -1,0 +1,437 @@
+"""Fine-tune on an image folder: a new head sized to its classes, optax, every local device
+(and every process once ``jax.distributed`` is initialized), validation each epoch, Orbax
+checkpoints that resume bit for bit, and the best model exported as a converted checkpoint
+that records the class names.
+
+Resuming is exact because everything a step depends on is either in the checkpoint (params,
+BatchNorm statistics, optimizer state, step, the data loader's position, the running epoch
+totals) or a pure function of the settings (batch ``k`` of the Grain pipeline depends only on
+the seed and ``k``; the learning-rate schedule only on the step), and XLA's CPU programs are
+deterministic. A checkpoint directory written with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from resnext_flax import parallel, training
+from resnext_flax.augment import Augmentation
+from resnext_flax.builders import create_model
+from resnext_flax.datasets import DatasetError, ImageDataset, load_dataset, split_dataset
+from resnext_flax.evaluation import evaluate
+from resnext_flax.models.resnet import ResNet
+from resnext_flax.pipeline import LoaderOptions, SkipReport, train_loader
+from resnext_flax.training import TrainState
+from resnext_flax.weights.catalog import Preprocessing, resolve_weights
+from resnext_flax.weights.checkpoint import read_checkpoint_labels, save_checkpoint
+from resnext_flax.weights.files import atomic_write
+from resnext_flax.weights.loading import load_model
+from resnext_flax.weights.pretrained import from_pretrained
+
+#: ``weights`` values that mean "random initialization".
+RANDOM_INIT = (None, "none", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """The settings of a run (all of them are checked again when a run resumes).
+
+    - `model`: architecture name; `weights`: a weight-set tag (``"DEFAULT"``), a local
+      ``.pth`` / ``.safetensors`` / converted file, or None for random initialization.
+    - `epochs`, `batch_size` (global, a multiple of the device count), `seed`.
+    - `optimizer`: ``"sgd"`` (torch's SGD with momentum) or ``"adamw"``; `lr` is the peak of
+      a linear warm-up over `warmup_epochs` followed by a cosine decay to 0; `weight_decay`
+      applies to conv and linear kernels only (not BatchNorm or biases).
+    - `label_smoothing`; `freeze_backbone` (train the head only); `bf16` (bfloat16 compute,
+      float32 parameters and statistics).
+    - `resize_size`, `crop_size`: override the weights' preprocessing (training crops are
+      random resized crops of `crop_size`); `augmentation`: crop scale, ratio and flip.
+    - `val_split`: hold out this fraction of each class when there is no validation folder.
+    - `save_every`: also checkpoint every N steps (0: at the end of each epoch only).
+    """
+
+    model: str
+    weights: str | None = "DEFAULT"
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    freeze_backbone: bool = False
+    bf16: bool = False
+    seed: int = 0
+    resize_size: int | None = None
+    crop_size: int | None = None
+    augmentation: Augmentation = dataclasses.field(default_factory=Augmentation)
+    val_split: float | None = None
+    save_every: int = 0
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        for name in ("epochs", "batch_size", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise ValueError("lr must be positive, weight_decay and warmup_epochs >= 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0, got {self.save_every}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that change the trajectory (a resumed run must match them)."""
+        out = dataclasses.asdict(self)
+        for key in ("save_every", "keep_checkpoints"):
+            out.pop(key)
+        return json.loads(json.dumps(out))
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """The final train state, one history entry per epoch, and the exported best model."""
+
+    state: TrainState
+    history: list[dict[str, Any]]
+    classes: tuple[str, ...]
+    preprocessing: Preprocessing
+    best_path: str
+    best_epoch: int
+
+
+def initial_model(config: FinetuneConfig, num_classes: int, *,
+                  cache_dir: str | os.PathLike | None = None,
+                  progress: bool = True) -> tuple[ResNet, Preprocessing]:
+    """The model to start from, with a new head of `num_classes`, and the preprocessing its
+    weights go with (a weight set's, a converted checkpoint's recorded one, or ImageNet's)."""
+    dtype = jnp.bfloat16 if config.bf16 else None
+    weights = config.weights
+    if weights in RANDOM_INIT:
+        model = create_model(config.model, num_classes=num_classes, dtype=dtype,
+                             rngs=nnx.Rngs(config.seed))
+        base = Preprocessing()
+    elif os.path.isfile(weights):
+        model = load_model(weights, config.model, dtype=dtype)
+        base = read_checkpoint_labels(weights)[1] or Preprocessing()
+    elif weights.endswith((".pth", ".pt", ".safetensors")):
+        raise FileNotFoundError(f"no weights file at {weights!r}")
+    else:
+        ws = resolve_weights(config.model, weights)
+        model = from_pretrained(config.model, ws, dtype=dtype, cache_dir=cache_dir,
+                                progress=progress)
+        base = ws.preprocessing
+    model.reset_classifier(num_classes, rngs=nnx.Rngs(config.seed))
+    sizes = {k: v for k, v in (("resize_size", config.resize_size),
+                               ("crop_size", config.crop_size)) if v is not None}
+    return model, dataclasses.replace(base, **sizes)
+
+
+@functools.cache
+def _optimizer(kind: str, lr: float, momentum: float, weight_decay: float, warmup: int,
+               total: int) -> optax.GradientTransformation:
+    """Cached: the optimizer is static in the jitted step, so an equal but new object would
+    compile the step again (runs in one process share it)."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1))
+    if kind == "sgd":
+        return training.sgd(schedule, momentum=momentum, weight_decay=weight_decay)
+    return optax.adamw(schedule, weight_decay=weight_decay, mask=training.decay_mask)
+
+
+@functools.cache
+def _train_step(mesh: Mesh, label_smoothing: float) -> Callable:
+    return parallel.make_parallel_train_step(mesh, label_smoothing=label_smoothing)
+
+
+def _datasets(train: str | os.PathLike | ImageDataset, val: str | os.PathLike | ImageDataset
+              | None, config: FinetuneConfig) -> tuple[ImageDataset, ImageDataset | None]:
+    train_ds = train if isinstance(train, ImageDataset) else load_dataset(train)
+    if train_ds.num_classes < 2:
+        raise DatasetError(f"{train_ds.root}: fine-tuning needs at least 2 classes, found "
+                           f"{train_ds.num_classes}")
+    if val is not None and config.val_split is not None:
+        raise ValueError("give a validation folder or a validation split, not both")
+    if val is not None:
+        val_ds = val if isinstance(val, ImageDataset) else load_dataset(val)
+        return train_ds, val_ds.relabel(train_ds.classes)
+    if config.val_split is not None:
+        return split_dataset(train_ds, config.val_split, seed=config.seed)
+    return train_ds, None
+
+
+def _checkpoint_manager(directory: str, keep: int) -> Any:
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("fine-tuning checkpoints need Orbax: pip install "
+                          "'resnext-flax[train]'") from err
+    return ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_names=("state", "data", "run"))
+
+
+def _arrays(state: TrainState) -> dict[str, Any]:
+    return {"params": state.params, "batch_stats": state.batch_stats,
+            "opt_state": state.opt_state, "step": state.step}
+
+
+def finetune(
+    train: str | os.PathLike | ImageDataset,
+    config: FinetuneConfig,
+    output_dir: str | os.PathLike,
+    *,
+    val: str | os.PathLike | ImageDataset | None = None,
+    loader: LoaderOptions | None = None,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    on_step: Callable[[int, dict[str, jax.Array]], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune `config.model` on a folder or list file; resume if `output_dir` holds a run.
+
+    `output_dir` receives ``checkpoints/`` (Orbax: the train state, the loader position and
+    the run's history), ``best.safetensors`` (the best epoch by validation acc@1, or the last
+    epoch without validation; a converted checkpoint with the class names and preprocessing
+    in its header) and ``history.json``. `val` is a validation folder or list file (classes
+    matched by name); else ``config.val_split`` holds out part of `train`. `on_step(step,
+    metrics)` is called after every step (an exception there stops the run without saving,
+    like a crash). Ctrl-C saves a checkpoint and re-raises.
+    """
+    say = log or (lambda message: print(message, flush=True))
+    train_ds, val_ds = _datasets(train, val, config)
+    mesh = mesh if mesh is not None else parallel.data_mesh()
+    if config.batch_size % mesh.size:
+        raise ValueError(f"the batch size ({config.batch_size}) must be a multiple of the "
+                         f"{mesh.size} devices it is sharded over")
+    if len(train_ds) < config.batch_size:
+        raise DatasetError(f"{train_ds.root}: {len(train_ds)} training images are fewer than "
+                           f"one batch of {config.batch_size}")
+    model, preprocessing = initial_model(config, train_ds.num_classes, cache_dir=cache_dir,
+                                         progress=progress)
+    batches = train_loader(
+        train_ds, preprocessing, config.batch_size, epochs=config.epochs, seed=config.seed,
+        augmentation=config.augmentation, options=loader)
+    per_epoch = batches.steps_per_epoch
+    tx = _optimizer(config.optimizer, config.lr, config.momentum, config.weight_decay,
+                    round(config.warmup_epochs * per_epoch), per_epoch * config.epochs)
+    state = training.create_train_state(model, tx, freeze_backbone=config.freeze_backbone)
+    state = parallel.replicate(mesh, parallel.with_batchnorm_axis(state))
+    step_fn = _train_step(mesh, config.label_smoothing)
+
+    output_dir = os.fspath(output_dir)
+    best_path = os.path.join(output_dir, "best.safetensors")
+    manager = _checkpoint_manager(os.path.join(output_dir, "checkpoints"),
+                                  config.keep_checkpoints)
+    run = {"config": config.fingerprint(), "classes": list(train_ds.classes),
+           "train_images": len(train_ds), "history": [], "epoch": _EpochTotals().to_json(),
+           "best": None}
+    state, run = _resume(manager, state, batches, run, say)
+    totals = _EpochTotals.from_json(run["epoch"])
+    primary = jax.process_index() == 0
+
+    def save() -> None:
+        import orbax.checkpoint as ocp
+
+        run["epoch"] = totals.to_json()
+        if manager.latest_step() != int(state.step):
+            manager.save(int(state.step), force=True, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_arrays(state)),
+                data=ocp.args.JsonSave(batches.get_state()), run=ocp.args.JsonSave(run)))
+
+    skipped = SkipReport(train_ds)
+    timer = _Throughput()
+    bar = tqdm(total=len(batches), initial=batches.position, desc="finetune", unit="step",
+               disable=not progress or not primary)
+    try:
+        with batches:
+            for batch in batches:
+                images, labels = parallel.shard_batch(mesh, batch["image"], batch["label"])
+                state, metrics = step_fn(state, images, labels)
+                totals.add(metrics)
+                skipped.add(batch)
+                timer.step(state, config.batch_size)
+                step = batches.position
+                bar.update(1)
+                if on_step is not None:
+                    on_step(step, metrics)
+                if progress and primary and (step % 10 == 0 or step % per_epoch == 0):
+                    accuracy = 100 * int(metrics["correct"]) / config.batch_size
+                    bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
+                                    acc1=f"{accuracy:.1f}", img_s=f"{timer.rate():.0f}")
+                if step % per_epoch == 0:
+                    entry = totals.entry(step // per_epoch, step, config.batch_size)
+                    entry.update(images_per_second=timer.rate(), skipped=skipped.count)
+                    if val_ds is not None:
+                        entry.update(_validate(state, val_ds, preprocessing, config, loader,
+                                               mesh))
+                    say(_epoch_message(entry, config.epochs))
+                    if skipped.count:
+                        say(f"epoch {entry['epoch']}: "
+                            f"{skipped.message('replaced by the next readable image')}")
+                    run["history"].append(entry)
+                    totals, skipped = _EpochTotals(), SkipReport(train_ds)
+                    timer.restart()
+                    if _is_better(entry, run["best"]):
+                        run["best"] = {"epoch": entry["epoch"], "acc1": entry.get("val_acc1")}
+                        if primary:
+                            _export(state, best_path, train_ds.classes, preprocessing, config,
+                                    entry)
+                    save()
+                elif config.save_every and step % config.save_every == 0:
+                    save()
+    except KeyboardInterrupt:
+        save()
+        manager.wait_until_finished()
+        say(f"interrupted: saved step {int(state.step)} in {output_dir}; rerun to resume")
+        raise
+    finally:
+        bar.close()
+    manager.wait_until_finished()
+    if primary:
+        atomic_write(os.path.join(output_dir, "history.json"),
+                     lambda tmp: _write_json(tmp, run["history"]))
+    best = run["best"] or {"epoch": config.epochs}
+    return FinetuneResult(state, run["history"], train_ds.classes, preprocessing, best_path,
+                          int(best["epoch"]))
+
+
+class _EpochTotals:
+    """Training loss and correct count of the current epoch, summed on the device (no host
+    sync per step); saved with checkpoints so a resumed epoch reports the same numbers."""
+
+    def __init__(self, loss: float = 0.0, correct: int = 0, steps: int = 0):
+        self.loss, self.correct, self.steps = jnp.float32(loss), jnp.int32(correct), steps
+
+    def add(self, metrics: dict[str, jax.Array]) -> None:
+        self.loss, self.correct = self.loss + metrics["loss"], self.correct + metrics["correct"]
+        self.steps += 1
+
+    def to_json(self) -> list:
+        return [float(self.loss), int(self.correct), self.steps]
+
+    @classmethod
+    def from_json(cls, value: list) -> _EpochTotals:
+        return cls(*value)
+
+    def entry(self, epoch: int, step: int, batch_size: int) -> dict[str, Any]:
+        steps = max(self.steps, 1)
+        return {"epoch": epoch, "step": step, "train_loss": float(self.loss) / steps,
+                "train_acc1": 100 * int(self.correct) / (steps * batch_size)}
+
+
+class _Throughput:
+    """Training images per second in the current epoch, from the end of its first step
+    (which includes compilation in the first epoch) to now; validation is not counted."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.images = 0
+
+    def restart(self) -> None:
+        self.start, self.images = time.perf_counter(), 0
+
+    def step(self, state: TrainState, batch_size: int) -> None:
+        if self.start is None:
+            jax.block_until_ready(state.step)
+            self.start = time.perf_counter()
+        else:
+            self.images += batch_size
+
+    def rate(self) -> float:
+        if self.start is None or not self.images:
+            return 0.0
+        return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+
+def _validate(state: TrainState, val_ds: ImageDataset, preprocessing: Preprocessing,
+              config: FinetuneConfig, loader: LoaderOptions | None, mesh: Mesh
+              ) -> dict[str, Any]:
+    result = evaluate(state.model(), val_ds, preprocessing=preprocessing,
+                      batch_size=config.batch_size, loader=loader, mesh=mesh, progress=False)
+    return {"val_acc1": 100 * result.top1, "val_acc5": 100 * result.top5,
+            "val_loss": result.loss, "val_skipped": result.num_skipped}
+
+
+def _epoch_message(entry: dict[str, Any], epochs: int) -> str:
+    message = (f"epoch {entry['epoch']}/{epochs}: train loss {entry['train_loss']:.4f} "
+               f"acc@1 {entry['train_acc1']:.2f}%")
+    if "val_acc1" in entry:
+        message += (f", val acc@1 {entry['val_acc1']:.2f}% acc@5 {entry['val_acc5']:.2f}% "
+                    f"loss {entry['val_loss']:.4f}")
+    if entry["images_per_second"]:
+        message += f", {entry['images_per_second']:.0f} images/s"
+    return message
+
+
+def _is_better(entry: dict[str, Any], best: dict[str, Any] | None) -> bool:
+    if "val_acc1" not in entry:
+        return True  # no validation: the last epoch is the one exported
+    return best is None or best.get("acc1") is None or entry["val_acc1"] > best["acc1"]
+
+
+def _export(state: TrainState, path: str, classes: tuple[str, ...],
+            preprocessing: Preprocessing, config: FinetuneConfig, entry: dict[str, Any]
+            ) -> None:
+    model = state.model()
+    metadata = {"finetuned_from": str(config.weights), "epoch": str(entry["epoch"])}
+    if "val_acc1" in entry:
+        metadata["val_acc1"] = f"{entry['val_acc1']:.4f}"
+    save_checkpoint(model, path, metadata=metadata, classes=classes,
+                    preprocessing=preprocessing)
+
+
+def _write_json(path: str, value: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+
+
+def _resume(manager: Any, state: TrainState, batches: Any, run: dict[str, Any],
+            say: Callable[[str], None]) -> tuple[TrainState, dict[str, Any]]:
+    """Restore the latest checkpoint, if any, after checking it was written by this run."""
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step()
+    if step is None:
+        return state, run
+    saved = manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+    for key in ("config", "classes", "train_images"):
+        if saved[key] != run[key]:
+            raise ValueError(
+                f"{manager.directory} holds a run with other settings ({key}: "
+                f"{saved[key]!r}, now {run[key]!r}); use another output directory")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(state))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    batches.set_state(restored["data"])
+    if batches.position != step:
+        raise ValueError(f"checkpoint {step} holds loader position {batches.position}")
+    say(f"resumed from step {step}")
+    return state.replace(**restored["state"]), saved
+
+
+def finetune_summary(result: FinetuneResult) -> str:
+    """A short report: the best epoch and where the model was written."""
+    best = next((h for h in result.history if h["epoch"] == result.best_epoch), None)
+    score = f" (val acc@1 {best['val_acc1']:.2f}%)" if best and "val_acc1" in best else ""
+    return (f"best epoch {result.best_epoch}{score}; {len(result.classes)} classes; wrote "
+            f"{result.best_path}")
+
+

@@ -1,0 +1,295 @@
+"""The input pipeline: an :class:`~resnext_flax.datasets.ImageDataset` -> batches of
+preprocessed images, decoded on worker processes with Grain.
+
+Why Grain: it is the JAX ecosystem's data loader, and its ``MapDataset`` is index-based. A
+batch is a pure function of its position (the shuffle is a seeded permutation per epoch, the
+augmentation's random generator is seeded by the element's position), so
+
+- the batches do not depend on how many worker processes decode them;
+- the iterator's state is a position (``get_state`` / ``set_state``, saved with Orbax), so an
+  interrupted run resumes on exactly the batch it would have seen;
+- each process of a multi-process run reads its own slice of every global batch.
+
+Decoding and preprocessing are the library's torchvision-identical functions
+(``preprocess_image``, ``augment.augment_image``). An unreadable file never stops an epoch: the
+element is marked ``bad`` and the caller reports it (:class:`SkipReport`). In evaluation the
+element is masked out (``valid`` False); in training its slot is filled by the next readable
+file of the dataset, so every batch stays full (BatchNorm sees real images only).
+
+Every batch is a dict of numpy arrays: ``image`` float32 (B, crop, crop, 3), ``label`` int32,
+``index`` int32 (the dataset index of the record asked for; -1 for padding), ``valid`` bool (a
+real, readable image), ``bad`` bool (the record asked for could not be read).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from resnext_flax.augment import Augmentation, augment_image
+from resnext_flax.datasets import DatasetError, ImageDataset
+from resnext_flax.preprocess import load_image, preprocess_image
+from resnext_flax.weights.catalog import Preprocessing
+
+Batch = dict[str, np.ndarray]
+
+#: How many consecutive unreadable files a training slot may skip before the run stops with
+#: an error (a storage failure, not a few bad files).
+MAX_CONSECUTIVE_BAD = 64
+
+
+def _grain() -> Any:
+    try:
+        import grain
+        from absl import flags
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("the input pipeline needs Grain: pip install 'resnext-flax[data]'"
+                          ) from err
+    # Grain reads an absl flag (worker profiling) when JAX is loaded; outside an absl app the
+    # flags are unparsed and that read raises. Their defaults are what such a program means.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return grain
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderOptions:
+    """How batches are produced.
+
+    - `num_workers`: Grain worker processes decoding batches (0: in the calling process).
+    - `num_threads`: threads per process reading batches in parallel (Pillow releases the GIL
+      while decoding and resizing, so threads help even without workers).
+    - `prefetch`: batches buffered per process (at least `num_threads`). Every buffered
+      batch is ``batch x crop x crop x 3`` float32 (256 x 224 x 224: 154 MB), in shared
+      memory when it comes from a worker.
+    """
+
+    num_workers: int = 0
+    num_threads: int = 2
+    prefetch: int = 2
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0 or self.num_threads < 0 or self.prefetch < 1:
+            raise ValueError(f"invalid loader options {self}")
+
+
+def _decode(path: str) -> Any:
+    """The RGB PIL image, or None if the file cannot be read as an image (any decoder error:
+    Pillow raises OSError, SyntaxError, ValueError and others on corrupt files)."""
+    try:
+        return load_image(path)
+    except Exception:  # every decoder failure means "unreadable"
+        return None
+
+
+def _element(image: np.ndarray, label: int, index: int, valid: bool, bad: bool) -> Batch:
+    return {"image": image, "label": np.int32(label), "index": np.int32(index),
+            "valid": np.bool_(valid), "bad": np.bool_(bad)}
+
+
+class _EvalRecord:
+    """Position -> preprocessed element (center crop); positions past the end are padding."""
+
+    def __init__(self, dataset: ImageDataset, config: Preprocessing):
+        self.paths, self.labels, self.config = dataset.paths, dataset.labels, config
+
+    def __call__(self, position: int) -> Batch:
+        size = self.config.crop_size
+        if position >= len(self.paths):
+            return _element(np.zeros((size, size, 3), np.float32), 0, -1, False, False)
+        image = _decode(self.paths[position])
+        if image is None:
+            return _element(np.zeros((size, size, 3), np.float32), int(self.labels[position]),
+                            position, False, True)
+        return _element(preprocess_image(image, self.config), int(self.labels[position]),
+                        position, True, False)
+
+
+class _TrainRecord:
+    """Dataset index (already shuffled) -> augmented element; an unreadable file is replaced
+    by the next readable one (its own label), and marked ``bad``."""
+
+    def __init__(self, dataset: ImageDataset, config: Preprocessing,
+                 augmentation: Augmentation):
+        self.paths, self.labels = dataset.paths, dataset.labels
+        self.config, self.augmentation = config, augmentation
+
+    def __call__(self, index: int, rng: np.random.Generator) -> Batch:
+        index = int(index)
+        for offset in range(min(MAX_CONSECUTIVE_BAD, len(self.paths))):
+            record = (index + offset) % len(self.paths)
+            image = _decode(self.paths[record])
+            if image is not None:
+                pixels = augment_image(image, self.config, rng, self.augmentation)
+                return _element(pixels, int(self.labels[record]), index, True, offset > 0)
+        raise DatasetError(
+            f"{MAX_CONSECUTIVE_BAD} consecutive files from {self.paths[index]!r} on are "
+            "unreadable; is the storage available?")
+
+
+class BatchLoader:
+    """An iterator over a position-indexed Grain dataset of batches.
+
+    Its state is the position alone (``{"position": k}``): batch ``k`` is a function of ``k``,
+    so :meth:`set_state` reopens the Grain pipeline at batch ``k`` — with any number of
+    workers, which Grain's own multi-process iterator state does not allow. ``len()`` is the
+    number of batches; ``steps_per_epoch`` the batches per epoch.
+    """
+
+    def __init__(self, batches: Any, steps_per_epoch: int, options: LoaderOptions):
+        self._batches, self.steps_per_epoch, self.options = batches, steps_per_epoch, options
+        self.position = 0
+        self._iterator: Any = None
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self) -> BatchLoader:
+        return self
+
+    def __next__(self) -> Batch:
+        if self.position >= len(self._batches):
+            self.close()
+            raise StopIteration
+        if self._iterator is None:
+            self._iterator = iter(self._open(self.position))
+        batch = next(self._iterator)
+        self.position += 1
+        return batch
+
+    def _open(self, position: int) -> Any:
+        grain = _grain()
+        # Grain uses at most prefetch_buffer_size threads.
+        buffer = max(self.options.prefetch, self.options.num_threads)
+        iter_dataset = self._batches[position:].to_iter_dataset(grain.ReadOptions(
+            num_threads=self.options.num_threads, prefetch_buffer_size=buffer))
+        if self.options.num_workers:
+            iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self.options.num_workers,
+                per_worker_buffer_size=self.options.prefetch))
+        return iter_dataset
+
+    def get_state(self) -> dict[str, int]:
+        """``{"position": k}``: the next batch is batch ``k``."""
+        return {"position": self.position}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        """Continue at batch ``state["position"]``."""
+        position = int(state["position"])
+        if not 0 <= position <= len(self._batches):
+            raise ValueError(f"position {position} is outside the {len(self._batches)} batches")
+        self.close()
+        self.position = position
+
+    def close(self) -> None:
+        """Stop Grain's worker processes and threads (reopened on the next batch)."""
+        if self._iterator is not None and hasattr(self._iterator, "close"):
+            self._iterator.close()
+        self._iterator = None
+
+    def __enter__(self) -> BatchLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    return process_index, process_count
+
+
+def _local_batch(batch_size: int, count: int) -> int:
+    if batch_size < 1 or batch_size % count:
+        raise ValueError(f"the batch size ({batch_size}) must be a positive multiple of the "
+                         f"process count ({count})")
+    return batch_size // count
+
+
+def eval_loader(
+    dataset: ImageDataset,
+    config: Preprocessing,
+    batch_size: int,
+    options: LoaderOptions | None = None,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> BatchLoader:
+    """Evaluation batches (resize, center crop), in dataset order.
+
+    `batch_size` is the global batch; each of `process_count` processes (JAX's by default)
+    gets every ``process_count``-th element of it. The end is padded (``valid`` False,
+    ``index`` -1) to whole batches, so every batch has one shape and every process runs the
+    same number of steps.
+    """
+    grain = _grain()
+    index, count = _process(process_index, process_count)
+    local = _local_batch(batch_size, count)
+    steps = math.ceil(len(dataset) / batch_size)
+    source = grain.MapDataset.range(steps * batch_size)[index::count]
+    batches = source.map(_EvalRecord(dataset, config)).batch(local)
+    return BatchLoader(batches, steps, options or LoaderOptions())
+
+
+def train_loader(
+    dataset: ImageDataset,
+    config: Preprocessing,
+    batch_size: int,
+    *,
+    epochs: int,
+    seed: int,
+    augmentation: Augmentation | None = None,
+    options: LoaderOptions | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> BatchLoader:
+    """Training batches for all `epochs` (random resized crop, flip).
+
+    Each epoch is a new seeded permutation of the dataset, cut to whole global batches (the
+    remainder is dropped, as ``drop_last``); each image is augmented with its own generator,
+    seeded by (`seed`, position). Batch ``k`` is therefore a function of (`seed`, ``k``) only.
+    """
+    grain = _grain()
+    index, count = _process(process_index, process_count)
+    local = _local_batch(batch_size, count)
+    steps = len(dataset) // batch_size
+    if steps == 0:
+        raise DatasetError(f"{dataset.root}: {len(dataset)} training images are fewer than one "
+                           f"batch of {batch_size}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    order = grain.MapDataset.range(len(dataset)).shuffle(seed=seed)[:steps * batch_size]
+    records = order.repeat(epochs).random_map(
+        _TrainRecord(dataset, config, augmentation or Augmentation()), seed=seed)
+    return BatchLoader(records[index::count].batch(local), steps, options or LoaderOptions())
+
+
+@dataclasses.dataclass
+class SkipReport:
+    """Unreadable files seen by a loop over batches: how many, and the first few paths."""
+
+    dataset: ImageDataset
+    keep: int = 5
+    count: int = 0
+    paths: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, batch: Batch) -> None:
+        """Record the batch's ``bad`` elements."""
+        for index in batch["index"][batch["bad"]]:
+            self.count += 1
+            if len(self.paths) < self.keep:
+                self.paths.append(self.dataset.paths[int(index)])
+
+    def message(self, what: str = "skipped") -> str:
+        """``"2 unreadable images skipped: a.jpg, b.png"`` (empty when there were none)."""
+        if not self.count:
+            return ""
+        more = ", ..." if self.count > len(self.paths) else ""
+        plural = "image" if self.count == 1 else "images"
+        return f"{self.count} unreadable {plural} {what}: {', '.join(self.paths)}{more}"

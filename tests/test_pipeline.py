@@ -1,0 +1,157 @@
+"""The Grain input pipeline and the training augmentation: pixels equal torchvision's for the
+same crop box, batches do not depend on the worker count, the loader resumes on the exact
+batch, padding and unreadable files are flagged, never fatal."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from folder_helpers import corrupt_files, learnable_folder, photo_crop
+from PIL import Image
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+from resnext_flax import datasets, pipeline, preprocess_image
+from resnext_flax.augment import Augmentation, augment_image, random_resized_crop_box
+from resnext_flax.weights.catalog import Preprocessing
+
+CONFIG = Preprocessing(resize_size=36, crop_size=32)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("learnable")
+    learnable_folder(root, per_class=6)
+    corrupt = corrupt_files(root / "digits")
+    return datasets.image_folder(root), [*corrupt, str(root / "flower" / "broken.png")]
+
+
+def _torchvision_train_pixels(image: Image.Image, box, size, interpolation, flip, cfg):
+    out = TF.resized_crop(image, *box, [size, size], InterpolationMode(interpolation),
+                          antialias=True)
+    if flip:
+        out = TF.hflip(out)
+    tensor = TF.convert_image_dtype(TF.pil_to_tensor(out), torch.float)
+    return TF.normalize(tensor, list(cfg.mean), list(cfg.std)).permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_augmentation_equals_torchvision_for_the_same_box(interpolation):
+    cfg = Preprocessing(resize_size=64, crop_size=48, interpolation=interpolation)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        image = Image.fromarray(photo_crop(i % 2, rng, 30, 150))
+        # The generator's draws, replayed: the box, then the flip.
+        replay = np.random.default_rng(i)
+        box = random_resized_crop_box(image.height, image.width, replay)
+        flip = replay.random() < 0.5
+        ours = augment_image(image, cfg, np.random.default_rng(i))
+        expected = _torchvision_train_pixels(image, box, 48, interpolation, flip, cfg)
+        np.testing.assert_array_equal(ours, expected)
+
+
+def test_crop_boxes_follow_torchvision_rules():
+    rng = np.random.default_rng(0)
+    aug = Augmentation()
+    areas, ratios = [], []
+    for _ in range(2000):
+        height, width = (int(x) for x in rng.integers(8, 300, 2))
+        top, left, h, w = random_resized_crop_box(height, width, rng, aug)
+        assert top >= 0 and top + h <= height and left >= 0 and left + w <= width and h and w
+        areas.append(h * w / (height * width))
+        ratios.append(w / h)
+    # Rounding to whole pixels widens the ranges a little on small images.
+    assert min(areas) > 0.02 and max(areas) <= 1
+    assert np.median(ratios) == pytest.approx(1, abs=0.1)
+    # The fallback (no random box fits a very elongated image): torchvision's own answer.
+    for height, width in [(10, 400), (400, 10), (9, 9)]:
+        torch.manual_seed(0)
+        expected = RandomResizedCrop.get_params(torch.zeros(3, height, width), [0.99, 1.0],
+                                                [3 / 4, 4 / 3])
+        ours = random_resized_crop_box(height, width, np.random.default_rng(0),
+                                       Augmentation(scale=(0.99, 1.0)))
+        assert ours == tuple(expected)
+    with pytest.raises(ValueError, match="scale"):
+        Augmentation(scale=(0.5, 0.2))
+
+
+def test_eval_batches_are_the_preprocessed_images_with_padding_and_flags(folder):
+    ds, corrupt = folder
+    loader = pipeline.eval_loader(ds, CONFIG, 8, process_index=0, process_count=1)
+    batches = list(loader)
+    assert len(batches) == len(loader) == math.ceil(len(ds) / 8)
+    flat = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    n = len(ds)
+    assert flat["image"].shape == (len(batches) * 8, 32, 32, 3)
+    assert flat["index"][:n].tolist() == list(range(n)) and (flat["index"][n:] == -1).all()
+    assert not flat["valid"][n:].any() and not flat["bad"][n:].any()
+    bad = {ds.paths[i] for i in np.flatnonzero(flat["bad"][:n])}
+    assert bad == set(corrupt)
+    assert (flat["valid"][:n] == ~flat["bad"][:n]).all()
+    for i in (0, 7, n - 1):
+        if flat["valid"][i]:
+            np.testing.assert_array_equal(flat["image"][i], preprocess_image(ds.paths[i],
+                                                                             CONFIG))
+    np.testing.assert_array_equal(flat["label"][:n], ds.labels)
+    # Two processes each read every other element of the same global batches.
+    halves = [list(pipeline.eval_loader(ds, CONFIG, 8, process_index=p, process_count=2))
+              for p in (0, 1)]
+    for k, batch in enumerate(batches):
+        np.testing.assert_array_equal(halves[0][k]["index"], batch["index"][0::2])
+        np.testing.assert_array_equal(halves[1][k]["index"], batch["index"][1::2])
+
+
+def _train(ds, workers=0, **kw):
+    return pipeline.train_loader(ds, CONFIG, 4, epochs=3, seed=5,
+                                 options=pipeline.LoaderOptions(num_workers=workers),
+                                 process_index=0, process_count=1, **kw)
+
+
+def _same(a, b):
+    return all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_train_batches_resume_and_do_not_depend_on_workers(folder):
+    ds, corrupt = folder
+    with _train(ds) as loader:
+        batches = list(loader)
+    per_epoch = len(ds) // 4
+    assert len(batches) == 3 * per_epoch
+    order = [np.concatenate([b["index"] for b in batches[e * per_epoch:(e + 1) * per_epoch]])
+             for e in range(3)]
+    assert len(set(order[0])) == len(order[0])  # a permutation within an epoch
+    assert not np.array_equal(order[0], order[1])  # reshuffled each epoch
+    # Unreadable records are replaced by readable images (and flagged), never dropped.
+    flat = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    assert flat["valid"].all()
+    bad_records = {ds.paths[i] for i in flat["index"][flat["bad"]]}
+    assert bad_records and bad_records <= set(corrupt)
+    report = pipeline.SkipReport(ds)
+    for b in batches:
+        report.add(b)
+    assert report.count == int(flat["bad"].sum()) and report.message().startswith(
+        f"{report.count} unreadable image")
+    # Resume at batch 7 in a new loader; two worker processes give the same batches.
+    with _train(ds) as resumed:
+        resumed.set_state({"position": 7})
+        assert all(_same(next(resumed), batches[7 + j]) for j in range(3))
+        assert resumed.get_state() == {"position": 10}
+    with _train(ds, workers=2) as parallel_loader:
+        parallel_loader.set_state({"position": 2 * per_epoch - 1})
+        tail = list(parallel_loader)
+    assert len(tail) == len(batches) - (2 * per_epoch - 1)
+    assert all(_same(a, b) for a, b in zip(tail, batches[2 * per_epoch - 1:], strict=True))
+    with pytest.raises(ValueError, match="outside"):
+        _train(ds).set_state({"position": 10**6})
+
+
+def test_loader_errors(folder):
+    ds, _ = folder
+    with pytest.raises(datasets.DatasetError, match="fewer than one batch"):
+        pipeline.train_loader(ds, CONFIG, 1000, epochs=1, seed=0, process_index=0,
+                              process_count=1)
+    with pytest.raises(ValueError, match="multiple of the process count"):
+        pipeline.eval_loader(ds, CONFIG, 7, process_index=0, process_count=2)
