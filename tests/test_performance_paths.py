@@ -237,6 +237,25 @@ def test_folded_model_checks_its_input():
         folded(jnp.zeros((1, 3, 32, 32)))
 
 
+def test_folded_model_is_traced_again_under_another_lowering():
+    """The folded model's cached jit follows ``conv_lowering``: a program traced under one
+    setting is not reused under another (A/B benchmarks in one process depend on it)."""
+    folded = optimize_for_inference(flax_model_from_torch("resnet18", torch_model("resnet18")))
+    x = jnp.zeros((1, 32, 32, 3), jnp.float32)
+
+    def convolutions() -> int:
+        return jax.make_jaxpr(lambda f, a: f(a))(folded, x).pretty_print().count(
+            "conv_general_dilated")
+
+    automatic = convolutions()
+    with ops.conv_lowering("xla"):
+        native = convolutions()
+    assert native == 20  # every conv of resnet18 as XLA's own
+    if jax.default_backend() == "cpu":
+        assert automatic < native  # 1x1 convs as matmuls, 3x3 stride-1 convs as Winograd
+    assert convolutions() == automatic
+
+
 def test_benchmark_script_runs_and_agrees(tmp_path):
     import importlib.util
     import json

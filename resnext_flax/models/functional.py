@@ -16,6 +16,7 @@ import jax
 from flax import nnx
 
 from resnext_flax.models.resnet import check_input
+from resnext_flax.nn import ops
 
 
 def pure_forward(model: nnx.Module, method: str = "__call__") -> tuple[Callable, Any]:
@@ -31,7 +32,19 @@ def _apply(graphdef: nnx.GraphDef, method: str, state: Any, x: jax.Array) -> Any
     return getattr(module, method)(x)
 
 
-_jit_apply = jax.jit(_apply, static_argnums=(0, 1))
+def _apply_in_context(graphdef: nnx.GraphDef, method: str, lowering_context: tuple, state: Any,
+                      x: jax.Array) -> Any:
+    del lowering_context  # read by the conv lowerings while tracing; here only a cache key
+    return _apply(graphdef, method, state, x)
+
+
+_jitted_apply = jax.jit(_apply_in_context, static_argnums=(0, 1, 2))
+
+
+def _jit_apply(graphdef: nnx.GraphDef, method: str, state: Any, x: jax.Array) -> Any:
+    """The jitted forward, traced again when the conv-lowering settings differ
+    (``nn.ops.conv_lowering``): one compiled program per (shape, settings)."""
+    return _jitted_apply(graphdef, method, ops.lowering_context(), state, x)
 
 
 @jax.tree_util.register_pytree_node_class

@@ -198,6 +198,11 @@ def use_backend(name: str | None) -> Iterator[None]:
         _backend_override.reset(token)
 
 
+def forced_backend() -> str | None:
+    """The backend forced by :func:`use_backend` here, or None."""
+    return _backend_override.get()
+
+
 def _direct_unit(d: int, dout: int) -> int | None:
     """Output channels per block of the direct kernel's weight layout; None: no vector form."""
     if d == 4 and dout == 4:

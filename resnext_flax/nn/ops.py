@@ -70,6 +70,14 @@ def conv_lowering(name: str, *, exclude: Iterable[str] = ()) -> Iterator[None]:
         _excluded.reset(excluded_token)
 
 
+def lowering_context() -> tuple:
+    """The trace-time lowering settings in force (``conv_lowering``, ``cpu_kernels.use_backend``)
+    as a hashable key. A cached jit must take it as a static argument: JAX reuses a function's
+    trace for the same argument shapes, so without it a program traced under one setting would
+    silently be reused under another."""
+    return _override.get(), tuple(sorted(_excluded.get())), cpu_kernels.forced_backend()
+
+
 def select_lowering(
     kernel_shape: tuple[int, ...],
     *,
