@@ -20,7 +20,7 @@ from torch_reference import (
     torch_model,
 )
 
-from resnext_flax.models.folding import FoldedResNet, optimize_for_inference
+from resnext_flax.models.folding import FoldedResNet, fold_batchnorm, optimize_for_inference
 from resnext_flax.nn import cpu_kernels, ops, winograd
 from resnext_flax.nn.layers import BatchNorm
 
@@ -254,6 +254,55 @@ def test_folded_model_is_traced_again_under_another_lowering():
     if jax.default_backend() == "cpu":
         assert automatic < native  # 1x1 convs as matmuls, 3x3 stride-1 convs as Winograd
     assert convolutions() == automatic
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="Winograd is a CPU lowering")
+def test_prepared_winograd_kernels_compute_the_same_conv():
+    """A kernel transformed once (inference) gives the conv of the in-program transform; it is
+    ignored where another lowering runs, and derivatives stay those of the direct conv."""
+    x, kernel = _case(2, 9, 7, 64, 64, 3, 1, seed=7)
+    lowering, transformed = ops.prepare_kernel(kernel, groups=1)
+    assert lowering == "winograd" and len(transformed) == 16
+    conv = functools.partial(ops.conv2d, padding=1)
+    with ops.conv_lowering("winograd"):
+        expected = conv(x, kernel)
+        got = conv(x, kernel, prepared=(lowering, transformed))
+        # The prepared tiles are the matmul operands: the kernel itself is not read.
+        nan_kernel = jnp.full_like(kernel, jnp.nan)
+        without_kernel = jax.jit(lambda a, k, t: conv(a, k, prepared=("winograd", t)))(
+            x, nan_kernel, transformed)
+    assert relative_error(got, expected) <= RTOL
+    np.testing.assert_array_equal(without_kernel, got)
+    # Under another lowering the prepared kernel is not used (here: a garbage one).
+    garbage = tuple(jnp.full_like(t, jnp.nan) for t in transformed)
+    with ops.conv_lowering("xla"):
+        assert np.isfinite(np.asarray(conv(x, kernel, prepared=(lowering, garbage)))).all()
+    # Gradients: the direct conv's, whatever was prepared.
+    def loss(k, prepared):
+        return jnp.sum(jnp.sin(conv(x, k, prepared=prepared)))
+
+    with ops.conv_lowering("winograd"):
+        grad_prepared = jax.grad(loss)(kernel, (lowering, transformed))
+        grad_plain = jax.grad(loss)(kernel, None)
+    np.testing.assert_array_equal(grad_prepared, grad_plain)
+    with pytest.raises(ValueError, match="expected 16 arrays"):
+        winograd.conv_winograd(x, kernel, 1, 1, transformed[:15])
+    # Float32 kernels only; stride-2 and 1x1 convs have nothing to prepare.
+    assert ops.prepare_kernel(kernel.astype(jnp.bfloat16)) is None
+    assert ops.prepare_kernel(kernel, stride=2) is None
+    assert ops.prepare_kernel(jnp.zeros((1, 1, 64, 64))) is None
+
+
+def test_optimized_model_prepares_kernels_once():
+    model = flax_model_from_torch("resnet18", torch_model("resnet18", seed=4))
+    folded = optimize_for_inference(model)
+    convs = [m for _, m in nnx.iter_graph(folded.module()) if hasattr(m, "prepared_for")]
+    prepared = [c for c in convs if c.prepared is not None]
+    expected = 13 if jax.default_backend() == "cpu" else 0  # the 3x3 stride-1 convs
+    assert len(prepared) == expected and all(c.prepared_for == "winograd" for c in prepared)
+    x = random_images(1, 64, 64, seed=2)
+    plain = FoldedResNet.from_module(fold_batchnorm(model))
+    assert relative_error(folded(x), plain(x)) <= RTOL
 
 
 def test_benchmark_script_runs_and_agrees(tmp_path):

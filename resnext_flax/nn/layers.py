@@ -20,6 +20,11 @@ def _constant(value: float, size: int, dtype) -> jax.Array:
     return jnp.asarray(np.full((size,), value, dtype=jnp.dtype(dtype)))
 
 
+class PreparedKernel(nnx.Variable):
+    """A conv kernel precomputed for one lowering (``nn.ops.prepare_kernel``); not a
+    parameter: derived from the kernel, for inference only."""
+
+
 class Conv(nnx.Module):
     """2-D convolution, NHWC in and out, kernel stored HWIO; bias-free unless `use_bias`.
 
@@ -54,15 +59,33 @@ class Conv(nnx.Module):
         self.padding = padding
         self.groups = groups
         self.dtype = dtype
+        # The kernel transformed for its lowering, for inference (prepare_for_inference).
+        self.prepared_for: str | None = None
+        self.prepared: PreparedKernel | None = nnx.data(None)
+
+    def prepare_for_inference(self) -> None:
+        """Precompute the kernel in the form its conv lowering consumes (Winograd's transform
+        on the CPU), so a compiled inference program does not redo it on every call. Only for
+        weights that no longer change: a changed kernel must be prepared again."""
+        prepared = ops.prepare_kernel(self.kernel.get_value(), stride=self.stride,
+                                      groups=self.groups)
+        if self.dtype not in (None, jnp.float32) or prepared is None:
+            self.prepared_for, self.prepared = None, nnx.data(None)
+        else:
+            self.prepared_for, self.prepared = prepared[0], nnx.data(PreparedKernel(prepared[1]))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
+        prepared = None
+        if self.prepared is not None:
+            prepared = (self.prepared_for, self.prepared.get_value())
         y = ops.conv2d(
             x.astype(dtype),
             self.kernel.get_value().astype(dtype),
             stride=self.stride,
             padding=self.padding,
             groups=self.groups,
+            prepared=prepared,
         )
         return y if self.bias is None else y + self.bias.get_value().astype(dtype)
 

@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -132,11 +133,14 @@ def conv2d(
     padding: int = 0,
     groups: int = 1,
     lowering: str | None = None,
+    prepared: tuple[str, Any] | None = None,
 ) -> jax.Array:
     """2-D convolution of an NHWC input with an HWIO kernel, torch-style symmetric padding.
 
     ``lowering`` (default: the ``conv_lowering`` override, else :func:`select_lowering`)
     chooses how XLA computes it; the parameters and the result are the same for all.
+    ``prepared``: ``(lowering, array)`` from :func:`prepare_kernel`, the kernel already in the
+    form that lowering consumes; used when that lowering is the one chosen, else ignored.
     """
     lowering = lowering or _override.get() or "auto"
     kh, kw = kernel.shape[:2]
@@ -151,7 +155,11 @@ def conv2d(
     if lowering == "matmul" and groups == 1 and kh == kw == 1:
         return _conv1x1_matmul(x, kernel, stride, padding)
     if lowering == "winograd" and kh == kw == 3 and stride == 1:
-        return _conv_winograd(x, kernel, padding, groups)
+        transformed = None
+        if prepared is not None and prepared[0] == "winograd" \
+                and all(x.dtype == kernel.dtype == u.dtype for u in prepared[1]):
+            transformed = prepared[1]
+        return _conv_winograd(x, kernel, padding, groups, transformed)
     if lowering in ("matmul", "im2col") and groups == 1:
         return _conv_im2col(x, kernel, stride, padding)
     if lowering not in LOWERINGS:
@@ -277,15 +285,45 @@ def _conv_group_chunks(
     return jnp.concatenate(chunks, axis=-1)
 
 
-def _conv_winograd(x: jax.Array, kernel: jax.Array, padding: int, groups: int) -> jax.Array:
-    return _evaluated_fast(winograd.conv_winograd, x, kernel, 1, padding, groups)
+def prepare_kernel(kernel: jax.Array, *, stride: int = 1, groups: int = 1,
+                   backend: str | None = None) -> tuple[str, Any] | None:
+    """The kernel transformed once for the lowering :func:`conv2d` would choose for it now,
+    as ``(lowering, array)``, or None where that lowering has nothing to precompute.
+
+    For an inference model whose weights no longer change: Winograd's kernel transform then
+    leaves the compiled program (at batch 1 it was most of ResNet-18's time on the CPU).
+    """
+    if kernel.ndim != 4 or kernel.dtype != jnp.float32:
+        return None
+    lowering = _override.get() or "auto"
+    if lowering == "auto":
+        lowering = select_lowering(kernel.shape, groups=groups, stride=stride, backend=backend)
+    if lowering == "winograd" and kernel.shape[:2] == (3, 3) and stride == 1:
+        return "winograd", _winograd_kernel(kernel, groups)
+    return None
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 3, 4, 5))
-def _evaluated_fast(fast, x: jax.Array, kernel: jax.Array, stride: int, padding: int,
-                    groups: int) -> jax.Array:
-    """``fast(x, kernel, padding, groups)`` when the conv is only evaluated; the direct conv
-    when it is differentiated.
+@functools.partial(jax.jit, static_argnums=1)
+def _winograd_kernel(kernel: jax.Array, groups: int) -> tuple[jax.Array, ...]:
+    return winograd.winograd_kernel(kernel, groups)
+
+
+def _conv_winograd(x: jax.Array, kernel: jax.Array, padding: int, groups: int,
+                   transformed: tuple[jax.Array, ...] | None = None) -> jax.Array:
+    return _evaluated_fast(_winograd_with, x, kernel, transformed, 1, padding, groups)
+
+
+def _winograd_with(x: jax.Array, kernel: jax.Array, transformed: tuple[jax.Array, ...] | None,
+                   padding: int, groups: int) -> jax.Array:
+    return winograd.conv_winograd(x, kernel, padding, groups, transformed)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 4, 5, 6))
+def _evaluated_fast(fast, x: jax.Array, kernel: jax.Array, prepared: Any,
+                    stride: int, padding: int, groups: int) -> jax.Array:
+    """``fast(x, kernel, prepared, padding, groups)`` when the conv is only evaluated; the
+    direct conv when it is differentiated (`prepared`, derived from `kernel`, gets no
+    derivative).
 
     Training keeps the direct conv's forward and gradients (those the parity tests compare
     with torch step by step): measured on ResNeXt-50's 3-step SGD test, Winograd in the
@@ -293,12 +331,13 @@ def _evaluated_fast(fast, x: jax.Array, kernel: jax.Array, stride: int, padding:
     (6.5e-3 vs 6.6e-3) but moved the chaotic step-3 loss from 1.8x to 2.2x of torch float32's
     own drift.
     """
-    return fast(x, kernel, padding, groups)
+    return fast(x, kernel, prepared, padding, groups)
 
 
 @_evaluated_fast.defjvp
 def _evaluated_fast_jvp(fast, stride: int, padding: int, groups: int, primals, tangents):
     del fast
+    primals, tangents = primals[:2], tangents[:2]
     # The direct conv is the CPU choice without the fast lowerings (XLA native or chunks).
     direct = _first_cpu_lowering(primals[1].shape, groups, stride, excluded=_FAST_LOWERINGS)
     return jax.jvp(

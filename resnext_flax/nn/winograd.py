@@ -4,10 +4,14 @@ Each 2x2 output tile is computed from a 4x4 input tile as A^T [(G g G^T) * (B^T 
 3x3 conv becomes 16 channel matmuls on 4x4 tiles (2.25x fewer multiplies), and the matmuls run
 at XLA:CPU's dot speed instead of its conv speed. The transforms only add, subtract and halve,
 so float32 results stay within ~1e-6 of the direct conv; F(4x4, 3x3) would save more but errs
-~1e-5. The kernel transform runs inside the traced function, so parameters are unchanged.
+~1e-5. The kernel transform runs inside the traced function, so parameters are unchanged;
+an inference model may compute it once instead (:func:`winograd_kernel`, passed back as
+``transformed``): at batch 1 the per-call transform was most of ResNet-18's time.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +80,23 @@ def _groups_per_chunk(groups: int, per_group: int) -> int:
     return max(k for k in range(1, min(most, groups) + 1) if groups % k == 0)
 
 
-def conv_winograd(x: jax.Array, kernel: jax.Array, padding: int, groups: int) -> jax.Array:
+def winograd_kernel(kernel: jax.Array, groups: int) -> tuple[jax.Array, ...]:
+    """G g G^T for every chunk of groups: 16 arrays (chunks, width, out_width), the right-hand
+    sides of :func:`conv_winograd`'s 16 matmuls, in the accumulation dtype (float32 at least).
+    Separate arrays, not one stack: XLA:CPU copies each slice of a stacked parameter before
+    its matmul, which cost as much as the transform itself."""
+    acc = jnp.promote_types(kernel.dtype, jnp.float32)
+    d, cout = kernel.shape[2], kernel.shape[3]
+    per_chunk = _groups_per_chunk(groups, d) if groups > 1 else 1
+    chunks = groups // per_chunk
+    width, out_width = per_chunk * d, cout // chunks
+    k = kernel.astype(acc).reshape(3, 3, d, chunks, per_chunk, cout // groups)
+    k = jnp.einsum("hwdkgo,gf->hwkgdfo", k, jnp.eye(per_chunk, dtype=acc))
+    return tuple(_winograd_kernel_tiles(k.reshape(3, 3, chunks, width, out_width)))
+
+
+def conv_winograd(x: jax.Array, kernel: jax.Array, padding: int, groups: int,
+                  transformed: Sequence[jax.Array] | None = None) -> jax.Array:
     """3x3 stride-1 conv as Winograd F(2x2, 3x3): 16 matmuls of (tiles, C) x (C, O).
 
     A grouped conv is split into ``k`` chunks of whole groups, each a dense conv with a
@@ -97,12 +117,15 @@ def conv_winograd(x: jax.Array, kernel: jax.Array, padding: int, groups: int) ->
     x = x.astype(acc).reshape(n, h, w, chunks, width).transpose(3, 0, 1, 2, 4)
     tiles = _winograd_input_tiles(x.reshape(chunks * n, h, w, width), padding,
                                   -(-out_h // 2), -(-out_w // 2))
-    k = kernel.astype(acc).reshape(3, 3, d, chunks, per_chunk, cout // groups)
-    k = jnp.einsum("hwdkgo,gf->hwkgdfo", k, jnp.eye(per_chunk, dtype=acc))
-    k_tiles = _winograd_kernel_tiles(k.reshape(3, 3, chunks, width, out_width))
+    if transformed is None:
+        transformed = winograd_kernel(kernel.astype(acc), groups)
+    expected = [((chunks, width, out_width), acc)] * 16
+    if [(u.shape, u.dtype) for u in transformed] != expected:
+        raise ValueError(f"transformed Winograd kernel {[u.shape for u in transformed]}; "
+                         f"expected 16 arrays of shape {expected[0][0]} ({acc})")
     products = [
         jnp.einsum("kpc,kco->kpo", v.reshape(chunks, -1, width), u).reshape(*v.shape[:3], -1)
-        for v, u in zip(tiles, k_tiles, strict=True)
+        for v, u in zip(tiles, transformed, strict=True)
     ]
     out = _winograd_output(products, out_h, out_w).reshape(chunks, n, out_h, out_w, out_width)
     return out.transpose(1, 2, 3, 0, 4).reshape(n, out_h, out_w, cout).astype(dtype)
