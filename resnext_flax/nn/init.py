@@ -115,7 +115,7 @@ def materialize(module: nnx.Module) -> nnx.Module:
     if pending:
         values = _draw([var.get_value() for var in pending])
         for var, value in zip(pending, values, strict=True):
-            var.set_value(jnp.asarray(value))
+            var.set_value(jax.device_put(value))  # jnp.asarray compiles once per shape
     return module
 
 

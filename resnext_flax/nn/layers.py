@@ -16,8 +16,9 @@ from resnext_flax.nn.init import conv_kernel_init, linear_bias_init, linear_kern
 
 
 def _constant(value: float, size: int, dtype) -> jax.Array:
-    """A filled vector, made on the host: an eager jnp.full would compile once per size."""
-    return jnp.asarray(np.full((size,), value, dtype=jnp.dtype(dtype)))
+    """A filled vector, made on the host and put on the device: an eager jnp.full (or
+    jnp.asarray) would compile a program once per size."""
+    return jax.device_put(np.full((size,), value, dtype=jnp.dtype(dtype)))
 
 
 class PreparedKernel(nnx.Variable):
