@@ -59,12 +59,6 @@ DENSE = [
 STEM = [("stem 7x7", 224, 3, 64, 7, 3)]
 
 
-def _xla_conv(x, k, stride, padding, groups):
-    return jax.lax.conv_general_dilated(
-        x, k, (stride, stride), ((padding, padding),) * 2,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
-
-
 def measure(batch: int, h: int, cin: int, cout: int, size: int, groups: int, stride: int,
             padding: int, args) -> dict:
     rng = np.random.default_rng(0)
@@ -104,7 +98,7 @@ def measure(batch: int, h: int, cin: int, cout: int, size: int, groups: int, str
                                               groups=groups)
 
     calls["torch_cl"] = torch_call
-    reference = np.asarray(_xla_conv(x, k, stride, padding, groups))
+    reference = np.asarray(cpu_kernels.xla_conv(x, k, stride, padding, groups))
     scale = np.abs(reference).max()
     errors = {name: float(np.abs(np.asarray(f(x, k)) - reference).max() / scale)
               for name, f in fns.items()}

@@ -264,7 +264,9 @@ def supports(
     return backend_for(x_shape, kernel_shape, stride, padding, groups, dtype) is not None
 
 
-def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int):
+def xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int):
+    """XLA's own convolution (NHWC, HWIO, symmetric padding): what the kernels compute and fall
+    back to, and the ``"xla"`` lowering of ``nn.ops.conv2d``."""
     return jax.lax.conv_general_dilated(
         x,
         kernel,
@@ -350,7 +352,7 @@ def conv2d(
     """
     backend = backend_for(x.shape, kernel.shape, stride, padding, groups, x.dtype)
     direct = differentiate_with or functools.partial(
-        _xla_conv, stride=stride, padding=padding, groups=groups)
+        xla_conv, stride=stride, padding=padding, groups=groups)
     if backend is None or kernel.dtype != x.dtype:
         return direct(x, kernel)
     return _conv(x, kernel, (stride, padding, groups, backend), direct)

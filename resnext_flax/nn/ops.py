@@ -25,8 +25,6 @@ import numpy as np
 
 from resnext_flax.nn import cpu_kernels, winograd
 
-_NHWC = ("NHWC", "HWIO", "NHWC")
-
 #: The lowerings ``conv2d`` can use; "auto" picks one by backend and shape.
 LOWERINGS = ("auto", "xla", "matmul", "im2col", "shifted_taps", "group_chunks", "winograd", "ffi")
 
@@ -125,6 +123,16 @@ def _cpu_preferences(kernel_shape: tuple[int, ...], *, groups: int, stride: int)
     return ["winograd"] if kh == kw == 3 and stride == 1 else []
 
 
+def _resolve_lowering(kernel_shape: tuple[int, ...], groups: int, stride: int,
+                      lowering: str | None = None, backend: str | None = None) -> str:
+    """The lowering a conv runs with: the one asked for, else the ``conv_lowering`` override,
+    else the automatic choice."""
+    lowering = lowering or _override.get() or "auto"
+    if lowering == "auto":
+        lowering = select_lowering(kernel_shape, groups=groups, stride=stride, backend=backend)
+    return lowering
+
+
 def conv2d(
     x: jax.Array,
     kernel: jax.Array,
@@ -142,10 +150,8 @@ def conv2d(
     ``prepared``: ``(lowering, array)`` from :func:`prepare_kernel`, the kernel already in the
     form that lowering consumes; used when that lowering is the one chosen, else ignored.
     """
-    lowering = lowering or _override.get() or "auto"
+    lowering = _resolve_lowering(kernel.shape, groups, stride, lowering)
     kh, kw = kernel.shape[:2]
-    if lowering == "auto":
-        lowering = select_lowering(kernel.shape, groups=groups, stride=stride)
     if lowering == "ffi":
         return _conv_ffi(x, kernel, stride, padding, groups)
     if lowering == "shifted_taps" and groups > 1:
@@ -187,15 +193,7 @@ def _conv_ffi(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups
                               differentiate_with=next_choice(*_FAST_LOWERINGS))
 
 
-def _conv_xla(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int):
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=(stride, stride),
-        padding=((padding, padding), (padding, padding)),
-        dimension_numbers=_NHWC,
-        feature_group_count=groups,
-    )
+_conv_xla = cpu_kernels.xla_conv
 
 
 def _acc(x: jax.Array) -> jnp.dtype:
@@ -298,17 +296,13 @@ def prepare_kernel(kernel: jax.Array, *, stride: int = 1, groups: int = 1,
     """
     if kernel.ndim != 4 or kernel.dtype != jnp.float32:
         return None
-    lowering = _override.get() or "auto"
-    if lowering == "auto":
-        lowering = select_lowering(kernel.shape, groups=groups, stride=stride, backend=backend)
+    lowering = _resolve_lowering(kernel.shape, groups, stride, backend=backend)
     if lowering == "winograd" and kernel.shape[:2] == (3, 3) and stride == 1:
         return "winograd", _winograd_kernel(kernel, groups)
     return None
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _winograd_kernel(kernel: jax.Array, groups: int) -> tuple[jax.Array, ...]:
-    return winograd.winograd_kernel(kernel, groups)
+_winograd_kernel = jax.jit(winograd.winograd_kernel, static_argnums=1)
 
 
 def _conv_winograd(x: jax.Array, kernel: jax.Array, padding: int, groups: int,
