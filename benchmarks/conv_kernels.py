@@ -3,9 +3,11 @@ kernels (resnext_flax.nn.cpu_kernels: oneDNN, the direct AVX2 kernel) and torch 
 
 All sides run in one process, interleaved one call each per round (so load from other
 processes hits them alike), fp32, medians over rounds after warm-up; outputs are checked
-against XLA's conv. For oneDNN it also reports the implementation it picked, the one-off
-primitive creation time and the per-call weight reorder time (inside its column's time),
-and optionally a column with the weight cache on.
+against XLA's conv. Kernels are prepared once as for inference (``ops.prepare_kernel``:
+Winograd's tiles, the direct kernel's blocked layout), as ``optimize_for_inference`` runs them.
+For oneDNN it also reports the implementation it picked, the one-off primitive creation time
+and the per-call weight reorder time (inside its column's time), and optionally a column with
+the weight cache on.
 
 Example (the ResNeXt grouped-conv shapes at batch 8 and 1):
     python benchmarks/conv_kernels.py --batch-sizes 8,1
@@ -53,7 +55,11 @@ DENSE = [
     ("RN50 layer3", 14, 256, 1, 1),
     ("RN50 layer4.0", 14, 512, 1, 2),
     ("RN50 layer4", 7, 512, 1, 1),
+    ("WRN50 layer1", 56, 128, 1, 1),
+    ("WRN50 layer2", 28, 256, 1, 1),
     ("WRN50 layer3", 14, 512, 1, 1),
+    ("WRN50 layer4.0", 14, 1024, 1, 2),
+    ("WRN50 layer4", 7, 1024, 1, 1),
 ]
 # The 7x7 stride-2 stem (3 -> 64 channels, padding 3): (name, h, cin, cout, kernel, pad).
 STEM = [("stem 7x7", 224, 3, 64, 7, 3)]
@@ -67,17 +73,21 @@ def measure(batch: int, h: int, cin: int, cout: int, size: int, groups: int, str
     # Compiled inside each context: the lowering and backend are chosen at trace time.
     with ops.conv_lowering("auto", exclude=("ffi",)):
         lowering = ops.select_lowering(k.shape, groups=groups, stride=stride)
-        fns = {"lowering": jax.jit(lambda x, k: ops.conv2d(
-            x, k, stride=stride, padding=padding, groups=groups)).lower(x, k).compile()}
+        prepared = ops.prepare_kernel(k, stride=stride, groups=groups)
+        lowered = jax.jit(lambda x, k, p: ops.conv2d(
+            x, k, stride=stride, padding=padding, groups=groups, prepared=p))
+        compiled = lowered.lower(x, k, prepared).compile()
+        fns = {"lowering": lambda x, k, f=compiled: f(x, k, prepared)}
     for backend in cpu_kernels.BACKENDS:
         if cpu_kernels.available(backend):
             with cpu_kernels.use_backend(backend):
                 if cpu_kernels.supports(x.shape, k.shape, stride, padding, groups, jnp.float32):
-                    fns[backend] = jax.jit(lambda x, k: cpu_kernels.conv2d(
-                        x, k, stride=stride, padding=padding, groups=groups)).lower(
-                            x, k).compile()
-                    text = fns[backend].as_text()
-                    assert f"resnext_flax_{backend}_conv" in text, backend
+                    blocked = cpu_kernels.block_kernel(k, groups) if backend == "direct" else k
+                    compiled = jax.jit(lambda x, k, b: cpu_kernels.conv2d(
+                        x, k, stride=stride, padding=padding, groups=groups,
+                        blocked=b)).lower(x, k, blocked).compile()
+                    assert f"resnext_flax_{backend}_conv" in compiled.as_text(), backend
+                    fns[backend] = lambda x, k, f=compiled, b=blocked: f(x, k, b)
     calls = {name: (lambda f=f: f(x, k).block_until_ready()) for name, f in fns.items()}
     if "onednn" in fns and args.weight_cache:
         # The same compiled call with the weight cache switched on around it (a run-time

@@ -2,9 +2,11 @@
 //
 // Layouts: input NHWC, output NHWC, float32; torch-style symmetric zero padding, any stride.
 // The kernel comes blocked as [unit][kh][kw][d][unit channels] (the Python side transposes
-// HWIO into it), so each unit's weights are contiguous: a unit is one group (unit == dout) or,
-// for 4 channels per group, two groups (unit == 8). Two vectorized forms, 8 output channels per
-// AVX2 register:
+// HWIO into it), so each unit's weights are contiguous: a unit is one group (unit == dout),
+// for 4 channels per group two groups (unit == 8), and in a dense conv 16 output channels
+// (unit == 16: each 6x16 register tile then streams contiguous weights; with the whole HWIO
+// kernel as one unit its rows lie a full row of output channels apart, and reading them at
+// that stride thrashed the caches). Two vectorized forms, 8 output channels per AVX2 register:
 //   * 4 channels per group (in and out): one register of 8 output channels spans two groups,
 //     and the 8 input channels of those two groups are one unaligned load; an in-lane permute
 //     broadcasts input channel c of each group to its four outputs, so every tap is
@@ -28,6 +30,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -55,7 +58,8 @@ struct Shape {
   int64_t stride, pad;
   int64_t ho, wo;           // output size
   // Output channels per unit of the blocked kernel [unit][kh][kw][d][unit channels]: a group
-  // (unit == dout), or two groups of 4 (unit == 8, d == dout == 4).
+  // (unit == dout), two groups of 4 (unit == 8, d == dout == 4), or 16 channels of a dense
+  // conv (unit == 16, groups == 1).
   int64_t unit;
 };
 
@@ -120,24 +124,26 @@ RESNEXT_AVX2 inline void D4Block(const Shape& s, const float* const (&ptr)[9][kM
   for (int p = 0; p < P; ++p) _mm256_storeu_ps(y + (q0 + p) * s.cout + 8 * u, acc[p]);
 }
 
-// ---- dout a multiple of 8: unit g is one group; output vectors [j, j + V) of it.
-// Blocked kernel: [group][tap][c][dout].
+// ---- unit a multiple of 8 output channels: a group (unit == dout), or in a dense conv a
+// block of 16 output channels (unit == 16, groups == 1); output vectors [j, j + V) of unit u.
+// Blocked kernel: [unit][tap][c][unit channels].
 template <int P, int V>
 RESNEXT_AVX2 inline void BcastBlock(const Shape& s, const float* const (&ptr)[9][kMaxP],
-                                    const float* wb, float* y, int64_t q0, int64_t g,
+                                    const float* wb, float* y, int64_t q0, int64_t u,
                                     int64_t j) {
   __m256 acc[P][V];
   for (int p = 0; p < P; ++p)
     for (int q = 0; q < V; ++q) acc[p][q] = _mm256_setzero_ps();
-  const int64_t d = s.d, dout = s.dout;
-  const float* wg = wb + g * 9 * d * dout + 8 * j;
+  const int64_t d = s.d, unit = s.unit;
+  const int64_t group = u * unit / s.dout;  // whose input channels the unit reads
+  const float* wu = wb + u * 9 * d * unit + 8 * j;
   for (int t = 0; t < 9; ++t) {
-    const float* wt = wg + t * d * dout;
+    const float* wt = wu + t * d * unit;
     const float* xp[P];
-    for (int p = 0; p < P; ++p) xp[p] = ptr[t][p] + g * d;
+    for (int p = 0; p < P; ++p) xp[p] = ptr[t][p] + group * d;
     for (int64_t c = 0; c < d; ++c) {
       __m256 wv[V];
-      for (int q = 0; q < V; ++q) wv[q] = _mm256_loadu_ps(wt + c * dout + 8 * q);
+      for (int q = 0; q < V; ++q) wv[q] = _mm256_loadu_ps(wt + c * unit + 8 * q);
       for (int p = 0; p < P; ++p) {
         const __m256 b = _mm256_broadcast_ss(xp[p] + c);
         for (int q = 0; q < V; ++q) acc[p][q] = _mm256_fmadd_ps(b, wv[q], acc[p][q]);
@@ -146,7 +152,7 @@ RESNEXT_AVX2 inline void BcastBlock(const Shape& s, const float* const (&ptr)[9]
   }
   for (int p = 0; p < P; ++p)
     for (int q = 0; q < V; ++q)
-      _mm256_storeu_ps(y + (q0 + p) * s.cout + g * dout + 8 * (j + q), acc[p][q]);
+      _mm256_storeu_ps(y + (q0 + p) * s.cout + u * unit + 8 * (j + q), acc[p][q]);
 }
 
 template <int P>
@@ -159,10 +165,13 @@ RESNEXT_AVX2 void PixelBlock(const Shape& s, bool d4, const float* x, const floa
       D4Block<P>(s, ptr, wb, y, q0, u);
       continue;
     }
-    const int64_t vectors = s.dout / 8;
+    const int64_t vectors = s.unit / 8;
     int64_t j = 0;
-    for (; j + 2 <= vectors; j += 2) BcastBlock<(P > 6 ? 6 : P), 2>(s, ptr, wb, y, q0, u, j);
-    if (j < vectors) BcastBlock<P, 1>(s, ptr, wb, y, q0, u, j);
+    // Pairs of vectors in a 6x16 tile where P <= 6; 8 pixels take one vector at a time (an
+    // 8x8 tile), as a 6-wide pair tile would leave two of the eight pixels unwritten.
+    if (P <= 6)
+      for (; j + 2 <= vectors; j += 2) BcastBlock<(P > 6 ? 6 : P), 2>(s, ptr, wb, y, q0, u, j);
+    for (; j < vectors; ++j) BcastBlock<P, 1>(s, ptr, wb, y, q0, u, j);
   }
 }
 
@@ -170,8 +179,8 @@ RESNEXT_AVX2 void PixelBlock(const Shape& s, bool d4, const float* x, const floa
 RESNEXT_AVX2 void VectorRange(const Shape& s, bool d4, const float* x, const float* zero,
                               const float* wb, float* y, int64_t q0, int64_t q1, int64_t u0,
                               int64_t u1) {
-  // 6 pixels per block where a group has >= 16 outputs (a 6x2 register tile), else 8.
-  const int P = (!d4 && s.dout % 16 == 0) ? 6 : 8;
+  // 6 pixels per block where a unit has a multiple of 16 outputs (a 6x2 register tile), else 8.
+  const int P = (!d4 && s.unit % 16 == 0) ? 6 : 8;
   int64_t q = q0;
   if (P == 6) {
     for (; q + 6 <= q1; q += 6) PixelBlock<6>(s, d4, x, zero, wb, y, q, u0, u1);
@@ -216,6 +225,7 @@ Form ChooseForm(const Shape& s, bool avx2) {
   if (!avx2 || s.kh != 3 || s.kw != 3) return Form::kScalar;
   if (s.d == 4 && s.dout == 4 && s.unit == 8) return Form::kD4;
   if (s.unit == s.dout && s.dout % 8 == 0) return Form::kBcast;
+  if (s.groups == 1 && s.unit == 16 && s.dout % 16 == 0) return Form::kBcast;
   return Form::kScalar;
 }
 
@@ -277,7 +287,8 @@ ffi::Error DirectConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       unit != s.unit)
     return ffi::Error::InvalidArgument("conv: inconsistent channels, groups or stride");
   s.dout = s.cout / groups;
-  if (s.unit != s.dout && !(s.d == 4 && s.dout == 4 && s.unit == 8))
+  if (s.unit != s.dout && !(s.d == 4 && s.dout == 4 && s.unit == 8) &&
+      !(groups == 1 && s.unit == 16 && s.dout % 16 == 0))
     return ffi::Error::InvalidArgument("conv: unsupported kernel blocking");
   s.ho = (s.h + 2 * s.pad - s.kh) / s.stride + 1;
   s.wo = (s.w + 2 * s.pad - s.kw) / s.stride + 1;
@@ -334,6 +345,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextDirectConv, DirectConv,
                                   .Attr<int64_t>("padding")
                                   .Attr<int64_t>("groups")
                                   .Attr<int64_t>("unit"));
+
+namespace {
+
+// The identity, as an op XLA cannot fuse: its output is aliased to its input, so it costs no
+// copy. Placed on a residual block's output, it keeps XLA:CPU's loop fusion from recomputing
+// the whole chain of earlier blocks inside each residual add (see nn/cpu_kernels.py).
+ffi::Error FusionBoundary(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+  if (y->untyped_data() != x.untyped_data()) {
+    std::memcpy(y->untyped_data(), x.untyped_data(), x.size_bytes());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextFusionBoundary, FusionBoundary,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 
 // 1 when this CPU runs the vectorized forms (AVX2 and FMA); the scalar form is slow.
 extern "C" int resnext_direct_conv_vectorized() { return kAvx2 ? 1 : 0; }

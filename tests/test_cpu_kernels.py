@@ -92,12 +92,15 @@ CASES = [
     (2, 13, 17, 256, 32, 1, 1),    # d = 8
     (2, 13, 17, 256, 32, 2, 0),
     (2, 13, 17, 512, 32, 1, 1),    # d = 16
+    (2, 9, 9, 96, 4, 1, 1),        # d = 24: an odd number of output vectors per group
     (1, 13, 17, 512, 32, 2, 1),
     (2, 9, 11, 1024, 32, 1, 1),    # d = 32
     (1, 7, 7, 2048, 32, 1, 1),     # d = 64
     (1, 7, 7, 2048, 32, 2, 1),
     (2, 13, 17, 64, 1, 1, 1),      # dense
     (2, 13, 17, 64, 1, 2, 1),
+    (1, 7, 7, 512, 1, 1, 1),       # dense, one pair of output vectors per chunk
+    (2, 5, 6, 72, 1, 1, 1),        # dense, an odd number of output vectors
     (64, 6, 5, 128, 32, 1, 1),     # batch 64
     (64, 4, 4, 256, 32, 2, 1),
     (1, 1, 1, 128, 32, 1, 1),      # a single pixel
@@ -149,9 +152,15 @@ def test_per_shape_default():
     grouped = ((8, 56, 56, 128), (3, 3, 4, 128), 1, 1, 32)
     if cpu_kernels.available("direct"):
         assert cpu_kernels.backend_for(*grouped, jnp.float32) == "direct"
-    # The direct kernel never takes dense convs by default.
-    dense = ((1, 14, 14, 256), (3, 3, 256, 256), 1, 1, 1)
-    assert cpu_kernels.backend_for(*dense, jnp.float32) in (None, "onednn")
+    # Dense 3x3 convs: the direct kernel at stride 2 and on small maps (<= 196 output
+    # pixels), Winograd (no compiled kernel) on larger ones; oneDNN never by default.
+    direct = "direct" if cpu_kernels.available("direct") else None
+    kernel = (3, 3, 256, 256)
+    assert cpu_kernels.backend_for((1, 14, 14, 256), kernel, 1, 1, 1, jnp.float32) == direct
+    assert cpu_kernels.backend_for((8, 14, 14, 256), kernel, 1, 1, 1, jnp.float32) is None
+    assert cpu_kernels.backend_for((8, 28, 28, 256), kernel, 2, 1, 1, jnp.float32) == direct
+    assert cpu_kernels.backend_for((1, 7, 7, 256), (1, 1, 256, 256), 1, 0, 1,
+                                   jnp.float32) is None
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -290,3 +299,53 @@ def test_extension_loads_where_it_is_built():
     if built and not cpu_kernels.available("onednn"):
         onednn = [r for r in reasons if r.startswith("onednn")]
         pytest.fail(f"the oneDNN CPU kernel was built but did not load: {onednn}")
+
+
+@pytest.mark.skipif(not (jax.default_backend() == "cpu" and cpu_kernels._load().fusion_boundary),
+                    reason=_skip_reason())
+def test_fusion_boundary_is_the_identity():
+    """Under jit, grad, vmap and any dtype: the same array, the identity's derivative."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 5)), jnp.float32)
+    boundary = cpu_kernels.fusion_boundary
+    assert "resnext_flax_fusion_boundary" in jax.jit(boundary).lower(x).as_text()
+    np.testing.assert_array_equal(jax.jit(boundary)(x), x)
+    np.testing.assert_array_equal(jax.jit(jax.vmap(jax.vmap(boundary)))(x), x)
+    np.testing.assert_array_equal(jax.jit(boundary)(x.astype(jnp.bfloat16)),
+                                  x.astype(jnp.bfloat16))
+    np.testing.assert_array_equal(jax.jit(jax.grad(lambda v: (boundary(v) ** 3).sum()))(x),
+                                  3 * x**2)
+
+
+def _residual_chain(x: jax.Array, weights: list[jax.Array]) -> jax.Array:
+    """Bottleneck-like blocks: 1x1 convs (matmuls) and a residual add through block_output."""
+    for w in weights:
+        out = jnp.einsum("nhwc,co->nhwo", jax.nn.relu(jnp.einsum("nhwc,co->nhwo", x, w)), w)
+        x = ops.block_output(jax.nn.relu(out + x))
+    return x
+
+
+def _loop_fusion_operands(hlo: str) -> list[int]:
+    import re
+
+    return [len(m.group(1).split(","))
+            for m in re.finditer(r"fusion\(([^)]*)\), kind=kLoop", hlo)]
+
+
+@pytest.mark.skipif(not (jax.default_backend() == "cpu" and cpu_kernels._load().fusion_boundary),
+                    reason=_skip_reason())
+def test_block_outputs_are_computed_once():
+    """Each residual add is one loop fusion reading its own block's arrays: XLA:CPU does not
+    recompute the earlier blocks inside it (without the boundary, the last add of this
+    12-block chain reads 13 arrays: jax 0.10). Same values as without the boundary."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 6, 6, 32)), jnp.float32)
+    weights = [jnp.asarray(rng.standard_normal((32, 32)) * 0.1, jnp.float32) for _ in range(12)]
+    compiled = jax.jit(_residual_chain).lower(x, weights).compile()
+    hlo = compiled.as_text()
+    assert hlo.count('custom_call_target="resnext_flax_fusion_boundary"') == 12
+    assert max(_loop_fusion_operands(hlo)) <= 4, sorted(_loop_fusion_operands(hlo))
+    with ops.conv_lowering("auto", exclude=["ffi"]):
+        # A new function: jit reuses a function's trace whatever the lowering settings.
+        plain = jax.jit(lambda *a: _residual_chain(*a)).lower(x, weights).compile()
+    assert "resnext_flax_fusion_boundary" not in plain.as_text()
+    np.testing.assert_array_equal(compiled(x, weights), plain(x, weights))

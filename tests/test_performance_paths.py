@@ -4,6 +4,7 @@ torchvision."""
 
 from __future__ import annotations
 
+import collections
 import functools
 
 import jax
@@ -142,8 +143,14 @@ def test_auto_lowering_is_chosen_by_backend_and_shape():
                                    backend="cpu") == "group_chunks"
         assert ops.select_lowering((3, 3, 16, 128), groups=8, stride=2, backend="cpu") == "xla"
     assert ops.select_lowering((1, 1, 256, 64), backend="cpu") == "matmul"
-    assert ops.select_lowering((3, 3, 64, 64), backend="cpu") == "winograd"
-    assert ops.select_lowering((3, 3, 64, 64), stride=2, backend="cpu") == "xla"
+    # Dense 3x3 convs: the compiled kernel first (it takes stride 2 and small maps), then
+    # Winograd at stride 1, XLA's native conv at stride 2.
+    dense_ffi = "ffi" if cpu_kernels.available("direct") else None
+    assert ops.select_lowering((3, 3, 64, 64), backend="cpu") == (dense_ffi or "winograd")
+    assert ops.select_lowering((3, 3, 64, 64), stride=2, backend="cpu") == (dense_ffi or "xla")
+    with ops.conv_lowering("auto", exclude=["ffi"]):
+        assert ops.select_lowering((3, 3, 64, 64), backend="cpu") == "winograd"
+        assert ops.select_lowering((3, 3, 64, 64), stride=2, backend="cpu") == "xla"
     assert ops.select_lowering((7, 7, 3, 64), stride=2, backend="cpu") == "xla"
     for backend in ("gpu", "tpu"):
         assert ops.select_lowering((3, 3, 4, 128), groups=32, backend=backend) == "xla"
@@ -178,7 +185,8 @@ def test_excluded_lowerings_fall_back_to_the_next_preference():
         assert ops.select_lowering((3, 3, 64, 64), backend="cpu") == "xla"
         assert ops.select_lowering((3, 3, 16, 512), groups=32, backend="cpu") == "group_chunks"
         assert ops.select_lowering((1, 1, 64, 64), backend="cpu") == "matmul"
-    assert ops.select_lowering((3, 3, 64, 64), backend="cpu") == "winograd"
+    with ops.conv_lowering("auto", exclude=["ffi"]):
+        assert ops.select_lowering((3, 3, 64, 64), backend="cpu") == "winograd"
     with (pytest.raises(ValueError, match="unknown conv lowering 'wino'"),
           ops.conv_lowering("auto", exclude=["wino"])):
         pass
@@ -261,45 +269,79 @@ def test_prepared_winograd_kernels_compute_the_same_conv():
     """A kernel transformed once (inference) gives the conv of the in-program transform; it is
     ignored where another lowering runs, and derivatives stay those of the direct conv."""
     x, kernel = _case(2, 9, 7, 64, 64, 3, 1, seed=7)
-    lowering, transformed = ops.prepare_kernel(kernel, groups=1)
-    assert lowering == "winograd" and len(transformed) == 16
+    with ops.conv_lowering("winograd"):
+        prepared = ops.prepare_kernel(kernel, groups=1)
+    assert set(prepared) == {"winograd"} and len(prepared["winograd"]) == 16
+    transformed = prepared["winograd"]
     conv = functools.partial(ops.conv2d, padding=1)
     with ops.conv_lowering("winograd"):
         expected = conv(x, kernel)
-        got = conv(x, kernel, prepared=(lowering, transformed))
+        got = conv(x, kernel, prepared=prepared)
         # The prepared tiles are the matmul operands: the kernel itself is not read.
         nan_kernel = jnp.full_like(kernel, jnp.nan)
-        without_kernel = jax.jit(lambda a, k, t: conv(a, k, prepared=("winograd", t)))(
+        without_kernel = jax.jit(lambda a, k, t: conv(a, k, prepared={"winograd": t}))(
             x, nan_kernel, transformed)
     assert relative_error(got, expected) <= RTOL
     np.testing.assert_array_equal(without_kernel, got)
     # Under another lowering the prepared kernel is not used (here: a garbage one).
-    garbage = tuple(jnp.full_like(t, jnp.nan) for t in transformed)
+    garbage = {"winograd": tuple(jnp.full_like(t, jnp.nan) for t in transformed)}
     with ops.conv_lowering("xla"):
-        assert np.isfinite(np.asarray(conv(x, kernel, prepared=(lowering, garbage)))).all()
+        assert np.isfinite(np.asarray(conv(x, kernel, prepared=garbage))).all()
     # Gradients: the direct conv's, whatever was prepared.
     def loss(k, prepared):
         return jnp.sum(jnp.sin(conv(x, k, prepared=prepared)))
 
     with ops.conv_lowering("winograd"):
-        grad_prepared = jax.grad(loss)(kernel, (lowering, transformed))
+        grad_prepared = jax.grad(loss)(kernel, prepared)
         grad_plain = jax.grad(loss)(kernel, None)
     np.testing.assert_array_equal(grad_prepared, grad_plain)
     with pytest.raises(ValueError, match="expected 16 arrays"):
         winograd.conv_winograd(x, kernel, 1, 1, transformed[:15])
-    # Float32 kernels only; stride-2 and 1x1 convs have nothing to prepare.
+    # Float32 kernels only; 1x1 convs have nothing to prepare, nor stride-2 convs in XLA.
     assert ops.prepare_kernel(kernel.astype(jnp.bfloat16)) is None
-    assert ops.prepare_kernel(kernel, stride=2) is None
     assert ops.prepare_kernel(jnp.zeros((1, 1, 64, 64))) is None
+    with ops.conv_lowering("auto", exclude=["ffi"]):
+        assert ops.prepare_kernel(kernel, stride=2) is None
+
+
+@pytest.mark.skipif(not cpu_kernels.available("direct"), reason="the compiled CPU kernel "
+                    f"is not loaded: {cpu_kernels.unavailable_reasons()}")
+@pytest.mark.parametrize("stride, groups", [(1, 1), (2, 1), (1, 32)])
+def test_prepared_blocked_kernels_compute_the_same_conv(stride, groups):
+    """The compiled kernel's weight layout made once (inference) gives the conv computed with
+    the layout made in the program; the kernel itself is then not read; gradients are the
+    direct conv's. A dense stride-1 kernel also gets Winograd's tiles, for the larger maps
+    the compiled kernel leaves to Winograd."""
+    x, kernel = _case(1, 7, 7, 128, 128, 3, groups, seed=8)
+    prepared = ops.prepare_kernel(kernel, stride=stride, groups=groups)
+    expected_forms = {"ffi", "winograd"} if (stride, groups) == (1, 1) else {"ffi"}
+    assert set(prepared) == expected_forms
+    conv = functools.partial(ops.conv2d, stride=stride, padding=1, groups=groups)
+    plain = jax.jit(conv)(x, kernel)
+    assert "resnext_flax_direct_conv" in jax.jit(conv).lower(x, kernel).as_text()
+    nan_kernel = jnp.full_like(kernel, jnp.nan)
+    got = jax.jit(lambda a, k, p: conv(a, k, prepared=p))(x, nan_kernel, prepared)
+    np.testing.assert_array_equal(got, plain)
+
+    def loss(k, prepared):
+        return jnp.sum(jnp.sin(conv(x, k, prepared=prepared)))
+
+    np.testing.assert_array_equal(jax.grad(loss)(kernel, prepared), jax.grad(loss)(kernel, None))
 
 
 def test_optimized_model_prepares_kernels_once():
     model = flax_model_from_torch("resnet18", torch_model("resnet18", seed=4))
     folded = optimize_for_inference(model)
     convs = [m for _, m in nnx.iter_graph(folded.module()) if hasattr(m, "prepared_for")]
-    prepared = [c for c in convs if c.prepared is not None]
-    expected = 13 if jax.default_backend() == "cpu" else 0  # the 3x3 stride-1 convs
-    assert len(prepared) == expected and all(c.prepared_for == "winograd" for c in prepared)
+    prepared = collections.Counter(c.prepared_for for c in convs if c.prepared is not None)
+    # The 13 3x3 stride-1 convs get Winograd's tiles; with the compiled kernel, those and
+    # the 3 stride-2 3x3 convs also get its weight layout.
+    if jax.default_backend() != "cpu":
+        assert not prepared
+    elif cpu_kernels.available("direct"):
+        assert prepared == {("ffi", "winograd"): 13, ("ffi",): 3}
+    else:
+        assert prepared == {("winograd",): 13}
     x = random_images(1, 64, 64, seed=2)
     plain = FoldedResNet.from_module(fold_batchnorm(model))
     assert relative_error(folded(x), plain(x)) <= RTOL

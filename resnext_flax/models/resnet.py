@@ -55,7 +55,7 @@ class BasicBlock(nnx.Module):
         identity = x if self.downsample is None else _sequential(self.downsample, x)
         out = jax.nn.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return jax.nn.relu(out + identity)
+        return ops.block_output(jax.nn.relu(out + identity))
 
 
 class Bottleneck(nnx.Module):
@@ -96,7 +96,7 @@ class Bottleneck(nnx.Module):
         out = jax.nn.relu(self.bn1(self.conv1(x)))
         out = jax.nn.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return jax.nn.relu(out + identity)
+        return ops.block_output(jax.nn.relu(out + identity))
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}

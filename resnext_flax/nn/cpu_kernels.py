@@ -8,7 +8,9 @@ custom calls:
   vectorized with AVX2/FMA, for grouped convs with 4 channels per group (an in-lane permute
   lets one 8-wide register serve two groups) or with a multiple of 8 output channels per
   group; the work is spread over XLA's own intra-op thread pool. Used on x86-64 CPUs with
-  AVX2 and FMA (checked at run time). Dense convs are left to XLA (its Winograd lowering wins).
+  AVX2 and FMA (checked at run time). Dense 3x3 convs only where it measured faster than
+  XLA's lowerings (stride 2, and small maps at stride 1: ``_dense_direct_wins``), with
+  16 output channels per block of weights.
 * ``onednn`` (``csrc/onednn_conv.cc``; opt-in, see ``setup.py``): oneDNN's
   ``convolution_forward`` from the ``onednn-cpu-gomp`` wheel (CPU-only, GNU OpenMP), any kernel
   size and group count. Measured against ``direct`` and not used by default: no whole-model
@@ -52,6 +54,7 @@ DISABLE_ENV = "RESNEXT_FLAX_DISABLE_CPU_KERNELS"
 BACKENDS = ("direct", "onednn")
 
 _DIRECT_TARGET = "resnext_flax_direct_conv"
+_BOUNDARY_TARGET = "resnext_flax_fusion_boundary"
 _ONEDNN_TARGET = "resnext_flax_onednn_conv"
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -66,6 +69,7 @@ class _Loaded:
     direct: ctypes.CDLL | None
     onednn: ctypes.CDLL | None
     reasons: tuple[str, ...]  # why a backend is missing
+    fusion_boundary: bool = False  # the extension's identity op (any CPU it loads on)
 
     @property
     def backends(self) -> tuple[str, ...]:
@@ -106,19 +110,23 @@ def _register(target: str, lib: ctypes.CDLL, symbol: str) -> None:
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
 
 
-def _load_direct() -> tuple[ctypes.CDLL | None, str | None]:
+def _load_direct() -> tuple[ctypes.CDLL | None, str | None, bool]:
+    """(the direct kernel's library or None, why not, whether the fusion boundary loaded)."""
     path = _library_path("_cpu_direct")
     if path is None:
         return None, ("direct: extension not built (no resnext_flax/nn/_cpu_direct.so; reinstall "
-                      "with a C++17 compiler available)")
+                      "with a C++17 compiler available)"), False
+    boundary = False
     try:
         lib = ctypes.CDLL(str(path))
+        _register(_BOUNDARY_TARGET, lib, "ResnextFusionBoundary")
+        boundary = True
         if not lib.resnext_direct_conv_vectorized():
-            return None, "direct: this CPU lacks AVX2/FMA"
+            return None, "direct: this CPU lacks AVX2/FMA", boundary
         _register(_DIRECT_TARGET, lib, "ResnextDirectConv")
     except (OSError, AttributeError, RuntimeError, ValueError) as err:
-        return None, f"direct: cannot load {path.name}: {err}"
-    return lib, None
+        return None, f"direct: cannot load {path.name}: {err}", boundary
+    return lib, None, boundary
 
 
 def _load_onednn() -> tuple[ctypes.CDLL | None, str | None]:
@@ -157,10 +165,10 @@ def _load_once() -> _Loaded:
         reasons = (f"jax {jax.__version__} has no jax.ffi",)
         logger.warning("resnext_flax CPU kernels unavailable (%s)", reasons[0])
         return _Loaded(None, None, reasons)
-    direct, why_direct = _load_direct()
+    direct, why_direct, boundary = _load_direct()
     onednn, why_onednn = _load_onednn()
     reasons = tuple(r for r in (why_direct, why_onednn) if r)
-    loaded = _Loaded(direct, onednn, reasons)
+    loaded = _Loaded(direct, onednn, reasons, boundary)
     # oneDNN is opt-in: its absence is only worth a line where it was built.
     told = [r for r in reasons if not r.startswith("onednn: extension not built")]
     if told:
@@ -203,10 +211,13 @@ def forced_backend() -> str | None:
     return _backend_override.get()
 
 
-def _direct_unit(d: int, dout: int) -> int | None:
-    """Output channels per block of the direct kernel's weight layout; None: no vector form."""
+def _direct_unit(d: int, dout: int, groups: int) -> int | None:
+    """Output channels per block of the direct kernel's weight layout; None: no vector form.
+    A group; two groups of 4; in a dense conv 16 channels (contiguous weights per tile)."""
     if d == 4 and dout == 4:
         return 8
+    if groups == 1 and dout % 16 == 0:
+        return 16
     return dout if dout % 8 == 0 else None
 
 
@@ -214,8 +225,24 @@ def _direct_supports(kernel_shape: tuple[int, ...], groups: int) -> bool:
     kh, kw, d, cout = kernel_shape
     if kh != 3 or kw != 3:
         return False
-    unit = _direct_unit(d, cout // groups)
+    unit = _direct_unit(d, cout // groups, groups)
     return unit is not None and cout % unit == 0
+
+
+def _dense_direct_wins(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
+                       stride: int) -> bool:
+    """Where the direct kernel beats the pure-XLA choice for a dense 3x3 conv, measured on
+    whole models (docs/performance.md): every stride-2 conv (XLA's native conv otherwise;
+    1.1-1.7x per conv at batch 1 and 8), and stride-1 convs with at most 196 output pixels
+    (7x7 and 14x14 maps at batch 1: 1.5-1.7x per conv). Larger maps stay with Winograd: its
+    2.25x fewer multiplies won there (0.54-0.86x per conv at batch 8), and at batch 1 the
+    direct kernel on ResNet's 56x56 and 28x28 maps, though faster conv by conv, made ResNet-18
+    slower (1.22x against 1.43x over no dense direct conv)."""
+    n, h, w, _ = x_shape
+    kh, kw, _, _ = kernel_shape
+    if stride != 1:
+        return True
+    return n * (h + 2 - kh + 1) * (w + 2 - kw + 1) <= 196  # output pixels, padding 1
 
 
 def backend_for(
@@ -242,10 +269,12 @@ def backend_for(
     for name in candidates:
         if not available(name):
             continue
-        # Dense convs: the direct kernel has no cache blocking over input channels and loses to
-        # XLA/oneDNN there; it runs them only when forced.
-        if name == "direct" and (
-            not _direct_supports(kernel_shape, groups) or (groups == 1 and not forced)
+        if name == "direct" and not _direct_supports(kernel_shape, groups):
+            continue
+        # Dense convs: the direct kernel where it measured faster than XLA's lowerings;
+        # oneDNN only when forced (not measured against them).
+        if groups == 1 and not forced and (
+            name != "direct" or not _dense_direct_wins(x_shape, kernel_shape, stride)
         ):
             continue
         return name
@@ -277,27 +306,37 @@ def xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups:
     )
 
 
-def _out_shape(x: jax.Array, kernel: jax.Array, stride: int, padding: int):
+def _out_shape(x: jax.Array, kernel_shape: tuple, stride: int, padding: int):
     n, h, w, _ = x.shape
-    kh, kw, _, cout = kernel.shape
+    kh, kw, _, cout = kernel_shape
     ho = (h + 2 * padding - kh) // stride + 1
     wo = (w + 2 * padding - kw) // stride + 1
     return jax.ShapeDtypeStruct((n, ho, wo, cout), jnp.float32)
 
 
-def _ffi_conv(x, kernel, stride: int, padding: int, groups: int, backend: str) -> jax.Array:
-    """One custom call on unbatched (rank-4) operands."""
+def block_kernel(kernel: jax.Array, groups: int) -> jax.Array | None:
+    """An HWIO kernel in the direct kernel's layout, (units, kh, kw, d, unit): each block of
+    output channels' weights contiguous. None where the direct kernel has no form for it.
+    ``conv2d(..., blocked=...)`` takes it precomputed (inference: ``ops.prepare_kernel``)."""
+    if kernel.ndim != 4 or not _direct_supports(kernel.shape, groups):
+        return None
+    kh, kw, d, cout = kernel.shape
+    unit = _direct_unit(d, cout // groups, groups)
+    return kernel.reshape(kh, kw, d, cout // unit, unit).transpose(3, 0, 1, 2, 4)
+
+
+def _ffi_conv(x, weights, stride: int, padding: int, groups: int, backend: str) -> jax.Array:
+    """One custom call on unbatched (rank-4) operands; `weights` blocked for "direct", HWIO
+    for "onednn"."""
     attrs = {"stride": np.int64(stride), "padding": np.int64(padding),
              "groups": np.int64(groups)}
-    out = _out_shape(x, kernel, stride, padding)
     if backend == "direct":
-        kh, kw, d, cout = kernel.shape
-        unit = _direct_unit(d, cout // groups)
-        # HWIO -> (units, kh, kw, d, unit): each block of output channels' weights contiguous.
-        blocked = kernel.reshape(kh, kw, d, cout // unit, unit).transpose(3, 0, 1, 2, 4)
+        units, kh, kw, _, unit = weights.shape
+        out = _out_shape(x, (kh, kw, None, units * unit), stride, padding)
         return jax.ffi.ffi_call(_DIRECT_TARGET, out, vmap_method="sequential")(
-            x, blocked, unit=np.int64(unit), **attrs)
-    return jax.ffi.ffi_call(_ONEDNN_TARGET, out, vmap_method="sequential")(x, kernel, **attrs)
+            x, weights, unit=np.int64(unit), **attrs)
+    out = _out_shape(x, weights.shape, stride, padding)
+    return jax.ffi.ffi_call(_ONEDNN_TARGET, out, vmap_method="sequential")(x, weights, **attrs)
 
 
 @functools.cache
@@ -305,8 +344,8 @@ def _batched_call(config: tuple) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """The custom call for one (stride, padding, groups, backend), with a vmap rule."""
 
     @jax.custom_batching.custom_vmap
-    def call(x, kernel):
-        return _ffi_conv(x, kernel, *config)
+    def call(x, weights):
+        return _ffi_conv(x, weights, *config)
 
     @call.def_vmap
     def call_vmap(axis_size, in_batched, x, kernel):
@@ -324,15 +363,17 @@ def _batched_call(config: tuple) -> Callable[[jax.Array, jax.Array], jax.Array]:
     return call
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _conv(x, kernel, config, differentiate_with):
-    del differentiate_with
-    return _batched_call(config)(x, kernel)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _conv(config, differentiate_with, x, kernel, weights):
+    """The custom call on `weights` (derived from `kernel`); derivatives are those of
+    ``differentiate_with(x, kernel)``, `weights` gets none."""
+    del differentiate_with, kernel
+    return _batched_call(config)(x, weights)
 
 
 @_conv.defjvp
 def _conv_jvp(config, differentiate_with, primals, tangents):
-    return jax.jvp(differentiate_with, primals, tangents)
+    return jax.jvp(differentiate_with, primals[:2], tangents[:2])
 
 
 def conv2d(
@@ -343,19 +384,63 @@ def conv2d(
     padding: int = 0,
     groups: int = 1,
     differentiate_with: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    blocked: jax.Array | None = None,
 ) -> jax.Array:
     """2-D convolution of an NHWC input with an HWIO kernel, torch-style symmetric padding.
 
     Runs in a compiled kernel where :func:`supports` says so, else computes XLA's
     ``conv_general_dilated``. Derivatives are those of ``differentiate_with(x, kernel)``
     (default: XLA's conv with the same parameters), which must compute the same conv.
+    ``blocked``: ``block_kernel(kernel, groups)`` computed beforehand (for weights that no
+    longer change), so that the program does not lay the kernel out again on every call.
     """
     backend = backend_for(x.shape, kernel.shape, stride, padding, groups, x.dtype)
     direct = differentiate_with or functools.partial(
         xla_conv, stride=stride, padding=padding, groups=groups)
     if backend is None or kernel.dtype != x.dtype:
         return direct(x, kernel)
-    return _conv(x, kernel, (stride, padding, groups, backend), direct)
+    weights = kernel
+    if backend == "direct":
+        weights = block_kernel(kernel, groups)
+        if blocked is not None and blocked.shape == weights.shape \
+                and blocked.dtype == kernel.dtype:
+            weights = blocked
+    return _conv((stride, padding, groups, backend), direct, x, kernel, weights)
+
+
+def fusion_boundary(x: jax.Array) -> jax.Array:
+    """``x`` itself, computed once into memory: an op XLA cannot fuse into its consumers.
+
+    XLA:CPU duplicates cheap elementwise producers into every consumer fusion. A residual
+    block's output ``relu(out + identity)`` feeds the next block's 1x1 conv (a library matmul,
+    which reads it from memory) and the next residual add (a loop fusion, which recomputes
+    it): so each add recomputed every earlier block's add of its stage, a cost quadratic in
+    the depth (ResNet-152's last layer3 add read 72 arrays; the adds were 16% of a batch-8
+    call). Behind this custom call the add is computed once. Its output aliases its input, so
+    it copies nothing. Only on the CPU where the extension loaded (with or without AVX2), and
+    only where it is evaluated, not differentiated (where it is the plain identity).
+    """
+    if not _load().fusion_boundary or jax.default_backend() != "cpu" or _varying(x):
+        return x
+    return _boundary(x)
+
+
+@jax.custom_jvp
+def _boundary(x: jax.Array) -> jax.Array:
+    return jax.ffi.ffi_call(_BOUNDARY_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            input_output_aliases={0: 0}, vmap_method="expand_dims")(x)
+
+
+def _varying(x: jax.Array) -> bool:
+    """Whether `x` varies over shard_map's mesh axes: a custom call's result type does not
+    carry them, which differentiation then rejects, so the boundary is left out there."""
+    return bool(getattr(jax.typeof(x), "vma", ())) if hasattr(jax, "typeof") else False
+
+
+@_boundary.defjvp
+def _boundary_jvp(primals, tangents):
+    # Differentiated (training): the plain identity, no boundary; XLA fuses as before.
+    return primals[0], tangents[0]
 
 
 # ---- Benchmark controls (ctypes; no effect on results).

@@ -22,8 +22,8 @@ def _constant(value: float, size: int, dtype) -> jax.Array:
 
 
 class PreparedKernel(nnx.Variable):
-    """A conv kernel precomputed for one lowering (``nn.ops.prepare_kernel``); not a
-    parameter: derived from the kernel, for inference only."""
+    """A conv kernel precomputed for its lowerings (``nn.ops.prepare_kernel``: lowering ->
+    array); not a parameter: derived from the kernel, for inference only."""
 
 
 class Conv(nnx.Module):
@@ -60,26 +60,26 @@ class Conv(nnx.Module):
         self.padding = padding
         self.groups = groups
         self.dtype = dtype
-        # The kernel transformed for its lowering, for inference (prepare_for_inference).
-        self.prepared_for: str | None = None
+        # The kernel transformed for its lowerings, for inference (prepare_for_inference).
+        self.prepared_for: tuple[str, ...] | None = None
         self.prepared: PreparedKernel | None = nnx.data(None)
 
     def prepare_for_inference(self) -> None:
-        """Precompute the kernel in the form its conv lowering consumes (Winograd's transform
-        on the CPU), so a compiled inference program does not redo it on every call. Only for
-        weights that no longer change: a changed kernel must be prepared again."""
+        """Precompute the kernel in the forms its conv lowerings consume (on the CPU:
+        Winograd's transform, the compiled kernel's layout), so a compiled inference program
+        does not redo them on every call. Only for weights that no longer change: a changed
+        kernel must be prepared again."""
         prepared = ops.prepare_kernel(self.kernel.get_value(), stride=self.stride,
                                       groups=self.groups)
         if self.dtype not in (None, jnp.float32) or prepared is None:
             self.prepared_for, self.prepared = None, nnx.data(None)
         else:
-            self.prepared_for, self.prepared = prepared[0], nnx.data(PreparedKernel(prepared[1]))
+            self.prepared_for = tuple(sorted(prepared))
+            self.prepared = nnx.data(PreparedKernel(prepared))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
-        prepared = None
-        if self.prepared is not None:
-            prepared = (self.prepared_for, self.prepared.get_value())
+        prepared = None if self.prepared is None else self.prepared.get_value()
         y = ops.conv2d(
             x.astype(dtype),
             self.kernel.get_value().astype(dtype),

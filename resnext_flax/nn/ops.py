@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -120,7 +120,11 @@ def _cpu_preferences(kernel_shape: tuple[int, ...], *, groups: int, stride: int)
         return ffi + preferences + (["group_chunks"] if groups > _GROUPS_PER_CHUNK else [])
     if kh == kw == 1:
         return ["matmul"]
-    return ["winograd"] if kh == kw == 3 and stride == 1 else []
+    if kh == kw == 3:
+        # The kernel takes the shapes it wins (stride 2, small maps); the rest go on.
+        ffi = ["ffi"] if cpu_kernels.available("direct") else []
+        return ffi + (["winograd"] if stride == 1 else [])
+    return []
 
 
 def _resolve_lowering(kernel_shape: tuple[int, ...], groups: int, stride: int,
@@ -141,19 +145,20 @@ def conv2d(
     padding: int = 0,
     groups: int = 1,
     lowering: str | None = None,
-    prepared: tuple[str, Any] | None = None,
+    prepared: Mapping[str, Any] | None = None,
 ) -> jax.Array:
     """2-D convolution of an NHWC input with an HWIO kernel, torch-style symmetric padding.
 
     ``lowering`` (default: the ``conv_lowering`` override, else :func:`select_lowering`)
     chooses how XLA computes it; the parameters and the result are the same for all.
-    ``prepared``: ``(lowering, array)`` from :func:`prepare_kernel`, the kernel already in the
-    form that lowering consumes; used when that lowering is the one chosen, else ignored.
+    ``prepared``: from :func:`prepare_kernel`, the kernel already in the forms lowerings
+    consume (lowering -> array); a form is used where its lowering is the one that runs.
     """
     lowering = _resolve_lowering(kernel.shape, groups, stride, lowering)
     kh, kw = kernel.shape[:2]
+    prepared = prepared or {}
     if lowering == "ffi":
-        return _conv_ffi(x, kernel, stride, padding, groups)
+        return _conv_ffi(x, kernel, stride, padding, groups, prepared)
     if lowering == "shifted_taps" and groups > 1:
         return _conv_shifted_taps(x, kernel, stride, padding, groups)
     if lowering == "group_chunks" and groups > 1:
@@ -165,9 +170,10 @@ def conv2d(
         # Only where the kernel outweighs the input: on large feature maps the per-call
         # transform is cheap, and reading prepared tiles measured slower (56x56 and 28x28 at
         # batch 8: 1.5x; XLA then schedules all input transforms before the matmuls).
-        if prepared is not None and prepared[0] == "winograd" and kernel.size >= x.size \
-                and all(x.dtype == kernel.dtype == u.dtype for u in prepared[1]):
-            transformed = prepared[1]
+        tiles = prepared.get("winograd")
+        if tiles is not None and kernel.size >= x.size \
+                and all(x.dtype == kernel.dtype == u.dtype for u in tiles):
+            transformed = tiles
         return _conv_winograd(x, kernel, padding, groups, transformed)
     if lowering in ("matmul", "im2col") and groups == 1:
         return _conv_im2col(x, kernel, stride, padding)
@@ -176,7 +182,8 @@ def conv2d(
     return _conv_xla(x, kernel, stride, padding, groups)
 
 
-def _conv_ffi(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int):
+def _conv_ffi(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int,
+              prepared: Mapping[str, Any]):
     """The compiled kernel where it supports the conv, else the next choice; differentiated
     as the direct conv (as Winograd is), so training computes what it did without it."""
     def next_choice(*excluded: str) -> functools.partial:
@@ -185,12 +192,13 @@ def _conv_ffi(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups
             excluded = {"ffi", *excluded, *_excluded.get()}
             lowering = _first_cpu_lowering(kernel.shape, groups, stride, excluded=excluded)
         return functools.partial(conv2d, stride=stride, padding=padding, groups=groups,
-                                 lowering=lowering)
+                                 lowering=lowering, prepared=prepared)
 
     if not cpu_kernels.supports(x.shape, kernel.shape, stride, padding, groups, x.dtype):
         return next_choice()(x, kernel)
     return cpu_kernels.conv2d(x, kernel, stride=stride, padding=padding, groups=groups,
-                              differentiate_with=next_choice(*_FAST_LOWERINGS))
+                              differentiate_with=next_choice(*_FAST_LOWERINGS),
+                              blocked=prepared.get("ffi"))
 
 
 _conv_xla = cpu_kernels.xla_conv
@@ -287,22 +295,34 @@ def _conv_group_chunks(
 
 
 def prepare_kernel(kernel: jax.Array, *, stride: int = 1, groups: int = 1,
-                   backend: str | None = None) -> tuple[str, Any] | None:
-    """The kernel transformed once for the lowering :func:`conv2d` would choose for it now,
-    as ``(lowering, array)``, or None where that lowering has nothing to precompute.
+                   backend: str | None = None) -> dict[str, Any] | None:
+    """The kernel transformed once for the lowerings :func:`conv2d` may run it with now
+    (lowering -> array; which one runs can depend on the input's shape), or None where those
+    have nothing to precompute: Winograd's transformed tiles, the compiled kernel's blocked
+    layout.
 
-    For an inference model whose weights no longer change: Winograd's kernel transform then
-    leaves the compiled program (at batch 1 it was most of ResNet-18's time on the CPU).
+    For an inference model whose weights no longer change: the kernel transform then leaves
+    the compiled program (at batch 1 Winograd's was most of ResNet-18's time on the CPU).
     """
     if kernel.ndim != 4 or kernel.dtype != jnp.float32:
         return None
     lowering = _resolve_lowering(kernel.shape, groups, stride, backend=backend)
-    if lowering == "winograd" and kernel.shape[:2] == (3, 3) and stride == 1:
-        return "winograd", _winograd_kernel(kernel, groups)
-    return None
+    candidates = [lowering]
+    if lowering == "ffi" and groups == 1:  # the next choice runs the maps the kernel leaves
+        excluded = {"ffi", *_excluded.get()}
+        candidates.append(_first_cpu_lowering(kernel.shape, groups, stride, excluded=excluded))
+    prepared = {}
+    if "ffi" in candidates and cpu_kernels.available("direct"):
+        blocked = _blocked_kernel(kernel, groups)
+        if blocked is not None:
+            prepared["ffi"] = blocked
+    if "winograd" in candidates and kernel.shape[:2] == (3, 3) and stride == 1:
+        prepared["winograd"] = _winograd_kernel(kernel, groups)
+    return prepared or None
 
 
 _winograd_kernel = jax.jit(winograd.winograd_kernel, static_argnums=1)
+_blocked_kernel = jax.jit(cpu_kernels.block_kernel, static_argnums=1)
 
 
 def _conv_winograd(x: jax.Array, kernel: jax.Array, padding: int, groups: int,
@@ -341,6 +361,19 @@ def _evaluated_fast_jvp(fast, stride: int, padding: int, groups: int, primals, t
         lambda x, kernel: conv2d(x, kernel, stride=stride, padding=padding, groups=groups,
                                  lowering=direct),
         primals, tangents)
+
+
+def block_output(x: jax.Array) -> jax.Array:
+    """A residual block's output, kept in memory once on the CPU (``cpu_kernels.fusion_boundary``:
+    XLA:CPU otherwise recomputes every earlier block's residual add inside each later one).
+
+    Active where the compiled ``ffi`` lowering may run (the CPU, the extension loaded, "ffi"
+    neither excluded nor overridden by another lowering); ``x`` unchanged elsewhere.
+    """
+    forced = _override.get()
+    if forced not in (None, "auto", "ffi") or "ffi" in _excluded.get():
+        return x
+    return cpu_kernels.fusion_boundary(x)
 
 
 def max_pool(x: jax.Array, *, window: int, stride: int, padding: int) -> jax.Array:
