@@ -415,7 +415,7 @@ def fusion_boundary(x: jax.Array) -> jax.Array:
     block's output ``relu(out + identity)`` feeds the next block's 1x1 conv (a library matmul,
     which reads it from memory) and the next residual add (a loop fusion, which recomputes
     it): so each add recomputed every earlier block's add of its stage, a cost quadratic in
-    the depth (ResNet-152's last layer3 add read 72 arrays; the adds were 16% of a batch-8
+    the depth (ResNet-152's last layer3 add read 74 arrays; the adds were 16% of a batch-8
     call). Behind this custom call the add is computed once. Its output aliases its input, so
     it copies nothing. Only on the CPU where the extension loaded (with or without AVX2), and
     only where it is evaluated, not differentiated (where it is the plain identity).
