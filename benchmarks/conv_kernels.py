@@ -82,7 +82,7 @@ def measure(batch: int, h: int, cin: int, cout: int, size: int, groups: int, str
         if cpu_kernels.available(backend):
             with cpu_kernels.use_backend(backend):
                 if cpu_kernels.supports(x.shape, k.shape, stride, padding, groups, jnp.float32):
-                    blocked = cpu_kernels.block_kernel(k, groups) if backend == "direct" else k
+                    blocked = cpu_kernels.block_kernel(k, groups) if backend == "direct" else None
                     compiled = jax.jit(lambda x, k, b: cpu_kernels.conv2d(
                         x, k, stride=stride, padding=padding, groups=groups,
                         blocked=b)).lower(x, k, blocked).compile()

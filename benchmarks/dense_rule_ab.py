@@ -27,18 +27,17 @@ from resnext_flax.models.folding import optimize_for_inference
 from resnext_flax.nn import cpu_kernels
 
 
-def _pixels(x_shape, stride: int) -> int:
-    n, h, w, _ = x_shape
-    return n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
+def _pixels(x_shape, kernel_shape, stride: int, padding: int) -> int:
+    return int(np.prod(cpu_kernels._output_size(x_shape, kernel_shape, stride, padding)))
 
 
-RULES = {
-    "none": lambda x, k, s: False,
+RULES = {  # (x_shape, kernel_shape, stride, padding) -> whether the kernel takes the conv
+    "none": lambda x, k, s, p: False,
     "default": cpu_kernels._dense_direct_wins,
-    "stride2": lambda x, k, s: s != 1,
-    "all": lambda x, k, s: True,
-    "maps": lambda x, k, s: s != 1 or _pixels(x, s) <= 196 or (
-        k[2] <= 128 and _pixels(x, s) * k[2] <= 56 * 56 * 64),
+    "stride2": lambda x, k, s, p: s != 1,
+    "all": lambda x, k, s, p: True,
+    "maps": lambda x, k, s, p: s != 1 or _pixels(x, k, s, p) <= 196 or (
+        k[2] <= 128 and _pixels(x, k, s, p) * k[2] <= 56 * 56 * 64),
 }
 
 

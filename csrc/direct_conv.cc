@@ -169,8 +169,8 @@ RESNEXT_AVX2 void PixelBlock(const Shape& s, bool d4, const float* x, const floa
     int64_t j = 0;
     // Pairs of vectors in a 6x16 tile where P <= 6; 8 pixels take one vector at a time (an
     // 8x8 tile), as a 6-wide pair tile would leave two of the eight pixels unwritten.
-    if (P <= 6)
-      for (; j + 2 <= vectors; j += 2) BcastBlock<(P > 6 ? 6 : P), 2>(s, ptr, wb, y, q0, u, j);
+    if constexpr (P <= 6)
+      for (; j + 2 <= vectors; j += 2) BcastBlock<P, 2>(s, ptr, wb, y, q0, u, j);
     for (; j < vectors; ++j) BcastBlock<P, 1>(s, ptr, wb, y, q0, u, j);
   }
 }
@@ -221,11 +221,14 @@ void ScalarRange(const Shape& s, const float* x, const float* wb, float* y, int6
 
 enum class Form { kD4, kBcast, kScalar };
 
+// A dense conv's kernel in blocks of 16 output channels.
+bool DenseBlocks(const Shape& s) { return s.groups == 1 && s.unit == 16 && s.dout % 16 == 0; }
+
 Form ChooseForm(const Shape& s, bool avx2) {
   if (!avx2 || s.kh != 3 || s.kw != 3) return Form::kScalar;
   if (s.d == 4 && s.dout == 4 && s.unit == 8) return Form::kD4;
   if (s.unit == s.dout && s.dout % 8 == 0) return Form::kBcast;
-  if (s.groups == 1 && s.unit == 16 && s.dout % 16 == 0) return Form::kBcast;
+  if (DenseBlocks(s)) return Form::kBcast;
   return Form::kScalar;
 }
 
@@ -287,8 +290,7 @@ ffi::Error DirectConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       unit != s.unit)
     return ffi::Error::InvalidArgument("conv: inconsistent channels, groups or stride");
   s.dout = s.cout / groups;
-  if (s.unit != s.dout && !(s.d == 4 && s.dout == 4 && s.unit == 8) &&
-      !(groups == 1 && s.unit == 16 && s.dout % 16 == 0))
+  if (s.unit != s.dout && !(s.d == 4 && s.dout == 4 && s.unit == 8) && !DenseBlocks(s))
     return ffi::Error::InvalidArgument("conv: unsupported kernel blocking");
   s.ho = (s.h + 2 * s.pad - s.kh) / s.stride + 1;
   s.wo = (s.w + 2 * s.pad - s.kw) / s.stride + 1;

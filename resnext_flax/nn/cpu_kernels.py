@@ -229,8 +229,16 @@ def _direct_supports(kernel_shape: tuple[int, ...], groups: int) -> bool:
     return unit is not None and cout % unit == 0
 
 
-def _dense_direct_wins(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
-                       stride: int) -> bool:
+def _output_size(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride: int,
+                 padding: int) -> tuple[int, int, int]:
+    """(n, ho, wo) of a conv with torch-style symmetric padding."""
+    n, h, w, _ = x_shape
+    kh, kw = kernel_shape[:2]
+    return n, (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+
+
+def _dense_direct_wins(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride: int,
+                       padding: int) -> bool:
     """Where the direct kernel beats the pure-XLA choice for a dense 3x3 conv, measured on
     whole models (docs/performance.md): every stride-2 conv (XLA's native conv otherwise;
     1.1-1.7x per conv at batch 1 and 8), and stride-1 convs with at most 196 output pixels
@@ -238,11 +246,9 @@ def _dense_direct_wins(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
     2.25x fewer multiplies won there (0.54-0.86x per conv at batch 8), and at batch 1 the
     direct kernel on ResNet's 56x56 and 28x28 maps, though faster conv by conv, made ResNet-18
     slower (1.22x against 1.43x over no dense direct conv)."""
-    n, h, w, _ = x_shape
-    kh, kw, _, _ = kernel_shape
     if stride != 1:
         return True
-    return n * (h + 2 - kh + 1) * (w + 2 - kw + 1) <= 196  # output pixels, padding 1
+    return np.prod(_output_size(x_shape, kernel_shape, stride, padding)) <= 196
 
 
 def backend_for(
@@ -274,7 +280,7 @@ def backend_for(
         # Dense convs: the direct kernel where it measured faster than XLA's lowerings;
         # oneDNN only when forced (not measured against them).
         if groups == 1 and not forced and (
-            name != "direct" or not _dense_direct_wins(x_shape, kernel_shape, stride)
+            name != "direct" or not _dense_direct_wins(x_shape, kernel_shape, stride, padding)
         ):
             continue
         return name
@@ -307,11 +313,15 @@ def xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups:
 
 
 def _out_shape(x: jax.Array, kernel_shape: tuple, stride: int, padding: int):
-    n, h, w, _ = x.shape
-    kh, kw, _, cout = kernel_shape
-    ho = (h + 2 * padding - kh) // stride + 1
-    wo = (w + 2 * padding - kw) // stride + 1
-    return jax.ShapeDtypeStruct((n, ho, wo, cout), jnp.float32)
+    n, ho, wo = _output_size(x.shape, kernel_shape, stride, padding)
+    return jax.ShapeDtypeStruct((n, ho, wo, kernel_shape[-1]), jnp.float32)
+
+
+def _blocked_shape(kernel_shape: tuple[int, ...], groups: int) -> tuple[int, ...]:
+    """(units, kh, kw, d, unit): the direct kernel's layout of a kernel it supports."""
+    kh, kw, d, cout = kernel_shape
+    unit = _direct_unit(d, cout // groups, groups)
+    return cout // unit, kh, kw, d, unit
 
 
 def block_kernel(kernel: jax.Array, groups: int) -> jax.Array | None:
@@ -320,9 +330,8 @@ def block_kernel(kernel: jax.Array, groups: int) -> jax.Array | None:
     ``conv2d(..., blocked=...)`` takes it precomputed (inference: ``ops.prepare_kernel``)."""
     if kernel.ndim != 4 or not _direct_supports(kernel.shape, groups):
         return None
-    kh, kw, d, cout = kernel.shape
-    unit = _direct_unit(d, cout // groups, groups)
-    return kernel.reshape(kh, kw, d, cout // unit, unit).transpose(3, 0, 1, 2, 4)
+    units, kh, kw, d, unit = _blocked_shape(kernel.shape, groups)
+    return kernel.reshape(kh, kw, d, units, unit).transpose(3, 0, 1, 2, 4)
 
 
 def _ffi_conv(x, weights, stride: int, padding: int, groups: int, backend: str) -> jax.Array:
@@ -401,10 +410,9 @@ def conv2d(
         return direct(x, kernel)
     weights = kernel
     if backend == "direct":
-        weights = block_kernel(kernel, groups)
-        if blocked is not None and blocked.shape == weights.shape \
-                and blocked.dtype == kernel.dtype:
-            weights = blocked
+        usable = blocked is not None and blocked.dtype == kernel.dtype \
+            and blocked.shape == _blocked_shape(kernel.shape, groups)
+        weights = blocked if usable else block_kernel(kernel, groups)
     return _conv((stride, padding, groups, backend), direct, x, kernel, weights)
 
 
@@ -420,7 +428,7 @@ def fusion_boundary(x: jax.Array) -> jax.Array:
     it copies nothing. Only on the CPU where the extension loaded (with or without AVX2), and
     only where it is evaluated, not differentiated (where it is the plain identity).
     """
-    if not _load().fusion_boundary or jax.default_backend() != "cpu" or _varying(x):
+    if not _load().fusion_boundary or jax.default_backend() != "cpu":
         return x
     return _boundary(x)
 
@@ -429,12 +437,6 @@ def fusion_boundary(x: jax.Array) -> jax.Array:
 def _boundary(x: jax.Array) -> jax.Array:
     return jax.ffi.ffi_call(_BOUNDARY_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype),
                             input_output_aliases={0: 0}, vmap_method="expand_dims")(x)
-
-
-def _varying(x: jax.Array) -> bool:
-    """Whether `x` varies over shard_map's mesh axes: a custom call's result type does not
-    carry them, which differentiation then rejects, so the boundary is left out there."""
-    return bool(getattr(jax.typeof(x), "vma", ())) if hasattr(jax, "typeof") else False
 
 
 @_boundary.defjvp

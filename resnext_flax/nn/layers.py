@@ -61,8 +61,12 @@ class Conv(nnx.Module):
         self.groups = groups
         self.dtype = dtype
         # The kernel transformed for its lowerings, for inference (prepare_for_inference).
-        self.prepared_for: tuple[str, ...] | None = None
         self.prepared: PreparedKernel | None = nnx.data(None)
+
+    @property
+    def prepared_for(self) -> tuple[str, ...] | None:
+        """The lowerings the kernel is prepared for (None: not prepared)."""
+        return None if self.prepared is None else tuple(sorted(self.prepared.get_value()))
 
     def prepare_for_inference(self) -> None:
         """Precompute the kernel in the forms its conv lowerings consume (on the CPU:
@@ -72,9 +76,8 @@ class Conv(nnx.Module):
         prepared = ops.prepare_kernel(self.kernel.get_value(), stride=self.stride,
                                       groups=self.groups)
         if self.dtype not in (None, jnp.float32) or prepared is None:
-            self.prepared_for, self.prepared = None, nnx.data(None)
+            self.prepared = nnx.data(None)
         else:
-            self.prepared_for = tuple(sorted(prepared))
             self.prepared = nnx.data(PreparedKernel(prepared))
 
     def __call__(self, x: jax.Array) -> jax.Array:

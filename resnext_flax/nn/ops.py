@@ -189,8 +189,7 @@ def _conv_ffi(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups
     def next_choice(*excluded: str) -> functools.partial:
         lowering = "xla"
         if jax.default_backend() == "cpu":
-            excluded = {"ffi", *excluded, *_excluded.get()}
-            lowering = _first_cpu_lowering(kernel.shape, groups, stride, excluded=excluded)
+            lowering = _lowering_without_ffi(kernel.shape, groups, stride, *excluded)
         return functools.partial(conv2d, stride=stride, padding=padding, groups=groups,
                                  lowering=lowering, prepared=prepared)
 
@@ -199,6 +198,13 @@ def _conv_ffi(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups
     return cpu_kernels.conv2d(x, kernel, stride=stride, padding=padding, groups=groups,
                               differentiate_with=next_choice(*_FAST_LOWERINGS),
                               blocked=prepared.get("ffi"))
+
+
+def _lowering_without_ffi(kernel_shape: tuple[int, ...], groups: int, stride: int,
+                          *excluded: str) -> str:
+    """The CPU choice for the convs the compiled kernel leaves (and its derivatives)."""
+    excluded = {"ffi", *excluded, *_excluded.get()}
+    return _first_cpu_lowering(kernel_shape, groups, stride, excluded=excluded)
 
 
 _conv_xla = cpu_kernels.xla_conv
@@ -309,8 +315,7 @@ def prepare_kernel(kernel: jax.Array, *, stride: int = 1, groups: int = 1,
     lowering = _resolve_lowering(kernel.shape, groups, stride, backend=backend)
     candidates = [lowering]
     if lowering == "ffi" and groups == 1:  # the next choice runs the maps the kernel leaves
-        excluded = {"ffi", *_excluded.get()}
-        candidates.append(_first_cpu_lowering(kernel.shape, groups, stride, excluded=excluded))
+        candidates.append(_lowering_without_ffi(kernel.shape, groups, stride))
     prepared = {}
     if "ffi" in candidates and cpu_kernels.available("direct"):
         blocked = _blocked_kernel(kernel, groups)
