@@ -1,12 +1,13 @@
-"""Whole-model A/B of where the compiled kernel takes dense 3x3 convs (the rule
+"""Whole-model A/B of where the compiled kernel takes dense convs (the rule
 ``cpu_kernels._dense_direct_wins``), against alternatives, in one process.
 
 Each rule is patched in, the folded model compiled under it, and all compiled programs are
 timed interleaved (one call each per round, medians). The first rule is the baseline of the
-printed speed ratios. Rules: ``none`` (no dense conv in the kernel: Winograd and XLA's conv),
-``default`` (the library's rule), ``stride2`` (stride-2 convs only), ``all`` (every dense 3x3
-conv), ``maps`` (stride 2, plus stride 1 up to 128 channels with pixels x channels <= 56x56x64
-or <= 196 pixels: the per-conv winners at batch 1).
+printed speed ratios. Rules: ``none`` (no dense conv in the kernel: Winograd, XLA's conv and
+matmuls), ``default`` (the library's rule), ``no_gemm`` (the default but 1x1 convs as XLA
+matmuls), ``stride2`` (stride-2 3x3 convs only), ``all`` (every dense conv), ``maps`` (stride 2,
+plus stride 1 up to 128 channels with pixels x channels <= 56x56x64 or <= 196 pixels: the
+per-conv winners at batch 1; no 1x1 convs).
 
 Example (the figures in docs/performance.md):
     python benchmarks/dense_rule_ab.py --models resnet18,resnet34 --batch-sizes 1,8 \
@@ -31,13 +32,21 @@ def _pixels(x_shape, kernel_shape, stride: int, padding: int) -> int:
     return int(np.prod(cpu_kernels._output_size(x_shape, kernel_shape, stride, padding)))
 
 
+_LIBRARY_RULE = cpu_kernels._dense_direct_wins  # before any rule is patched in
+
+
+def _three(kernel_shape) -> bool:
+    return tuple(kernel_shape[:2]) == (3, 3)
+
+
 RULES = {  # (x_shape, kernel_shape, stride, padding) -> whether the kernel takes the conv
     "none": lambda x, k, s, p: False,
-    "default": cpu_kernels._dense_direct_wins,
-    "stride2": lambda x, k, s, p: s != 1,
+    "default": _LIBRARY_RULE,
+    "no_gemm": lambda x, k, s, p: _three(k) and _LIBRARY_RULE(x, k, s, p),
+    "stride2": lambda x, k, s, p: _three(k) and s != 1,
     "all": lambda x, k, s, p: True,
-    "maps": lambda x, k, s, p: s != 1 or _pixels(x, k, s, p) <= 196 or (
-        k[2] <= 128 and _pixels(x, k, s, p) * k[2] <= 56 * 56 * 64),
+    "maps": lambda x, k, s, p: _three(k) and (s != 1 or _pixels(x, k, s, p) <= 196 or (
+        k[2] <= 128 and _pixels(x, k, s, p) * k[2] <= 56 * 56 * 64)),
 }
 
 
@@ -52,7 +61,6 @@ def main(argv: list[str] | None = None) -> None:
     if not cpu_kernels.available("direct"):
         raise SystemExit(f"the compiled kernel is not loaded: {cpu_kernels.unavailable_reasons()}")
     rules = args.rules.split(",")
-    default = cpu_kernels._dense_direct_wins
     for name in args.models.split(","):
         model = resnext_flax.create_model(name)
         model.eval()
@@ -68,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
                     compiled = jax.jit(lambda f, a: f(a)).lower(folded, x).compile()
                     programs[rule] = (compiled, folded)
             finally:
-                cpu_kernels._dense_direct_wins = default
+                cpu_kernels._dense_direct_wins = _LIBRARY_RULE
                 jax.clear_caches()
             times = {rule: [] for rule in rules}
             for rounds, record in ((2, False), (args.repeats, True)):

@@ -25,6 +25,9 @@
 // The AVX2 code is compiled with function-level target attributes and only entered after a
 // runtime CPU check (resnext_direct_conv_vectorized), so the library loads on any x86-64 CPU;
 // a scalar form covers any shape (correct, slow; Python only routes vectorizable shapes here).
+//
+// Dense 1x1 convs (no padding, any stride) run as a GEMM on the same blocked weights, which
+// for kh = kw = 1 are 16-column panels [cout/16][c][16]: see GemmConv.
 
 #include <algorithm>
 #include <atomic>
@@ -192,6 +195,95 @@ RESNEXT_AVX2 void VectorRange(const Shape& s, bool d4, const float* x, const flo
   if (q < q1) PixelBlock<1>(s, d4, x, zero, wb, y, q, u0, u1);
 }
 
+// ---- 1x1 convolutions as a packed GEMM: y[pixels, cout] = x[pixels, c] * W[c, cout].
+// W comes blocked as [cout/16][c][16] (the dense layout above with kh = kw = 1), i.e. already
+// packed in 16-column panels, once per model (Python prepares it). A 6x16 register tile
+// (12 accumulators, like the 3x3 form) runs over KC input channels at a time: that slice of a
+// panel (16 KiB) stays in L1 while MC rows of the input, packed as [rows/6][kc][6], sit in L2.
+constexpr int kGemmRows = 6;
+constexpr int64_t kGemmKc = 256, kGemmMc = 72, kGemmMaxNc = 512;
+
+#define RESNEXT_TILE_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+
+// The 6x16 tile (R <= 6 rows) over kc channels; adds into y unless `first`. Named accumulators
+// (not an array) so that they stay in registers.
+template <int R>
+RESNEXT_AVX2 void GemmTile(int64_t kc, const float* ap, const float* bp, float* y,
+                           int64_t ldy, bool first) {
+#define RESNEXT_DECL(r) __m256 acc##r##0 = _mm256_setzero_ps(), acc##r##1 = _mm256_setzero_ps();
+  RESNEXT_TILE_ROWS(RESNEXT_DECL)
+#undef RESNEXT_DECL
+#pragma GCC unroll 8
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(bp + k * 16), b1 = _mm256_loadu_ps(bp + k * 16 + 8);
+#define RESNEXT_STEP(r)                                                  \
+    if constexpr (r < R) {                                               \
+      const __m256 a = _mm256_broadcast_ss(ap + k * kGemmRows + r);      \
+      acc##r##0 = _mm256_fmadd_ps(a, b0, acc##r##0);                     \
+      acc##r##1 = _mm256_fmadd_ps(a, b1, acc##r##1);                     \
+    }
+    RESNEXT_TILE_ROWS(RESNEXT_STEP)
+#undef RESNEXT_STEP
+  }
+#define RESNEXT_STORE(r)                                                             \
+  if constexpr (r < R) {                                                             \
+    float* yr = y + r * ldy;                                                         \
+    if (!first) {                                                                    \
+      acc##r##0 = _mm256_add_ps(acc##r##0, _mm256_loadu_ps(yr));                     \
+      acc##r##1 = _mm256_add_ps(acc##r##1, _mm256_loadu_ps(yr + 8));                 \
+    }                                                                                \
+    _mm256_storeu_ps(yr, acc##r##0);                                                 \
+    _mm256_storeu_ps(yr + 8, acc##r##1);                                             \
+  }
+  RESNEXT_TILE_ROWS(RESNEXT_STORE)
+#undef RESNEXT_STORE
+}
+
+#undef RESNEXT_TILE_ROWS
+
+// Input rows [q0, q0 + rows) (output pixels), channels [k0, k0 + kc), packed as
+// [ceil(rows/6)][kc][6] with zero rows at the end. A strided 1x1 conv reads every stride-th
+// pixel, so rows are addressed through their input pixel, not assumed contiguous.
+void PackRows(const Shape& s, const float* x, int64_t q0, int64_t rows, int64_t k0, int64_t kc,
+              float* ap) {
+  for (int64_t i = 0; i < rows; i += kGemmRows) {
+    const float* src[kGemmRows];
+    const int64_t here = std::min<int64_t>(kGemmRows, rows - i);
+    for (int r = 0; r < kGemmRows; ++r) {
+      const int64_t q = q0 + i + std::min<int64_t>(r, here - 1);
+      const int64_t n = q / (s.ho * s.wo), oh = (q / s.wo) % s.ho, ow = q % s.wo;
+      src[r] = x + ((n * s.h + oh * s.stride) * s.w + ow * s.stride) * s.c + k0;
+    }
+    float* dst = ap + (i / kGemmRows) * kc * kGemmRows;
+    for (int64_t k = 0; k < kc; ++k)
+      for (int r = 0; r < kGemmRows; ++r) dst[k * kGemmRows + r] = r < here ? src[r][k] : 0.f;
+  }
+}
+
+// Output rows [q0, q0 + rows), columns [n0, n0 + nc) (multiples of 16), all input channels.
+RESNEXT_AVX2 void GemmBlock(const Shape& s, const float* x, const float* wb, float* y,
+                            int64_t q0, int64_t rows, int64_t n0, int64_t nc, float* ap) {
+  for (int64_t k0 = 0; k0 < s.c; k0 += kGemmKc) {
+    const int64_t kc = std::min(kGemmKc, s.c - k0);
+    PackRows(s, x, q0, rows, k0, kc, ap);
+    for (int64_t j = n0; j < n0 + nc; j += 16) {
+      const float* bp = wb + (j / 16) * s.c * 16 + k0 * 16;
+      for (int64_t i = 0; i < rows; i += kGemmRows) {
+        const float* api = ap + (i / kGemmRows) * kc * kGemmRows;
+        float* yt = y + (q0 + i) * s.cout + j;
+        switch (std::min<int64_t>(kGemmRows, rows - i)) {
+          case 6: GemmTile<6>(kc, api, bp, yt, s.cout, k0 == 0); break;
+          case 5: GemmTile<5>(kc, api, bp, yt, s.cout, k0 == 0); break;
+          case 4: GemmTile<4>(kc, api, bp, yt, s.cout, k0 == 0); break;
+          case 3: GemmTile<3>(kc, api, bp, yt, s.cout, k0 == 0); break;
+          case 2: GemmTile<2>(kc, api, bp, yt, s.cout, k0 == 0); break;
+          default: GemmTile<1>(kc, api, bp, yt, s.cout, k0 == 0); break;
+        }
+      }
+    }
+  }
+}
+
 #endif  // RESNEXT_X86
 
 // Scalar form for any shape: output pixels [q0, q1), units [u0, u1).
@@ -219,12 +311,13 @@ void ScalarRange(const Shape& s, const float* x, const float* wb, float* y, int6
   }
 }
 
-enum class Form { kD4, kBcast, kScalar };
+enum class Form { kD4, kBcast, kGemm, kScalar };
 
 // A dense conv's kernel in blocks of 16 output channels.
 bool DenseBlocks(const Shape& s) { return s.groups == 1 && s.unit == 16 && s.dout % 16 == 0; }
 
 Form ChooseForm(const Shape& s, bool avx2) {
+  if (avx2 && s.kh == 1 && s.kw == 1 && s.pad == 0 && DenseBlocks(s)) return Form::kGemm;
   if (!avx2 || s.kh != 3 || s.kw != 3) return Form::kScalar;
   if (s.d == 4 && s.dout == 4 && s.unit == 8) return Form::kD4;
   if (s.unit == s.dout && s.dout % 8 == 0) return Form::kBcast;
@@ -275,6 +368,33 @@ const bool kAvx2 = CpuHasAvx2Fma();
 // Helper threads: -1 = as many as the pool has (default); 0 = run on the calling thread only.
 std::atomic<int> g_max_helpers{-1};
 
+#if RESNEXT_X86
+// A 1x1 conv as a GEMM, in items of (kGemmMc rows, a block of columns): at least ~8 items, so
+// that small maps (batch 1, 7x7) still spread over the threads, and at most kGemmMaxNc
+// columns per block.
+void GemmConv(ffi::ThreadPool* pool, const Shape& s, const float* x, const float* wb,
+              float* y) {
+  const int64_t pixels = s.n * s.ho * s.wo;
+  const int64_t row_blocks = (pixels + kGemmMc - 1) / kGemmMc;
+  const int64_t panels = s.cout / 16;
+  int64_t col_blocks = std::max((s.cout + kGemmMaxNc - 1) / kGemmMaxNc,
+                                (8 + row_blocks - 1) / row_blocks);
+  col_blocks = std::min(col_blocks, panels);
+  const int64_t panels_per_block = (panels + col_blocks - 1) / col_blocks;
+  col_blocks = (panels + panels_per_block - 1) / panels_per_block;
+  auto run = [&](int64_t item) {
+    thread_local std::vector<float> packed;
+    if (packed.size() < static_cast<size_t>(kGemmMc * kGemmKc)) packed.resize(kGemmMc * kGemmKc);
+    const int64_t q0 = (item / col_blocks) * kGemmMc;
+    const int64_t p0 = (item % col_blocks) * panels_per_block;
+    const int64_t p1 = std::min(panels, p0 + panels_per_block);
+    GemmBlock(s, x, wb, y, q0, std::min(kGemmMc, pixels - q0), p0 * 16, (p1 - p0) * 16,
+              packed.data());
+  };
+  ParallelFor(pool, g_max_helpers.load(), row_blocks * col_blocks, run);
+}
+#endif
+
 ffi::Error DirectConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                       ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding,
                       int64_t groups, int64_t unit) {
@@ -300,6 +420,12 @@ ffi::Error DirectConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
   const Form form = ChooseForm(s, kAvx2);
   const int64_t pixels = s.n * s.ho * s.wo;
+#if RESNEXT_X86
+  if (form == Form::kGemm) {
+    GemmConv(&pool, s, x.typed_data(), w.typed_data(), y->typed_data());
+    return ffi::Error::Success();
+  }
+#endif
   const int64_t units = s.cout / s.unit;
   // Items of (unit chunk, pixel block), chunk-major. A chunk is as many units as keep their
   // weights within ~96 KiB (L2-resident while its pixels are swept); all units where they fit,

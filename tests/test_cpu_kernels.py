@@ -10,6 +10,7 @@ unless RESNEXT_FLAX_DISABLE_CPU_KERNELS is set.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -129,6 +130,56 @@ def test_matches_xla(backend, case):
     assert _rel(out, ref) <= FACTOR * floor, (_rel(out, ref), floor)
 
 
+# 1x1 convs in the direct kernel's GEMM: (n, h, w, channels in, channels out, stride).
+POINTWISE = [
+    (2, 14, 14, 1024, 256, 1),   # several 256-channel slices summed in the output
+    (1, 7, 7, 2048, 512, 1),     # batch 1: one block of rows, columns spread over threads
+    (2, 9, 9, 300, 32, 1),       # a partial channel slice; 162 rows: partial row tiles
+    (3, 5, 7, 64, 256, 1),
+    (2, 15, 15, 256, 512, 2),    # downsample: every other pixel of every other row
+    (1, 13, 11, 40, 48, 2),      # odd map, stride 2
+    (64, 3, 3, 64, 128, 1),      # batch 64
+    (1, 1, 1, 16, 16, 1),        # a single pixel and panel
+]
+
+
+@pytest.mark.skipif(not _usable("direct"), reason=_skip_reason("direct"))
+@pytest.mark.parametrize("case", POINTWISE, ids=lambda c: "x".join(map(str, c[:5])) + f"-s{c[5]}")
+def test_pointwise_gemm_matches_xla(case):
+    n, h, w, c, cout, s = case
+    x, k = _data(n, h, w, c, 1, c, cout, seed=3)
+    assert cpu_kernels.backend_for(x.shape, k.shape, s, 0, 1, x.dtype) == "direct"
+    conv = jax.jit(lambda x, k: cpu_kernels.conv2d(x, k, stride=s))
+    assert "resnext_flax_direct_conv" in conv.lower(x, k).as_text()
+    out = conv(x, k)
+    expected = _xla(x, k, s, 0, 1)
+    assert out.shape == expected.shape and out.dtype == jnp.float32
+    ref = _reference64(x, k, s, 0, 1)
+    floor = max(_rel(expected, ref), EPS32)
+    assert _rel(out, ref) <= FACTOR * floor, (_rel(out, ref), floor)
+
+
+@pytest.mark.skipif(not _usable("direct"), reason=_skip_reason("direct"))
+def test_pointwise_through_ops_differentiates_as_the_matmul():
+    """A 1x1 conv through ``ops.conv2d`` runs the GEMM when evaluated; its derivatives (and a
+    vmapped call) are those of the matmul lowering it replaces."""
+    x, k = _data(2, 6, 5, 96, 1, 96, 64, seed=4)
+    conv = functools.partial(ops.conv2d, stride=2)
+    assert ops.select_lowering(k.shape, stride=2) == "ffi"
+    assert "resnext_flax_direct_conv" in jax.jit(conv).lower(x, k).as_text()
+
+    def loss(lowering):
+        return lambda x, k: jnp.sum(jnp.sin(conv(x, k, lowering=lowering)))
+
+    fast = jax.jit(jax.grad(loss(None), argnums=(0, 1)))(x, k)
+    slow = jax.jit(jax.grad(loss("matmul"), argnums=(0, 1)))(x, k)
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_array_equal(a, b)
+    xs = jnp.stack([x, -2 * x])
+    np.testing.assert_allclose(jax.jit(jax.vmap(conv, in_axes=(0, None)))(xs, k),
+                               jax.vmap(lambda a: _xla(a, k, 2, 0, 1))(xs), rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_default_choice_and_unusual_shapes(backend):
     """Grouped 3x3 convs go to the direct kernel when loaded; shapes a backend cannot run
@@ -159,8 +210,16 @@ def test_per_shape_default():
     assert cpu_kernels.backend_for((1, 14, 14, 256), kernel, 1, 1, 1, jnp.float32) == direct
     assert cpu_kernels.backend_for((8, 14, 14, 256), kernel, 1, 1, 1, jnp.float32) is None
     assert cpu_kernels.backend_for((8, 28, 28, 256), kernel, 2, 1, 1, jnp.float32) == direct
-    assert cpu_kernels.backend_for((1, 7, 7, 256), (1, 1, 256, 256), 1, 0, 1,
-                                   jnp.float32) is None
+    # 1x1 convs: the kernel's GEMM (16-column panels), unpadded, any stride, every map size.
+    for x_shape, stride in (((1, 7, 7, 256), 1), ((8, 56, 56, 256), 1), ((8, 56, 56, 256), 2)):
+        assert cpu_kernels.backend_for(x_shape, (1, 1, 256, 512), stride, 0, 1,
+                                       jnp.float32) == direct
+    assert cpu_kernels.backend_for((1, 7, 7, 256), (1, 1, 256, 256), 1, 1, 1,
+                                   jnp.float32) is None  # padded
+    assert cpu_kernels.backend_for((1, 7, 7, 256), (1, 1, 256, 40), 1, 0, 1,
+                                   jnp.float32) is None  # not whole panels
+    assert cpu_kernels.backend_for((1, 7, 7, 256), (1, 1, 8, 256), 1, 0, 32,
+                                   jnp.float32) is None  # grouped
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)

@@ -142,15 +142,17 @@ def test_auto_lowering_is_chosen_by_backend_and_shape():
         assert ops.select_lowering((3, 3, 16, 512), groups=32, stride=2,
                                    backend="cpu") == "group_chunks"
         assert ops.select_lowering((3, 3, 16, 128), groups=8, stride=2, backend="cpu") == "xla"
-    assert ops.select_lowering((1, 1, 256, 64), backend="cpu") == "matmul"
     # Dense 3x3 convs: the compiled kernel first (it takes stride 2 and small maps), then
-    # Winograd at stride 1, XLA's native conv at stride 2.
+    # Winograd at stride 1, XLA's native conv at stride 2. 1x1 convs: the kernel's GEMM,
+    # then XLA's matmul.
     dense_ffi = "ffi" if cpu_kernels.available("direct") else None
+    assert ops.select_lowering((1, 1, 256, 64), backend="cpu") == (dense_ffi or "matmul")
     assert ops.select_lowering((3, 3, 64, 64), backend="cpu") == (dense_ffi or "winograd")
     assert ops.select_lowering((3, 3, 64, 64), stride=2, backend="cpu") == (dense_ffi or "xla")
     with ops.conv_lowering("auto", exclude=["ffi"]):
         assert ops.select_lowering((3, 3, 64, 64), backend="cpu") == "winograd"
         assert ops.select_lowering((3, 3, 64, 64), stride=2, backend="cpu") == "xla"
+        assert ops.select_lowering((1, 1, 256, 64), backend="cpu") == "matmul"
     assert ops.select_lowering((7, 7, 3, 64), stride=2, backend="cpu") == "xla"
     for backend in ("gpu", "tpu"):
         assert ops.select_lowering((3, 3, 4, 128), groups=32, backend=backend) == "xla"
@@ -297,26 +299,27 @@ def test_prepared_winograd_kernels_compute_the_same_conv():
     np.testing.assert_array_equal(grad_prepared, grad_plain)
     with pytest.raises(ValueError, match="expected 16 arrays"):
         winograd.conv_winograd(x, kernel, 1, 1, transformed[:15])
-    # Float32 kernels only; 1x1 convs have nothing to prepare, nor stride-2 convs in XLA.
+    # Float32 kernels only; XLA's matmuls (1x1) and convs (stride 2) have nothing to prepare.
     assert ops.prepare_kernel(kernel.astype(jnp.bfloat16)) is None
-    assert ops.prepare_kernel(jnp.zeros((1, 1, 64, 64))) is None
     with ops.conv_lowering("auto", exclude=["ffi"]):
+        assert ops.prepare_kernel(jnp.zeros((1, 1, 64, 64))) is None
         assert ops.prepare_kernel(kernel, stride=2) is None
 
 
 @pytest.mark.skipif(not cpu_kernels.available("direct"), reason="the compiled CPU kernel "
                     f"is not loaded: {cpu_kernels.unavailable_reasons()}")
-@pytest.mark.parametrize("stride, groups", [(1, 1), (2, 1), (1, 32)])
-def test_prepared_blocked_kernels_compute_the_same_conv(stride, groups):
+@pytest.mark.parametrize("size, stride, groups",
+                         [(3, 1, 1), (3, 2, 1), (3, 1, 32), (1, 1, 1), (1, 2, 1)])
+def test_prepared_blocked_kernels_compute_the_same_conv(size, stride, groups):
     """The compiled kernel's weight layout made once (inference) gives the conv computed with
     the layout made in the program; the kernel itself is then not read; gradients are the
-    direct conv's. A dense stride-1 kernel also gets Winograd's tiles, for the larger maps
-    the compiled kernel leaves to Winograd."""
-    x, kernel = _case(1, 7, 7, 128, 128, 3, groups, seed=8)
+    direct conv's. A dense 3x3 stride-1 kernel also gets Winograd's tiles, for the larger maps
+    the compiled kernel leaves to Winograd; a 1x1 kernel only the GEMM's panels."""
+    x, kernel = _case(1, 7, 7, 128, 128, size, groups, seed=8)
     prepared = ops.prepare_kernel(kernel, stride=stride, groups=groups)
-    expected_forms = {"ffi", "winograd"} if (stride, groups) == (1, 1) else {"ffi"}
+    expected_forms = {"ffi", "winograd"} if (size, stride, groups) == (3, 1, 1) else {"ffi"}
     assert set(prepared) == expected_forms
-    conv = functools.partial(ops.conv2d, stride=stride, padding=1, groups=groups)
+    conv = functools.partial(ops.conv2d, stride=stride, padding=size // 2, groups=groups)
     plain = jax.jit(conv)(x, kernel)
     assert "resnext_flax_direct_conv" in jax.jit(conv).lower(x, kernel).as_text()
     nan_kernel = jnp.full_like(kernel, jnp.nan)
@@ -334,12 +337,12 @@ def test_optimized_model_prepares_kernels_once():
     folded = optimize_for_inference(model)
     convs = [m for _, m in nnx.iter_graph(folded.module()) if hasattr(m, "prepared_for")]
     prepared = collections.Counter(c.prepared_for for c in convs if c.prepared is not None)
-    # The 13 3x3 stride-1 convs get Winograd's tiles; with the compiled kernel, those and
-    # the 3 stride-2 3x3 convs also get its weight layout.
+    # The 13 3x3 stride-1 convs get Winograd's tiles; with the compiled kernel, those, the
+    # 3 stride-2 3x3 convs and the 3 1x1 (downsample) convs also get its weight layout.
     if jax.default_backend() != "cpu":
         assert not prepared
     elif cpu_kernels.available("direct"):
-        assert prepared == {("ffi", "winograd"): 13, ("ffi",): 3}
+        assert prepared == {("ffi", "winograd"): 13, ("ffi",): 6}
     else:
         assert prepared == {("winograd",): 13}
     x = random_images(1, 64, 64, seed=2)

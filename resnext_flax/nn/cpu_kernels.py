@@ -10,7 +10,9 @@ custom calls:
   group; the work is spread over XLA's own intra-op thread pool. Used on x86-64 CPUs with
   AVX2 and FMA (checked at run time). Dense 3x3 convs only where it measured faster than
   XLA's lowerings (stride 2, and small maps at stride 1: ``_dense_direct_wins``), with
-  16 output channels per block of weights.
+  16 output channels per block of weights. Dense 1x1 convs (any stride, no padding) as a
+  GEMM on the same blocked weights, which are then 16-column panels packed once: faster
+  than XLA's YNNPACK matmul on whole models (docs/performance.md).
 * ``onednn`` (``csrc/onednn_conv.cc``; opt-in, see ``setup.py``): oneDNN's
   ``convolution_forward`` from the ``onednn-cpu-gomp`` wheel (CPU-only, GNU OpenMP), any kernel
   size and group count. Measured against ``direct`` and not used by default: no whole-model
@@ -222,7 +224,10 @@ def _direct_unit(d: int, dout: int, groups: int) -> int | None:
 
 
 def _direct_supports(kernel_shape: tuple[int, ...], groups: int) -> bool:
+    """3x3 convs with a vector form; dense 1x1 convs (a GEMM) with a multiple of 16 outputs."""
     kh, kw, d, cout = kernel_shape
+    if (kh, kw) == (1, 1):
+        return groups == 1 and cout % 16 == 0
     if kh != 3 or kw != 3:
         return False
     unit = _direct_unit(d, cout // groups, groups)
@@ -239,14 +244,15 @@ def _output_size(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride
 
 def _dense_direct_wins(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride: int,
                        padding: int) -> bool:
-    """Where the direct kernel beats the pure-XLA choice for a dense 3x3 conv, measured on
-    whole models (docs/performance.md): every stride-2 conv (XLA's native conv otherwise;
+    """Where the direct kernel beats the pure-XLA choice for a dense conv, measured on
+    whole models (docs/performance.md): every 1x1 conv (its GEMM against XLA's matmul:
+    1.05-1.13x on ResNeXt-101 32x8d, ...), every stride-2 3x3 conv (XLA's native conv otherwise;
     1.1-1.7x per conv at batch 1 and 8), and stride-1 convs with at most 196 output pixels
     (7x7 and 14x14 maps at batch 1: 1.5-1.7x per conv). Larger maps stay with Winograd: its
     2.25x fewer multiplies won there (0.54-0.86x per conv at batch 8), and at batch 1 the
     direct kernel on ResNet's 56x56 and 28x28 maps, though faster conv by conv, made ResNet-18
     slower (1.22x against 1.43x over no dense direct conv)."""
-    if stride != 1:
+    if kernel_shape[:2] == (1, 1) or stride != 1:
         return True
     return np.prod(_output_size(x_shape, kernel_shape, stride, padding)) <= 196
 
@@ -275,7 +281,8 @@ def backend_for(
     for name in candidates:
         if not available(name):
             continue
-        if name == "direct" and not _direct_supports(kernel_shape, groups):
+        if name == "direct" and (not _direct_supports(kernel_shape, groups)
+                                 or (kh == 1 and padding)):
             continue
         # Dense convs: the direct kernel where it measured faster than XLA's lowerings;
         # oneDNN only when forced (not measured against them).

@@ -93,8 +93,9 @@ def select_lowering(
     is never chosen (it won alone at 14x14 and 7x7 but lost at model level,
     docs/performance.md); force it with ``conv_lowering``. Lowerings excluded with
     ``conv_lowering("auto", exclude=...)`` are skipped for the next preference.
-    "ffi" (the compiled CPU kernel, ``nn.cpu_kernels``) comes first for grouped 3x3 convs where
-    it loaded; at trace time the next choice takes the convs it does not support.
+    "ffi" (the compiled CPU kernel, ``nn.cpu_kernels``) comes first for grouped 3x3 convs,
+    dense 3x3 convs and 1x1 convs (its GEMM) where it loaded; at trace time the next choice
+    takes the convs it does not support or does not win.
     """
     backend = backend or jax.default_backend()
     if backend != "cpu":
@@ -119,7 +120,7 @@ def _cpu_preferences(kernel_shape: tuple[int, ...], *, groups: int, stride: int)
         preferences = ["winograd"] if kh == kw == 3 and stride == 1 else []
         return ffi + preferences + (["group_chunks"] if groups > _GROUPS_PER_CHUNK else [])
     if kh == kw == 1:
-        return ["matmul"]
+        return (["ffi"] if cpu_kernels.available("direct") else []) + ["matmul"]
     if kh == kw == 3:
         # The kernel takes the shapes it wins (stride 2, small maps); the rest go on.
         ffi = ["ffi"] if cpu_kernels.available("direct") else []
