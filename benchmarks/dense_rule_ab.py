@@ -5,9 +5,10 @@ Each rule is patched in, the folded model compiled under it, and all compiled pr
 timed interleaved (one call each per round, medians). The first rule is the baseline of the
 printed speed ratios. Rules: ``none`` (no dense conv in the kernel: Winograd, XLA's conv and
 matmuls), ``default`` (the library's rule), ``no_gemm`` (the default but 1x1 convs as XLA
-matmuls), ``stride2`` (stride-2 3x3 convs only), ``all`` (every dense conv), ``maps`` (stride 2,
-plus stride 1 up to 128 channels with pixels x channels <= 56x56x64 or <= 196 pixels: the
-per-conv winners at batch 1; no 1x1 convs).
+matmuls), ``no_epilogue`` (the default, but bias, residual and ReLU after each 1x1 conv in XLA
+instead of the GEMM's epilogue), ``stride2`` (stride-2 3x3 convs only), ``all`` (every
+dense conv), ``maps`` (stride 2, plus stride 1 up to 128 channels with pixels x channels
+<= 56x56x64 or <= 196 pixels: the per-conv winners at batch 1; no 1x1 convs).
 
 Example (the figures in docs/performance.md):
     python benchmarks/dense_rule_ab.py --models resnet18,resnet34 --batch-sizes 1,8 \
@@ -33,6 +34,7 @@ def _pixels(x_shape, kernel_shape, stride: int, padding: int) -> int:
 
 
 _LIBRARY_RULE = cpu_kernels._dense_direct_wins  # before any rule is patched in
+_LIBRARY_EPILOGUE = cpu_kernels.pointwise_supports
 
 
 def _three(kernel_shape) -> bool:
@@ -43,6 +45,7 @@ RULES = {  # (x_shape, kernel_shape, stride, padding) -> whether the kernel take
     "none": lambda x, k, s, p: False,
     "default": _LIBRARY_RULE,
     "no_gemm": lambda x, k, s, p: _three(k) and _LIBRARY_RULE(x, k, s, p),
+    "no_epilogue": _LIBRARY_RULE,
     "stride2": lambda x, k, s, p: _three(k) and s != 1,
     "all": lambda x, k, s, p: True,
     "maps": lambda x, k, s, p: _three(k) and (s != 1 or _pixels(x, k, s, p) <= 196 or (
@@ -71,12 +74,15 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 for rule in rules:
                     cpu_kernels._dense_direct_wins = RULES[rule]
+                    cpu_kernels.pointwise_supports = (
+                        (lambda *a: False) if rule == "no_epilogue" else _LIBRARY_EPILOGUE)
                     jax.clear_caches()  # the rule acts at trace time
                     folded = optimize_for_inference(model)
                     compiled = jax.jit(lambda f, a: f(a)).lower(folded, x).compile()
                     programs[rule] = (compiled, folded)
             finally:
                 cpu_kernels._dense_direct_wins = _LIBRARY_RULE
+                cpu_kernels.pointwise_supports = _LIBRARY_EPILOGUE
                 jax.clear_caches()
             times = {rule: [] for rule in rules}
             for rounds, record in ((2, False), (args.repeats, True)):

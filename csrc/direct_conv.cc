@@ -205,11 +205,21 @@ constexpr int64_t kGemmKc = 256, kGemmMc = 72, kGemmMaxNc = 512;
 
 #define RESNEXT_TILE_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
 
-// The 6x16 tile (R <= 6 rows) over kc channels; adds into y unless `first`. Named accumulators
-// (not an array) so that they stay in registers.
+// What a 1x1 conv's output gets as it is written (inference with BatchNorm folded into the
+// conv): y = relu?(conv + bias[col] + residual[row, col]), each part optional. One pass over
+// the output instead of a separate XLA loop that reads and writes it again.
+struct Epilogue {
+  const float* bias = nullptr;      // [cout]
+  const float* residual = nullptr;  // [pixels, cout], like y
+  bool relu = false;
+};
+
+// The 6x16 tile (R <= 6 rows) over kc channels; adds into y unless `first`; applies `ep`
+// (offset to this tile's row and column) unless null. Named accumulators (not an array) so
+// that they stay in registers.
 template <int R>
 RESNEXT_AVX2 void GemmTile(int64_t kc, const float* ap, const float* bp, float* y,
-                           int64_t ldy, bool first) {
+                           int64_t ldy, bool first, const Epilogue* ep) {
 #define RESNEXT_DECL(r) __m256 acc##r##0 = _mm256_setzero_ps(), acc##r##1 = _mm256_setzero_ps();
   RESNEXT_TILE_ROWS(RESNEXT_DECL)
 #undef RESNEXT_DECL
@@ -231,6 +241,21 @@ RESNEXT_AVX2 void GemmTile(int64_t kc, const float* ap, const float* bp, float* 
     if (!first) {                                                                    \
       acc##r##0 = _mm256_add_ps(acc##r##0, _mm256_loadu_ps(yr));                     \
       acc##r##1 = _mm256_add_ps(acc##r##1, _mm256_loadu_ps(yr + 8));                 \
+    }                                                                                \
+    if (ep != nullptr) {                                                             \
+      if (ep->bias != nullptr) {                                                     \
+        acc##r##0 = _mm256_add_ps(acc##r##0, _mm256_loadu_ps(ep->bias));             \
+        acc##r##1 = _mm256_add_ps(acc##r##1, _mm256_loadu_ps(ep->bias + 8));         \
+      }                                                                              \
+      if (ep->residual != nullptr) {                                                 \
+        const float* rr = ep->residual + r * ldy;                                    \
+        acc##r##0 = _mm256_add_ps(acc##r##0, _mm256_loadu_ps(rr));                   \
+        acc##r##1 = _mm256_add_ps(acc##r##1, _mm256_loadu_ps(rr + 8));               \
+      }                                                                              \
+      if (ep->relu) {                                                                \
+        acc##r##0 = _mm256_max_ps(acc##r##0, _mm256_setzero_ps());                   \
+        acc##r##1 = _mm256_max_ps(acc##r##1, _mm256_setzero_ps());                   \
+      }                                                                              \
     }                                                                                \
     _mm256_storeu_ps(yr, acc##r##0);                                                 \
     _mm256_storeu_ps(yr + 8, acc##r##1);                                             \
@@ -260,24 +285,34 @@ void PackRows(const Shape& s, const float* x, int64_t q0, int64_t rows, int64_t 
   }
 }
 
-// Output rows [q0, q0 + rows), columns [n0, n0 + nc) (multiples of 16), all input channels.
+// Output rows [q0, q0 + rows), columns [n0, n0 + nc) (multiples of 16), all input channels;
+// the epilogue goes with the last slice of channels.
 RESNEXT_AVX2 void GemmBlock(const Shape& s, const float* x, const float* wb, float* y,
-                            int64_t q0, int64_t rows, int64_t n0, int64_t nc, float* ap) {
+                            const Epilogue& epilogue, int64_t q0, int64_t rows, int64_t n0,
+                            int64_t nc, float* ap) {
+  const bool any_epilogue = epilogue.bias || epilogue.residual || epilogue.relu;
   for (int64_t k0 = 0; k0 < s.c; k0 += kGemmKc) {
     const int64_t kc = std::min(kGemmKc, s.c - k0);
+    const bool last = k0 + kc >= s.c;
     PackRows(s, x, q0, rows, k0, kc, ap);
     for (int64_t j = n0; j < n0 + nc; j += 16) {
       const float* bp = wb + (j / 16) * s.c * 16 + k0 * 16;
       for (int64_t i = 0; i < rows; i += kGemmRows) {
         const float* api = ap + (i / kGemmRows) * kc * kGemmRows;
-        float* yt = y + (q0 + i) * s.cout + j;
+        const int64_t offset = (q0 + i) * s.cout + j;
+        Epilogue here;
+        if (epilogue.bias) here.bias = epilogue.bias + j;
+        if (epilogue.residual) here.residual = epilogue.residual + offset;
+        here.relu = epilogue.relu;
+        const Epilogue* ep = last && any_epilogue ? &here : nullptr;
+        float* yt = y + offset;
         switch (std::min<int64_t>(kGemmRows, rows - i)) {
-          case 6: GemmTile<6>(kc, api, bp, yt, s.cout, k0 == 0); break;
-          case 5: GemmTile<5>(kc, api, bp, yt, s.cout, k0 == 0); break;
-          case 4: GemmTile<4>(kc, api, bp, yt, s.cout, k0 == 0); break;
-          case 3: GemmTile<3>(kc, api, bp, yt, s.cout, k0 == 0); break;
-          case 2: GemmTile<2>(kc, api, bp, yt, s.cout, k0 == 0); break;
-          default: GemmTile<1>(kc, api, bp, yt, s.cout, k0 == 0); break;
+          case 6: GemmTile<6>(kc, api, bp, yt, s.cout, k0 == 0, ep); break;
+          case 5: GemmTile<5>(kc, api, bp, yt, s.cout, k0 == 0, ep); break;
+          case 4: GemmTile<4>(kc, api, bp, yt, s.cout, k0 == 0, ep); break;
+          case 3: GemmTile<3>(kc, api, bp, yt, s.cout, k0 == 0, ep); break;
+          case 2: GemmTile<2>(kc, api, bp, yt, s.cout, k0 == 0, ep); break;
+          default: GemmTile<1>(kc, api, bp, yt, s.cout, k0 == 0, ep); break;
         }
       }
     }
@@ -373,7 +408,7 @@ std::atomic<int> g_max_helpers{-1};
 // that small maps (batch 1, 7x7) still spread over the threads, and at most kGemmMaxNc
 // columns per block.
 void GemmConv(ffi::ThreadPool* pool, const Shape& s, const float* x, const float* wb,
-              float* y) {
+              float* y, const Epilogue& epilogue = {}) {
   const int64_t pixels = s.n * s.ho * s.wo;
   const int64_t row_blocks = (pixels + kGemmMc - 1) / kGemmMc;
   const int64_t panels = s.cout / 16;
@@ -388,21 +423,21 @@ void GemmConv(ffi::ThreadPool* pool, const Shape& s, const float* x, const float
     const int64_t q0 = (item / col_blocks) * kGemmMc;
     const int64_t p0 = (item % col_blocks) * panels_per_block;
     const int64_t p1 = std::min(panels, p0 + panels_per_block);
-    GemmBlock(s, x, wb, y, q0, std::min(kGemmMc, pixels - q0), p0 * 16, (p1 - p0) * 16,
-              packed.data());
+    GemmBlock(s, x, wb, y, epilogue, q0, std::min(kGemmMc, pixels - q0), p0 * 16,
+              (p1 - p0) * 16, packed.data());
   };
   ParallelFor(pool, g_max_helpers.load(), row_blocks * col_blocks, run);
 }
 #endif
 
-ffi::Error DirectConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                      ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding,
-                      int64_t groups, int64_t unit) {
-  // x: (n, h, w, c); w: blocked (units, kh, kw, d, unit); y: (n, ho, wo, cout).
+// The conv's shape from its operands (x: (n, h, w, c); w: blocked (units, kh, kw, d, unit);
+// y: (n, ho, wo, cout)), checked against the attributes.
+ffi::Error ReadShape(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w,
+                     ffi::ResultBuffer<ffi::F32>& y, int64_t stride, int64_t padding,
+                     int64_t groups, int64_t unit, Shape& s) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || wd.size() != 5 || yd.size() != 4)
     return ffi::Error::InvalidArgument("conv: expected NHWC input and a blocked kernel");
-  Shape s;
   s.n = xd[0], s.h = xd[1], s.w = xd[2], s.c = xd[3];
   s.kh = wd[1], s.kw = wd[2], s.d = wd[3], s.unit = wd[4], s.cout = wd[0] * wd[4];
   s.groups = groups, s.stride = stride, s.pad = padding;
@@ -416,6 +451,15 @@ ffi::Error DirectConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   s.wo = (s.w + 2 * s.pad - s.kw) / s.stride + 1;
   if (yd[0] != s.n || yd[1] != s.ho || yd[2] != s.wo || yd[3] != s.cout)
     return ffi::Error::InvalidArgument("conv: output shape does not match");
+  return ffi::Error::Success();
+}
+
+ffi::Error DirectConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding,
+                      int64_t groups, int64_t unit) {
+  Shape s;
+  if (ffi::Error err = ReadShape(x, w, y, stride, padding, groups, unit, s); err.failure())
+    return err;
   if (s.ho <= 0 || s.wo <= 0 || s.n == 0) return ffi::Error::Success();
 
   const Form form = ChooseForm(s, kAvx2);
@@ -461,7 +505,50 @@ ffi::Error DirectConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// A 1x1 conv with its epilogue: y = relu?(x * w + bias (+ residual)). `rest` holds the
+// residual, (n, ho, wo, cout) like y, or nothing.
+ffi::Error PointwiseConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                         ffi::Buffer<ffi::F32> bias, ffi::RemainingArgs rest,
+                         ffi::ResultBuffer<ffi::F32> y, int64_t stride, bool relu) {
+  Shape s;
+  if (ffi::Error err = ReadShape(x, w, y, stride, 0, 1, 16, s); err.failure()) return err;
+  if (s.kh != 1 || s.kw != 1 || ChooseForm(s, kAvx2) != Form::kGemm)
+    return ffi::Error::InvalidArgument("pointwise conv: expected a 1x1 kernel in 16-channel "
+                                       "panels and a CPU with AVX2/FMA");
+  const auto bd = bias.dimensions();
+  if (bd.size() != 1 || bd[0] != s.cout)
+    return ffi::Error::InvalidArgument("pointwise conv: bias must be (cout,)");
+  Epilogue epilogue;
+  epilogue.bias = bias.typed_data();
+  epilogue.relu = relu;
+  if (rest.size() > 1) return ffi::Error::InvalidArgument("pointwise conv: too many operands");
+  if (rest.size() == 1) {
+    auto residual = rest.get<ffi::Buffer<ffi::F32>>(0);
+    if (residual.has_error()) return residual.error();
+    const auto rd = residual->dimensions(), yd = y->dimensions();
+    if (rd.size() != 4 || !std::equal(rd.begin(), rd.end(), yd.begin()))
+      return ffi::Error::InvalidArgument("pointwise conv: residual must have the output's shape");
+    epilogue.residual = residual->typed_data();
+  }
+  if (s.ho <= 0 || s.wo <= 0 || s.n == 0) return ffi::Error::Success();
+#if RESNEXT_X86
+  GemmConv(&pool, s, x.typed_data(), w.typed_data(), y->typed_data(), epilogue);
+#endif
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextPointwiseConv, PointwiseConv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<bool>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextDirectConv, DirectConv,
                               ffi::Ffi::Bind()

@@ -180,6 +180,71 @@ def test_pointwise_through_ops_differentiates_as_the_matmul():
                                jax.vmap(lambda a: _xla(a, k, 2, 0, 1))(xs), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.skipif(not _usable("direct"), reason=_skip_reason("direct"))
+@pytest.mark.parametrize("residual, relu", [(False, False), (False, True), (True, True)])
+@pytest.mark.parametrize("case", [(2, 9, 9, 300, 32, 1), (1, 7, 7, 1024, 256, 1),
+                                  (2, 15, 15, 256, 512, 2)], ids=lambda c: f"{c[3]}-{c[4]}-s{c[5]}")
+def test_pointwise_epilogue_is_the_unfused_ops(case, residual, relu):
+    """``ops.conv_bias_act`` on a 1x1 conv: bias, residual and ReLU applied by the GEMM as it
+    writes the output, within the conv's float32 bound of the float64 reference; derivatives
+    and a vmapped call are those of the same ops in XLA."""
+    n, h, w, c, cout, s = case
+    x, k = _data(n, h, w, c, 1, c, cout, seed=5)
+    rng = np.random.default_rng(6)
+    bias = jnp.asarray(rng.standard_normal(cout), jnp.float32)
+    ho = (h - 1) // s + 1
+    res = jnp.asarray(rng.standard_normal((n, ho, ho, cout)), jnp.float32) if residual else None
+
+    def fused(x, k, b, r):
+        return ops.conv_bias_act(x, k, b, residual=r, relu=relu, stride=s)
+
+    def unfused(x, k, b, r):  # what the model computed before: XLA's matmul, then the ops
+        return cpu_kernels.epilogue(ops.conv2d(x, k, stride=s, lowering="matmul"), b, r, relu)
+
+    assert "resnext_flax_pointwise_conv" in jax.jit(fused).lower(x, k, bias, res).as_text()
+    ref = _reference64(x, k, s, 0, 1) + np.asarray(bias, np.float64)
+    ref = ref + (np.asarray(res, np.float64) if residual else 0.0)
+    ref = np.maximum(ref, 0.0) if relu else ref
+    floor = max(_rel(jax.jit(unfused)(x, k, bias, res), ref), EPS32)
+    assert _rel(jax.jit(fused)(x, k, bias, res), ref) <= FACTOR * floor
+
+    args = (0, 1, 2, 3) if residual else (0, 1, 2)
+
+    def grads(conv):
+        return jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(conv(*a))), argnums=args))(
+            x, k, bias, res)
+
+    def ops_unfused(x, k, b, r):  # the unfused ops through the library's own 1x1 conv
+        return cpu_kernels.epilogue(ops.conv2d(x, k, stride=s), b, r, relu)
+
+    for a, b in zip(grads(fused), grads(ops_unfused), strict=True):
+        np.testing.assert_array_equal(a, b)
+    xs = jnp.stack([x, -x])
+    rs = None if res is None else jnp.stack([res, 2 * res])
+    axes = (0, None, None, None if res is None else 0)
+    np.testing.assert_allclose(jax.jit(jax.vmap(fused, in_axes=axes))(xs, k, bias, rs),
+                               jax.vmap(unfused, in_axes=axes)(xs, k, bias, rs),
+                               rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.skipif(not _usable("direct"), reason=_skip_reason("direct"))
+def test_pointwise_epilogue_falls_back_on_mismatched_operands():
+    """A residual of another shape or dtype, or no bias, is not passed to the kernel: the
+    ops then run in XLA (broadcasting as XLA does), never a wrong read."""
+    x, k = _data(1, 6, 6, 64, 1, 64, 32, seed=7)
+    bias = jnp.ones((32,), jnp.float32)
+    for res in (jnp.ones((1, 6, 6, 32), jnp.bfloat16), jnp.ones((1, 1, 1, 32), jnp.float32)):
+        def conv(x, r):
+            return ops.conv_bias_act(x, k, bias, residual=r, relu=True)
+
+        assert "resnext_flax_pointwise_conv" not in jax.jit(conv).lower(x, res).as_text()
+        want = jax.nn.relu(ops.conv2d(x, k) + bias + res)
+        np.testing.assert_array_equal(conv(x, res), want)
+    no_bias = jax.jit(lambda x: ops.conv_bias_act(x, k, None, relu=True))
+    assert "resnext_flax_pointwise_conv" not in no_bias.lower(x).as_text()
+    np.testing.assert_array_equal(no_bias(x), jax.nn.relu(ops.conv2d(x, k)))
+
+
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_default_choice_and_unusual_shapes(backend):
     """Grouped 3x3 convs go to the direct kernel when loaded; shapes a backend cannot run

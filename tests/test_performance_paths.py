@@ -348,6 +348,10 @@ def test_optimized_model_prepares_kernels_once():
     x = random_images(1, 64, 64, seed=2)
     plain = FoldedResNet.from_module(fold_batchnorm(model))
     assert relative_error(folded(x), plain(x)) <= RTOL
+    # The 3 downsample 1x1 convs (+ folded bias) run in the kernel's GEMM with its epilogue.
+    program = jax.jit(lambda f, a: f(a)).lower(folded, x).as_text()
+    fused = 3 if jax.default_backend() == "cpu" and cpu_kernels.available("direct") else 0
+    assert program.count("resnext_flax_pointwise_conv") == fused
 
 
 def test_benchmark_script_runs_and_agrees(tmp_path):

@@ -53,9 +53,9 @@ class BasicBlock(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         identity = x if self.downsample is None else _sequential(self.downsample, x)
-        out = jax.nn.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return ops.block_output(jax.nn.relu(out + identity))
+        out = _conv_bn(self.conv1, self.bn1, x, relu=True)
+        return ops.block_output(_conv_bn(self.conv2, self.bn2, out, residual=identity,
+                                         relu=True))
 
 
 class Bottleneck(nnx.Module):
@@ -93,13 +93,25 @@ class Bottleneck(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         identity = x if self.downsample is None else _sequential(self.downsample, x)
-        out = jax.nn.relu(self.bn1(self.conv1(x)))
-        out = jax.nn.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return ops.block_output(jax.nn.relu(out + identity))
+        out = _conv_bn(self.conv1, self.bn1, x, relu=True)
+        out = _conv_bn(self.conv2, self.bn2, out, relu=True)
+        return ops.block_output(_conv_bn(self.conv3, self.bn3, out, residual=identity,
+                                         relu=True))
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+def _conv_bn(conv: Conv, bn: nnx.Module, x: jax.Array, *, residual: jax.Array | None = None,
+             relu: bool = False) -> jax.Array:
+    """``relu?(bn(conv(x)) + residual)``. With the BatchNorm folded into the conv (an
+    Identity in its place) the conv takes all of it: one op where the compiled kernel runs
+    it (``ops.conv_bias_act``)."""
+    if isinstance(bn, Identity):
+        return conv(x, residual=residual, relu=relu)
+    out = bn(conv(x))
+    out = out if residual is None else out + residual
+    return jax.nn.relu(out) if relu else out
 
 
 def _sequential(layers: nnx.List, x: jax.Array) -> jax.Array:

@@ -57,6 +57,7 @@ BACKENDS = ("direct", "onednn")
 
 _DIRECT_TARGET = "resnext_flax_direct_conv"
 _BOUNDARY_TARGET = "resnext_flax_fusion_boundary"
+_POINTWISE_TARGET = "resnext_flax_pointwise_conv"
 _ONEDNN_TARGET = "resnext_flax_onednn_conv"
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -126,6 +127,7 @@ def _load_direct() -> tuple[ctypes.CDLL | None, str | None, bool]:
         if not lib.resnext_direct_conv_vectorized():
             return None, "direct: this CPU lacks AVX2/FMA", boundary
         _register(_DIRECT_TARGET, lib, "ResnextDirectConv")
+        _register(_POINTWISE_TARGET, lib, "ResnextPointwiseConv")
     except (OSError, AttributeError, RuntimeError, ValueError) as err:
         return None, f"direct: cannot load {path.name}: {err}", boundary
     return lib, None, boundary
@@ -421,6 +423,105 @@ def conv2d(
             and blocked.shape == _blocked_shape(kernel.shape, groups)
         weights = blocked if usable else block_kernel(kernel, groups)
     return _conv((stride, padding, groups, backend), direct, x, kernel, weights)
+
+
+def pointwise_supports(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride: int,
+                       dtype) -> bool:
+    """Whether :func:`pointwise_conv` runs this 1x1 conv and its epilogue in the kernel's GEMM."""
+    return tuple(kernel_shape[:2]) == (1, 1) and backend_for(
+        x_shape, kernel_shape, stride, 0, 1, dtype) == "direct"
+
+
+def epilogue(y: jax.Array, bias: jax.Array | None, residual: jax.Array | None,
+             relu: bool) -> jax.Array:
+    """``relu?(y + bias + residual)`` in XLA, in that order: what the GEMM's epilogue computes."""
+    if bias is not None:
+        y = y + bias
+    if residual is not None:
+        y = y + residual
+    return jax.nn.relu(y) if relu else y
+
+
+def pointwise_conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array,
+    *,
+    residual: jax.Array | None = None,
+    relu: bool = False,
+    stride: int = 1,
+    differentiate_with: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    blocked: jax.Array | None = None,
+) -> jax.Array:
+    """``relu?(conv1x1(x, kernel) + bias + residual)``: with BatchNorm folded into the conv, the
+    ops around a ResNet's 1x1 convs, applied by the kernel's GEMM as it writes its output
+    (saves XLA a pass over it). Where the GEMM does not run the conv (see
+    :func:`pointwise_supports`), or operands differ in dtype or shape, the same ops in XLA.
+    Derivatives are those of ``epilogue(differentiate_with(x, kernel), ...)`` (default: XLA's
+    conv); ``blocked`` as in :func:`conv2d`.
+    """
+    direct = differentiate_with or functools.partial(xla_conv, stride=stride, padding=0, groups=1)
+    out = _out_shape(x, kernel.shape, stride, 0) if x.ndim == 4 else None
+    fits = (out is not None and pointwise_supports(x.shape, kernel.shape, stride, x.dtype)
+            and kernel.dtype == bias.dtype == x.dtype and bias.shape == (kernel.shape[-1],)
+            and (residual is None or (residual.shape == out.shape
+                                      and residual.dtype == x.dtype)))
+    if not fits:
+        return epilogue(direct(x, kernel), bias, residual, relu)
+    usable = blocked is not None and blocked.dtype == kernel.dtype \
+        and blocked.shape == _blocked_shape(kernel.shape, 1)
+    weights = blocked if usable else block_kernel(kernel, 1)
+    operands = (x, kernel, bias) + (() if residual is None else (residual,))
+    return _pointwise((stride, bool(relu)), direct, weights, *operands)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _pointwise(config, differentiate_with, weights, x, kernel, bias, *residual):
+    del differentiate_with, kernel
+    return _pointwise_call(config)(x, weights, bias, *residual)
+
+
+@_pointwise.defjvp
+def _pointwise_jvp(config, differentiate_with, primals, tangents):
+    relu = config[1]
+
+    def composed(x, kernel, bias, *residual):
+        return epilogue(differentiate_with(x, kernel), bias, residual[0] if residual else None,
+                        relu)
+
+    # `weights` (derived from the kernel) gets no derivative.
+    return jax.jvp(composed, primals[1:], tangents[1:])
+
+
+@functools.cache
+def _pointwise_call(config: tuple) -> Callable:
+    """The custom call for one (stride, relu) with or without a residual, with a vmap rule:
+    a mapped input (and residual) is folded into the batch, else one call per slice."""
+    stride, relu = config
+
+    @jax.custom_batching.custom_vmap
+    def call(x, weights, bias, *residual):
+        units, _, _, _, unit = weights.shape
+        out = _out_shape(x, (1, 1, None, units * unit), stride, 0)
+        return jax.ffi.ffi_call(_POINTWISE_TARGET, out, vmap_method="sequential")(
+            x, weights, bias, *residual, stride=np.int64(stride), relu=relu)
+
+    @call.def_vmap
+    def call_vmap(axis_size, in_batched, x, weights, bias, *residual):
+        if not (in_batched[1] or in_batched[2]):
+            x, *residual = (a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+                            for a, batched in zip((x, *residual), (in_batched[0],
+                                                                  *in_batched[3:]),
+                                                  strict=True))
+            b, n = x.shape[:2]
+            out = call(x.reshape(b * n, *x.shape[2:]), weights, bias,
+                       *(r.reshape(b * n, *r.shape[2:]) for r in residual))
+            return out.reshape(b, n, *out.shape[1:]), True
+        operands = [a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+                    for a, batched in zip((x, weights, bias, *residual), in_batched, strict=True)]
+        return jax.lax.map(lambda ops: call(*ops), tuple(operands)), True
+
+    return call
 
 
 def fusion_boundary(x: jax.Array) -> jax.Array:

@@ -80,18 +80,24 @@ class Conv(nnx.Module):
         else:
             self.prepared = nnx.data(PreparedKernel(prepared))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, residual: jax.Array | None = None,
+                 relu: bool = False) -> jax.Array:
+        """The conv (plus bias); then ``+ residual`` and ReLU if asked: a conv with a folded
+        BatchNorm applies what follows it in one op where the compiled kernel runs it."""
         dtype = self.dtype or x.dtype
         prepared = None if self.prepared is None else self.prepared.get_value()
-        y = ops.conv2d(
+        bias = None if self.bias is None else self.bias.get_value().astype(dtype)
+        return ops.conv_bias_act(
             x.astype(dtype),
             self.kernel.get_value().astype(dtype),
+            bias,
+            residual=residual,
+            relu=relu,
             stride=self.stride,
             padding=self.padding,
             groups=self.groups,
             prepared=prepared,
         )
-        return y if self.bias is None else y + self.bias.get_value().astype(dtype)
 
 
 class BatchNorm(nnx.Module):

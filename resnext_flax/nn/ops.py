@@ -183,6 +183,38 @@ def conv2d(
     return _conv_xla(x, kernel, stride, padding, groups)
 
 
+def conv_bias_act(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    *,
+    residual: jax.Array | None = None,
+    relu: bool = False,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    prepared: Mapping[str, Any] | None = None,
+) -> jax.Array:
+    """``relu?(conv2d(x, kernel) + bias + residual)`` (bias, residual optional): a conv with its
+    BatchNorm folded in and what follows it in a residual block. Where the compiled kernel's
+    GEMM runs the conv (1x1 convs, "ffi" lowering) it applies bias, residual and ReLU as it
+    writes the output, saving XLA a pass over it; elsewhere the same ops follow the conv in
+    XLA. Derivatives are those of the unfused ops."""
+    lowering = _resolve_lowering(kernel.shape, groups, stride, None)
+    prepared = prepared or {}
+    if (lowering == "ffi" and bias is not None and groups == 1 and padding == 0
+            and cpu_kernels.pointwise_supports(x.shape, kernel.shape, stride, x.dtype)):
+        direct = functools.partial(
+            conv2d, stride=stride, padding=padding, groups=groups, prepared=prepared,
+            lowering=_lowering_without_ffi(kernel.shape, groups, stride, *_FAST_LOWERINGS))
+        return cpu_kernels.pointwise_conv(x, kernel, bias, residual=residual, relu=relu,
+                                          stride=stride, differentiate_with=direct,
+                                          blocked=prepared.get("ffi"))
+    y = conv2d(x, kernel, stride=stride, padding=padding, groups=groups, lowering=lowering,
+               prepared=prepared)
+    return cpu_kernels.epilogue(y, bias, residual, relu)
+
+
 def _conv_ffi(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int,
               prepared: Mapping[str, Any]):
     """The compiled kernel where it supports the conv, else the next choice; differentiated
