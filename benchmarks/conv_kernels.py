@@ -1,5 +1,6 @@
-"""Per-layer timing of one 3x3 convolution: the library's pure-XLA lowering, the compiled CPU
-kernels (resnext_flax.nn.cpu_kernels: oneDNN, the direct AVX2 kernel) and torch channels_last.
+"""Per-layer timing of one convolution (3x3, or 1x1 with ``--shapes pointwise``): the library's
+pure-XLA lowering, the compiled CPU kernels (resnext_flax.nn.cpu_kernels: oneDNN, the direct
+AVX2 kernel, whose 1x1 form is a GEMM) and torch channels_last.
 
 All sides run in one process, interleaved one call each per round (so load from other
 processes hits them alike), fp32, medians over rounds after warm-up; outputs are checked
@@ -12,6 +13,7 @@ the weight cache on.
 Example (the ResNeXt grouped-conv shapes at batch 8 and 1):
     python benchmarks/conv_kernels.py --batch-sizes 8,1
     python benchmarks/conv_kernels.py --shapes dense --batch-sizes 8
+    python benchmarks/conv_kernels.py --shapes pointwise --batch-sizes 8,1
 """
 
 from __future__ import annotations
@@ -60,6 +62,23 @@ DENSE = [
     ("WRN50 layer3", 14, 512, 1, 1),
     ("WRN50 layer4.0", 14, 1024, 1, 2),
     ("WRN50 layer4", 7, 1024, 1, 1),
+]
+# 1x1 convs: (name, h=w, in channels, out channels, stride); "d" prints the in channels.
+POINTWISE = [
+    ("RN50 layer1 expand", 56, 64, 256, 1),
+    ("RN50 layer1 reduce", 56, 256, 64, 1),
+    ("RNX50 layer1 reduce", 56, 256, 128, 1),
+    ("RN50 layer2 expand", 28, 128, 512, 1),
+    ("RN50 layer2 reduce", 28, 512, 128, 1),
+    ("RN50 layer3 expand", 14, 256, 1024, 1),
+    ("RN50 layer3 reduce", 14, 1024, 256, 1),
+    ("RN50 layer4 expand", 7, 512, 2048, 1),
+    ("RN50 layer4 reduce", 7, 2048, 512, 1),
+    ("RN50 layer2.0 downsample", 56, 256, 512, 2),
+    ("RN50 layer3.0 downsample", 28, 512, 1024, 2),
+    ("RN50 layer4.0 downsample", 14, 1024, 2048, 2),
+    ("32x8d layer2", 28, 512, 512, 1),
+    ("32x8d layer3", 14, 1024, 1024, 1),
 ]
 # The 7x7 stride-2 stem (3 -> 64 channels, padding 3): (name, h, cin, cout, kernel, pad).
 STEM = [("stem 7x7", 224, 3, 64, 7, 3)]
@@ -143,7 +162,7 @@ def measure(batch: int, h: int, cin: int, cout: int, size: int, groups: int, str
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="grouped",
-                   help="comma-separated: grouped, dense, stem")
+                   help="comma-separated: grouped, dense, pointwise, stem")
     p.add_argument("--batch-sizes", default="8,1")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
@@ -155,6 +174,8 @@ def main() -> None:
     for kind in args.shapes.split(","):
         if kind == "stem":
             shapes += [(n, h, ci, co, k, 1, 2, p) for n, h, ci, co, k, p in STEM]
+        elif kind == "pointwise":
+            shapes += [(n, h, ci, co, 1, 1, s, 0) for n, h, ci, co, s in POINTWISE]
         else:
             table = {"grouped": GROUPED, "dense": DENSE}[kind]
             shapes += [(n, h, c, c, 3, g, s, 1) for n, h, c, g, s in table]

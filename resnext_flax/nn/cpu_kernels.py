@@ -247,9 +247,9 @@ def _output_size(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride
 def _dense_direct_wins(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride: int,
                        padding: int) -> bool:
     """Where the direct kernel beats the pure-XLA choice for a dense conv, measured on
-    whole models (docs/performance.md): every 1x1 conv (its GEMM against XLA's matmul:
-    1.05-1.13x on ResNeXt-101 32x8d, ...), every stride-2 3x3 conv (XLA's native conv otherwise;
-    1.1-1.7x per conv at batch 1 and 8), and stride-1 convs with at most 196 output pixels
+    whole models (docs/performance.md): every 1x1 conv (its GEMM over XLA's matmul: whole
+    models 0.98-1.13x, 1.03-1.13x those with bottlenecks), every stride-2 3x3 conv (XLA's
+    native conv otherwise; 1.1-1.7x per conv at batch 1 and 8), and stride-1 convs with at most 196 output pixels
     (7x7 and 14x14 maps at batch 1: 1.5-1.7x per conv). Larger maps stay with Winograd: its
     2.25x fewer multiplies won there (0.54-0.86x per conv at batch 8), and at batch 1 the
     direct kernel on ResNet's 56x56 and 28x28 maps, though faster conv by conv, made ResNet-18
@@ -508,18 +508,20 @@ def _pointwise_call(config: tuple) -> Callable:
 
     @call.def_vmap
     def call_vmap(axis_size, in_batched, x, weights, bias, *residual):
-        if not (in_batched[1] or in_batched[2]):
-            x, *residual = (a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
-                            for a, batched in zip((x, *residual), (in_batched[0],
-                                                                  *in_batched[3:]),
-                                                  strict=True))
+        def mapped(a, batched):
+            return a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+
+        if not (in_batched[1] or in_batched[2]):  # weights shared: fold into the batch
+            x, *residual = (mapped(a, b) for a, b in zip((x, *residual),
+                                                         (in_batched[0], *in_batched[3:]),
+                                                         strict=True))
             b, n = x.shape[:2]
             out = call(x.reshape(b * n, *x.shape[2:]), weights, bias,
                        *(r.reshape(b * n, *r.shape[2:]) for r in residual))
             return out.reshape(b, n, *out.shape[1:]), True
-        operands = [a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
-                    for a, batched in zip((x, weights, bias, *residual), in_batched, strict=True)]
-        return jax.lax.map(lambda ops: call(*ops), tuple(operands)), True
+        operands = (x, weights, bias, *residual)
+        operands = tuple(mapped(a, b) for a, b in zip(operands, in_batched, strict=True))
+        return jax.lax.map(lambda ops: call(*ops), operands), True
 
     return call
 
