@@ -249,11 +249,11 @@ def _dense_direct_wins(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], 
     """Where the direct kernel beats the pure-XLA choice for a dense conv, measured on
     whole models (docs/performance.md): every 1x1 conv (its GEMM over XLA's matmul: whole
     models 0.98-1.13x, 1.03-1.13x those with bottlenecks), every stride-2 3x3 conv (XLA's
-    native conv otherwise; 1.1-1.7x per conv at batch 1 and 8), and stride-1 convs with at most 196 output pixels
-    (7x7 and 14x14 maps at batch 1: 1.5-1.7x per conv). Larger maps stay with Winograd: its
-    2.25x fewer multiplies won there (0.54-0.86x per conv at batch 8), and at batch 1 the
-    direct kernel on ResNet's 56x56 and 28x28 maps, though faster conv by conv, made ResNet-18
-    slower (1.22x against 1.43x over no dense direct conv)."""
+    native conv otherwise; 1.1-1.7x per conv at batch 1 and 8), and stride-1 convs with at
+    most 196 output pixels (7x7 and 14x14 maps at batch 1: 1.5-1.7x per conv). Larger maps
+    stay with Winograd: its 2.25x fewer multiplies won there (0.54-0.86x per conv at batch 8),
+    and at batch 1 the direct kernel on ResNet's 56x56 and 28x28 maps, though faster conv by
+    conv, made ResNet-18 slower (1.22x against 1.43x over no dense direct conv)."""
     if kernel_shape[:2] == (1, 1) or stride != 1:
         return True
     return np.prod(_output_size(x_shape, kernel_shape, stride, padding)) <= 196
