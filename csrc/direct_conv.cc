@@ -66,6 +66,15 @@ struct Shape {
   int64_t unit;
 };
 
+// What a 1x1 conv's output gets as it is written (inference with BatchNorm folded into the
+// conv): y = relu?(conv + bias[col] + residual[row, col]), each part optional. One pass over
+// the output instead of a separate XLA loop that reads and writes it again.
+struct Epilogue {
+  const float* bias = nullptr;      // [cout]
+  const float* residual = nullptr;  // [pixels, cout], like y
+  bool relu = false;
+};
+
 bool CpuHasAvx2Fma() {
 #if RESNEXT_X86
   __builtin_cpu_init();
@@ -205,15 +214,6 @@ constexpr int64_t kGemmKc = 256, kGemmMc = 72, kGemmMaxNc = 512;
 
 #define RESNEXT_TILE_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
 
-// What a 1x1 conv's output gets as it is written (inference with BatchNorm folded into the
-// conv): y = relu?(conv + bias[col] + residual[row, col]), each part optional. One pass over
-// the output instead of a separate XLA loop that reads and writes it again.
-struct Epilogue {
-  const float* bias = nullptr;      // [cout]
-  const float* residual = nullptr;  // [pixels, cout], like y
-  bool relu = false;
-};
-
 // The 6x16 tile (R <= 6 rows) over kc channels; adds into y unless `first`; applies `ep`
 // (offset to this tile's row and column) unless null. Named accumulators (not an array) so
 // that they stay in registers.
@@ -253,8 +253,9 @@ RESNEXT_AVX2 void GemmTile(int64_t kc, const float* ap, const float* bp, float* 
         acc##r##1 = _mm256_add_ps(acc##r##1, _mm256_loadu_ps(rr + 8));               \
       }                                                                              \
       if (ep->relu) {                                                                \
-        acc##r##0 = _mm256_max_ps(acc##r##0, _mm256_setzero_ps());                   \
-        acc##r##1 = _mm256_max_ps(acc##r##1, _mm256_setzero_ps());                   \
+        /* max(0, acc): returns acc where it is NaN, as XLA's max does */             \
+        acc##r##0 = _mm256_max_ps(_mm256_setzero_ps(), acc##r##0);                   \
+        acc##r##1 = _mm256_max_ps(_mm256_setzero_ps(), acc##r##1);                   \
       }                                                                              \
     }                                                                                \
     _mm256_storeu_ps(yr, acc##r##0);                                                 \

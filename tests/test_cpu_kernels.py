@@ -239,10 +239,40 @@ def test_pointwise_epilogue_falls_back_on_mismatched_operands():
 
         assert "resnext_flax_pointwise_conv" not in jax.jit(conv).lower(x, res).as_text()
         want = jax.nn.relu(ops.conv2d(x, k) + bias + res)
-        np.testing.assert_array_equal(conv(x, res), want)
+        np.testing.assert_allclose(conv(x, res), want, rtol=1e-5, atol=1e-5)
     no_bias = jax.jit(lambda x: ops.conv_bias_act(x, k, None, relu=True))
     assert "resnext_flax_pointwise_conv" not in no_bias.lower(x).as_text()
-    np.testing.assert_array_equal(no_bias(x), jax.nn.relu(ops.conv2d(x, k)))
+    np.testing.assert_allclose(no_bias(x), jax.nn.relu(ops.conv2d(x, k)), rtol=1e-5, atol=1e-5)
+    # A scalar residual broadcasts, as in XLA.
+    np.testing.assert_allclose(ops.conv_bias_act(x, k, bias, residual=1.5),
+                               ops.conv2d(x, k) + bias + 1.5, rtol=1e-5, atol=1e-5)
+    # No input channels: XLA's (the GEMM would have nothing to write its output with).
+    empty_x, empty_k = jnp.ones((1, 4, 4, 0), jnp.float32), jnp.ones((1, 1, 0, 16), jnp.float32)
+    assert not cpu_kernels.supports(empty_x.shape, empty_k.shape, 1, 0, 1, jnp.float32)
+    np.testing.assert_array_equal(
+        ops.conv_bias_act(empty_x, empty_k, jnp.arange(16.0), relu=True),
+        jnp.broadcast_to(jnp.arange(16.0), (1, 4, 4, 16)))
+
+
+@pytest.mark.skipif(not _usable("direct"), reason=_skip_reason("direct"))
+def test_pointwise_epilogue_keeps_nan():
+    """The fused ReLU propagates NaN and infinities as ``jax.nn.relu`` does (a max with the
+    operands the other way round would turn NaN into 0 and hide a broken input)."""
+    x, k = _data(1, 3, 4, 32, 1, 32, 16, seed=8)
+    x = x.at[0, 1, 2, 5].set(jnp.nan).at[0, 2, 3, :].set(jnp.inf)
+    bias = jnp.zeros((16,), jnp.float32)
+    res = jnp.zeros((1, 3, 4, 16), jnp.float32).at[0, 0, 0, 3].set(jnp.nan)
+
+    def fused(x, r):
+        return ops.conv_bias_act(x, k, bias, residual=r, relu=True)
+
+    assert "resnext_flax_pointwise_conv" in jax.jit(fused).lower(x, res).as_text()
+    got = np.asarray(jax.jit(fused)(x, res))
+    want = np.asarray(cpu_kernels.epilogue(_xla(x, k, 1, 0, 1), bias, res, True))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got).sum() >= 1 + 16  # the NaN pixel, the residual's NaN
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)

@@ -276,8 +276,8 @@ def backend_for(
     kh, kw, d, cout = kernel_shape
     if groups < 1 or d * groups != c or cout % groups or stride < 1 or padding < 0:
         return None
-    if n < 1 or min(h + 2 * padding - kh, w + 2 * padding - kw) < 0:
-        return None
+    if n < 1 or d < 1 or min(h + 2 * padding - kh, w + 2 * padding - kw) < 0:
+        return None  # (no input channels: the GEMM would leave its output unwritten)
     forced = _backend_override.get()
     candidates = (forced,) if forced else BACKENDS
     for name in candidates:
@@ -463,9 +463,10 @@ def pointwise_conv(
     direct = differentiate_with or functools.partial(xla_conv, stride=stride, padding=0, groups=1)
     out = _out_shape(x, kernel.shape, stride, 0) if x.ndim == 4 else None
     fits = (out is not None and pointwise_supports(x.shape, kernel.shape, stride, x.dtype)
-            and kernel.dtype == bias.dtype == x.dtype and bias.shape == (kernel.shape[-1],)
-            and (residual is None or (residual.shape == out.shape
-                                      and residual.dtype == x.dtype)))
+            and kernel.dtype == jnp.result_type(bias) == x.dtype
+            and jnp.shape(bias) == (kernel.shape[-1],)
+            and (residual is None or (jnp.shape(residual) == out.shape
+                                      and jnp.result_type(residual) == x.dtype)))
     if not fits:
         return epilogue(direct(x, kernel), bias, residual, relu)
     usable = blocked is not None and blocked.dtype == kernel.dtype \
