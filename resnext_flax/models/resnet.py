@@ -16,6 +16,7 @@ from flax import nnx
 
 from resnext_flax.models.variants import ModelSpec
 from resnext_flax.nn import ops
+from resnext_flax.nn.cpu_kernels import epilogue
 from resnext_flax.nn.init import batched_init, materialize
 from resnext_flax.nn.layers import BatchNorm, Conv, Identity, Linear
 
@@ -109,9 +110,7 @@ def _conv_bn(conv: Conv, bn: nnx.Module, x: jax.Array, *, residual: jax.Array | 
     it (``ops.conv_bias_act``)."""
     if isinstance(bn, Identity):
         return conv(x, residual=residual, relu=relu)
-    out = bn(conv(x))
-    out = out if residual is None else out + residual
-    return jax.nn.relu(out) if relu else out
+    return epilogue(bn(conv(x)), None, residual, relu)
 
 
 def _sequential(layers: nnx.List, x: jax.Array) -> jax.Array:

@@ -357,28 +357,46 @@ def _ffi_conv(x, weights, stride: int, padding: int, groups: int, backend: str) 
     return jax.ffi.ffi_call(_ONEDNN_TARGET, out, vmap_method="sequential")(x, weights, **attrs)
 
 
+def _vmapped_with_shared(fn: Callable, shared: tuple[int, ...]) -> Callable:
+    """``fn(*operands)`` (one custom call) with a vmap rule: while the operands at positions
+    `shared` (weights, bias) are unmapped, the mapped axis of the others (input, residual) is
+    folded into their batch axis, one call; else one call per slice."""
+
+    @jax.custom_batching.custom_vmap
+    def call(*operands):
+        return fn(*operands)
+
+    @call.def_vmap
+    def call_vmap(axis_size, in_batched, *operands):
+        per_slice = any(in_batched[i] for i in shared)
+
+        def mapped(a, batched):
+            return a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+
+        operands = [mapped(a, batched) if per_slice or i not in shared else a
+                    for i, (a, batched) in enumerate(zip(operands, in_batched, strict=True))]
+        if per_slice:
+            return jax.lax.map(lambda ops: call(*ops), tuple(operands)), True
+        # Through `call` again, so that an enclosing vmap is handled by this rule too.
+        b, n = operands[0].shape[:2]
+        out = call(*(a if i in shared else a.reshape(b * n, *a.shape[2:])
+                     for i, a in enumerate(operands)))
+        return out.reshape(b, n, *out.shape[1:]), True
+
+    return call
+
+
 @functools.cache
 def _batched_call(config: tuple) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """The custom call for one (stride, padding, groups, backend), with a vmap rule."""
+    return _vmapped_with_shared(lambda x, weights: _ffi_conv(x, weights, *config), shared=(1,))
 
-    @jax.custom_batching.custom_vmap
-    def call(x, weights):
-        return _ffi_conv(x, weights, *config)
 
-    @call.def_vmap
-    def call_vmap(axis_size, in_batched, x, kernel):
-        x_batched, kernel_batched = in_batched
-        if not kernel_batched:
-            # Fold the mapped axis into the batch: one call.
-            # (Through `call` again, so that an enclosing vmap is handled by this rule too.)
-            b, n = x.shape[:2]
-            out = call(x.reshape(b * n, *x.shape[2:]), kernel)
-            return out.reshape(b, n, *out.shape[1:]), True
-        if not x_batched:
-            x = jnp.broadcast_to(x, (axis_size, *x.shape))
-        return jax.lax.map(lambda xk: call(*xk), (x, kernel)), True
-
-    return call
+def _direct_weights(kernel: jax.Array, groups: int, blocked: jax.Array | None) -> jax.Array:
+    """The direct kernel's layout: `blocked` where it is that of `kernel`, else made here."""
+    usable = blocked is not None and blocked.dtype == kernel.dtype \
+        and blocked.shape == _blocked_shape(kernel.shape, groups)
+    return blocked if usable else block_kernel(kernel, groups)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -417,11 +435,7 @@ def conv2d(
         xla_conv, stride=stride, padding=padding, groups=groups)
     if backend is None or kernel.dtype != x.dtype:
         return direct(x, kernel)
-    weights = kernel
-    if backend == "direct":
-        usable = blocked is not None and blocked.dtype == kernel.dtype \
-            and blocked.shape == _blocked_shape(kernel.shape, groups)
-        weights = blocked if usable else block_kernel(kernel, groups)
+    weights = _direct_weights(kernel, groups, blocked) if backend == "direct" else kernel
     return _conv((stride, padding, groups, backend), direct, x, kernel, weights)
 
 
@@ -469,11 +483,9 @@ def pointwise_conv(
                                       and jnp.result_type(residual) == x.dtype)))
     if not fits:
         return epilogue(direct(x, kernel), bias, residual, relu)
-    usable = blocked is not None and blocked.dtype == kernel.dtype \
-        and blocked.shape == _blocked_shape(kernel.shape, 1)
-    weights = blocked if usable else block_kernel(kernel, 1)
     operands = (x, kernel, bias) + (() if residual is None else (residual,))
-    return _pointwise((stride, bool(relu)), direct, weights, *operands)
+    return _pointwise((stride, bool(relu)), direct, _direct_weights(kernel, 1, blocked),
+                      *operands)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -496,35 +508,17 @@ def _pointwise_jvp(config, differentiate_with, primals, tangents):
 
 @functools.cache
 def _pointwise_call(config: tuple) -> Callable:
-    """The custom call for one (stride, relu) with or without a residual, with a vmap rule:
-    a mapped input (and residual) is folded into the batch, else one call per slice."""
+    """The custom call for one (stride, relu), with or without a residual; under vmap a mapped
+    input (and residual) is folded into the batch."""
     stride, relu = config
 
-    @jax.custom_batching.custom_vmap
     def call(x, weights, bias, *residual):
         units, _, _, _, unit = weights.shape
         out = _out_shape(x, (1, 1, None, units * unit), stride, 0)
         return jax.ffi.ffi_call(_POINTWISE_TARGET, out, vmap_method="sequential")(
             x, weights, bias, *residual, stride=np.int64(stride), relu=relu)
 
-    @call.def_vmap
-    def call_vmap(axis_size, in_batched, x, weights, bias, *residual):
-        def mapped(a, batched):
-            return a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
-
-        if not (in_batched[1] or in_batched[2]):  # weights shared: fold into the batch
-            x, *residual = (mapped(a, b) for a, b in zip((x, *residual),
-                                                         (in_batched[0], *in_batched[3:]),
-                                                         strict=True))
-            b, n = x.shape[:2]
-            out = call(x.reshape(b * n, *x.shape[2:]), weights, bias,
-                       *(r.reshape(b * n, *r.shape[2:]) for r in residual))
-            return out.reshape(b, n, *out.shape[1:]), True
-        operands = (x, weights, bias, *residual)
-        operands = tuple(mapped(a, b) for a, b in zip(operands, in_batched, strict=True))
-        return jax.lax.map(lambda ops: call(*ops), operands), True
-
-    return call
+    return _vmapped_with_shared(call, shared=(1, 2))
 
 
 def fusion_boundary(x: jax.Array) -> jax.Array:

@@ -204,9 +204,7 @@ def conv_bias_act(
     prepared = prepared or {}
     if (lowering == "ffi" and bias is not None and groups == 1 and padding == 0
             and cpu_kernels.pointwise_supports(x.shape, kernel.shape, stride, x.dtype)):
-        direct = functools.partial(
-            conv2d, stride=stride, padding=padding, groups=groups, prepared=prepared,
-            lowering=_lowering_without_ffi(kernel.shape, groups, stride, *_FAST_LOWERINGS))
+        direct = _without_ffi(kernel.shape, stride, padding, groups, prepared, *_FAST_LOWERINGS)
         return cpu_kernels.pointwise_conv(x, kernel, bias, residual=residual, relu=relu,
                                           stride=stride, differentiate_with=direct,
                                           blocked=prepared.get("ffi"))
@@ -219,18 +217,24 @@ def _conv_ffi(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups
               prepared: Mapping[str, Any]):
     """The compiled kernel where it supports the conv, else the next choice; differentiated
     as the direct conv (as Winograd is), so training computes what it did without it."""
-    def next_choice(*excluded: str) -> functools.partial:
-        lowering = "xla"
-        if jax.default_backend() == "cpu":
-            lowering = _lowering_without_ffi(kernel.shape, groups, stride, *excluded)
-        return functools.partial(conv2d, stride=stride, padding=padding, groups=groups,
-                                 lowering=lowering, prepared=prepared)
-
     if not cpu_kernels.supports(x.shape, kernel.shape, stride, padding, groups, x.dtype):
-        return next_choice()(x, kernel)
-    return cpu_kernels.conv2d(x, kernel, stride=stride, padding=padding, groups=groups,
-                              differentiate_with=next_choice(*_FAST_LOWERINGS),
-                              blocked=prepared.get("ffi"))
+        return _without_ffi(kernel.shape, stride, padding, groups, prepared)(x, kernel)
+    return cpu_kernels.conv2d(
+        x, kernel, stride=stride, padding=padding, groups=groups,
+        differentiate_with=_without_ffi(kernel.shape, stride, padding, groups, prepared,
+                                        *_FAST_LOWERINGS),
+        blocked=prepared.get("ffi"))
+
+
+def _without_ffi(kernel_shape: tuple[int, ...], stride: int, padding: int, groups: int,
+                 prepared: Mapping[str, Any], *excluded: str) -> functools.partial:
+    """``conv2d`` with the lowering chosen without the compiled kernel (and `excluded`): what
+    runs the convs the kernel leaves, and (excluding the fast lowerings) its derivatives."""
+    lowering = "xla"
+    if jax.default_backend() == "cpu":
+        lowering = _lowering_without_ffi(kernel_shape, groups, stride, *excluded)
+    return functools.partial(conv2d, stride=stride, padding=padding, groups=groups,
+                             lowering=lowering, prepared=prepared)
 
 
 def _lowering_without_ffi(kernel_shape: tuple[int, ...], groups: int, stride: int,
