@@ -8,6 +8,7 @@ import ast
 import collections
 import functools
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -26,6 +27,7 @@ from torch_reference import (
     torch_model,
 )
 
+import resnext_flax
 from resnext_flax.models.folding import FoldedResNet, fold_batchnorm, optimize_for_inference
 from resnext_flax.models.functional import apply_jit
 from resnext_flax.nn.layers import BatchNorm, Conv, with_conv_policy
@@ -456,3 +458,18 @@ def test_xla_policy_runs_without_the_lowering_package():
         text = jax.jit(lambda f, a: f(a)).lower(optimize_for_inference(model),
                                                 random_images(1, 32, 32)).as_text()
         assert all(t in text for t in cpu_kernel.TARGETS)
+
+
+def test_only_the_conv_layer_imports_the_lowering_package():
+    """``nn.lowering`` stays optional: outside it only ``nn.layers`` (lazily, on the CPU path)
+    and ``nn.policy`` (lazily, for the compiled kernel's capabilities) import it."""
+    package = pathlib.Path(resnext_flax.__file__).parent
+    importers = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.startswith("resnext_flax.nn.lowering") for n in names):
+                importers.add(path.relative_to(package).as_posix())
+    outside = {p for p in importers if not p.startswith("nn/lowering/")}
+    assert outside == {"nn/layers.py", "nn/policy.py"}, outside
