@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -38,6 +39,7 @@ import torch
 from flax import nnx
 
 import resnext_flax
+from resnext_flax.models import functional
 from resnext_flax.models.folding import optimize_for_inference
 from resnext_flax.nn.layers import with_conv_policy
 from resnext_flax.nn.policy import LOWERINGS, ConvPolicy
@@ -121,10 +123,7 @@ def jax_callables(
                 args = (optimize_for_inference(model, policy=policy), x)
             elif path == "model":
                 graphdef, state = nnx.split(with_conv_policy(model, policy))
-
-                def forward(state, images, graphdef=graphdef):
-                    return nnx.merge(graphdef, state)(images)
-
+                forward = functools.partial(functional.apply, graphdef)  # eval mode
                 args = (state, x)
             else:
                 raise ValueError(f"unknown JAX path {path!r}")

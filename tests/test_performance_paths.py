@@ -473,3 +473,28 @@ def test_only_the_conv_layer_imports_the_lowering_package():
                 importers.add(path.relative_to(package).as_posix())
     outside = {p for p in importers if not p.startswith("nn/lowering/")}
     assert outside == {"nn/layers.py", "nn/policy.py"}, outside
+
+
+def test_predictor_and_feature_extractor_take_a_policy():
+    """With a policy, Predictor and FeatureExtractor run the optimized model under it: the same
+    outputs as the model's, and under the pure-XLA policy none of the library's custom calls."""
+    from resnext_flax.inference import FeatureExtractor, Predictor
+
+    model = flax_model_from_torch("resnet18", torch_model("resnet18", seed=6))
+    x = random_images(2, 48, 48, seed=3)
+    plain = Predictor.from_model(model)(x)
+    for policy in (AUTO, XLA_POLICY):
+        predictor = Predictor.from_model(model, policy=policy)
+        got = predictor(x)
+        assert relative_error(got.logits, plain.logits) <= RTOL
+        np.testing.assert_array_equal(got.indices, plain.indices)
+        program = predictor._run.lower(predictor.variables, jnp.asarray(x)).as_text()
+        used = [t for t in cpu_kernel.TARGETS if t in program]
+        if policy == XLA_POLICY:
+            assert not used
+        elif jax.default_backend() == "cpu" and cpu_kernel.available():
+            assert used
+    expected = model.forward_features(x)
+    features = FeatureExtractor(model, ("layer4", "pre_logits"), policy=XLA_POLICY)(x)
+    for name, value in features.items():
+        assert relative_error(value, expected[name]) <= RTOL, name
