@@ -498,3 +498,27 @@ def test_predictor_and_feature_extractor_take_a_policy():
     features = FeatureExtractor(model, ("layer4", "pre_logits"), policy=XLA_POLICY)(x)
     for name, value in features.items():
         assert relative_error(value, expected[name]) <= RTOL, name
+
+
+def test_fusion_is_a_policy_choice():
+    """``optimize_for_inference`` fuses (inference blocks, the GEMM's epilogue, the residual
+    boundary) only under ``fuse=True``; without it the folded model keeps the plain blocks.
+    Both compute the model's logits."""
+    from resnext_flax.models.fused import FusedBottleneck
+
+    model = flax_model_from_torch("resnet50", torch_model("resnet50", seed=2))
+    x = random_images(1, 40, 40, seed=4)
+    expected = model(x)
+    fused = optimize_for_inference(model)
+    unfused = optimize_for_inference(model, policy=ConvPolicy(fuse=False))
+    assert isinstance(fused.module().layer2[1], FusedBottleneck)
+    assert type(unfused.module().layer2[1]) is type(model.layer2[1])
+    for folded in (fused, unfused):
+        assert relative_error(folded(x), expected) <= RTOL
+    text = jax.jit(lambda f, a: f(a)).lower(unfused, x).as_text()
+    assert "resnext_flax_pointwise_conv" not in text
+    assert "resnext_flax_fusion_boundary" not in text
+    if jax.default_backend() == "cpu" and cpu_kernel.available():
+        text = jax.jit(lambda f, a: f(a)).lower(fused, x).as_text()
+        assert text.count("resnext_flax_fusion_boundary") == 16  # one per block
+        assert "resnext_flax_pointwise_conv" in text
