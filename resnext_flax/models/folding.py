@@ -57,7 +57,7 @@ def _fold_pairs(module: nnx.Module) -> None:
 def fold_batchnorm(model: ResNet) -> ResNet:
     """A copy of `model` with every BatchNorm folded into the conv before it (eval-mode
     statistics); `model` itself is not changed. The result is an ordinary ``ResNet`` whose
-    outputs equal ``model.eval(); model(x)`` up to float rounding (relative ~1e-7 in float32).
+    outputs equal ``model.eval(); model(x)`` up to float rounding.
     Training-mode behaviour (batch statistics) is gone: fold again after further training.
     """
     folded = nnx.clone(model)
