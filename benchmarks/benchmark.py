@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -38,8 +39,10 @@ import torch
 from flax import nnx
 
 import resnext_flax
+from resnext_flax.models import functional
 from resnext_flax.models.folding import optimize_for_inference
-from resnext_flax.nn import cpu_kernels, ops
+from resnext_flax.nn.layers import with_conv_policy
+from resnext_flax.nn.policy import LOWERINGS, ConvPolicy
 
 # The test suite's reference models (random weights and BN statistics), shared, not copied.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -86,6 +89,14 @@ def peak_rss_delta(fn: Callable[[], Any], calls: int = 2) -> int:
     return max(peak[0], _rss()) - base
 
 
+def policy_from_spec(spec: str) -> ConvPolicy:
+    """``"auto"``, a lowering name, or ``"auto-winograd-ffi"`` (auto without those) as a
+    policy; a ``+nofuse`` suffix turns the inference fusion off."""
+    spec, fuse = (spec[:-len("+nofuse")], False) if spec.endswith("+nofuse") else (spec, True)
+    forced, *excluded = spec.split("-")
+    return ConvPolicy(lowering=forced, exclude=excluded, fuse=fuse)
+
+
 def jax_callables(
     name: str,
     tmodel: torch.nn.Module,
@@ -104,27 +115,19 @@ def jax_callables(
     for path in paths:
         for lowering in lowerings:
             t0 = time.perf_counter()
-            # "auto-winograd": auto without winograd; "auto@onednn": the compiled CPU kernels
-            # restricted to one backend (resnext_flax.nn.cpu_kernels).
-            spec, _, backend = lowering.partition("@")
-            forced, *excluded = spec.split("-")
-            with ops.conv_lowering(forced, exclude=excluded), \
-                    cpu_kernels.use_backend(backend or None):
-                if path == "folded":
-                    def forward(folded, images):
-                        return folded(images)
+            policy = policy_from_spec(lowering)
+            if path == "folded":
+                def forward(folded, images):
+                    return folded(images)
 
-                    args = (optimize_for_inference(model), x)
-                elif path == "model":
-                    graphdef, state = nnx.split(model)
-
-                    def forward(state, images, graphdef=graphdef):
-                        return nnx.merge(graphdef, state)(images)
-
-                    args = (state, x)
-                else:
-                    raise ValueError(f"unknown JAX path {path!r}")
-                compiled = jax.jit(forward).lower(*args).compile()
+                args = (optimize_for_inference(model, policy=policy), x)
+            elif path == "model":
+                graphdef, state = nnx.split(with_conv_policy(model, policy))
+                forward = functools.partial(functional.apply, graphdef)  # eval mode
+                args = (state, x)
+            else:
+                raise ValueError(f"unknown JAX path {path!r}")
+            compiled = jax.jit(forward).lower(*args).compile()
             seconds = time.perf_counter() - t0
             mem = compiled.memory_analysis()
             xla_bytes = 0
@@ -291,10 +294,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jax-paths", default="folded",
                    help="'folded' (optimize_for_inference) and/or 'model' (the NNX model)")
     p.add_argument("--conv-lowerings", default="auto",
-                   help="comma-separated resnext_flax.nn.ops.conv2d lowerings to time side by side "
-                   f"(choices: {', '.join(ops.LOWERINGS)}; default: auto, the library's choice; "
+                   help="comma-separated conv policies to time side by side (a lowering, "
+                   f"one of {', '.join(LOWERINGS)}; default: auto, the library's choice; "
                    "'auto-winograd' is the automatic choice without winograd, 'auto-ffi' without "
-                   "the compiled CPU kernels, 'auto@onednn' with only their oneDNN backend)")
+                   "the compiled CPU kernel; a '+nofuse' suffix: no inference fusion)")
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's own choice)")
@@ -313,6 +316,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.jax_paths = args.jax_paths.split(",")
     args.conv_lowerings = args.conv_lowerings.split(",")
+    for spec in args.conv_lowerings:  # bad names fail here, before any model is built
+        try:
+            policy_from_spec(spec)
+        except (TypeError, ValueError) as err:
+            p.error(f"--conv-lowerings {spec!r}: {err}")
     args.torch_threads = tuple(int(t) for t in args.torch_threads.split(",") if t)
     return args
 

@@ -1,14 +1,12 @@
 """Per-layer timing of one convolution (3x3, or 1x1 with ``--shapes pointwise``): the library's
-pure-XLA lowering, the compiled CPU kernels (resnext_flax.nn.cpu_kernels: oneDNN, the direct
-AVX2 kernel, whose 1x1 form is a GEMM) and torch channels_last.
+pure-XLA lowering (the automatic policy without the compiled kernel), the compiled CPU kernel
+(resnext_flax.nn.lowering.kernel: the direct AVX2 kernel, whose 1x1 form is a GEMM) and torch
+channels_last.
 
 All sides run in one process, interleaved one call each per round (so load from other
 processes hits them alike), fp32, medians over rounds after warm-up; outputs are checked
-against XLA's conv. Kernels are prepared once as for inference (``ops.prepare_kernel``:
+against XLA's conv. Kernels are prepared once as for inference (``prepare_kernel``:
 Winograd's tiles, the direct kernel's blocked layout), as ``optimize_for_inference`` runs them.
-For oneDNN it also reports the implementation it picked, the one-off primitive creation time
-and the per-call weight reorder time (inside its column's time), and optionally a column with
-the weight cache on.
 
 Example (the ResNeXt grouped-conv shapes at batch 8 and 1):
     python benchmarks/conv_kernels.py --batch-sizes 8,1
@@ -28,7 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from resnext_flax.nn import cpu_kernels, ops
+from resnext_flax.nn.lowering import conv as conv_ops
+from resnext_flax.nn.lowering import kernel
+from resnext_flax.nn.ops import conv_xla
+from resnext_flax.nn.policy import ConvPolicy
 
 # (name, h=w, channels, groups, stride) of ResNeXt / ResNet 3x3 convs (input size, NHWC).
 GROUPED = [
@@ -89,34 +90,21 @@ def measure(batch: int, h: int, cin: int, cout: int, size: int, groups: int, str
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, h, h, cin)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((size, size, cin // groups, cout)) * 0.05, jnp.float32)
-    # Compiled inside each context: the lowering and backend are chosen at trace time.
-    with ops.conv_lowering("auto", exclude=("ffi",)):
-        lowering = ops.select_lowering(k.shape, groups=groups, stride=stride)
-        prepared = ops.prepare_kernel(k, stride=stride, groups=groups)
-        lowered = jax.jit(lambda x, k, p: ops.conv2d(
-            x, k, stride=stride, padding=padding, groups=groups, prepared=p))
-        compiled = lowered.lower(x, k, prepared).compile()
-        fns = {"lowering": lambda x, k, f=compiled: f(x, k, prepared)}
-    for backend in cpu_kernels.BACKENDS:
-        if cpu_kernels.available(backend):
-            with cpu_kernels.use_backend(backend):
-                if cpu_kernels.supports(x.shape, k.shape, stride, padding, groups, jnp.float32):
-                    blocked = cpu_kernels.block_kernel(k, groups) if backend == "direct" else None
-                    compiled = jax.jit(lambda x, k, b: cpu_kernels.conv2d(
-                        x, k, stride=stride, padding=padding, groups=groups,
-                        blocked=b)).lower(x, k, blocked).compile()
-                    assert f"resnext_flax_{backend}_conv" in compiled.as_text(), backend
-                    fns[backend] = lambda x, k, f=compiled, b=blocked: f(x, k, b)
+    policy = ConvPolicy(exclude={"ffi"})
+    lowering = policy.choose(x.shape, k.shape, stride=stride, padding=padding, groups=groups)
+    prepared = conv_ops.prepare_kernel(k, stride=stride, groups=groups, policy=policy)
+    lowered = jax.jit(lambda x, k, p: conv_ops.conv2d(
+        x, k, stride=stride, padding=padding, groups=groups, policy=policy, prepared=p))
+    compiled = lowered.lower(x, k, prepared).compile()
+    fns = {"lowering": lambda x, k, f=compiled: f(x, k, prepared)}
+    if kernel.supports(x.shape, k.shape, stride, padding, groups, jnp.float32):
+        blocked = kernel.block_kernel(k, groups)
+        compiled = jax.jit(lambda x, k, b: kernel.conv2d(
+            x, k, stride=stride, padding=padding, groups=groups,
+            blocked=b)).lower(x, k, blocked).compile()
+        assert "resnext_flax_direct_conv" in compiled.as_text()
+        fns["direct"] = lambda x, k, f=compiled, b=blocked: f(x, k, b)
     calls = {name: (lambda f=f: f(x, k).block_until_ready()) for name, f in fns.items()}
-    if "onednn" in fns and args.weight_cache:
-        # The same compiled call with the weight cache switched on around it (a run-time
-        # switch of the kernel).
-        def cached_call(f=fns["onednn"]):
-            cpu_kernels._configure_onednn(weight_cache=True)
-            f(x, k).block_until_ready()
-            cpu_kernels._configure_onednn(weight_cache=False)
-
-        calls["onednn+wcache"] = cached_call
     tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).contiguous(
         memory_format=torch.channels_last)
     tw = torch.from_numpy(np.asarray(k).transpose(3, 2, 0, 1).copy())
@@ -127,25 +115,10 @@ def measure(batch: int, h: int, cin: int, cout: int, size: int, groups: int, str
                                               groups=groups)
 
     calls["torch_cl"] = torch_call
-    reference = np.asarray(cpu_kernels.xla_conv(x, k, stride, padding, groups))
+    reference = np.asarray(conv_xla(x, k, stride, padding, groups))
     scale = np.abs(reference).max()
     errors = {name: float(np.abs(np.asarray(f(x, k)) - reference).max() / scale)
               for name, f in fns.items()}
-    info = {}
-    if "onednn" in fns:
-        info["impl"] = cpu_kernels._onednn_impl(x.shape, k.shape, stride, padding, groups)
-        # primitive creation (cache cleared) and the per-call weight reorder, from counters
-        lib = cpu_kernels._load().onednn
-        cpu_kernels._configure_onednn(timing=True)
-        cpu_kernels._onednn_stats()
-        lib.resnext_onednn_clear()
-        calls["onednn"]()
-        info["create_ms"] = cpu_kernels._onednn_stats()["create_s"] * 1e3
-        for _ in range(5):
-            calls["onednn"]()
-        stats = cpu_kernels._onednn_stats()
-        info["reorder_ms"] = stats["reorder_s"] / max(stats["calls"], 1) * 1e3
-        cpu_kernels._configure_onednn(timing=False)
     for f in calls.values():
         for _ in range(args.warmup):
             f()
@@ -156,7 +129,7 @@ def measure(batch: int, h: int, cin: int, cout: int, size: int, groups: int, str
             f()
             times[name].append(time.perf_counter() - t0)
     medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    return {"lowering": lowering, "ms": medians, "errors": errors, **info}
+    return {"lowering": lowering, "ms": medians, "errors": errors}
 
 
 def main() -> None:
@@ -166,8 +139,6 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="8,1")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--weight-cache", action="store_true",
-                   help="also time oneDNN with its weight cache on")
     p.add_argument("--only", default="", help="comma-separated substrings of layer names")
     args = p.parse_args()
     shapes = []  # (name, h, cin, cout, kernel size, groups, stride, padding)
@@ -183,13 +154,11 @@ def main() -> None:
         shapes = [s for s in shapes if any(o in s[0] for o in args.only.split(","))]
     print(f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}; "
-          f"kernels: {cpu_kernels._load().backends}")
-    cols = ["lowering", "onednn", "direct", "torch_cl"] + (
-        ["onednn+wcache"] if args.weight_cache else [])
+          f"compiled kernel: {kernel.available() or kernel.unavailable_reasons()}")
+    cols = ["lowering", "direct", "torch_cl"]
     print(f"| layer | input (NHWC) | d | stride | {' | '.join(cols)} | lowering / direct | "
-          "torch / direct | oneDNN impl | create ms | reorder ms |")
-    print("|" + "---|" * (len(cols) + 9))
+          "torch / direct |")
+    print("|" + "---|" * (len(cols) + 6))
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for name, h, cin, cout, size, groups, stride, padding in shapes:
             r = measure(batch, h, cin, cout, size, groups, stride, padding, args)
@@ -201,9 +170,7 @@ def main() -> None:
             ratios = [f"{ms[a] / ms['direct']:.2f}" if "direct" in ms else ""
                       for a in ("lowering", "torch_cl")]
             print(f"| {name} | {batch}x{h}x{h}x{cin} | {cin // groups} | {stride} | "
-                  f"{' | '.join(cells)} | {' | '.join(ratios)} | "
-                  f"{r.get('impl', '')} | {r.get('create_ms', 0):.1f} | "
-                  f"{r.get('reorder_ms', 0):.2f} |", flush=True)
+                  f"{' | '.join(cells)} | {' | '.join(ratios)} |", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 import resnext_flax
 from resnext_flax.models.folding import optimize_for_inference
-from resnext_flax.nn import ops
+from resnext_flax.nn.policy import LOWERINGS, ConvPolicy
 
 _DEFINITION = re.compile(r"\s*(?:ROOT )?%(\S+) = (\S+) ")
 
@@ -64,16 +64,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calls", type=int, default=3, help="profiled calls (times are per call)")
     p.add_argument("--top", type=int, default=25, help="groups to print")
     p.add_argument("--exclude", default="", help="lowerings to take out of the automatic "
-                   f"choice, comma-separated ({', '.join(ops.LOWERINGS[1:])})")
+                   f"choice, comma-separated ({', '.join(LOWERINGS[1:])})")
     args = p.parse_args(argv)
 
     model = resnext_flax.create_model(args.model)
     model.eval()
-    folded = optimize_for_inference(model)
+    policy = ConvPolicy(exclude=[e for e in args.exclude.split(",") if e])
+    folded = optimize_for_inference(model, policy=policy)
     images = np.random.default_rng(0).standard_normal(
         (args.batch, args.size, args.size, 3)).astype(np.float32)
-    with ops.conv_lowering("auto", exclude=[e for e in args.exclude.split(",") if e]):
-        compiled = jax.jit(lambda f, x: f(x)).lower(folded, images).compile()
+    compiled = jax.jit(lambda f, x: f(x)).lower(folded, images).compile()
     for _ in range(2):
         compiled(folded, images).block_until_ready()
     with tempfile.TemporaryDirectory() as trace_dir:

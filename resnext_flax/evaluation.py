@@ -35,6 +35,7 @@ from resnext_flax.datasets import (
     load_dataset,
     to_imagenet_labels,
 )
+from resnext_flax.models import functional
 from resnext_flax.models.functional import CompiledModel
 from resnext_flax.pipeline import LoaderOptions, SkipReport, eval_loader
 from resnext_flax.preprocess import preprocessing_config
@@ -103,9 +104,7 @@ def _sharded_outputs(mesh: Mesh, top_k: int) -> Any:
     models share the compilation."""
 
     def per_device(model: CompiledModel, images: jax.Array, labels: jax.Array):
-        module = model.module()
-        module.eval()
-        logits = module(images)
+        logits = functional.apply(model.graphdef, model.state, images)
         logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         return loss, jax.lax.top_k(logits, top_k)[1]

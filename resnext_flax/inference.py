@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from resnext_flax.models.folding import optimize_for_inference
 from resnext_flax.models.functional import pure_forward
 from resnext_flax.models.resnet import FEATURE_NAMES, ResNet, check_input
+from resnext_flax.nn.policy import ConvPolicy
 from resnext_flax.preprocess import ImageInput, image_list, preprocess, preprocessing_config
 from resnext_flax.weights.catalog import Preprocessing, WeightSet, resolve_weights
 from resnext_flax.weights.checkpoint import read_checkpoint_labels
@@ -112,10 +114,12 @@ class Predictor:
         preprocessing: Preprocessing | WeightSet | None = None,
         top_k: int = 5,
         batch_size: int = 16,
+        policy: ConvPolicy | None = None,
     ) -> Predictor:
         """A predictor over `model`'s current weights, run in eval mode (BatchNorm on running
-        statistics); the model object is not modified."""
-        fn, state = pure_forward(model)
+        statistics); the model object is not modified. With a `policy`, the predictor runs
+        ``optimize_for_inference(model, policy=policy)`` instead (BatchNorm folded, fused)."""
+        fn, state = pure_forward(_optimized(model, policy))
         return cls(fn, state, categories=categories, preprocessing=preprocessing,
                    top_k=top_k, batch_size=batch_size)
 
@@ -130,6 +134,7 @@ class Predictor:
         progress: bool = True,
         top_k: int = 5,
         batch_size: int = 16,
+        policy: ConvPolicy | None = None,
     ) -> Predictor:
         """A predictor for torchvision's pretrained `name` with its weight set's preprocessing
         and category names (see :func:`resnext_flax.from_pretrained`). A fine-tuned
@@ -142,7 +147,7 @@ class Predictor:
         categories = classes if classes is not None else (
             ws.categories if model.num_classes == len(ws.categories) else None)
         return cls.from_model(model, categories=categories, preprocessing=recorded or ws,
-                              top_k=top_k, batch_size=batch_size)
+                              top_k=top_k, batch_size=batch_size, policy=policy)
 
     def _label(self, index: int) -> str:
         if self.categories is not None and index < len(self.categories):
@@ -190,16 +195,18 @@ class FeatureExtractor:
     - `model`: a :class:`~resnext_flax.ResNet` (e.g. from ``from_pretrained``).
     - `names`: which of ``FEATURE_NAMES`` to return (``"stem"``, ``"layer1"``..``"layer4"``
       NHWC maps; ``"pre_logits"``, the pooled (N, num_features) embedding).
+    - `policy`: run ``optimize_for_inference(model, policy=policy)`` instead of `model` as is.
     """
 
-    def __init__(self, model: ResNet, names: Sequence[str] = ("pre_logits",)):
+    def __init__(self, model: ResNet, names: Sequence[str] = ("pre_logits",), *,
+                 policy: ConvPolicy | None = None):
         unknown = [n for n in names if n not in FEATURE_NAMES]
         if unknown or not names:
             raise ValueError(
                 f"unknown feature names {unknown}; choose from {', '.join(FEATURE_NAMES)}"
             )
         self.names = tuple(names)
-        fn, self.variables = pure_forward(model, "forward_features")
+        fn, self.variables = pure_forward(_optimized(model, policy), "forward_features")
 
         def run(variables: Any, images: jax.Array) -> dict[str, jax.Array]:
             features = fn(variables, images)
@@ -217,3 +224,8 @@ class FeatureExtractor:
         if "pre_logits" not in self.names:
             raise ValueError("this extractor was built without 'pre_logits' in names")
         return self(images)["pre_logits"]
+
+
+def _optimized(model: nnx.Module, policy: ConvPolicy | None) -> nnx.Module:
+    """`model`, or its inference-optimized module under `policy`."""
+    return model if policy is None else optimize_for_inference(model, policy=policy).module()

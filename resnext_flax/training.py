@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from resnext_flax.models import functional
 from resnext_flax.nn.layers import BatchNorm
 
 Params = dict[str, Any]
@@ -257,7 +258,7 @@ def eval_step_fn(
 
 def predict_fn(state: TrainState, images: jax.Array) -> jax.Array:
     """Eval-mode logits (running BatchNorm statistics); pure, for jit or shard_map."""
-    return state.model()(images)
+    return functional.apply(state.graphdef, (state.params, state.batch_stats), images)
 
 
 @functools.cache

@@ -190,8 +190,8 @@ def _child_devices() -> dict:
     from flax import nnx
 
     from resnext_flax import parallel, training
-    from resnext_flax.nn import ops
     from resnext_flax.nn.layers import Conv
+    from resnext_flax.nn.policy import XLA_POLICY
 
     jax.config.update("jax_enable_x64", True)
     mesh = parallel.data_mesh()
@@ -236,7 +236,7 @@ def _child_devices() -> dict:
     # A ResNeXt-50 stage-2 grouped 3x3 conv (32 groups of 4) and a dense one, under batch
     # sharding (GSPMD) and per device (shard_map), lowered as XLA's native convolution.
     def conv_collectives(groups: int, use_shard_map: bool) -> dict:
-        conv = Conv(128, 128, 3, padding=1, groups=groups, rngs=nnx.Rngs(0))
+        conv = Conv(128, 128, 3, padding=1, groups=groups, policy=XLA_POLICY, rngs=nnx.Rngs(0))
         graphdef, params = nnx.split(conv)
 
         def f(params, images):
@@ -247,8 +247,7 @@ def _child_devices() -> dict:
 
             f = jax.shard_map(f, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))
         images = parallel.shard_batch(mesh, jnp.zeros((8, 16, 16, 128), jnp.float32))
-        with ops.conv_lowering("xla"):
-            return parallel.collectives(jax.jit(f), parallel.replicate(mesh, params), images)
+        return parallel.collectives(jax.jit(f), parallel.replicate(mesh, params), images)
 
     try:
         parallel.shard_batch(mesh, np.zeros((7, 2), np.float32))

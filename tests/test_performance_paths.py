@@ -4,8 +4,14 @@ torchvision."""
 
 from __future__ import annotations
 
+import ast
 import collections
 import functools
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +27,18 @@ from torch_reference import (
     torch_model,
 )
 
+import resnext_flax
 from resnext_flax.models.folding import FoldedResNet, fold_batchnorm, optimize_for_inference
-from resnext_flax.nn import cpu_kernels, ops, winograd
-from resnext_flax.nn.layers import BatchNorm
+from resnext_flax.models.functional import apply_jit
+from resnext_flax.nn.layers import BatchNorm, Conv, with_conv_policy
+from resnext_flax.nn.lowering import conv as conv_ops
+from resnext_flax.nn.lowering import kernel as cpu_kernel
+from resnext_flax.nn.lowering import winograd
+from resnext_flax.nn.policy import XLA_POLICY, ConvPolicy
+
+AUTO = ConvPolicy()
+NO_FFI = ConvPolicy(exclude={"ffi"})
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RTOL = 1e-5
 # One convolution: the lowerings differ from XLA's conv by float32 rounding only (measured
@@ -81,8 +96,8 @@ def test_winograd_block_diagonal_chunks_match_xla(monkeypatch, chunk_width, h, w
     monkeypatch.setattr(winograd, "CHUNK_WIDTH", chunk_width)
     x, kernel = _case(2, h, w, c, c, 3, groups, seed=3)
     expected = _reference_conv(x, kernel, 1, padding, groups)
-    actual = jax.jit(lambda a, b: ops.conv2d(a, b, padding=padding, groups=groups,
-                                             lowering="winograd"))(x, kernel)
+    actual = jax.jit(lambda a, b: conv_ops.conv2d(a, b, padding=padding, groups=groups,
+                                             policy=ConvPolicy(lowering="winograd")))(x, kernel)
     assert actual.shape == expected.shape
     assert relative_error(actual, expected) <= _bound(x, kernel, 1, padding, groups)
 
@@ -92,8 +107,8 @@ def test_winograd_block_diagonal_chunks_match_xla(monkeypatch, chunk_width, h, w
 def test_grouped_lowering_matches_xla(lowering, batch, h, w, c, groups, stride):
     x, kernel = _case(batch, h, w, c, c, 3, groups)
     expected = _reference_conv(x, kernel, stride, 1, groups)
-    conv = jax.jit(lambda a, b: ops.conv2d(a, b, stride=stride, padding=1, groups=groups,
-                                           lowering=lowering))
+    conv = jax.jit(lambda a, b: conv_ops.conv2d(a, b, stride=stride, padding=1, groups=groups,
+                                           policy=ConvPolicy(lowering=lowering)))
     actual = conv(x, kernel)
     assert actual.shape == expected.shape
     assert relative_error(actual, expected) <= _bound(x, kernel, stride, 1, groups)
@@ -113,13 +128,13 @@ DENSE = [
 ]
 
 
-@pytest.mark.parametrize("lowering", ["matmul", "im2col", "winograd", "auto"])
+@pytest.mark.parametrize("lowering", ["matmul", "winograd", "auto"])
 @pytest.mark.parametrize(("batch", "h", "w", "cin", "cout", "k", "stride", "padding"), DENSE)
 def test_dense_lowering_matches_xla(lowering, batch, h, w, cin, cout, k, stride, padding):
     x, kernel = _case(batch, h, w, cin, cout, k, 1)
     expected = _reference_conv(x, kernel, stride, padding, 1)
-    conv = jax.jit(lambda a, b: ops.conv2d(a, b, stride=stride, padding=padding,
-                                           lowering=lowering))
+    conv = jax.jit(lambda a, b: conv_ops.conv2d(a, b, stride=stride, padding=padding,
+                                           policy=ConvPolicy(lowering=lowering)))
     actual = conv(x, kernel)
     assert actual.shape == expected.shape
     assert relative_error(actual, expected) <= _bound(x, kernel, stride, padding, 1)
@@ -132,38 +147,36 @@ def _primitives(fn, *args) -> set[str]:
 def test_auto_lowering_is_chosen_by_backend_and_shape():
     # The compiled CPU kernel comes first for grouped 3x3 convs where it loaded
     # (tests/test_cpu_kernels.py); the pure-XLA choices behind it:
-    ffi = "ffi" if cpu_kernels.available() else None
-    assert ops.select_lowering((3, 3, 4, 128), groups=32, backend="cpu") == (ffi or "shifted_taps")
-    assert ops.select_lowering((3, 3, 16, 512), groups=32, backend="cpu") == (ffi or "winograd")
-    with ops.conv_lowering("auto", exclude=["ffi"]):
-        assert ops.select_lowering((3, 3, 4, 128), groups=32, backend="cpu") == "shifted_taps"
-        assert ops.select_lowering((3, 3, 8, 256), groups=32, backend="cpu") == "shifted_taps"
-        assert ops.select_lowering((3, 3, 16, 512), groups=32, backend="cpu") == "winograd"
-        assert ops.select_lowering((3, 3, 16, 512), groups=32, stride=2,
-                                   backend="cpu") == "group_chunks"
-        assert ops.select_lowering((3, 3, 16, 128), groups=8, stride=2, backend="cpu") == "xla"
+    ffi = "ffi" if cpu_kernel.available() else None
+    assert AUTO.select((3, 3, 4, 128), groups=32, backend="cpu") == (ffi or "shifted_taps")
+    assert AUTO.select((3, 3, 16, 512), groups=32, backend="cpu") == (ffi or "winograd")
+    assert NO_FFI.select((3, 3, 4, 128), groups=32, backend="cpu") == "shifted_taps"
+    assert NO_FFI.select((3, 3, 8, 256), groups=32, backend="cpu") == "shifted_taps"
+    assert NO_FFI.select((3, 3, 16, 512), groups=32, backend="cpu") == "winograd"
+    assert NO_FFI.select((3, 3, 16, 512), groups=32, stride=2, backend="cpu") == "group_chunks"
+    assert NO_FFI.select((3, 3, 16, 128), groups=8, stride=2, backend="cpu") == "xla"
     # Dense 3x3 convs: the compiled kernel first (it takes stride 2 and small maps), then
     # Winograd at stride 1, XLA's native conv at stride 2. 1x1 convs: the kernel's GEMM,
     # then XLA's matmul.
-    dense_ffi = "ffi" if cpu_kernels.available("direct") else None
-    assert ops.select_lowering((1, 1, 256, 64), backend="cpu") == (dense_ffi or "matmul")
-    assert ops.select_lowering((3, 3, 64, 64), backend="cpu") == (dense_ffi or "winograd")
-    assert ops.select_lowering((3, 3, 64, 64), stride=2, backend="cpu") == (dense_ffi or "xla")
-    with ops.conv_lowering("auto", exclude=["ffi"]):
-        assert ops.select_lowering((3, 3, 64, 64), backend="cpu") == "winograd"
-        assert ops.select_lowering((3, 3, 64, 64), stride=2, backend="cpu") == "xla"
-        assert ops.select_lowering((1, 1, 256, 64), backend="cpu") == "matmul"
-    assert ops.select_lowering((7, 7, 3, 64), stride=2, backend="cpu") == "xla"
+    dense_ffi = "ffi" if cpu_kernel.available() else None
+    assert AUTO.select((1, 1, 256, 64), backend="cpu") == (dense_ffi or "matmul")
+    assert AUTO.select((3, 3, 64, 64), backend="cpu") == (dense_ffi or "winograd")
+    assert AUTO.select((3, 3, 64, 64), stride=2, backend="cpu") == (dense_ffi or "xla")
+    assert NO_FFI.select((3, 3, 64, 64), backend="cpu") == "winograd"
+    assert NO_FFI.select((3, 3, 64, 64), stride=2, backend="cpu") == "xla"
+    assert NO_FFI.select((1, 1, 256, 64), backend="cpu") == "matmul"
+    assert AUTO.select((7, 7, 3, 64), stride=2, backend="cpu") == "xla"
     for backend in ("gpu", "tpu"):
-        assert ops.select_lowering((3, 3, 4, 128), groups=32, backend=backend) == "xla"
-        assert ops.select_lowering((1, 1, 256, 64), backend=backend) == "xla"
-        assert ops.select_lowering((3, 3, 64, 64), backend=backend) == "xla"
+        assert AUTO.select((3, 3, 4, 128), groups=32, backend=backend) == "xla"
+        assert AUTO.select((1, 1, 256, 64), backend=backend) == "xla"
+        assert AUTO.select((3, 3, 64, 64), backend=backend) == "xla"
     if jax.default_backend() == "cpu":  # the choice really reaches the traced program
         x, kernel = _case(1, 8, 8, 128, 128, 3, 32)
-        prims = _primitives(lambda a, b: ops.conv2d(a, b, padding=1, groups=32), x, kernel)
+        prims = _primitives(lambda a, b: conv_ops.conv2d(a, b, padding=1, groups=32), x, kernel)
         assert "conv_general_dilated" not in prims
-        with ops.conv_lowering("xla"):
-            prims = _primitives(lambda a, b: ops.conv2d(a, b, padding=1, groups=32), x, kernel)
+        prims = _primitives(lambda a, b: conv_ops.conv2d(a, b, padding=1, groups=32,
+                                                         policy=ConvPolicy(lowering="xla")),
+                            x, kernel)
         assert "conv_general_dilated" in prims
 
 
@@ -171,35 +184,34 @@ def test_auto_lowering_is_chosen_by_backend_and_shape():
 def test_winograd_is_differentiated_as_the_direct_conv(groups):
     """Evaluation runs Winograd; gradients (training) go through the direct conv."""
     x, kernel = _case(2, 9, 7, 512, 512, 3, groups, seed=5)
-    conv = functools.partial(ops.conv2d, padding=1, groups=groups)
-    with ops.conv_lowering("winograd"):
-        program = jax.jit(conv).lower(x, kernel).as_text()
-        grads = jax.grad(lambda a, b: jnp.sum(jnp.sin(conv(a, b))), argnums=(0, 1))(x, kernel)
+    conv = functools.partial(conv_ops.conv2d, padding=1, groups=groups,
+                             policy=ConvPolicy(lowering="winograd"))
+    program = jax.jit(conv).lower(x, kernel).as_text()
+    grads = jax.grad(lambda a, b: jnp.sum(jnp.sin(conv(a, b))), argnums=(0, 1))(x, kernel)
     assert "convolution" not in program and "dot_general" in program
-    with ops.conv_lowering("group_chunks" if groups > 1 else "xla"):
-        expected = jax.grad(lambda a, b: jnp.sum(jnp.sin(conv(a, b))), argnums=(0, 1))(x, kernel)
+    direct = functools.partial(conv_ops.conv2d, padding=1, groups=groups, policy=ConvPolicy(
+        lowering="group_chunks" if groups > 1 else "xla"))
+    expected = jax.grad(lambda a, b: jnp.sum(jnp.sin(direct(a, b))), argnums=(0, 1))(x, kernel)
     for got, want in zip(grads, expected, strict=True):
         np.testing.assert_array_equal(got, want)
 
 
 def test_excluded_lowerings_fall_back_to_the_next_preference():
-    with ops.conv_lowering("auto", exclude=["winograd", "ffi"]):
-        assert ops.select_lowering((3, 3, 64, 64), backend="cpu") == "xla"
-        assert ops.select_lowering((3, 3, 16, 512), groups=32, backend="cpu") == "group_chunks"
-        assert ops.select_lowering((1, 1, 64, 64), backend="cpu") == "matmul"
-    with ops.conv_lowering("auto", exclude=["ffi"]):
-        assert ops.select_lowering((3, 3, 64, 64), backend="cpu") == "winograd"
-    with (pytest.raises(ValueError, match="unknown conv lowering 'wino'"),
-          ops.conv_lowering("auto", exclude=["wino"])):
-        pass
+    direct = ConvPolicy(exclude={"winograd", "ffi"})
+    assert direct.select((3, 3, 64, 64), backend="cpu") == "xla"
+    assert direct.select((3, 3, 16, 512), groups=32, backend="cpu") == "group_chunks"
+    assert direct.select((1, 1, 64, 64), backend="cpu") == "matmul"
+    assert NO_FFI.select((3, 3, 64, 64), backend="cpu") == "winograd"
+    with pytest.raises(ValueError, match="unknown conv lowering 'wino'"):
+        ConvPolicy(exclude=["wino"])
 
 
 def test_unknown_lowering_is_rejected():
     x, kernel = _case(1, 4, 4, 8, 8, 3, 1)
     with pytest.raises(ValueError, match="unknown conv lowering"):
-        ops.conv2d(x, kernel, lowering="fft")
-    with pytest.raises(ValueError, match="unknown conv lowering"), ops.conv_lowering("fft"):
-        pass
+        conv_ops.conv2d(x, kernel, policy=ConvPolicy(lowering="fft"))
+    with pytest.raises(ValueError, match="unknown conv lowering"):
+        ConvPolicy(lowering="fft")
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
@@ -248,22 +260,26 @@ def test_folded_model_checks_its_input():
 
 
 def test_folded_model_is_traced_again_under_another_lowering():
-    """The folded model's cached jit follows ``conv_lowering``: a program traced under one
-    setting is not reused under another (A/B benchmarks in one process depend on it)."""
-    folded = optimize_for_inference(flax_model_from_torch("resnet18", torch_model("resnet18")))
+    """The folded model's cached jit follows its convs' policy: a program traced under one
+    policy is not reused under another (A/B benchmarks in one process depend on it)."""
+    model = flax_model_from_torch("resnet18", torch_model("resnet18"))
+    folded = optimize_for_inference(model)
+    native_folded = optimize_for_inference(model, policy=ConvPolicy(lowering="xla"))
     x = jnp.zeros((1, 32, 32, 3), jnp.float32)
 
-    def convolutions() -> int:
-        return jax.make_jaxpr(lambda f, a: f(a))(folded, x).pretty_print().count(
+    def convolutions(f) -> int:
+        return jax.make_jaxpr(lambda f, a: f(a))(f, x).pretty_print().count(
             "conv_general_dilated")
 
-    automatic = convolutions()
-    with ops.conv_lowering("xla"):
-        native = convolutions()
+    automatic = convolutions(folded)
+    native = convolutions(native_folded)
     assert native == 20  # every conv of resnet18 as XLA's own
     if jax.default_backend() == "cpu":
         assert automatic < native  # 1x1 convs as matmuls, 3x3 stride-1 convs as Winograd
-    assert convolutions() == automatic
+    assert convolutions(folded) == automatic
+    # The same jitted apply, called on both: each gets its own program.
+    np.testing.assert_allclose(folded(x), native_folded(x), rtol=RTOL, atol=1e-6)
+    assert convolutions(native_folded) == native
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="Winograd is a CPU lowering")
@@ -271,43 +287,40 @@ def test_prepared_winograd_kernels_compute_the_same_conv():
     """A kernel transformed once (inference) gives the conv of the in-program transform; it is
     ignored where another lowering runs, and derivatives stay those of the direct conv."""
     x, kernel = _case(2, 9, 7, 64, 64, 3, 1, seed=7)
-    with ops.conv_lowering("winograd"):
-        prepared = ops.prepare_kernel(kernel, groups=1)
+    winograd_policy = ConvPolicy(lowering="winograd")
+    prepared = conv_ops.prepare_kernel(kernel, groups=1, policy=winograd_policy)
     assert set(prepared) == {"winograd"} and len(prepared["winograd"]) == 16
     transformed = prepared["winograd"]
-    conv = functools.partial(ops.conv2d, padding=1)
-    with ops.conv_lowering("winograd"):
-        expected = conv(x, kernel)
-        got = conv(x, kernel, prepared=prepared)
-        # The prepared tiles are the matmul operands: the kernel itself is not read.
-        nan_kernel = jnp.full_like(kernel, jnp.nan)
-        without_kernel = jax.jit(lambda a, k, t: conv(a, k, prepared={"winograd": t}))(
-            x, nan_kernel, transformed)
+    conv = functools.partial(conv_ops.conv2d, padding=1, policy=winograd_policy)
+    expected = conv(x, kernel)
+    got = conv(x, kernel, prepared=prepared)
+    # The prepared tiles are the matmul operands: the kernel itself is not read.
+    nan_kernel = jnp.full_like(kernel, jnp.nan)
+    without_kernel = jax.jit(lambda a, k, t: conv(a, k, prepared={"winograd": t}))(
+        x, nan_kernel, transformed)
     assert relative_error(got, expected) <= RTOL
     np.testing.assert_array_equal(without_kernel, got)
     # Under another lowering the prepared kernel is not used (here: a garbage one).
     garbage = {"winograd": tuple(jnp.full_like(t, jnp.nan) for t in transformed)}
-    with ops.conv_lowering("xla"):
-        assert np.isfinite(np.asarray(conv(x, kernel, prepared=garbage))).all()
+    assert np.isfinite(np.asarray(conv(x, kernel, prepared=garbage,
+                                       policy=ConvPolicy(lowering="xla")))).all()
     # Gradients: the direct conv's, whatever was prepared.
     def loss(k, prepared):
         return jnp.sum(jnp.sin(conv(x, k, prepared=prepared)))
 
-    with ops.conv_lowering("winograd"):
-        grad_prepared = jax.grad(loss)(kernel, prepared)
-        grad_plain = jax.grad(loss)(kernel, None)
+    grad_prepared = jax.grad(loss)(kernel, prepared)
+    grad_plain = jax.grad(loss)(kernel, None)
     np.testing.assert_array_equal(grad_prepared, grad_plain)
     with pytest.raises(ValueError, match="expected 16 arrays"):
         winograd.conv_winograd(x, kernel, 1, 1, transformed[:15])
     # Float32 kernels only; XLA's matmuls (1x1) and convs (stride 2) have nothing to prepare.
-    assert ops.prepare_kernel(kernel.astype(jnp.bfloat16)) is None
-    with ops.conv_lowering("auto", exclude=["ffi"]):
-        assert ops.prepare_kernel(jnp.zeros((1, 1, 64, 64))) is None
-        assert ops.prepare_kernel(kernel, stride=2) is None
+    assert conv_ops.prepare_kernel(kernel.astype(jnp.bfloat16)) is None
+    assert conv_ops.prepare_kernel(jnp.zeros((1, 1, 64, 64)), policy=NO_FFI) is None
+    assert conv_ops.prepare_kernel(kernel, stride=2, policy=NO_FFI) is None
 
 
-@pytest.mark.skipif(not cpu_kernels.available("direct"), reason="the compiled CPU kernel "
-                    f"is not loaded: {cpu_kernels.unavailable_reasons()}")
+@pytest.mark.skipif(not cpu_kernel.available(), reason="the compiled CPU kernel "
+                    f"is not loaded: {cpu_kernel.unavailable_reasons()}")
 @pytest.mark.parametrize("size, stride, groups",
                          [(3, 1, 1), (3, 2, 1), (3, 1, 32), (1, 1, 1), (1, 2, 1)])
 def test_prepared_blocked_kernels_compute_the_same_conv(size, stride, groups):
@@ -316,10 +329,10 @@ def test_prepared_blocked_kernels_compute_the_same_conv(size, stride, groups):
     direct conv's. A dense 3x3 stride-1 kernel also gets Winograd's tiles, for the larger maps
     the compiled kernel leaves to Winograd; a 1x1 kernel only the GEMM's panels."""
     x, kernel = _case(1, 7, 7, 128, 128, size, groups, seed=8)
-    prepared = ops.prepare_kernel(kernel, stride=stride, groups=groups)
+    prepared = conv_ops.prepare_kernel(kernel, stride=stride, groups=groups)
     expected_forms = {"ffi", "winograd"} if (size, stride, groups) == (3, 1, 1) else {"ffi"}
     assert set(prepared) == expected_forms
-    conv = functools.partial(ops.conv2d, stride=stride, padding=size // 2, groups=groups)
+    conv = functools.partial(conv_ops.conv2d, stride=stride, padding=size // 2, groups=groups)
     plain = jax.jit(conv)(x, kernel)
     assert "resnext_flax_direct_conv" in jax.jit(conv).lower(x, kernel).as_text()
     nan_kernel = jnp.full_like(kernel, jnp.nan)
@@ -341,7 +354,7 @@ def test_optimized_model_prepares_kernels_once():
     # 3 stride-2 3x3 convs and the 3 1x1 (downsample) convs also get its weight layout.
     if jax.default_backend() != "cpu":
         assert not prepared
-    elif cpu_kernels.available("direct"):
+    elif cpu_kernel.available():
         assert prepared == {("ffi", "winograd"): 13, ("ffi",): 6}
     else:
         assert prepared == {("winograd",): 13}
@@ -350,7 +363,7 @@ def test_optimized_model_prepares_kernels_once():
     assert relative_error(folded(x), plain(x)) <= RTOL
     # The 3 downsample 1x1 convs (+ folded bias) run in the kernel's GEMM with its epilogue.
     program = jax.jit(lambda f, a: f(a)).lower(folded, x).as_text()
-    fused = 3 if jax.default_backend() == "cpu" and cpu_kernels.available("direct") else 0
+    fused = 3 if jax.default_backend() == "cpu" and cpu_kernel.available() else 0
     assert program.count("resnext_flax_pointwise_conv") == fused
 
 
@@ -371,3 +384,141 @@ def test_benchmark_script_runs_and_agrees(tmp_path):
     jax_result = case["results"]["jax_folded"]
     assert jax_result["rel_err_vs_torch"] <= RTOL
     assert jax_result["images_per_s"] > 0 and jax_result["compile_s"] > 0
+
+
+def test_conv_policy_is_validated_and_hashable():
+    assert ConvPolicy() == AUTO and hash(ConvPolicy()) == hash(AUTO)
+    assert ConvPolicy(exclude=["ffi"]) == NO_FFI and NO_FFI.exclude == frozenset({"ffi"})
+    assert {AUTO: 1, NO_FFI: 2}[ConvPolicy(exclude=("ffi",))] == 2
+    assert AUTO.without("winograd") == ConvPolicy(exclude={"winograd"})
+    with pytest.raises(TypeError, match="collection of lowering names"):
+        ConvPolicy(exclude="ffi")
+    with pytest.raises(ValueError, match="both chosen and excluded"):
+        ConvPolicy(lowering="winograd", exclude={"winograd"})
+    with pytest.raises(ValueError, match="direct_max_pixels"):
+        ConvPolicy(direct_max_pixels=-1)
+    with pytest.raises(TypeError, match="fuse must be a bool"):
+        ConvPolicy(fuse=1)
+    with pytest.raises(TypeError, match="policy must be a ConvPolicy"):
+        Conv(8, 8, 3, policy="xla", rngs=nnx.Rngs(0))
+
+
+def test_conv_policy_lives_in_the_graph_definition():
+    """The policy is a static attribute of each conv: models with different policies have
+    different graph definitions (so the jitted apply traces each), equal ones share one."""
+    model = flax_model_from_torch("resnet18", torch_model("resnet18"))
+    native = with_conv_policy(model, XLA_POLICY)
+    assert all(c.policy == XLA_POLICY for _, c in nnx.iter_graph(native) if isinstance(c, Conv))
+    assert all(c.policy == AUTO for _, c in nnx.iter_graph(model) if isinstance(c, Conv))
+    assert nnx.graphdef(native) != nnx.graphdef(model)
+    assert nnx.graphdef(with_conv_policy(model, XLA_POLICY)) == nnx.graphdef(native)
+    x = random_images(1, 40, 40, seed=5)
+    graphdef, state = nnx.split(native)
+    program = apply_jit.lower(graphdef, state, x).as_text()
+    assert program.count("convolution(") == 20
+    assert relative_error(apply_jit(graphdef, state, x), model(x)) <= RTOL
+
+
+def test_xla_policy_runs_without_the_lowering_package():
+    """Under ConvPolicy(lowering="xla") neither the folded nor the plain model imports
+    ``nn.lowering`` (the compiled kernel's loader included), and their programs hold none of
+    its custom calls."""
+    script = textwrap.dedent("""
+        import sys
+        import jax, jax.numpy as jnp, numpy as np
+        import resnext_flax
+        from resnext_flax.models.folding import optimize_for_inference
+        from resnext_flax.models.functional import pure_forward
+        from resnext_flax.nn.layers import with_conv_policy
+        from resnext_flax.nn.policy import XLA_POLICY
+        model = resnext_flax.create_model("resnet50", num_classes=10)
+        model.eval()
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 32, 32, 3)), jnp.float32)
+        folded = optimize_for_inference(model, policy=XLA_POLICY)
+        fn, state = pure_forward(with_conv_policy(model, XLA_POLICY))
+        texts = [jax.jit(lambda f, a: f(a)).lower(folded, x).as_text(),
+                 jax.jit(fn).lower(state, x).as_text()]
+        np.testing.assert_allclose(folded(x), jax.jit(fn)(state, x), rtol=1e-4, atol=1e-5)
+        loaded = sorted(m for m in sys.modules if m.startswith("resnext_flax.nn.lowering"))
+        assert not loaded, loaded
+        print("PROGRAM", repr(texts))
+    """)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    texts = ast.literal_eval(proc.stdout.split("PROGRAM ", 1)[1].strip())
+    for text in texts:
+        assert "convolution" in text
+        assert not [t for t in cpu_kernel.TARGETS if t in text]
+    # The automatic policy does use them (where the kernel loaded).
+    if jax.default_backend() == "cpu" and cpu_kernel.available():
+        model = flax_model_from_torch("resnet18", torch_model("resnet18"))
+        text = jax.jit(lambda f, a: f(a)).lower(optimize_for_inference(model),
+                                                random_images(1, 32, 32)).as_text()
+        assert all(t in text for t in cpu_kernel.TARGETS)
+
+
+def test_only_the_conv_layer_imports_the_lowering_package():
+    """``nn.lowering`` stays optional: outside it only ``nn.layers`` (lazily, on the CPU path)
+    and ``nn.policy`` (lazily, for the compiled kernel's capabilities) import it."""
+    package = pathlib.Path(resnext_flax.__file__).parent
+    importers = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.startswith("resnext_flax.nn.lowering") for n in names):
+                importers.add(path.relative_to(package).as_posix())
+    outside = {p for p in importers if not p.startswith("nn/lowering/")}
+    assert outside == {"nn/layers.py", "nn/policy.py"}, outside
+
+
+def test_predictor_and_feature_extractor_take_a_policy():
+    """With a policy, Predictor and FeatureExtractor run the optimized model under it: the same
+    outputs as the model's, and under the pure-XLA policy none of the library's custom calls."""
+    from resnext_flax.inference import FeatureExtractor, Predictor
+
+    model = flax_model_from_torch("resnet18", torch_model("resnet18", seed=6))
+    x = random_images(2, 48, 48, seed=3)
+    plain = Predictor.from_model(model)(x)
+    for policy in (AUTO, XLA_POLICY):
+        predictor = Predictor.from_model(model, policy=policy)
+        got = predictor(x)
+        assert relative_error(got.logits, plain.logits) <= RTOL
+        np.testing.assert_array_equal(got.indices, plain.indices)
+        program = predictor._run.lower(predictor.variables, jnp.asarray(x)).as_text()
+        used = [t for t in cpu_kernel.TARGETS if t in program]
+        if policy == XLA_POLICY:
+            assert not used
+        elif jax.default_backend() == "cpu" and cpu_kernel.available():
+            assert used
+    expected = model.forward_features(x)
+    features = FeatureExtractor(model, ("layer4", "pre_logits"), policy=XLA_POLICY)(x)
+    for name, value in features.items():
+        assert relative_error(value, expected[name]) <= RTOL, name
+
+
+def test_fusion_is_a_policy_choice():
+    """``optimize_for_inference`` fuses (inference blocks, the GEMM's epilogue, the residual
+    boundary) only under ``fuse=True``; without it the folded model keeps the plain blocks.
+    Both compute the model's logits."""
+    from resnext_flax.models.fused import FusedBottleneck
+
+    model = flax_model_from_torch("resnet50", torch_model("resnet50", seed=2))
+    x = random_images(1, 40, 40, seed=4)
+    expected = model(x)
+    fused = optimize_for_inference(model)
+    unfused = optimize_for_inference(model, policy=ConvPolicy(fuse=False))
+    assert isinstance(fused.module().layer2[1], FusedBottleneck)
+    assert type(unfused.module().layer2[1]) is type(model.layer2[1])
+    for folded in (fused, unfused):
+        assert relative_error(folded(x), expected) <= RTOL
+    text = jax.jit(lambda f, a: f(a)).lower(unfused, x).as_text()
+    assert "resnext_flax_pointwise_conv" not in text
+    assert "resnext_flax_fusion_boundary" not in text
+    if jax.default_backend() == "cpu" and cpu_kernel.available():
+        text = jax.jit(lambda f, a: f(a)).lower(fused, x).as_text()
+        assert text.count("resnext_flax_fusion_boundary") == 16  # one per block
+        assert "resnext_flax_pointwise_conv" in text

@@ -1,2 +1,3 @@
 """The architectures: the variant table (``variants``), the NNX ResNet (``resnet``), pure and
-compiled forms of a model (``functional``) and BatchNorm folding (``folding``)."""
+compiled forms of a model (``functional``), BatchNorm folding (``folding``) and the fused
+inference blocks (``fused``)."""

@@ -2,10 +2,11 @@
 
 In eval mode BatchNorm is an affine map per channel, ``y = conv(x, k) * m + b`` with
 ``m = scale / sqrt(var + eps)`` and ``b = bias - mean * m``; folding ``m`` into the kernel
-(``k * m`` along O) leaves a conv with a bias, which XLA fuses with the ReLU and the residual
-add. :func:`fold_batchnorm` returns the *same* ``ResNet`` module tree with biased convs and
-:class:`~resnext_flax.nn.layers.Identity` in place of each BatchNorm, so it runs through the one
-``ResNet.__call__``; :func:`optimize_for_inference` wraps it for a hot loop.
+(``k * m`` along O) leaves a conv with a bias. :func:`fold_batchnorm` returns the *same*
+``ResNet`` module tree with biased convs and :class:`~resnext_flax.nn.layers.Identity` in place
+of each BatchNorm, so it runs through the plain ``ResNet.__call__``;
+:func:`optimize_for_inference` also sets a ``ConvPolicy`` on every conv, swaps each block for
+its fused inference block (``models.fused``) and wraps the result for a hot loop.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from resnext_flax.models.functional import CompiledModel
+from resnext_flax.models.fused import fuse_blocks
 from resnext_flax.models.resnet import ResNet
-from resnext_flax.nn.layers import BatchNorm, Conv, Identity
+from resnext_flax.nn.layers import BatchNorm, Conv, Identity, set_conv_policy
+from resnext_flax.nn.policy import DEFAULT_POLICY, ConvPolicy
 
 
 def fold_conv_bn(conv: Conv, bn: BatchNorm) -> Conv:
@@ -32,7 +35,8 @@ def fold_conv_bn(conv: Conv, bn: BatchNorm) -> Conv:
     kh, _, per_group, out_channels = kernel.shape
     fused = nnx.eval_shape(lambda: Conv(
         per_group * conv.groups, out_channels, kh, stride=conv.stride, padding=conv.padding,
-        groups=conv.groups, use_bias=True, dtype=conv.dtype, rngs=nnx.Rngs(0)))
+        groups=conv.groups, use_bias=True, policy=conv.policy, dtype=conv.dtype,
+        rngs=nnx.Rngs(0)))
     fused.kernel.set_value(kernel)
     fused.bias.set_value(bias)
     return fused
@@ -53,7 +57,7 @@ def _fold_pairs(module: nnx.Module) -> None:
 def fold_batchnorm(model: ResNet) -> ResNet:
     """A copy of `model` with every BatchNorm folded into the conv before it (eval-mode
     statistics); `model` itself is not changed. The result is an ordinary ``ResNet`` whose
-    outputs equal ``model.eval(); model(x)`` up to float rounding (relative ~1e-7 in float32).
+    outputs equal ``model.eval(); model(x)`` up to float rounding.
     Training-mode behaviour (batch statistics) is gone: fold again after further training.
     """
     folded = nnx.clone(model)
@@ -86,13 +90,18 @@ class FoldedResNet(CompiledModel):
         return self.module().num_classes
 
 
-def optimize_for_inference(model: ResNet) -> FoldedResNet:
-    """Fold every BatchNorm of `model` into its conv for fast inference, and precompute each
-    conv's kernel in the forms its lowerings consume (``Conv.prepare_for_inference``; on the
-    CPU, Winograd-transformed tiles and the compiled kernel's blocked layout: up to ~2.8x the
-    memory of those 3x3 kernels, for no per-call transform). `model` itself is not changed,
-    and ``folded(x)`` equals ``model.eval(); model(x)`` to float rounding."""
-    folded = fold_batchnorm(model)
+def optimize_for_inference(model: ResNet, *,
+                           policy: ConvPolicy = DEFAULT_POLICY) -> FoldedResNet:
+    """Fold every BatchNorm of `model` into its conv for fast inference, give every conv
+    `policy`, fuse bias, residual and ReLU into the convs' epilogues (``policy.fuse``:
+    inference blocks, ``models.fused``), and precompute each conv's kernel in the forms its
+    lowerings consume (``Conv.prepare_for_inference``; on the CPU, Winograd-transformed tiles
+    and the compiled kernel's blocked layout: more memory for those 3x3 kernels, no per-call
+    transform). `model` itself is not changed, and ``folded(x)`` equals
+    ``model.eval(); model(x)`` to float rounding."""
+    folded = set_conv_policy(fold_batchnorm(model), policy)
+    if policy.fuse:
+        fuse_blocks(folded)
     for _, module in nnx.iter_graph(folded):
         if isinstance(module, Conv):
             module.prepare_for_inference()

@@ -16,35 +16,35 @@ import jax
 from flax import nnx
 
 from resnext_flax.models.resnet import check_input
-from resnext_flax.nn import ops
 
 
-def pure_forward(model: nnx.Module, method: str = "__call__") -> tuple[Callable, Any]:
-    """``(fn, state)`` with ``fn(state, x) == model.<method>(x)`` in eval mode, as a pure
-    function fit for ``jax.jit``. The model itself is not switched to eval mode."""
-    graphdef, state = nnx.split(model)
-    return functools.partial(_apply, graphdef, method), state
-
-
-def _apply(graphdef: nnx.GraphDef, method: str, state: Any, x: jax.Array) -> Any:
-    module = nnx.merge(graphdef, state)
+def apply(graphdef: nnx.GraphDef, state: Any, x: jax.Array, method: str = "__call__") -> Any:
+    """``module.<method>(x)`` in eval mode (BatchNorm on running statistics) for the module
+    ``nnx.merge(graphdef, state)``: the one eval-mode forward, un-jitted (for ``shard_map`` or
+    an enclosing jit). `state` may be a tuple of states (e.g. parameters and statistics). The
+    module's conv policies are part of `graphdef`, so a jit keyed on it traces once per policy.
+    """
+    module = nnx.merge(graphdef, *state) if isinstance(state, tuple) else nnx.merge(
+        graphdef, state)
     module.eval()  # BatchNorm on running statistics, whatever mode the source model is in
     return getattr(module, method)(x)
 
 
-def _apply_in_context(graphdef: nnx.GraphDef, method: str, lowering_context: tuple, state: Any,
-                      x: jax.Array) -> Any:
-    del lowering_context  # read by the conv lowerings while tracing; here only a cache key
-    return _apply(graphdef, method, state, x)
+#: :func:`apply` jitted, `graphdef` and `method` static: one compiled program per
+#: (structure and policies, method, input shape).
+apply_jit = jax.jit(apply, static_argnums=(0, 3))
 
 
-_jitted_apply = jax.jit(_apply_in_context, static_argnums=(0, 1, 2))
+def pure_forward(model: nnx.Module, method: str = "__call__") -> tuple[Callable, Any]:
+    """``(fn, state)`` with ``fn(state, x) == model.<method>(x)`` in eval mode, as a pure
+    function fit for ``jax.jit`` (:func:`apply` over the model's split). The model itself is
+    not switched to eval mode."""
+    graphdef, state = nnx.split(model)
+    return functools.partial(_apply_split, graphdef, method), state
 
 
-def _jit_apply(graphdef: nnx.GraphDef, method: str, state: Any, x: jax.Array) -> Any:
-    """The jitted forward, traced again when the conv-lowering settings differ
-    (``nn.ops.conv_lowering``): one compiled program per (shape, settings)."""
-    return _jitted_apply(graphdef, method, ops.lowering_context(), state, x)
+def _apply_split(graphdef: nnx.GraphDef, method: str, state: Any, x: jax.Array) -> Any:
+    return apply(graphdef, state, x, method)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -76,9 +76,9 @@ class CompiledModel:
     def __call__(self, x: jax.Array) -> jax.Array:
         """The module's output (logits) for NHWC images."""
         check_input(x)
-        return _jit_apply(self.graphdef, "__call__", self.state, x)
+        return apply_jit(self.graphdef, self.state, x, "__call__")
 
     def forward_features(self, x: jax.Array) -> dict[str, jax.Array]:
         """The module's ``forward_features`` outputs."""
         check_input(x)
-        return _jit_apply(self.graphdef, "forward_features", self.state, x)
+        return apply_jit(self.graphdef, self.state, x, "forward_features")

@@ -2,8 +2,10 @@
 
 Attribute names equal torchvision's state-dict names (``conv1``, ``bn1``, ``layer1``…,
 ``downsample``, ``fc``) so the weight map is structural (see ``resnext_flax.weights.torch_port``).
-This is the only forward pass of the library: a BatchNorm-folded model (``models.folding``) is
-the same module tree with biased convs and identities in place of the BatchNorms.
+The forward pass is the plain ``relu(bn(conv(x)) + shortcut)``; how each conv is computed is
+its ``ConvPolicy``'s business (``nn.policy``), and inference fusion (BatchNorm folded, bias,
+residual and ReLU in the conv's epilogue) is applied by ``models.folding`` in the same module
+tree.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from flax import nnx
 
 from resnext_flax.models.variants import ModelSpec
 from resnext_flax.nn import ops
-from resnext_flax.nn.cpu_kernels import epilogue
 from resnext_flax.nn.init import batched_init, materialize
 from resnext_flax.nn.layers import BatchNorm, Conv, Identity, Linear
 
@@ -53,10 +54,9 @@ class BasicBlock(nnx.Module):
         self.downsample = downsample
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        identity = x if self.downsample is None else _sequential(self.downsample, x)
-        out = _conv_bn(self.conv1, self.bn1, x, relu=True)
-        return ops.block_output(_conv_bn(self.conv2, self.bn2, out, residual=identity,
-                                         relu=True))
+        identity = x if self.downsample is None else sequential(self.downsample, x)
+        out = jax.nn.relu(self.bn1(self.conv1(x)))
+        return jax.nn.relu(self.bn2(self.conv2(out)) + identity)
 
 
 class Bottleneck(nnx.Module):
@@ -93,27 +93,17 @@ class Bottleneck(nnx.Module):
         self.downsample = downsample
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        identity = x if self.downsample is None else _sequential(self.downsample, x)
-        out = _conv_bn(self.conv1, self.bn1, x, relu=True)
-        out = _conv_bn(self.conv2, self.bn2, out, relu=True)
-        return ops.block_output(_conv_bn(self.conv3, self.bn3, out, residual=identity,
-                                         relu=True))
+        identity = x if self.downsample is None else sequential(self.downsample, x)
+        out = jax.nn.relu(self.bn1(self.conv1(x)))
+        out = jax.nn.relu(self.bn2(self.conv2(out)))
+        return jax.nn.relu(self.bn3(self.conv3(out)) + identity)
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
-def _conv_bn(conv: Conv, bn: nnx.Module, x: jax.Array, *, residual: jax.Array | None = None,
-             relu: bool = False) -> jax.Array:
-    """``relu?(bn(conv(x)) + residual)``. With the BatchNorm folded into the conv (an
-    Identity in its place) the conv takes all of it: one op where the compiled kernel runs
-    it (``ops.conv_bias_act``)."""
-    if isinstance(bn, Identity):
-        return conv(x, residual=residual, relu=relu)
-    return epilogue(bn(conv(x)), None, residual, relu)
-
-
-def _sequential(layers: nnx.List, x: jax.Array) -> jax.Array:
+def sequential(layers: nnx.List, x: jax.Array) -> jax.Array:
+    """The layers applied in order (a ``downsample`` or a stage)."""
     for layer in layers:
         x = layer(x)
     return x
@@ -232,7 +222,7 @@ class ResNet(nnx.Module):
         features = {"stem": self.stem(x)}
         out = features["stem"]
         for name in ("layer1", "layer2", "layer3", "layer4"):
-            out = _sequential(getattr(self, name), out)
+            out = sequential(getattr(self, name), out)
             features[name] = out
         features["pre_logits"] = self.pool(out)
         return features

@@ -1,2 +1,3 @@
-"""Building blocks: convolution lowerings and pooling (``ops``, ``winograd``) and the layers
-with torch's semantics (``layers``)."""
+"""Building blocks: the layers with torch's semantics (``layers``), plain-XLA convolution and
+pooling (``ops``), the conv policy (``policy``) and, optional, the CPU lowerings
+(``lowering``)."""

@@ -1,8 +1,8 @@
 """torchvision's initializers, and a batched path that builds a model's random weights fast.
 
 Built eagerly, a model's initialization dispatches one small XLA program per parameter, and
-every new parameter shape compiles a new program (about 6 s for ResNet-50 on a 2-core CPU,
-nearly all of it compilation). Inside :func:`batched_init`, the initializers below only record
+every new parameter shape compiles a new program, so building a model would be dominated by
+compilation. Inside :func:`batched_init`, the initializers below only record
 what they would draw (the key, the shape, the distribution); :func:`materialize` then draws
 every parameter through one compiled program that produces fixed-size chunks of the same
 random stream, batched over parameters. ``jax.random`` with the (default) partitionable

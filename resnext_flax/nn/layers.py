@@ -1,6 +1,7 @@
-"""Layers with torch's semantics: Conv (HWIO kernel, symmetric padding), BatchNorm (torch
-momentum, unbiased running variance) and Linear, initialized the way torchvision initializes;
-Identity stands in for a BatchNorm folded into its conv."""
+"""Layers with torch's semantics: Conv (HWIO kernel, symmetric padding, a ``ConvPolicy``
+choosing its lowering), BatchNorm (torch momentum, unbiased running variance) and Linear,
+initialized the way torchvision initializes; Identity stands in for a BatchNorm folded into its
+conv."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from flax import nnx
 
 from resnext_flax.nn import ops
 from resnext_flax.nn.init import conv_kernel_init, linear_bias_init, linear_kernel_init
+from resnext_flax.nn.policy import DEFAULT_POLICY, ConvPolicy
 
 
 def _constant(value: float, size: int, dtype) -> jax.Array:
@@ -22,8 +24,14 @@ def _constant(value: float, size: int, dtype) -> jax.Array:
 
 
 class PreparedKernel(nnx.Variable):
-    """A conv kernel precomputed for its lowerings (``nn.ops.prepare_kernel``: lowering ->
-    array); not a parameter: derived from the kernel, for inference only."""
+    """A conv kernel precomputed for its lowerings (``nn.lowering.conv.prepare_kernel``:
+    lowering -> array); not a parameter: derived from the kernel, for inference only."""
+
+
+def _on_cpu_lowerings(policy: ConvPolicy) -> bool:
+    """Whether a conv may run through ``nn.lowering`` (imported only then): on the CPU, under a
+    policy other than XLA's own conv."""
+    return policy.lowering != "xla" and jax.default_backend() == "cpu"
 
 
 class Conv(nnx.Module):
@@ -32,6 +40,8 @@ class Conv(nnx.Module):
     The kernel's I axis is ``in_channels // groups`` exactly as torch's weight stores it, so
     grouped (ResNeXt) kernels map to torch by a plain transpose. torchvision's convs have no
     bias; a bias appears when a BatchNorm is folded into the conv (``models.folding``).
+    `policy` (static, part of the graph definition) chooses how the conv is computed; every
+    choice computes the same conv.
     """
 
     def __init__(
@@ -44,6 +54,7 @@ class Conv(nnx.Module):
         padding: int = 0,
         groups: int = 1,
         use_bias: bool = False,
+        policy: ConvPolicy = DEFAULT_POLICY,
         dtype: jnp.dtype | None = None,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -60,6 +71,7 @@ class Conv(nnx.Module):
         self.padding = padding
         self.groups = groups
         self.dtype = dtype
+        self.policy = _checked_policy(policy)
         # The kernel transformed for its lowerings, for inference (prepare_for_inference).
         self.prepared: PreparedKernel | None = nnx.data(None)
 
@@ -69,35 +81,68 @@ class Conv(nnx.Module):
         return None if self.prepared is None else tuple(sorted(self.prepared.get_value()))
 
     def prepare_for_inference(self) -> None:
-        """Precompute the kernel in the forms its conv lowerings consume (on the CPU:
-        Winograd's transform, the compiled kernel's layout), so a compiled inference program
-        does not redo them on every call. Only for weights that no longer change: a changed
-        kernel must be prepared again."""
-        prepared = ops.prepare_kernel(self.kernel.get_value(), stride=self.stride,
-                                      groups=self.groups)
-        if self.dtype not in (None, jnp.float32) or prepared is None:
-            self.prepared = nnx.data(None)
-        else:
-            self.prepared = nnx.data(PreparedKernel(prepared))
+        """Precompute the kernel in the forms its conv lowerings consume under its policy (on
+        the CPU: Winograd's transform, the compiled kernel's layout), so a compiled inference
+        program does not redo them on every call. Only for weights that no longer change: a
+        changed kernel (or policy) must be prepared again."""
+        prepared = None
+        if self.dtype in (None, jnp.float32) and _on_cpu_lowerings(self.policy):
+            from resnext_flax.nn.lowering import conv
+
+            prepared = conv.prepare_kernel(self.kernel.get_value(), stride=self.stride,
+                                           groups=self.groups, policy=self.policy)
+        self.prepared = nnx.data(None if prepared is None else PreparedKernel(prepared))
 
     def __call__(self, x: jax.Array, *, residual: jax.Array | None = None,
                  relu: bool = False) -> jax.Array:
         """The conv (plus bias); then ``+ residual`` and ReLU if asked: a conv with a folded
         BatchNorm applies what follows it in one op where the compiled kernel runs it."""
         dtype = self.dtype or x.dtype
-        prepared = None if self.prepared is None else self.prepared.get_value()
+        x = x.astype(dtype)
+        kernel = self.kernel.get_value().astype(dtype)
         bias = None if self.bias is None else self.bias.get_value().astype(dtype)
-        return ops.conv_bias_act(
-            x.astype(dtype),
-            self.kernel.get_value().astype(dtype),
-            bias,
-            residual=residual,
-            relu=relu,
-            stride=self.stride,
-            padding=self.padding,
-            groups=self.groups,
-            prepared=prepared,
-        )
+        if not _on_cpu_lowerings(self.policy):
+            y = ops.conv_xla(x, kernel, self.stride, self.padding, self.groups)
+            return ops.epilogue(y, bias, residual, relu)
+        from resnext_flax.nn.lowering import conv
+
+        return conv.conv_bias_act(
+            x, kernel, bias, residual=residual, relu=relu, stride=self.stride,
+            padding=self.padding, groups=self.groups, policy=self.policy,
+            prepared=None if self.prepared is None else self.prepared.get_value())
+
+
+def _checked_policy(policy: ConvPolicy) -> ConvPolicy:
+    if not isinstance(policy, ConvPolicy):
+        raise TypeError(f"policy must be a ConvPolicy, got {type(policy).__name__}")
+    return policy
+
+
+def set_conv_policy(module: nnx.Module, policy: ConvPolicy) -> nnx.Module:
+    """Give every ``Conv`` of `module` `policy`, in place (kernels prepared for another policy
+    are dropped: prepare them again); returns `module`."""
+    policy = _checked_policy(policy)
+    for _, conv in nnx.iter_graph(module):
+        if isinstance(conv, Conv) and conv.policy != policy:
+            conv.policy = policy
+            conv.prepared = nnx.data(None)
+    return module
+
+
+def with_conv_policy(module: nnx.Module, policy: ConvPolicy) -> nnx.Module:
+    """A copy of `module` whose convs all use `policy` (benchmarks, A/B runs, export)."""
+    return set_conv_policy(nnx.clone(module), policy)
+
+
+def block_output(x: jax.Array, policy: ConvPolicy) -> jax.Array:
+    """A residual block's output, kept in memory once where `policy` fuses and the compiled
+    kernel may run (XLA:CPU otherwise recomputes every earlier block's residual add inside each
+    later one); `x` unchanged elsewhere."""
+    if not (policy.fuse and policy.uses_kernels and _on_cpu_lowerings(policy)):
+        return x
+    from resnext_flax.nn.lowering import conv
+
+    return conv.fusion_boundary(x)
 
 
 class BatchNorm(nnx.Module):
@@ -163,7 +208,7 @@ class BatchNorm(nnx.Module):
         multiplier = self.scale.get_value().astype(acc) * jax.lax.rsqrt(var + self.epsilon)
         # Centered, not folded into x * multiplier + (bias - mean * multiplier): the folded
         # form's gradient for the scale is sum(g * x) - mean * sum(g), which cancels
-        # catastrophically when |mean| >> std (ResNet-18 f32 gradients were off by 1e-2).
+        # catastrophically in float32 when |mean| >> std.
         centered = x.astype(acc) - mean
         return (centered * multiplier + self.bias.get_value().astype(acc)).astype(dtype)
 

@@ -6,7 +6,7 @@ at XLA:CPU's dot speed instead of its conv speed. The transforms only add, subtr
 so float32 results stay within ~1e-6 of the direct conv; F(4x4, 3x3) would save more but errs
 ~1e-5. The kernel transform runs inside the traced function, so parameters are unchanged;
 an inference model may compute it once instead (:func:`winograd_kernel`, passed back as
-``transformed``): at batch 1 the per-call transform was most of ResNet-18's time.
+``transformed``), since at small batches the per-call transform dominates.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ _WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -
 _WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
 _WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]])
 # A grouped conv runs Winograd on chunks of groups this many input channels wide (one group
-# when groups are wider), as block-diagonal matmuls batched over the chunks. Whole ResNeXt
-# models ran fastest with 16, i.e. one group per chunk from 16 channels per group on
-# (32 and 64 merge groups into block-diagonal chunks; docs/performance.md).
+# when groups are wider), as block-diagonal matmuls batched over the chunks: wider chunks
+# merge groups and multiply more zeros (docs/performance.md compares the widths).
 CHUNK_WIDTH = 16
 
 
@@ -42,7 +41,7 @@ def _winograd_input_tiles(x: jax.Array, padding: int, th: int, tw: int) -> list[
     """The 16 transformed inputs B^T d B, each (N, th, tw, C) for th x tw tiles, one per entry.
 
     The 4x4 tiles (stride 2) are read through a reshape into blocks of 2 rather than strided
-    slices, which XLA:CPU vectorizes better (measured 1.5x on the 56x56 stage).
+    slices, which XLA:CPU vectorizes better.
     """
     n, h, w, c = x.shape
     # Pad to (tiles + 1) blocks of 2 so every tile is in range; the outputs this adds past the
@@ -102,9 +101,9 @@ def conv_winograd(x: jax.Array, kernel: jax.Array, padding: int, groups: int,
     A grouped conv is split into ``k`` chunks of whole groups, each a dense conv with a
     block-diagonal kernel; the chunks move to the batch axis (the transposes fuse into the
     transforms) so each of the 16 products is one matmul batched over chunks. The zeros cost
-    FLOPs, but from 16 channels per group this beats XLA:CPU's grouped conv ~1.5-2x and
-    compiles in one pass (a separate dense conv per chunk compiled for minutes at ResNeXt-101).
-    The 16 products stay separate arrays: one matmul batched over them measured 1.2-4x slower.
+    FLOPs, but the matmuls outrun XLA:CPU's grouped conv for wide groups and compile in one
+    pass, where a separate dense conv per chunk would compile for each chunk. The 16 products
+    stay separate arrays: XLA:CPU runs one matmul batched over them slower.
     """
     dtype, acc = x.dtype, jnp.promote_types(x.dtype, jnp.float32)
     n, h, w, _ = x.shape
