@@ -19,6 +19,7 @@ temporary file and a rename, so a failed or interrupted download never leaves a 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import tempfile
@@ -52,7 +53,7 @@ def _convert_into_cache(
         "weights": weights.name,
         "source_url": source_url,
         "source_sha256": digest,
-    })
+    }, classes=weights.categories, preprocessing=weights.preprocessing)
 
 
 def _require_torch(weights: WeightSet) -> None:
@@ -81,7 +82,11 @@ def download_pretrained(
     - `url`: download from here instead (a mirror or a ``file://`` URL); the file must still
       carry the weight set's sha256 prefix.
     """
-    ws = resolve_weights(name, weights)
+    return _download(resolve_weights(name, weights), cache_dir, progress, url)
+
+
+def _download(ws: WeightSet, cache_dir: str | os.PathLike | None, progress: bool,
+              url: str | None) -> Path:
     dest = cached_checkpoint_path(ws, cache_dir)
     if dest.is_file():
         return dest
@@ -138,14 +143,37 @@ def from_pretrained(
       (unless the weights' head has N classes).
     - `cache_dir`, `progress`, `url`: see :func:`download_pretrained`.
     - `dtype`: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
+
+    The model's ``pretrained_cfg`` records the weight set (its class names, preprocessing and
+    source file hash); a `checkpoint` keeps what its file records and takes what it lacks
+    from the weight set (class names only if the class count matches).
     """
     ws = resolve_weights(name, weights)
     if checkpoint is not None:
-        return load_model(checkpoint, name, dtype=dtype, prefix=prefix, ema=ema, key=key,
-                          num_classes=num_classes, trust_pickle=trust_pickle)
+        model = load_model(checkpoint, name, dtype=dtype, prefix=prefix, ema=ema, key=key,
+                           num_classes=num_classes, trust_pickle=trust_pickle)
+        model.pretrained_cfg = model.pretrained_cfg.fill(
+            weights=ws.name, class_names=ws.categories, preprocessing=ws.preprocessing)
+        return model
     if prefix is not None or ema or key is not None or trust_pickle:
         raise ValueError("prefix, ema, key and trust_pickle apply to checkpoint= files only")
-    path = download_pretrained(name, ws, cache_dir=cache_dir, progress=progress, url=url)
+    return load_weight_set(ws, cache_dir=cache_dir, progress=progress, url=url, dtype=dtype,
+                           num_classes=num_classes)
+
+
+def load_weight_set(
+    weights: WeightSet,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    url: str | None = None,
+    dtype: Any = None,
+    num_classes: int | None = None,
+) -> ResNet:
+    """The model of a resolved :class:`WeightSet` (through the cache, see
+    :func:`download_pretrained`), in eval mode, with its ``pretrained_cfg``."""
+    ws = weights
+    path = _download(ws, cache_dir, progress, url)
     try:
         meta = read_checkpoint_metadata(path)
     except ValueError as err:
@@ -158,7 +186,11 @@ def from_pretrained(
         raise ChecksumError(
             f"cached checkpoint {path} {what}, not {ws.filename}; it is not trusted as "
             f"{ws.name}: delete it to fetch it again, or load it with checkpoint=")
-    return load_model(path, name, dtype=dtype, num_classes=num_classes)
+    model = load_model(path, ws.model, dtype=dtype, num_classes=num_classes)
+    model.pretrained_cfg = dataclasses.replace(
+        model.pretrained_cfg, weights=ws.name, source=meta.get("source_url") or ws.url,
+        sha256=recorded).fill(class_names=ws.categories, preprocessing=ws.preprocessing)
+    return model
 
 
 __all__ = [
@@ -166,4 +198,5 @@ __all__ = [
     "WeightsUnavailableError",
     "download_pretrained",
     "from_pretrained",
+    "load_weight_set",
 ]
