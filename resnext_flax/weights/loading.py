@@ -38,7 +38,8 @@ from resnext_flax.weights.torch_port import (
     warn_non_finite,
 )
 
-Source = str | os.PathLike | Mapping[str, Any]
+#: A path, a file already read, or an in-memory state dict or container.
+Source = str | os.PathLike | WeightFile | Mapping[str, Any]
 #: The `layout` of a :class:`CheckpointReport` on a converted checkpoint of this library.
 CONVERTED_LAYOUT = "resnext_flax converted checkpoint"
 
@@ -65,11 +66,17 @@ def inspect_checkpoint(
     options = _options(prefix, ema, key, num_classes)
     if isinstance(source, Mapping):
         return resolve_checkpoint(source, options=options, name=name, source="the state dict")
-    weight_file = read_weight_file(source, trust_pickle=trust_pickle)
+    weight_file = _read(source, trust_pickle)
     if weight_file.kind == "converted":
         return _converted_report(weight_file, options)
     return resolve_checkpoint(weight_file.content, options=options, name=name,
                               source=repr(weight_file.path), config=weight_file.config)
+
+
+def _read(source: str | os.PathLike | WeightFile, trust_pickle: bool) -> WeightFile:
+    if isinstance(source, WeightFile):
+        return source
+    return read_weight_file(source, trust_pickle=trust_pickle)
 
 
 def _converted_report(weight_file: WeightFile, options: CheckpointOptions) -> CheckpointReport:
@@ -104,7 +111,7 @@ def load_model_with_report(
     """:func:`load_model`, also returning the :class:`CheckpointReport` of what was taken."""
     options = _options(prefix, ema, key, num_classes)
     if not isinstance(source, Mapping):
-        weight_file = read_weight_file(source, trust_pickle=trust_pickle)
+        weight_file = _read(source, trust_pickle)
         if weight_file.kind == "converted":
             return _load_converted(weight_file, name, options, dtype)
         report = resolve_checkpoint(weight_file.content, options=options, name=name,

@@ -41,7 +41,8 @@ from resnext_flax.weights.cache import (
     weights_url,
 )
 from resnext_flax.weights.catalog import WeightSet, resolve_weights
-from resnext_flax.weights.checkpoint import read_checkpoint_metadata, save_checkpoint
+from resnext_flax.weights.checkpoint import CheckpointError, save_checkpoint
+from resnext_flax.weights.files import read_weight_file
 from resnext_flax.weights.loading import load_model
 
 
@@ -175,20 +176,23 @@ def load_weight_set(
     ws = weights
     path = _download(ws, cache_dir, progress, url)
     try:
-        meta = read_checkpoint_metadata(path)
+        weight_file = read_weight_file(path)
+        if weight_file.kind != "converted":
+            raise CheckpointError("not a resnext_flax checkpoint")
     except ValueError as err:
         raise ValueError(f"cached checkpoint {path} is unreadable; delete it to fetch it "
                          f"again ({err})") from err
-    recorded = meta.get("source_sha256", "")
+    recorded = weight_file.metadata.get("source_sha256", "")
     if not recorded.startswith(ws.sha256_prefix):
         what = (f"was converted from a file with sha256 {recorded[:16]}..." if recorded
                 else "records no source hash (not written by the download path)")
         raise ChecksumError(
             f"cached checkpoint {path} {what}, not {ws.filename}; it is not trusted as "
             f"{ws.name}: delete it to fetch it again, or load it with checkpoint=")
-    model = load_model(path, ws.model, dtype=dtype, num_classes=num_classes)
+    model = load_model(weight_file, ws.model, dtype=dtype, num_classes=num_classes)
     model.pretrained_cfg = dataclasses.replace(
-        model.pretrained_cfg, weights=ws.name, source=meta.get("source_url") or ws.url,
+        model.pretrained_cfg, weights=ws.name,
+        source=weight_file.metadata.get("source_url") or ws.url,
         sha256=recorded).fill(class_names=ws.categories, preprocessing=ws.preprocessing)
     return model
 
