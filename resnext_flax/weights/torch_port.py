@@ -87,7 +87,7 @@ def _torch_order(key: str) -> tuple[int, ...]:
                  for p in key.split("."))
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)
 def expected_shapes(spec: ModelSpec, num_classes: int = 0) -> Mapping[str, tuple[int, ...]]:
     """Every key of a torchvision state dict of `spec` (without ``num_batches_tracked``) and
     its torch shape, in torch's order; ``fc`` only if `num_classes` > 0. Read off an abstract

@@ -181,8 +181,7 @@ def candidates(container: tuple[str, ...], tensors: dict[str, Any]) -> list[Cand
         originals = {k[len(prefix):]: named[k] for k in named if k.startswith(prefix)}
         sub = {k: v for k, v in sub.items()
                if k.split(".", 1)[0] in (*TRUNK_CHILDREN, "fc")}
-        inferred = infer_spec(sub)
-        spec = inferred[0] if inferred else None
+        spec = _spec(sub)
         mismatched: tuple[str, ...] = ()
         if spec is not None:
             expected = expected_shapes(spec)
@@ -196,3 +195,16 @@ def candidates(container: tuple[str, ...], tensors: dict[str, Any]) -> list[Cand
         found.append(Candidate(container, prefix, style, spec, _classify_head(sub), missing,
                                mismatched, sub, {k: originals[k] for k in sub}))
     return found
+
+
+def _spec(sub: Mapping[str, Any]) -> ModelSpec | None:
+    """The architecture the shapes describe, if a model of it can be built (a file's shapes
+    may describe widths no ResNet has)."""
+    inferred = infer_spec(sub)
+    if inferred is None:
+        return None
+    try:
+        expected_shapes(inferred[0])
+    except (ValueError, TypeError):
+        return None
+    return inferred[0]
