@@ -14,14 +14,7 @@ import dataclasses
 import re
 from types import MappingProxyType
 
-from resnext_flax.metadata import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    INTERPOLATIONS,
-    Preprocessing,
-    imagenet_categories,
-    imagenet_wnids,
-)
+from resnext_flax.metadata import Preprocessing, imagenet_categories, imagenet_wnids
 from resnext_flax.models.variants import VARIANTS, get_spec
 
 #: torch hub's rule: the file name ends in ``-<first hex digits of its sha256>.<ext>``.
@@ -225,9 +218,6 @@ def list_weight_sets(model: str | None = None) -> list[WeightSet]:
 
 __all__ = [
     "DEFAULT_TAGS",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "INTERPOLATIONS",
     "WEIGHT_SETS",
     "Preprocessing",
     "WeightSet",
