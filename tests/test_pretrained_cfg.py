@@ -174,3 +174,31 @@ def test_saving_a_model_writes_what_it_carries(pth, tmp_path):
     cfg = resnext_flax.load_checkpoint(path).pretrained_cfg
     assert cfg.class_names == ("cat", "dog") and cfg.preprocessing.crop_size == 32
     assert cfg.source == str(path)
+
+
+def test_weights_are_resolved_and_read_once_per_call(pth, monkeypatch, capsys):
+    from resnext_flax import builders
+    from resnext_flax.weights import catalog, files, loading, pretrained
+
+    calls = {"resolve": 0, "read": 0}
+
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    for module in (builders, pretrained):
+        monkeypatch.setattr(module, "resolve_weights",
+                            counting("resolve", catalog.resolve_weights))
+    for module in (loading, pretrained):
+        monkeypatch.setattr(module, "read_weight_file", counting("read", files.read_weight_file))
+    ws = dataclasses.replace(get_weight_set("resnet18"), url=pth.as_uri())
+    resnext_flax.download_pretrained("resnet18", ws, progress=False)  # fill the cache
+    for build in (lambda: resnext_flax.create_model("resnet18", weights=ws),
+                  lambda: resnext_flax.from_pretrained("resnet18", ws),
+                  lambda: resnext_flax.Predictor.from_pretrained("resnet18", ws),
+                  lambda: resnext_flax.from_pretrained("resnet18", checkpoint=pth)):
+        calls.update(resolve=0, read=0)
+        build()
+        assert calls == {"resolve": 1, "read": 1}

@@ -31,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-def main(argv: Sequence[str] | None = None, *, prog: str = "resnext-flax") -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``resnext-flax``; returns the exit status (1 on a reported error)."""
     args = parser().parse_args(argv)
     from resnext_flax.weights.files import sigterm_as_interrupt
@@ -40,10 +40,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "resnext-flax") -> in
         with sigterm_as_interrupt():  # a terminated run cleans its temporary files up
             output = args.run(args)
     except (ResnextFlaxError, OSError, ValueError, ImportError) as err:
-        print(f"{prog}: error: {render_error(err)}", file=sys.stderr)
+        print(f"resnext-flax: error: {render_error(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted{getattr(args, 'interrupted', '')}", file=sys.stderr)
+        print(f"resnext-flax: interrupted{getattr(args, 'interrupted', '')}", file=sys.stderr)
         return 130
     try:
         print(output, flush=True)
