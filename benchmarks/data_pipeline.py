@@ -43,8 +43,8 @@ from PIL import Image
 import resnext_flax
 from resnext_flax import datasets, parallel, pipeline
 from resnext_flax.evaluation import _sharded_outputs
+from resnext_flax.metadata import Preprocessing
 from resnext_flax.models.functional import CompiledModel
-from resnext_flax.weights.catalog import Preprocessing
 
 
 def write_folder(root: str, count: int, classes: int = 8) -> None:

@@ -27,7 +27,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from resnext_flax import commands
+from resnext_flax.cli import finetune as commands
 from resnext_flax.finetuning import FinetuneResult, finetune
 
 

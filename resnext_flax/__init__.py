@@ -43,6 +43,7 @@ from resnext_flax.datasets import (
 from resnext_flax.evaluation import EvaluationResult, evaluate, evaluate_pretrained
 from resnext_flax.finetuning import FinetuneConfig, FinetuneResult, finetune
 from resnext_flax.inference import FeatureExtractor, Predictions, Predictor
+from resnext_flax.metadata import Preprocessing, imagenet_categories, imagenet_wnids
 from resnext_flax.models.folding import FoldedResNet, fold_batchnorm, optimize_for_inference
 from resnext_flax.models.resnet import (
     FEATURE_NAMES,
@@ -56,31 +57,23 @@ from resnext_flax.pipeline import LoaderOptions
 from resnext_flax.preprocess import load_image, preprocess, preprocess_image
 from resnext_flax.training import TrainState, create_train_state, make_train_step
 from resnext_flax.weights.cache import ChecksumError, WeightsUnavailableError
-from resnext_flax.weights.catalog import (
-    WEIGHT_SETS,
-    Preprocessing,
-    WeightSet,
-    get_weight_set,
-    imagenet_categories,
-    imagenet_wnids,
-    list_weight_sets,
-)
+from resnext_flax.weights.catalog import WEIGHT_SETS, WeightSet, get_weight_set, list_weight_sets
 from resnext_flax.weights.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from resnext_flax.weights.files import UntrustedPickleError
 from resnext_flax.weights.loading import (
     inspect_checkpoint,
     load_model,
     load_model_with_report,
+    load_torch_state_dict,
     read_state_dict,
 )
-from resnext_flax.weights.names import infer_architecture
 from resnext_flax.weights.pretrained import download_pretrained, from_pretrained
 from resnext_flax.weights.resolve import CheckpointLayoutError, CheckpointReport
 from resnext_flax.weights.torch_port import (
     StateDictMismatchError,
     StateDictReport,
     compare_state_dict,
-    load_torch_state_dict,
+    infer_architecture,
     to_torch_state_dict,
 )
 

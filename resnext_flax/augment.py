@@ -16,8 +16,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from resnext_flax.metadata import Preprocessing
 from resnext_flax.preprocess import ImageInput, load_image, normalize, pil_filter
-from resnext_flax.weights.catalog import Preprocessing
 
 #: (top, left, height, width) of a crop box, torchvision's ``get_params`` convention.
 Box = tuple[int, int, int, int]

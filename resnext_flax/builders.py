@@ -18,7 +18,7 @@ from flax import nnx
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import VARIANTS, get_spec
 from resnext_flax.weights.catalog import WeightSet, resolve_weights
-from resnext_flax.weights.pretrained import from_pretrained
+from resnext_flax.weights.pretrained import load_weight_set
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -68,7 +68,8 @@ def create_model(
     - `name`: one of :func:`list_models` (torchvision's names).
     - `weights`: None for torchvision-style random initialization; a tag (``"DEFAULT"``,
       ``"IMAGENET1K_V2"``) or a :class:`WeightSet` for pretrained weights
-      (:func:`resnext_flax.from_pretrained`; the model comes back in eval mode).
+      (:func:`resnext_flax.from_pretrained`; the model comes back in eval mode, its
+      ``pretrained_cfg`` recording the weight set; None with random weights).
     - `num_classes`: classifier size (default 1000); 0 builds a headless model whose output
       is the pooled features. With `weights` it must equal the weights' class count.
     - `rngs`: random streams; ``nnx.Rngs(0)`` when omitted (deterministic).
@@ -87,8 +88,8 @@ def create_model(
         if jnp.dtype(param_dtype) != jnp.float32:
             raise ValueError("pretrained weights load as float32 parameters; use dtype= for "
                              "the compute dtype")
-        return from_pretrained(name, ws, dtype=dtype)
-    return ResNet(
+        return load_weight_set(ws, dtype=dtype)
+    model = ResNet(
         spec,
         num_classes=1000 if num_classes is None else num_classes,
         zero_init_residual=zero_init_residual,
@@ -96,6 +97,8 @@ def create_model(
         param_dtype=param_dtype,
         rngs=rngs if rngs is not None else nnx.Rngs(0),
     )
+    model.pretrained_cfg = None
+    return model
 
 
 def resnet18(**options: Unpack[ModelOptions]) -> ResNet:

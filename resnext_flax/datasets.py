@@ -14,16 +14,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from resnext_flax.weights.catalog import imagenet_wnids
+from resnext_flax.errors import DatasetError
+from resnext_flax.metadata import imagenet_wnids
 
 #: The file extensions torchvision's ``ImageFolder`` accepts (compared case-insensitively).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 _WNID = re.compile(r"n\d{8}")
-
-
-class DatasetError(ValueError):
-    """A folder or list file that cannot be used as a labelled image dataset."""
 
 
 @dataclasses.dataclass(frozen=True)

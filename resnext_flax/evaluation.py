@@ -35,12 +35,12 @@ from resnext_flax.datasets import (
     load_dataset,
     to_imagenet_labels,
 )
+from resnext_flax.metadata import Preprocessing, PretrainedCfg, pretrained_cfg
 from resnext_flax.models import functional
 from resnext_flax.models.functional import CompiledModel
 from resnext_flax.pipeline import LoaderOptions, SkipReport, eval_loader
 from resnext_flax.preprocess import preprocessing_config
-from resnext_flax.weights.catalog import Preprocessing, WeightSet, resolve_weights
-from resnext_flax.weights.checkpoint import read_checkpoint_labels
+from resnext_flax.weights.catalog import WeightSet, get_weight_set
 from resnext_flax.weights.pretrained import from_pretrained
 
 TOP_K = 5
@@ -145,7 +145,8 @@ def evaluate(
 
     **Arguments:**
     - `dataset`: labels in the model's class space (see :func:`evaluate_pretrained`).
-    - `preprocessing`: resize / crop / normalization (a weight set's, or ImageNet's default).
+    - `preprocessing`: resize / crop / normalization; by default what the model's
+      ``pretrained_cfg`` records, else ImageNet's default.
     - `batch_size`: the global batch, a multiple of the mesh's device count.
     - `loader`: worker processes and threads of the input pipeline.
     - `mesh`: a 1-D data mesh (``parallel.data_mesh()``, every device, by default).
@@ -164,6 +165,8 @@ def evaluate(
     k = min(TOP_K, num_classes)
     step = _sharded_outputs(mesh, k)
     compiled = parallel.replicate(mesh, CompiledModel.from_module(model))
+    if preprocessing is None:
+        preprocessing = pretrained_cfg(model)
     batches = eval_loader(dataset, preprocessing_config(preprocessing), batch_size, loader)
     predictions = np.full((len(dataset), k), -1, np.int32)
     skipped = SkipReport(dataset)
@@ -268,23 +271,32 @@ def evaluate_pretrained(
 ) -> tuple[EvaluationResult, str]:
     """Evaluate `name` with `weights` (or a local `checkpoint`) on a folder or list file.
 
-    The preprocessing is the checkpoint's recorded one (a fine-tuned model), else the weight
-    set's; `resize_size` / `crop_size` override its sizes. Returns the result and a note on
-    how labels were matched. Errors in the folder are raised before the model is loaded.
+    Class names and preprocessing are what the model's ``pretrained_cfg`` records (a
+    fine-tuned or converted checkpoint's own, else the weight set's); `resize_size` /
+    `crop_size` override its sizes. Returns the result and a note on how labels were matched.
+    Errors in the folder are raised before the model is loaded.
     """
     dataset = load_dataset(source)
-    ws = resolve_weights(name, weights)
-    model = from_pretrained(name, ws, checkpoint=checkpoint, cache_dir=cache_dir,
+    model = from_pretrained(name, weights, checkpoint=checkpoint, cache_dir=cache_dir,
                             progress=progress)
-    classes, recorded = (None, None) if checkpoint is None else read_checkpoint_labels(
-        checkpoint)
-    space = match_labels(dataset, model.num_classes, classes=classes,
-                         weight_set=None if classes is not None else ws)
+    cfg = pretrained_cfg(model)
+    ws = _weight_set(cfg)
+    classes = cfg.class_names if cfg is not None else None
+    by_name = classes is not None and (ws is None or classes != ws.categories)
+    space = match_labels(dataset, model.num_classes, classes=classes if by_name else None,
+                         weight_set=None if by_name else ws)
     sizes = {k: v for k, v in (("resize_size", resize_size), ("crop_size", crop_size))
              if v is not None}
-    config = dataclasses.replace(recorded or ws.preprocessing, **sizes)
+    config = dataclasses.replace(preprocessing_config(cfg), **sizes)
     result = evaluate(model, space.dataset, preprocessing=config, batch_size=batch_size,
                       loader=loader, progress=progress, published=space.published)
     if space.published is not None and config != ws.preprocessing:
         return result, space.note + f"; preprocessing differs from {ws.name}'s"
     return result, space.note
+
+
+def _weight_set(cfg: PretrainedCfg | None) -> WeightSet | None:
+    """The published weight set a model's labels come from, if any."""
+    if cfg is None or cfg.weights is None or cfg.architecture is None:
+        return None
+    return get_weight_set(cfg.architecture, cfg.weights)

@@ -32,11 +32,12 @@ from resnext_flax.augment import Augmentation
 from resnext_flax.builders import create_model
 from resnext_flax.datasets import DatasetError, ImageDataset, load_dataset, split_dataset
 from resnext_flax.evaluation import evaluate
+from resnext_flax.metadata import Preprocessing, PretrainedCfg, pretrained_cfg
 from resnext_flax.models.resnet import ResNet
+from resnext_flax.models.variants import get_spec
 from resnext_flax.pipeline import LoaderOptions, SkipReport, train_loader
 from resnext_flax.training import TrainState
-from resnext_flax.weights.catalog import Preprocessing, resolve_weights
-from resnext_flax.weights.checkpoint import read_checkpoint_labels, save_checkpoint
+from resnext_flax.weights.checkpoint import save_checkpoint
 from resnext_flax.weights.files import atomic_write
 from resnext_flax.weights.loading import load_model
 from resnext_flax.weights.pretrained import from_pretrained
@@ -120,24 +121,24 @@ def initial_model(config: FinetuneConfig, num_classes: int, *,
                   cache_dir: str | os.PathLike | None = None,
                   progress: bool = True) -> tuple[ResNet, Preprocessing]:
     """The model to start from, with a new head of `num_classes`, and the preprocessing its
-    weights go with (a weight set's, a converted checkpoint's recorded one, or ImageNet's)."""
+    weights go with (what the loaded model's ``pretrained_cfg`` records, else ImageNet's)."""
     dtype = jnp.bfloat16 if config.bf16 else None
     weights = config.weights
     if weights in RANDOM_INIT:
         model = create_model(config.model, num_classes=num_classes, dtype=dtype,
                              rngs=nnx.Rngs(config.seed))
-        base = Preprocessing()
     elif os.path.isfile(weights):
         model = load_model(weights, config.model, dtype=dtype)
-        base = read_checkpoint_labels(weights)[1] or Preprocessing()
     elif weights.endswith((".pth", ".pt", ".safetensors")):
         raise FileNotFoundError(f"no weights file at {weights!r}")
     else:
-        ws = resolve_weights(config.model, weights)
-        model = from_pretrained(config.model, ws, dtype=dtype, cache_dir=cache_dir,
+        model = from_pretrained(config.model, weights, dtype=dtype, cache_dir=cache_dir,
                                 progress=progress)
-        base = ws.preprocessing
+    cfg = pretrained_cfg(model)
+    base = cfg.preprocessing if cfg is not None and cfg.preprocessing else Preprocessing()
     model.reset_classifier(num_classes, rngs=nnx.Rngs(config.seed))
+    if cfg is not None:
+        model.pretrained_cfg = cfg.with_head(num_classes)
     sizes = {k: v for k, v in (("resize_size", config.resize_size),
                                ("crop_size", config.crop_size)) if v is not None}
     return model, dataclasses.replace(base, **sizes)
@@ -391,11 +392,20 @@ def _export(state: TrainState, path: str, classes: tuple[str, ...],
             preprocessing: Preprocessing, config: FinetuneConfig, entry: dict[str, Any]
             ) -> None:
     model = state.model()
+    model.pretrained_cfg = finetuned_cfg(config, classes, preprocessing, path)
     metadata = {"finetuned_from": str(config.weights), "epoch": str(entry["epoch"])}
     if "val_acc1" in entry:
         metadata["val_acc1"] = f"{entry['val_acc1']:.4f}"
-    save_checkpoint(model, path, metadata=metadata, classes=classes,
-                    preprocessing=preprocessing)
+    save_checkpoint(model, path, metadata=metadata)
+
+
+def finetuned_cfg(config: FinetuneConfig, classes: tuple[str, ...],
+                  preprocessing: Preprocessing, path: str) -> PretrainedCfg:
+    """The record a fine-tuned model carries: its classes and preprocessing, and where it was
+    written."""
+    return PretrainedCfg(architecture=config.model, spec=get_spec(config.model),
+                         num_classes=len(classes), source=path, class_names=tuple(classes),
+                         preprocessing=preprocessing)
 
 
 def _write_json(path: str, value: Any) -> None:

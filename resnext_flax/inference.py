@@ -18,13 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from resnext_flax.metadata import Preprocessing, PretrainedCfg, class_names, pretrained_cfg
 from resnext_flax.models.folding import optimize_for_inference
 from resnext_flax.models.functional import pure_forward
 from resnext_flax.models.resnet import FEATURE_NAMES, ResNet, check_input
 from resnext_flax.nn.policy import ConvPolicy
 from resnext_flax.preprocess import ImageInput, image_list, preprocess, preprocessing_config
-from resnext_flax.weights.catalog import Preprocessing, WeightSet, resolve_weights
-from resnext_flax.weights.checkpoint import read_checkpoint_labels
+from resnext_flax.weights.catalog import WeightSet
 from resnext_flax.weights.pretrained import from_pretrained
 
 #: A pure forward function: ``apply_fn(variables, images NHWC float) -> logits (N, C)``.
@@ -83,7 +83,7 @@ class Predictor:
         variables: Any,
         *,
         categories: Sequence[str] | None = None,
-        preprocessing: Preprocessing | WeightSet | None = None,
+        preprocessing: Preprocessing | WeightSet | PretrainedCfg | None = None,
         top_k: int = 5,
         batch_size: int = 16,
     ):
@@ -111,14 +111,20 @@ class Predictor:
         model: nnx.Module,
         *,
         categories: Sequence[str] | None = None,
-        preprocessing: Preprocessing | WeightSet | None = None,
+        preprocessing: Preprocessing | WeightSet | PretrainedCfg | None = None,
         top_k: int = 5,
         batch_size: int = 16,
         policy: ConvPolicy | None = None,
     ) -> Predictor:
         """A predictor over `model`'s current weights, run in eval mode (BatchNorm on running
-        statistics); the model object is not modified. With a `policy`, the predictor runs
-        ``optimize_for_inference(model, policy=policy)`` instead (BatchNorm folded, fused)."""
+        statistics); the model object is not modified. `categories` and `preprocessing`
+        default to what the model's ``pretrained_cfg`` records. With a `policy`, the
+        predictor runs ``optimize_for_inference(model, policy=policy)`` instead (BatchNorm
+        folded, fused)."""
+        if categories is None:
+            categories = class_names(model)
+        if preprocessing is None:
+            preprocessing = pretrained_cfg(model)
         fn, state = pure_forward(_optimized(model, policy))
         return cls(fn, state, categories=categories, preprocessing=preprocessing,
                    top_k=top_k, batch_size=batch_size)
@@ -137,17 +143,12 @@ class Predictor:
         policy: ConvPolicy | None = None,
     ) -> Predictor:
         """A predictor for torchvision's pretrained `name` with its weight set's preprocessing
-        and category names (see :func:`resnext_flax.from_pretrained`). A fine-tuned
-        `checkpoint` that records its class names and preprocessing uses those instead."""
-        ws = resolve_weights(name, weights)
-        model = from_pretrained(name, ws, checkpoint=checkpoint, cache_dir=cache_dir,
+        and category names (see :func:`resnext_flax.from_pretrained`). A `checkpoint` that
+        records class names and preprocessing (fine-tuned, converted, a Hugging Face folder)
+        uses those instead: both are read from the model's ``pretrained_cfg``."""
+        model = from_pretrained(name, weights, checkpoint=checkpoint, cache_dir=cache_dir,
                                 progress=progress)
-        classes, recorded = (None, None) if checkpoint is None else read_checkpoint_labels(
-            checkpoint)
-        categories = classes if classes is not None else (
-            ws.categories if model.num_classes == len(ws.categories) else None)
-        return cls.from_model(model, categories=categories, preprocessing=recorded or ws,
-                              top_k=top_k, batch_size=batch_size, policy=policy)
+        return cls.from_model(model, top_k=top_k, batch_size=batch_size, policy=policy)
 
     def _label(self, index: int) -> str:
         if self.categories is not None and index < len(self.categories):

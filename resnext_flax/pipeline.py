@@ -31,8 +31,8 @@ import numpy as np
 
 from resnext_flax.augment import Augmentation, augment_image
 from resnext_flax.datasets import DatasetError, ImageDataset
+from resnext_flax.metadata import Preprocessing
 from resnext_flax.preprocess import load_image, preprocess_image
-from resnext_flax.weights.catalog import Preprocessing
 
 Batch = dict[str, np.ndarray]
 

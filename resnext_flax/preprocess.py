@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from resnext_flax.weights.catalog import Preprocessing, WeightSet
+from resnext_flax.metadata import Preprocessing
 
 ImageInput = Image.Image | str | os.PathLike | np.ndarray
 
@@ -32,14 +33,19 @@ _PIL_FILTERS = {
 }
 
 
-def preprocessing_config(config: Preprocessing | WeightSet | None) -> Preprocessing:
-    """The preprocessing a weight set (or explicit config, or None: the default) asks for."""
+def preprocessing_config(config: Any) -> Preprocessing:
+    """The preprocessing to use: `config` itself, or what a weight set or a model's
+    ``pretrained_cfg`` records (anything with a ``preprocessing`` attribute), or ImageNet's
+    default for None."""
     if config is None:
         return Preprocessing()
-    if isinstance(config, WeightSet):
-        return config.preprocessing
     if isinstance(config, Preprocessing):
         return config
+    recorded = getattr(config, "preprocessing", None)
+    if isinstance(recorded, Preprocessing):
+        return recorded
+    if recorded is None and hasattr(config, "preprocessing"):
+        return Preprocessing()
     raise TypeError(f"expected a Preprocessing or a WeightSet, got {type(config).__name__}")
 
 
@@ -136,7 +142,7 @@ def _pad_to_crop(array: np.ndarray, crop: int) -> np.ndarray:
 
 
 def preprocess_image(
-    image: ImageInput, config: Preprocessing | WeightSet | None = None
+    image: ImageInput, config: Any = None
 ) -> np.ndarray:
     """One image -> float32 (crop, crop, 3), exactly torchvision's ``weights.transforms()``.
 
@@ -189,7 +195,7 @@ def image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
 
 def preprocess(
     images: ImageInput | Sequence[ImageInput],
-    config: Preprocessing | WeightSet | None = None,
+    config: Any = None,
     *,
     num_workers: int | None = None,
 ) -> np.ndarray:

@@ -112,3 +112,20 @@ def test_example_script(resnet18, capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == paths[0] and lines[6] == paths[1]
     assert all(re.match(r"^\s+\d+\.\d\d%  \S", line) for line in lines[1:6] + lines[7:])
+
+
+def test_the_command_imports_the_library_inside_its_subcommands():
+    """Module-level imports of the CLI stay light (argparse, the variant table, the errors),
+    so ``--help`` and ``list`` do not wait for JAX programs, optax or torch; each subcommand
+    imports what it runs inside ``run``."""
+    import ast
+    import pathlib
+
+    light = {"argparse", "os", "sys", "json", "collections.abc", "typing", "__future__",
+             "resnext_flax.errors", "resnext_flax.models.variants"}
+    for path in pathlib.Path(cli.__file__).parent.glob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) else [])
+            heavy = [n for n in names if n not in light and not n.startswith("resnext_flax.cli")]
+            assert not heavy, f"{path.name} imports {heavy} at module level"

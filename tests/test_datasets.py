@@ -11,7 +11,7 @@ import torchvision
 from folder_helpers import corrupt_files, mixed_folder, photo_crop, write_image
 
 from resnext_flax import datasets, imagenet_categories
-from resnext_flax.weights.catalog import imagenet_wnids
+from resnext_flax.metadata import imagenet_wnids
 
 
 @pytest.fixture(scope="module")

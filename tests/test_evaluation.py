@@ -20,7 +20,7 @@ from pretrained_helpers import save_torchvision_file
 from torchvision.models import ResNet18_Weights
 
 from resnext_flax import cli, datasets, evaluation
-from resnext_flax.weights.catalog import imagenet_wnids
+from resnext_flax.metadata import imagenet_wnids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,7 +15,8 @@ import torch_reference
 from folder_helpers import learnable_folder
 from pretrained_helpers import save_torchvision_file
 
-from resnext_flax import cli, commands, datasets, evaluation, from_pretrained
+from resnext_flax import cli, datasets, evaluation, from_pretrained
+from resnext_flax.cli import finetune as commands
 from resnext_flax.finetuning import FinetuneConfig, finetune, initial_model
 from resnext_flax.weights.checkpoint import read_checkpoint_labels
 

@@ -15,8 +15,10 @@ PACKAGE = pathlib.Path(resnext_flax.__file__).parent
 
 # Lowest first; a module may import modules of its own layer or lower ones.
 LAYERS = {
+    "resnext_flax.errors": 0,
     "resnext_flax.nn": 0,
     "resnext_flax.models": 1,
+    "resnext_flax.metadata": 1,
     "resnext_flax.weights": 2,
     "resnext_flax.preprocess": 3,
     "resnext_flax.augment": 3,
@@ -28,7 +30,6 @@ LAYERS = {
     "resnext_flax.builders": 6,
     "resnext_flax.evaluation": 7,
     "resnext_flax.finetuning": 7,
-    "resnext_flax.commands": 8,
     "resnext_flax.cli": 8,
     "resnext_flax": 9,
 }
@@ -76,6 +77,16 @@ def _is_module(name: str) -> bool:
     relative = pathlib.Path(*name.split(".")[1:])
     return name == "resnext_flax" or (PACKAGE / relative).is_dir() or (
         PACKAGE / relative).with_suffix(".py").is_file()
+
+
+DATA_MODULES = ("preprocess", "augment", "datasets", "pipeline")
+
+
+@pytest.mark.parametrize("name", DATA_MODULES)
+def test_the_data_side_does_not_import_weights(name: str):
+    """Preprocessing and label tables live in ``metadata``: the data side needs no weights."""
+    found = _imports(PACKAGE / f"{name}.py")
+    assert not [m for m in found if m.startswith("resnext_flax.weights")], found
 
 
 def test_every_module_is_in_a_layer():

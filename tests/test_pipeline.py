@@ -16,7 +16,7 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from resnext_flax import datasets, pipeline, preprocess_image
 from resnext_flax.augment import Augmentation, augment_image, random_resized_crop_box
-from resnext_flax.weights.catalog import Preprocessing
+from resnext_flax.metadata import Preprocessing
 
 CONFIG = Preprocessing(resize_size=36, crop_size=32)
 

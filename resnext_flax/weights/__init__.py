@@ -1,5 +1,6 @@
-"""Weights: the torch port (``torch_port``), reading files (``files``), torchvision's and other
-projects' key names (``names``) and what a file holds (``resolve``), loading them into models
-(``loading``), converted checkpoints (``checkpoint``), the catalog of published weight sets
+"""Weights, as a pipeline: read a file (``files``) -> map torch names and layouts onto the
+model (``torch_port``) -> build and fill the model and attach what it was loaded with
+(``loading``). Converted checkpoints (``checkpoint``), the catalog of published weight sets
 (``catalog``), the download cache (``cache``), pretrained models (``pretrained``) and verified
-conversion (``conversion``)."""
+conversion (``conversion``) build on it. Files written by other projects' code (containers,
+prefixes, other key names) are resolved to one torchvision-named trunk in ``foreign``."""

@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from resnext_flax.errors import WeightsError, WeightsUnavailableError
 from resnext_flax.weights.catalog import WeightSet
 
 CACHE_ENV = "RESNEXT_FLAX_CACHE"
@@ -19,11 +20,7 @@ OFFLINE_ENV = "RESNEXT_FLAX_OFFLINE"
 _CHUNK = 1 << 20
 
 
-class WeightsUnavailableError(OSError):
-    """The weights are neither cached nor downloadable (offline, HTTP error, missing file)."""
-
-
-class ChecksumError(ValueError):
+class ChecksumError(WeightsError):
     """A weight file's sha256 does not start with the prefix in its torchvision name."""
 
 

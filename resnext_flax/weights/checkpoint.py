@@ -8,7 +8,6 @@ framework reads; orbax is the tool for training state (see ``docs/training.md``)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -20,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from resnext_flax.errors import WeightsError
+from resnext_flax.metadata import Preprocessing, PretrainedCfg, pretrained_cfg
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import ModelSpec, find_variant
-from resnext_flax.weights.catalog import Preprocessing
 from resnext_flax.weights.files import (
     CONVERTED_FORMAT,
     WeightFile,
@@ -36,10 +36,12 @@ FORMAT = CONVERTED_FORMAT
 FORMAT_VERSION = "1"
 #: Header keys written by this library; user metadata may not override them.
 RESERVED_KEYS = ("format", "format_version", "spec", "num_classes", "model", "classes",
-                 "preprocessing")
+                 "preprocessing", "class_names")
+#: Header keys (written by the download cache and the converter) the record reads back.
+_SOURCE_KEYS = ("source_url", "source")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(WeightsError):
     """A converted checkpoint is malformed or does not match its own header."""
 
 
@@ -64,7 +66,8 @@ def save_checkpoint(
     `metadata` adds string entries to the header (e.g. where the weights came from); the
     library's own keys (``RESERVED_KEYS``) cannot be overridden. `classes` (one name per
     output) and `preprocessing` (what the model was trained and validated with) are recorded
-    for prediction (:func:`read_checkpoint_labels`).
+    for prediction (:func:`read_checkpoint_labels`); by default they, and the weight set's
+    name, come from the model's ``pretrained_cfg``, so a loaded model saves what it carries.
     """
     from safetensors.numpy import save
 
@@ -84,10 +87,16 @@ def save_checkpoint(
         "model": find_variant(model.spec) or "",
         **metadata,
     }
+    cfg = pretrained_cfg(model)
+    if cfg is not None and cfg.num_classes == model.num_classes:
+        classes = cfg.class_names if classes is None else classes
+        preprocessing = cfg.preprocessing if preprocessing is None else preprocessing
+        if cfg.weights and "weights" not in metadata:
+            header["weights"] = cfg.weights
     if classes is not None:
         header["classes"] = json.dumps(_check_classes(classes, model.num_classes, path))
     if preprocessing is not None:
-        header["preprocessing"] = json.dumps(dataclasses.asdict(preprocessing))
+        header["preprocessing"] = json.dumps(preprocessing.to_json())
     tensors = {key: np.asarray(var.get_value()) for key, var in _flat_variables(model).items()}
     blob = save(tensors, metadata=header)
 
@@ -132,23 +141,31 @@ def read_checkpoint_labels(
     meta = read_safetensors_metadata(path)
     if meta.get("format") != FORMAT:
         return None, None
+    return header_labels(meta, os.fspath(path))
 
+
+def header_labels(
+    meta: Mapping[str, str], path: str
+) -> tuple[tuple[str, ...] | None, Preprocessing | None]:
+    """(class names, preprocessing) of a converted checkpoint's header. Class names are under
+    ``classes``; files written by earlier converters have them under ``class_names``."""
     def field(key: str) -> Any:
         try:
             return json.loads(meta[key]) if key in meta else None
         except json.JSONDecodeError as err:
-            raise CheckpointError(f"{os.fspath(path)!r}: header field {key!r} is not JSON "
+            raise CheckpointError(f"{path!r}: header field {key!r} is not JSON "
                                   f"({err})") from None
 
-    classes, preprocessing = field("classes"), field("preprocessing")
+    classes = field("classes")
+    classes = field("class_names") if classes is None else classes
+    preprocessing = field("preprocessing")
     try:
         if classes is not None:
             classes = tuple(_check_classes(classes, int(meta.get("num_classes", -1)), path))
         if preprocessing is not None:
-            preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
-                                             for k, v in preprocessing.items()})
+            preprocessing = Preprocessing.from_json(preprocessing)
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{os.fspath(path)!r}: malformed class names or preprocessing "
+        raise CheckpointError(f"{path!r}: malformed class names or preprocessing "
                               f"in the header: {err}") from None
     return classes, preprocessing
 
@@ -188,9 +205,17 @@ def model_from_converted(
         raise CheckpointError(f"{path!r}: tensors must be floating point; not so for "
                               + ", ".join(f"{k} ({tensors[k].dtype})" for k in bad))
     warn_non_finite({k: tensors[k] for k in variables}, repr(path))
+    classes, preprocessing = header_labels(weight_file.metadata, path)
     for key, var in variables.items():
         var.set_value(jax.device_put(jnp.asarray(tensors[key], dtype=var.get_value().dtype)))
     model.eval()
+    meta = weight_file.metadata
+    model.pretrained_cfg = PretrainedCfg(
+        architecture=find_variant(spec), spec=spec, num_classes=num_classes,
+        weights=meta.get("weights") or None,
+        source=next((meta[k] for k in _SOURCE_KEYS if meta.get(k)), path),
+        sha256=meta.get("source_sha256") or None, class_names=classes,
+        preprocessing=preprocessing)
     return model
 
 
@@ -225,11 +250,9 @@ def _architecture(
     raw = meta.get("num_classes", "")
     if not re.fullmatch(r"\d+", raw):
         raise fail("num_classes", f"expected a non-negative integer, got {raw!r}")
-    stored = [len({k.split(".")[1] for k in tensors if k.startswith(f"layer{s}.")})
-              for s in range(1, 5)]
-    if tuple(stored) != spec.layers:
-        raise fail("spec", f"records blocks per stage {list(spec.layers)}, but the file holds "
-                           f"tensors for {stored}")
+    if sum(spec.layers) > len(tensors):  # every block holds tensors: checked before building
+        raise fail("spec", f"records {sum(spec.layers)} blocks, but the file holds only "
+                           f"{len(tensors)} tensors")
     return spec, int(raw)
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any
@@ -17,8 +16,7 @@ from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import find_variant
 from resnext_flax.weights.checkpoint import save_checkpoint
 from resnext_flax.weights.loading import CONVERTED_LAYOUT, load_model_with_report
-from resnext_flax.weights.names import normalize_state_dict
-from resnext_flax.weights.torch_port import to_torch_state_dict
+from resnext_flax.weights.torch_port import normalize_state_dict, to_torch_state_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +111,9 @@ def convert_checkpoint(
     options) into a Flax checkpoint.
 
     The output is written (atomically) only after the strict load and, with `verify`, only if
-    the logits agree with torchvision's within relative `tolerance`. Class names the file
-    carries (transformers' ``id2label``) go into the output's header. An output that is the
+    the logits agree with torchvision's within relative `tolerance`. What the loaded model
+    records (``pretrained_cfg``: class names from transformers' ``id2label``...) goes into
+    the output's header. An output that is the
     input file (the same path, or the same file through a link) is refused before anything is
     read.
     """
@@ -137,7 +136,5 @@ def convert_checkpoint(
                 f"tolerance {tolerance:g}; nothing written"
             )
     metadata = {"source": os.path.basename(os.path.normpath(os.fspath(source)))}
-    if resolved.class_names:
-        metadata["class_names"] = json.dumps(list(resolved.class_names))
     save_checkpoint(model, output, metadata=metadata)
     return report

@@ -5,7 +5,7 @@ state dict (``.pth``/``.pt``/``.bin``/``.ckpt`` through ``torch.load(weights_onl
 ``.safetensors`` file without this library's header) or a converted checkpoint of this library
 (``.safetensors`` with a ``resnext_flax`` header). A Hugging Face model folder is read through
 its ``model.safetensors`` or ``pytorch_model.bin``, with its ``config.json``. What the file's
-tensors mean is decided later (``weights.resolve``).
+tensors mean is decided later (``weights.foreign``).
 
 Pickles: ``weights_only=True`` refuses every global outside torch's allow-list, which also
 refuses training checkpoints that pickle their command-line arguments. :func:`safe_globals`
@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from resnext_flax.errors import Fix, Message, WeightsError
+
 #: The header value that marks a converted checkpoint of this library.
 CONVERTED_FORMAT = "resnext_flax"
 #: Temporary files of atomic writes are named ``.<target>.<TEMP_MARK><random>``.
@@ -37,7 +39,7 @@ TEMP_MARK = "resnext-flax-tmp-"
 STALE_TEMP_SECONDS = 15 * 60
 
 
-class WeightFileError(ValueError):
+class WeightFileError(WeightsError):
     """A weight file cannot be read as what it claims to be; the message names the file,
     says what it looks like and which function reads it."""
 
@@ -203,12 +205,12 @@ def _read_torch_file(path: str, trust_pickle: bool = False) -> Any:
     except Exception as err:
         unsafe = _unsafe_globals(torch, path)
         if unsafe:
-            raise UntrustedPickleError(
+            raise UntrustedPickleError(Message(
                 f"{path!r} pickles {', '.join(unsafe)}, outside the allow-list of harmless "
                 "types (resnext_flax.weights.files.safe_globals); reading it would run code "
-                "from the file. If you trust its source: trust_pickle=True (--trust-pickle), "
-                "which unpickles it with torch.load(weights_only=False) and runs any code "
-                "it contains") from None
+                "from the file. If you trust its source: ", Fix.of(trust_pickle=True),
+                ", which unpickles it with torch.load(weights_only=False) and runs any code "
+                "it contains")) from None
         raise WeightFileError(_torch_load_failure(path, err)) from err
 
 

@@ -1,38 +1,45 @@
 """From a weight file (or an in-memory state dict) to a filled model, one way:
 
-read it (``files``) -> resolve what it holds (``resolve``) -> map the keys (``torch_port``)
--> build and fill the model. ``from_pretrained(..., checkpoint=...)``, the converter, the
-download cache and ``resnext-flax inspect`` all go through :func:`load_model_with_report`
-or :func:`inspect_checkpoint`, with the same options.
+read it (``files``) -> resolve what it holds (``foreign``, for files of other projects) -> map
+the keys (``torch_port``) -> build and fill the model, and attach the record of what it was
+loaded with (``model.pretrained_cfg``). ``from_pretrained(..., checkpoint=...)``, the
+converter, the download cache and ``resnext-flax inspect`` all go through
+:func:`load_model_with_report` or :func:`inspect_checkpoint`, with the same options.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 from flax import nnx
 
+from resnext_flax.metadata import PretrainedCfg
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import VARIANTS, find_variant, get_spec
-from resnext_flax.weights.checkpoint import model_from_converted
+from resnext_flax.weights.checkpoint import header_labels, model_from_converted
 from resnext_flax.weights.files import WeightFile, WeightFileError, read_weight_file
-from resnext_flax.weights.resolve import (
-    Candidate,
-    CheckpointLayoutError,
-    CheckpointOptions,
-    CheckpointReport,
-    Head,
-    resolve_checkpoint,
-)
+from resnext_flax.weights.foreign.report import CheckpointLayoutError, CheckpointReport
+from resnext_flax.weights.foreign.resolve import resolve_checkpoint, suggest_fix
+from resnext_flax.weights.foreign.survey import Candidate, CheckpointOptions, Head
 from resnext_flax.weights.torch_port import (
     StateDictMismatchError,
-    load_torch_state_dict,
+    StateDictMismatchWarning,
+    compare_state_dict,
+    from_torch_layout,
+    model_name,
+    normalize_state_dict,
     to_numpy,
+    torch_variables,
+    warn_non_finite,
 )
 
-Source = str | os.PathLike | Mapping[str, Any]
+#: A path, a file already read, or an in-memory state dict or container.
+Source = str | os.PathLike | WeightFile | Mapping[str, Any]
 #: The `layout` of a :class:`CheckpointReport` on a converted checkpoint of this library.
 CONVERTED_LAYOUT = "resnext_flax converted checkpoint"
 
@@ -59,11 +66,17 @@ def inspect_checkpoint(
     options = _options(prefix, ema, key, num_classes)
     if isinstance(source, Mapping):
         return resolve_checkpoint(source, options=options, name=name, source="the state dict")
-    weight_file = read_weight_file(source, trust_pickle=trust_pickle)
+    weight_file = _read(source, trust_pickle)
     if weight_file.kind == "converted":
         return _converted_report(weight_file, options)
     return resolve_checkpoint(weight_file.content, options=options, name=name,
                               source=repr(weight_file.path), config=weight_file.config)
+
+
+def _read(source: str | os.PathLike | WeightFile, trust_pickle: bool) -> WeightFile:
+    if isinstance(source, WeightFile):
+        return source
+    return read_weight_file(source, trust_pickle=trust_pickle)
 
 
 def _converted_report(weight_file: WeightFile, options: CheckpointOptions) -> CheckpointReport:
@@ -78,18 +91,10 @@ def _converted_report(weight_file: WeightFile, options: CheckpointOptions) -> Ch
     head = Head("linear", stored) if stored else Head("none")
     chosen = Candidate((), "", "torchvision", spec, head, (), (), dict(weight_file.content), {})
     wanted = stored if options.num_classes is None else options.num_classes
-    names = meta.get("class_names")
+    names = header_labels(meta, weight_file.path)[0] if wanted == stored else None
     return CheckpointReport(source, CONVERTED_LAYOUT, (), (chosen,), chosen,
                             num_classes=wanted, fresh_head=wanted != stored and wanted > 0,
-                            class_names=tuple(_json_list(names)) if names else None,
-                            state_dict=dict(weight_file.content))
-
-
-def _json_list(text: str) -> list[str]:
-    import json
-
-    value = json.loads(text)
-    return [str(v) for v in value] if isinstance(value, list) else []
+                            class_names=names, state_dict=dict(weight_file.content))
 
 
 def load_model_with_report(
@@ -106,15 +111,14 @@ def load_model_with_report(
     """:func:`load_model`, also returning the :class:`CheckpointReport` of what was taken."""
     options = _options(prefix, ema, key, num_classes)
     if not isinstance(source, Mapping):
-        weight_file = read_weight_file(source, trust_pickle=trust_pickle)
+        weight_file = _read(source, trust_pickle)
         if weight_file.kind == "converted":
             return _load_converted(weight_file, name, options, dtype)
         report = resolve_checkpoint(weight_file.content, options=options, name=name,
                                     source=repr(weight_file.path), config=weight_file.config)
-    else:
-        report = resolve_checkpoint(source, options=options, name=name,
-                                    source="the state dict")
-    return _build(report.require(), name, dtype), report
+        return _build(report.require(), name, dtype, weight_file.path), report
+    report = resolve_checkpoint(source, options=options, name=name, source="the state dict")
+    return _build(report.require(), name, dtype, None), report
 
 
 def _load_converted(weight_file: WeightFile, name: str | None, options: CheckpointOptions,
@@ -127,10 +131,11 @@ def _load_converted(weight_file: WeightFile, name: str | None, options: Checkpoi
                          f"not {name}")
     if report.num_classes != model.num_classes:
         model.reset_classifier(report.num_classes)
+        model.pretrained_cfg = model.pretrained_cfg.with_head(report.num_classes)
     return model, report
 
 
-def _build(report: CheckpointReport, name: str | None, dtype: Any) -> ResNet:
+def _build(report: CheckpointReport, name: str | None, dtype: Any, path: str | None) -> ResNet:
     """The model of the report's architecture (or `name`'s: the strict load then names the
     difference), filled strictly, in eval mode."""
     chosen = report.chosen
@@ -151,6 +156,11 @@ def _build(report: CheckpointReport, name: str | None, dtype: Any) -> ResNet:
     if report.fresh_head:
         model.reset_classifier(report.num_classes)
     model.eval()
+    model.pretrained_cfg = PretrainedCfg(
+        architecture=name, spec=spec, num_classes=model.num_classes,
+        source=path,
+        class_names=None if report.fresh_head else report.class_names,
+        dropped=report.dropped, notes=tuple(str(n) for n in report.notes))
     return model
 
 
@@ -172,7 +182,7 @@ def load_model(
     **Arguments:**
     - `name`: the model name; checked against what the file holds (inferred if omitted).
     - `prefix`, `ema`, `key`: pick one trunk where the file holds several
-      (see :class:`~resnext_flax.weights.resolve.CheckpointOptions`).
+      (see :class:`~resnext_flax.weights.foreign.survey.CheckpointOptions`).
     - `num_classes`: None keeps the file's linear head (or none: a headless model); 0 builds a
       headless model (output = pooled features); N builds a fresh N-class head unless the
       file's head has N classes.
@@ -181,14 +191,6 @@ def load_model(
     """
     return load_model_with_report(source, name, dtype=dtype, prefix=prefix, ema=ema, key=key,
                                   num_classes=num_classes, trust_pickle=trust_pickle)[0]
-
-
-def model_from_state_dict(
-    state_dict: Mapping[str, Any], name: str | None = None, *, dtype: Any = None
-) -> ResNet:
-    """Build the architecture a state dict (or container) belongs to, checked against `name`
-    if given, and load it strictly without a random initialization; eval mode."""
-    return load_model(state_dict, name, dtype=dtype)
 
 
 def read_state_dict(
@@ -214,3 +216,40 @@ def read_state_dict(
         return {k: to_numpy(k, v) for k, v in report.state_dict.items()}
     except ValueError as err:
         raise WeightFileError(f"{report.source}: {err}") from None
+
+
+def load_torch_state_dict(
+    model: nnx.Module, state_dict: Mapping[str, Any], *, strict: bool = True
+) -> nnx.Module:
+    """Pour a torchvision state dict into `model` in place and return it.
+
+    Values may be torch tensors or numpy arrays of any floating dtype; they are cast to the
+    dtype of the model's variables. ``module.``/``_orig_mod.`` prefixes are stripped and
+    ``num_batches_tracked`` dropped. Every key, shape and dtype is checked before anything is
+    written, so a failed load leaves the model as it was. With ``strict=True`` any missing,
+    unexpected or mis-shaped key raises one :class:`StateDictMismatchError` listing them all,
+    ending with the option that would make it load where one would; with ``strict=False`` the
+    fitting keys load and the rest are reported as a :class:`StateDictMismatchWarning`. A
+    trunk under another prefix, in a container or with other names is for
+    :func:`load_model`, which finds it.
+    """
+    report = compare_state_dict(model, state_dict)
+    if not report.ok:
+        if strict:
+            fix = suggest_fix(state_dict, getattr(model, "spec", None),
+                              getattr(model, "num_classes", 0))
+            raise StateDictMismatchError(dataclasses.replace(report, fix=fix), model_name(model))
+        warnings.warn(report.format(model_name(model)), StateDictMismatchWarning, stacklevel=2)
+    sd = normalize_state_dict(state_dict)
+    skip = {k for k, _, _ in report.mismatched} | {k for k, _ in report.wrong_dtype}
+    variables = torch_variables(model)
+    arrays = {key: to_numpy(key, sd[key]) for key in variables
+              if key in sd and key not in skip}  # every dtype checked before any write
+    warn_non_finite(arrays, "the state dict")
+    for key, (leaf, var) in variables.items():
+        if key in arrays:
+            # A copy: on the CPU jnp.asarray may alias the torch tensor's memory, which torch
+            # could later change in place.
+            var.set_value(jnp.array(from_torch_layout(leaf, arrays[key]),
+                                    dtype=var.get_value().dtype, copy=True))
+    return model

@@ -19,6 +19,7 @@ temporary file and a rename, so a failed or interrupted download never leaves a 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import tempfile
@@ -40,7 +41,8 @@ from resnext_flax.weights.cache import (
     weights_url,
 )
 from resnext_flax.weights.catalog import WeightSet, resolve_weights
-from resnext_flax.weights.checkpoint import read_checkpoint_metadata, save_checkpoint
+from resnext_flax.weights.checkpoint import CheckpointError, save_checkpoint
+from resnext_flax.weights.files import read_weight_file
 from resnext_flax.weights.loading import load_model
 
 
@@ -52,7 +54,7 @@ def _convert_into_cache(
         "weights": weights.name,
         "source_url": source_url,
         "source_sha256": digest,
-    })
+    }, classes=weights.categories, preprocessing=weights.preprocessing)
 
 
 def _require_torch(weights: WeightSet) -> None:
@@ -81,7 +83,11 @@ def download_pretrained(
     - `url`: download from here instead (a mirror or a ``file://`` URL); the file must still
       carry the weight set's sha256 prefix.
     """
-    ws = resolve_weights(name, weights)
+    return _download(resolve_weights(name, weights), cache_dir, progress, url)
+
+
+def _download(ws: WeightSet, cache_dir: str | os.PathLike | None, progress: bool,
+              url: str | None) -> Path:
     dest = cached_checkpoint_path(ws, cache_dir)
     if dest.is_file():
         return dest
@@ -138,27 +144,57 @@ def from_pretrained(
       (unless the weights' head has N classes).
     - `cache_dir`, `progress`, `url`: see :func:`download_pretrained`.
     - `dtype`: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
+
+    The model's ``pretrained_cfg`` records the weight set (its class names, preprocessing and
+    source file hash); a `checkpoint` keeps what its file records and takes what it lacks
+    from the weight set (class names only if the class count matches).
     """
     ws = resolve_weights(name, weights)
     if checkpoint is not None:
-        return load_model(checkpoint, name, dtype=dtype, prefix=prefix, ema=ema, key=key,
-                          num_classes=num_classes, trust_pickle=trust_pickle)
+        model = load_model(checkpoint, name, dtype=dtype, prefix=prefix, ema=ema, key=key,
+                           num_classes=num_classes, trust_pickle=trust_pickle)
+        model.pretrained_cfg = model.pretrained_cfg.fill(
+            weights=ws.name, class_names=ws.categories, preprocessing=ws.preprocessing)
+        return model
     if prefix is not None or ema or key is not None or trust_pickle:
         raise ValueError("prefix, ema, key and trust_pickle apply to checkpoint= files only")
-    path = download_pretrained(name, ws, cache_dir=cache_dir, progress=progress, url=url)
+    return load_weight_set(ws, cache_dir=cache_dir, progress=progress, url=url, dtype=dtype,
+                           num_classes=num_classes)
+
+
+def load_weight_set(
+    weights: WeightSet,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    url: str | None = None,
+    dtype: Any = None,
+    num_classes: int | None = None,
+) -> ResNet:
+    """The model of a resolved :class:`WeightSet` (through the cache, see
+    :func:`download_pretrained`), in eval mode, with its ``pretrained_cfg``."""
+    ws = weights
+    path = _download(ws, cache_dir, progress, url)
     try:
-        meta = read_checkpoint_metadata(path)
+        weight_file = read_weight_file(path)
+        if weight_file.kind != "converted":
+            raise CheckpointError("not a resnext_flax checkpoint")
     except ValueError as err:
         raise ValueError(f"cached checkpoint {path} is unreadable; delete it to fetch it "
                          f"again ({err})") from err
-    recorded = meta.get("source_sha256", "")
+    recorded = weight_file.metadata.get("source_sha256", "")
     if not recorded.startswith(ws.sha256_prefix):
         what = (f"was converted from a file with sha256 {recorded[:16]}..." if recorded
                 else "records no source hash (not written by the download path)")
         raise ChecksumError(
             f"cached checkpoint {path} {what}, not {ws.filename}; it is not trusted as "
             f"{ws.name}: delete it to fetch it again, or load it with checkpoint=")
-    return load_model(path, name, dtype=dtype, num_classes=num_classes)
+    model = load_model(weight_file, ws.model, dtype=dtype, num_classes=num_classes)
+    model.pretrained_cfg = dataclasses.replace(
+        model.pretrained_cfg, weights=ws.name,
+        source=weight_file.metadata.get("source_url") or ws.url,
+        sha256=recorded).fill(class_names=ws.categories, preprocessing=ws.preprocessing)
+    return model
 
 
 __all__ = [
@@ -166,4 +202,5 @@ __all__ = [
     "WeightsUnavailableError",
     "download_pretrained",
     "from_pretrained",
+    "load_weight_set",
 ]

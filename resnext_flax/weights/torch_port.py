@@ -2,23 +2,31 @@
 
 Module names mirror torchvision's, so a torch key is the NNX path joined by dots with the leaf
 renamed; only two layout changes exist (conv kernels OIHW <-> HWIO, linear weights transposed),
-kept in one table.
+kept in one table. The keys and shapes a checkpoint of an architecture must hold come from the
+model itself (:func:`expected_shapes`), and every key/shape check is :func:`compare_shapes`.
+Pouring a state dict into a model is ``weights.loading``'s step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 import warnings
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from resnext_flax.models.variants import find_variant
-from resnext_flax.weights.names import describe, normalize_state_dict
-from resnext_flax.weights.resolve import suggest_fix
+from resnext_flax.errors import Message, WeightsError
+from resnext_flax.models.resnet import ResNet
+from resnext_flax.models.variants import ModelSpec, find_variant
+
+IGNORED_SUFFIXES = ("num_batches_tracked",)  # torch's BN step counter; no Flax counterpart
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile
 
 # NNX leaf name -> torch leaf name.
 _TORCH_LEAF = {
@@ -31,6 +39,10 @@ _TORCH_LEAF = {
 # Kernel rank -> axis order taking this library's layout to torch's: conv HWIO -> OIHW,
 # linear (in, out) -> (out, in). The inverse permutation goes back.
 _TO_TORCH_AXES = {4: (3, 2, 0, 1), 2: (1, 0)}
+# torch's module registration order (state-dict order), for listing keys as torch does.
+_TORCH_ORDER = {name: i for i, name in enumerate((
+    "conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample", "layer1", "layer2", "layer3",
+    "layer4", "fc", "weight", "bias", "running_mean", "running_var"))}
 
 
 def _torch_axes(leaf: str, ndim: int, *, inverse: bool = False) -> tuple[int, ...] | None:
@@ -68,6 +80,89 @@ def torch_variables(model: nnx.Module) -> dict[str, tuple[str, nnx.Variable]]:
         if isinstance(variable, nnx.Param | nnx.BatchStat):
             out[_torch_key(path)] = (path[-1], variable)
     return out
+
+
+def _torch_order(key: str) -> tuple[int, ...]:
+    return tuple(int(p) if p.isdigit() else _TORCH_ORDER.get(p, len(_TORCH_ORDER))
+                 for p in key.split("."))
+
+
+@functools.lru_cache(maxsize=64)
+def expected_shapes(spec: ModelSpec, num_classes: int = 0) -> Mapping[str, tuple[int, ...]]:
+    """Every key of a torchvision state dict of `spec` (without ``num_batches_tracked``) and
+    its torch shape, in torch's order; ``fc`` only if `num_classes` > 0. Read off an abstract
+    model (``nnx.eval_shape``: nothing is allocated), so the architecture is described once."""
+    model = nnx.eval_shape(lambda: ResNet(spec, num_classes=num_classes, rngs=nnx.Rngs(0)))
+    shapes = {key: torch_shape(leaf, var.get_value().shape)
+              for key, (leaf, var) in torch_variables(model).items()}
+    return MappingProxyType({k: shapes[k] for k in sorted(shapes, key=_torch_order)})
+
+
+def normalize_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Strip DataParallel/DDP (``module.``) and torch.compile (``_orig_mod.``) prefixes and
+    drop ``num_batches_tracked``; values are left as they are."""
+    out = {}
+    for key, value in state_dict.items():
+        key = str(key)
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        if key.endswith(IGNORED_SUFFIXES):
+            continue
+        out[key] = value
+    return out
+
+
+def infer_spec(state_dict: Mapping[str, Any]) -> tuple[ModelSpec, int] | None:
+    """The architecture and class count (0: no linear ``fc``) a torchvision-named state dict
+    was saved from, or None if its keys do not describe a ResNet-family model: the block
+    counts, the block kind and the grouped conv's shape are all a :class:`ModelSpec` needs."""
+    sd = normalize_state_dict(state_dict)
+    try:
+        blocks = []
+        for stage in range(1, 5):
+            indices = {int(m.group(1)) for k in sd
+                       if (m := re.match(rf"layer{stage}\.(\d+)\.conv1\.weight$", k))}
+            blocks.append(len(indices))
+        conv2 = tuple(sd["layer1.0.conv2.weight"].shape)
+        fc = sd.get("fc.weight")
+        num_classes = int(fc.shape[0]) if fc is not None and len(fc.shape) == 2 else 0
+        if not all(blocks):
+            return None
+        if "layer1.0.conv3.weight" in sd:
+            width, per_group = conv2[0], conv2[1]
+            spec = ModelSpec("bottleneck", tuple(blocks), groups=width // per_group,
+                             width_per_group=per_group)
+        else:
+            spec = ModelSpec("basic", tuple(blocks))
+    except (KeyError, AttributeError, IndexError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return spec, num_classes
+
+
+def infer_architecture(state_dict: Mapping[str, Any]) -> str | None:
+    """torchvision's name for the architecture of a state dict, or None if not one of ours."""
+    inferred = infer_spec(state_dict)
+    return find_variant(inferred[0]) if inferred else None
+
+
+def arch_phrase(spec: ModelSpec | None) -> str:
+    """``"resnet50"``, or what else `spec` is, for messages."""
+    if spec is None:
+        return "an unknown architecture"
+    return find_variant(spec) or f"an unlisted ResNet ({spec})"
+
+
+def describe(state_dict: Mapping[str, Any]) -> str:
+    """One phrase for messages: which architecture the state dict looks like."""
+    inferred = infer_spec(state_dict)
+    if inferred is None:
+        return "it does not look like a torchvision ResNet-family state dict"
+    spec, num_classes = inferred
+    return f"it looks like {arch_phrase(spec)} with num_classes={num_classes}"
 
 
 def to_torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -112,13 +207,20 @@ class StateDictReport:
     mismatched: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]
     source: str
     wrong_dtype: tuple[tuple[str, str], ...] = ()  # (key, dtype) of non-float tensors
-    fix: str | None = None
+    fix: Message | None = None
 
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched or self.wrong_dtype)
 
-    def format(self, model_name: str) -> str:
+    def summary(self) -> tuple[str, ...]:
+        """One short phrase per kind of problem: ``"80 missing (a, b, c, ...)"``."""
+        found = [("missing", self.missing), ("unexpected", self.unexpected),
+                 ("mis-shaped", tuple(k for k, _, _ in self.mismatched))]
+        return tuple(f"{len(ks)} {what} ({', '.join(ks[:3])}{', ...' if len(ks) > 3 else ''})"
+                     for what, ks in found if ks)
+
+    def format(self, model_name: str) -> Message:
         lines = [f"state dict does not fit {model_name}: {self.source}."]
         if self.missing:
             lines.append(f"{len(self.missing)} missing key(s): {', '.join(self.missing)}")
@@ -131,11 +233,11 @@ class StateDictReport:
             lines.append(f"{len(self.wrong_dtype)} key(s) that are not floating point: "
                          + ", ".join(f"{k} ({d})" for k, d in self.wrong_dtype))
         if self.fix:
-            lines.append(f"fix: {self.fix}")
-        return "\n".join(lines)
+            return Message("\n".join(lines), "\nfix: ", self.fix)
+        return Message("\n".join(lines))
 
 
-class StateDictMismatchError(ValueError):
+class StateDictMismatchError(WeightsError):
     """A state dict does not fit the model; the message lists every offending key."""
 
     def __init__(self, report: StateDictReport, model_name: str):
@@ -163,9 +265,10 @@ def warn_non_finite(arrays: Mapping[str, np.ndarray], source: str) -> None:
 def compare_shapes(
     expected: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[int, ...]], source: str
 ) -> StateDictReport:
-    """The report for two key -> shape tables (what a model needs, what a file holds)."""
-    mismatched = [(k, tuple(expected[k]), tuple(got[k])) for k in expected.keys() & got.keys()
-                  if tuple(expected[k]) != tuple(got[k])]
+    """The one key/shape check: the report for two key -> shape tables (what a model needs,
+    what a file holds)."""
+    mismatched = [(k, tuple(expected[k]), tuple(got[k])) for k in got
+                  if k in expected and tuple(expected[k]) != tuple(got[k])]
     return StateDictReport(
         missing=tuple(k for k in expected if k not in got),
         unexpected=tuple(k for k in got if k not in expected),
@@ -188,8 +291,9 @@ def compare_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> Stat
     """Which keys of a (torchvision-named) state dict fit the model (names, shapes, floating
     dtypes), without loading any."""
     sd = normalize_state_dict(state_dict)
-    expected = {key: torch_shape(leaf, var.get_value().shape)
-                for key, (leaf, var) in torch_variables(model).items()}
+    variables = torch_variables(model)
+    expected = {key: torch_shape(variables[key][0], variables[key][1].get_value().shape)
+                for key in sorted(variables, key=_torch_order)}
     report = compare_shapes(expected, {k: tuple(np.shape(v)) for k, v in sd.items()},
                             describe(sd))
     wrong = tuple((k, d) for k in expected if k in sd and (d := _dtype_name(sd[k])))
@@ -201,38 +305,3 @@ def model_name(model: nnx.Module) -> str:
     spec = getattr(model, "spec", None)
     name = find_variant(spec) if spec is not None else None
     return name or type(model).__name__
-
-
-def load_torch_state_dict(
-    model: nnx.Module, state_dict: Mapping[str, Any], *, strict: bool = True
-) -> nnx.Module:
-    """Pour a torchvision state dict into `model` in place and return it.
-
-    Values may be torch tensors or numpy arrays of any floating dtype; they are cast to the
-    dtype of the model's variables. ``module.``/``_orig_mod.`` prefixes are stripped and
-    ``num_batches_tracked`` dropped. Every key, shape and dtype is checked before anything is
-    written, so a failed load leaves the model as it was. With ``strict=True`` any missing,
-    unexpected or mis-shaped key raises one :class:`StateDictMismatchError` listing them all;
-    with ``strict=False`` the fitting keys load and the rest are reported as a
-    :class:`StateDictMismatchWarning`. A trunk under another prefix, in a container or with
-    other names is for :func:`resnext_flax.load_model`, which finds it (the error says so).
-    """
-    report = compare_state_dict(model, state_dict)
-    if not report.ok:
-        if strict:
-            fix = suggest_fix(state_dict, getattr(model, "spec", None),
-                              getattr(model, "num_classes", 0))
-            raise StateDictMismatchError(dataclasses.replace(report, fix=fix), model_name(model))
-        warnings.warn(report.format(model_name(model)), StateDictMismatchWarning, stacklevel=2)
-    sd = normalize_state_dict(state_dict)
-    skip = {k for k, _, _ in report.mismatched} | {k for k, _ in report.wrong_dtype}
-    arrays = {key: to_numpy(key, sd[key]) for key in torch_variables(model)
-              if key in sd and key not in skip}  # every dtype checked before any write
-    warn_non_finite(arrays, "the state dict")
-    for key, (leaf, var) in torch_variables(model).items():
-        if key in arrays:
-            # A copy: on the CPU jnp.asarray may alias the torch tensor's memory, which torch
-            # could later change in place.
-            var.set_value(jnp.array(from_torch_layout(leaf, arrays[key]),
-                                    dtype=var.get_value().dtype, copy=True))
-    return model

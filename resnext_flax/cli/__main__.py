@@ -1,0 +1,7 @@
+"""``python -m resnext_flax.cli``."""
+
+import sys
+
+from resnext_flax.cli import main
+
+sys.exit(main())

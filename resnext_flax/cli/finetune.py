@@ -1,0 +1,108 @@
+"""``resnext-flax finetune``: fine-tune on an image folder, around
+:func:`resnext_flax.finetuning.finetune`; :func:`finetune_parser` and :func:`config_from_args`
+serve scripts that wrap it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from resnext_flax.cli.common import add_loader_arguments
+from resnext_flax.models.variants import VARIANTS
+
+_FINETUNE_DESCRIPTION = (
+    "Fine-tune a model on an ImageFolder layout or a list file: a new head for its classes, "
+    "validation each epoch, resumable checkpoints in --output-dir, and the best model written "
+    "to OUTPUT_DIR/best.safetensors with the class names in its header.")
+
+
+def add_parser(commands: Any) -> None:
+    """``resnext-flax finetune TRAIN_DIR [--val-dir DIR | --val-split F] --model NAME ...``"""
+    parser = commands.add_parser(
+        "finetune", help="fine-tune on an image folder (new head for its classes)",
+        description=_FINETUNE_DESCRIPTION)
+    _add_finetune_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def finetune_parser() -> argparse.ArgumentParser:
+    """A stand-alone parser of the ``finetune`` arguments (for scripts that wrap it)."""
+    parser = argparse.ArgumentParser(prog="resnext-flax finetune",
+                                     description=_FINETUNE_DESCRIPTION)
+    _add_finetune_arguments(parser)
+    return parser
+
+
+def _add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    # Unset options are left to FinetuneConfig's defaults (None here), so building the parser
+    # imports nothing heavy.
+    p.add_argument("train", metavar="TRAIN_DIR", help="training folder or list file")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--val-dir", metavar="DIR", help="validation folder or list file")
+    val.add_argument("--val-split", type=float, metavar="F",
+                     help="hold out this fraction of each class for validation")
+    p.add_argument("--model", required=True, choices=list(VARIANTS), metavar="NAME")
+    p.add_argument("--weights", default="DEFAULT", metavar="TAG|PATH",
+                   help="weight set tag, a local .pth/.safetensors file, or 'none' for random "
+                        "initialization (default DEFAULT)")
+    p.add_argument("--checkpoint", metavar="PATH", help="start from this local file (same as "
+                                                        "--weights PATH)")
+    p.add_argument("--output-dir", default="finetune-run", metavar="DIR",
+                   help="checkpoints, history.json and best.safetensors (default "
+                        "./finetune-run); rerun with the same directory to resume")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, metavar="N",
+                   help="global batch, a multiple of the device count")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"))
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--momentum", type=float, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, help="on conv and linear kernels only")
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--freeze-backbone", action="store_true", help="train the head only")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 compute")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--min-scale", type=float,
+                   help="RandomResizedCrop's smallest area fraction (default 0.08)")
+    p.add_argument("--hflip", type=float, help="horizontal flip probability (default 0.5)")
+    p.add_argument("--save-every", type=int, metavar="STEPS",
+                   help="also checkpoint every N steps (default: each epoch)")
+    add_loader_arguments(p)
+
+
+#: Options passed to FinetuneConfig under their own names, when given.
+_CONFIG_OPTIONS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
+                   "warmup_epochs", "label_smoothing", "seed", "val_split", "save_every")
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`FinetuneConfig` the ``finetune`` arguments describe (its defaults for
+    options not given)."""
+    from resnext_flax.augment import Augmentation
+    from resnext_flax.finetuning import FinetuneConfig
+
+    given = {k: getattr(args, k) for k in _CONFIG_OPTIONS if getattr(args, k) is not None}
+    augmentation = {}
+    if args.min_scale is not None:
+        augmentation["scale"] = (args.min_scale, 1.0)
+    if args.hflip is not None:
+        augmentation["hflip"] = args.hflip
+    weights = args.checkpoint or args.weights
+    return FinetuneConfig(
+        model=args.model, weights=None if weights.lower() in ("none", "random") else weights,
+        freeze_backbone=args.freeze_backbone, bf16=args.bf16, resize_size=args.resize_size,
+        crop_size=args.crop_size, augmentation=Augmentation(**augmentation), **given)
+
+
+def run(args: argparse.Namespace) -> str:
+    """Run ``finetune`` (epoch lines are printed as they come) and return the summary."""
+    from resnext_flax.finetuning import finetune, finetune_summary
+    from resnext_flax.pipeline import LoaderOptions
+
+    result = finetune(args.train, config_from_args(args), args.output_dir, val=args.val_dir,
+                      loader=LoaderOptions(args.workers, args.threads),
+                      progress=not args.no_progress, cache_dir=args.cache_dir)
+    return finetune_summary(result) + (
+        f"\npredict with: resnext-flax predict IMAGE --model {args.model} --checkpoint "
+        f"{os.path.join(args.output_dir, 'best.safetensors')}")

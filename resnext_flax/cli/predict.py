@@ -1,0 +1,50 @@
+"""``resnext-flax predict``: classify images with a pretrained or local model; the class
+names and preprocessing are what the loaded model records."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from resnext_flax.models.variants import VARIANTS
+
+
+def add_parser(commands: Any) -> None:
+    predict = commands.add_parser("predict", help="classify images with a pretrained model")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    predict.add_argument("--model", required=True, choices=list(VARIANTS), metavar="NAME",
+                         help="model name, e.g. resnet50 (see `resnext-flax list`)")
+    predict.add_argument("--weights", default="DEFAULT", metavar="TAG",
+                         help="weight set: DEFAULT, IMAGENET1K_V1 or IMAGENET1K_V2")
+    predict.add_argument("--checkpoint", metavar="PATH",
+                         help="local .pth / .safetensors / converted checkpoint (no download)")
+    predict.add_argument("--top-k", type=int, default=5, metavar="K")
+    predict.add_argument("--batch-size", type=int, default=16, metavar="N")
+    predict.add_argument("--cache-dir", metavar="DIR",
+                         help="converted-checkpoint cache (default $RESNEXT_FLAX_CACHE or "
+                              "~/.cache/resnext_flax)")
+    predict.add_argument("--no-progress", action="store_true", help="no download progress bar")
+    predict.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> str:
+    """The top classes of each image."""
+    from resnext_flax.inference import Predictor
+
+    for option, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{option} must be at least 1, got {value}")
+    predictor = Predictor.from_pretrained(
+        args.model, args.weights, checkpoint=args.checkpoint, cache_dir=args.cache_dir,
+        progress=not args.no_progress, top_k=args.top_k, batch_size=args.batch_size,
+    )
+    result = predictor.classify(args.images)
+    lines = []
+    for i, image in enumerate(args.images):
+        lines.append(image)
+        if not result.finite[i]:
+            lines.append("  non-finite logits (NaN or Inf in the image or the weights)")
+            continue
+        for rank, (label, p) in enumerate(result.top(i), start=1):
+            lines.append(f"  {rank}. {label:<40} {100 * p:6.2f}%")
+    return "\n".join(lines)
