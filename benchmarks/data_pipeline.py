@@ -7,7 +7,7 @@ Three numbers, so it is visible whether the input pipeline or the model is the b
    training loader (random resized crop + flip); as the alternative measured against it, the
    library's thread-pool ``preprocess(paths, num_workers=T)`` (no Grain, no processes);
 2. **model alone**: images/s of the sharded evaluation program on batches already in memory;
-3. **evaluate end to end**: ``resnext_flax.evaluate`` on the folder (images/s after the first
+3. **evaluate end to end**: ``evaluate`` on the folder (images/s after the first
    batch, which includes compilation).
 
 If (3) is close to (2), the model is the bottleneck; if it is close to (1), the pipeline is.
@@ -42,7 +42,7 @@ from PIL import Image
 
 import resnext_flax
 from resnext_flax import datasets, parallel, pipeline
-from resnext_flax.evaluation import _sharded_outputs
+from resnext_flax.evaluation import _sharded_outputs, evaluate
 from resnext_flax.metadata import Preprocessing
 from resnext_flax.models.functional import CompiledModel
 
@@ -81,7 +81,7 @@ def _time_loader(make: Any) -> tuple[float, float]:
 def _time_threads(paths: list[str], config: Preprocessing, batch: int, threads: int) -> float:
     start = time.perf_counter()
     for i in range(0, len(paths), batch):
-        resnext_flax.preprocess(paths[i:i + batch], config, num_workers=threads)
+        resnext_flax.preprocess.preprocess(paths[i:i + batch], config, num_workers=threads)
     return len(paths) / (time.perf_counter() - start)
 
 
@@ -169,7 +169,7 @@ def _measure(args: argparse.Namespace, workers: list[int], config: Preprocessing
         record("threadpool_preprocess", _time_threads(list(dataset.paths), config, batch,
                                                       args.threads))
         record("model_alone", model_alone())
-        result = resnext_flax.evaluate(model, dataset, preprocessing=config, batch_size=batch,
+        result = evaluate(model, dataset, preprocessing=config, batch_size=batch,
                                        loader=pipeline.LoaderOptions(
                                            num_workers=max(workers), num_threads=args.threads),
                                        mesh=mesh, progress=False)

@@ -22,6 +22,7 @@ import sys
 import zipfile
 
 import resnext_flax
+from resnext_flax.metadata import imagenet_categories
 
 OUTPUT = pathlib.Path(resnext_flax.__file__).parent / "data" / "imagenet_wnids.txt"
 SYNSETS = "timm/data/_info/imagenet_synsets.txt"
@@ -45,7 +46,7 @@ def main(wheel: str) -> None:
         raise SystemExit("expected 1000 distinct WordNet ids in sorted order")
     if not all(re.fullmatch(r"n\d{8}", w) for w in wnids):
         raise SystemExit("not every line is a WordNet id n########")
-    categories = resnext_flax.imagenet_categories()
+    categories = imagenet_categories()
     wrong = [(i, w, c) for i, (w, c) in enumerate(zip(wnids, categories, strict=True))
              if not _matches(c, lemmas[w])]
     if wrong:

@@ -27,10 +27,13 @@ from torch_reference import torch_model
 
 import resnext_flax
 from resnext_flax import cli, training
+from resnext_flax.preprocess import load_image
 from resnext_flax.weights import files
 from resnext_flax.weights.cache import CACHE_ENV, ChecksumError, WeightsUnavailableError
+from resnext_flax.weights.catalog import get_weight_set
 from resnext_flax.weights.checkpoint import CheckpointError
-from resnext_flax.weights.torch_port import NonFiniteWeightsWarning
+from resnext_flax.weights.pretrained import download_pretrained
+from resnext_flax.weights.torch_port import NonFiniteWeightsWarning, StateDictMismatchError
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -146,7 +149,7 @@ def test_failed_load_leaves_the_model_unchanged(torch_resnet18, bad):
     before = np.asarray(model.conv1.kernel.get_value()).copy()
     state_dict = dict(torch_resnet18.state_dict())
     state_dict["fc.bias"] = bad  # the last key: everything before it fits
-    with pytest.raises(resnext_flax.StateDictMismatchError, match=r"fc\.bias"):
+    with pytest.raises(StateDictMismatchError, match=r"fc\.bias"):
         resnext_flax.load_torch_state_dict(model, state_dict)
     np.testing.assert_array_equal(model.conv1.kernel.get_value(), before)
 
@@ -182,9 +185,9 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     with Image.open(path) as raw:
         clipped = np.asarray(raw.convert("RGB"))  # Pillow's (and torchvision's) conversion
     assert clipped.mean() > 250  # the bug: nearly white
-    ours = np.asarray(resnext_flax.load_image(path))
+    ours = np.asarray(load_image(path))
     assert abs(ours.mean() - 127.5) < 0.5
-    batch = resnext_flax.preprocess([path])
+    batch = resnext_flax.preprocess.preprocess([path])
     assert np.isfinite(batch).all() and batch.std() > 0.5
 
 
@@ -192,7 +195,7 @@ def test_float_images_are_refused(tmp_path):
     path = tmp_path / "float.tiff"
     Image.fromarray(np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)).save(path)
     with pytest.raises(ValueError, match="floating-point pixels"):
-        resnext_flax.load_image(path)
+        load_image(path)
 
 
 # ---- 6. hostile converted-checkpoint headers ------------------------------------------------
@@ -243,7 +246,7 @@ def test_endless_download_stops_at_the_expected_size(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     start = time.perf_counter()
     with pytest.raises(ChecksumError, match="sent more than"):
-        resnext_flax.download_pretrained("resnet18", url="file:///dev/zero", progress=False)
+        download_pretrained("resnet18", url="file:///dev/zero", progress=False)
     assert time.perf_counter() - start < 60
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
@@ -284,7 +287,7 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
 
 def test_cached_file_without_source_hash_is_not_trusted(tmp_path, monkeypatch, converted):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
-    ws = resnext_flax.get_weight_set("resnet18")
+    ws = get_weight_set("resnet18")
     planted = tmp_path / (ws.filename.rsplit(".", 1)[0] + ".safetensors")
     planted.write_bytes(converted.read_bytes())  # random weights, no source_sha256
     with pytest.raises(ChecksumError, match="records no source hash"):
@@ -333,7 +336,7 @@ def test_cache_dir_that_is_a_file_is_named(tmp_path):
     blocker = tmp_path / "cache"
     blocker.write_text("not a folder")
     with pytest.raises(WeightsUnavailableError, match=f"cache folder {blocker} is a file"):
-        resnext_flax.download_pretrained("resnet18", cache_dir=blocker, url="file:///nowhere")
+        download_pretrained("resnet18", cache_dir=blocker, url="file:///nowhere")
 
 
 def test_reserved_or_non_string_metadata_is_refused(tmp_path):
@@ -385,4 +388,4 @@ def test_image_bytes_that_are_no_image(tmp_path):
     path = tmp_path / "fake.jpg"
     path.write_bytes(io.BytesIO(b"GIF89a garbage").getvalue())
     with pytest.raises(ValueError, match=r"could not read .*fake\.jpg.* as an image"):
-        resnext_flax.load_image(path)
+        load_image(path)

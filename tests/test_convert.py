@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch_reference import random_images, relative_error, to_nchw, torch_model
 
 import resnext_flax
+from resnext_flax.models.variants import VARIANTS
 from resnext_flax.weights.conversion import convert_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +45,7 @@ def test_converter_end_to_end(tmp_path, suffix):
     assert sorted(os.listdir(output.parent)) == ["resnext50.safetensors"]
 
     model = resnext_flax.load_checkpoint(output)
-    assert model.num_classes == 10 and model.spec == resnext_flax.VARIANTS["resnext50_32x4d"]
+    assert model.num_classes == 10 and model.spec == VARIANTS["resnext50_32x4d"]
     images = random_images(2, 65, 77, seed=5)
     with torch.no_grad():
         expected = reference(to_nchw(images)).numpy()
@@ -59,7 +60,7 @@ def test_a_bfloat16_safetensors_source_converts_and_verifies(tmp_path):
     output = tmp_path / "resnet18.safetensors"
     report = convert_checkpoint(source, output, probe_shape=(1, 64, 64))
     assert report.relative_error <= 1e-5
-    assert resnext_flax.load_checkpoint(output).spec == resnext_flax.VARIANTS["resnet18"]
+    assert resnext_flax.load_checkpoint(output).spec == VARIANTS["resnet18"]
 
 
 def test_converter_rejects_the_wrong_model_and_writes_nothing(tmp_path):

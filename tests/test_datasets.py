@@ -10,8 +10,8 @@ import pytest
 import torchvision
 from folder_helpers import corrupt_files, mixed_folder, photo_crop, write_image
 
-from resnext_flax import datasets, imagenet_categories
-from resnext_flax.metadata import imagenet_wnids
+from resnext_flax import datasets
+from resnext_flax.metadata import imagenet_categories, imagenet_wnids
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,9 @@ from pretrained_helpers import (
 from torchvision.models import get_model_weights
 
 import resnext_flax
-from resnext_flax import Predictor, Preprocessing, preprocess
+from resnext_flax import Predictor
+from resnext_flax.metadata import Preprocessing
+from resnext_flax.preprocess import preprocess
 
 # A plain ResNet (weights V1: resize 256) and a grouped ResNeXt (DEFAULT = V2: resize 232).
 MODELS = ["resnet18", "resnext50_32x4d"]

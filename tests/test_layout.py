@@ -6,6 +6,9 @@ from __future__ import annotations
 import ast
 import inspect
 import pathlib
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -102,3 +105,45 @@ def test_public_api_is_explicit():
             assert value.__doc__, f"{name} has no docstring"
     source = (PACKAGE / "__init__.py").read_text()
     assert "globals()" not in source
+
+
+# What a user types in the README; the rest lives in the subpackages.
+NARROW_SURFACE = {
+    "create_model", "list_models", "resnet18", "resnet34", "resnet50", "resnet101",
+    "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2",
+    "wide_resnet101_2", "ResNet", "from_pretrained", "list_weight_sets", "load_model",
+    "inspect_checkpoint", "read_state_dict", "load_torch_state_dict", "to_torch_state_dict",
+    "load_checkpoint", "save_checkpoint", "optimize_for_inference", "ConvPolicy", "Predictor",
+    "FeatureExtractor", "ResnextFlaxError",
+}
+
+
+def test_public_surface_is_narrow():
+    assert set(resnext_flax.__all__) == NARROW_SURFACE
+    assert set(resnext_flax.__all__) <= set(dir(resnext_flax))
+    with pytest.raises(AttributeError, match="no attribute 'compare_state_dict'"):
+        _ = resnext_flax.compare_state_dict
+
+
+def test_importing_the_package_imports_no_optional_dependency():
+    """``import resnext_flax`` (and building a model) loads neither the training, data and
+    evaluation modules nor what they need (Grain, Orbax, tqdm) nor torch. optax counts only
+    where the library itself brings it in: ``flax.nnx`` imports it on its own."""
+    code = textwrap.dedent("""
+        import sys
+        import jax
+        from flax import nnx
+        before = set(sys.modules)
+        import resnext_flax
+        resnext_flax.create_model("resnet18", num_classes=3)
+        heavy = ("optax", "grain", "orbax", "torch", "torchvision", "tqdm",
+                 "resnext_flax.training", "resnext_flax.evaluation", "resnext_flax.finetuning",
+                 "resnext_flax.parallel", "resnext_flax.pipeline", "resnext_flax.datasets",
+                 "resnext_flax.cli")
+        added = set(sys.modules) - before
+        print(sorted(m for m in added if m in heavy or m.split(".")[0] in heavy
+                     or any(m.startswith(h + ".") for h in heavy)))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]", out

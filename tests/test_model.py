@@ -11,6 +11,8 @@ import torchvision
 from flax import nnx
 
 import resnext_flax
+from resnext_flax.models.resnet import FEATURE_NAMES
+from resnext_flax.models.variants import VARIANTS
 
 # torchvision's published parameter counts (weights enums' `num_params`), not computed here.
 PUBLISHED_PARAMS = {
@@ -51,7 +53,7 @@ def test_every_variant_has_an_explicit_constructor():
         assert build.__name__ == name and name in build.__doc__
         assert build.__module__ == "resnext_flax.builders"  # a def, visible to IDEs
         model = nnx.eval_shape(lambda b=build: b(num_classes=3))
-        assert model.spec == resnext_flax.VARIANTS[name]
+        assert model.spec == VARIANTS[name]
         assert model.fc.kernel.get_value().shape == (model.num_features, 3)
 
 
@@ -124,9 +126,9 @@ def test_unknown_model_lists_the_known_ones():
 
 def test_variant_table_is_frozen():
     with pytest.raises(TypeError):
-        resnext_flax.VARIANTS["resnet9"] = resnext_flax.VARIANTS["resnet18"]
+        VARIANTS["resnet9"] = VARIANTS["resnet18"]
     with pytest.raises(AttributeError):
-        resnext_flax.VARIANTS["resnet18"].groups = 2
+        VARIANTS["resnet18"].groups = 2
 
 
 def test_grouped_conv_width_and_groups():
@@ -168,7 +170,7 @@ def test_zero_init_residual_zeroes_each_blocks_last_bn():
 
 def test_features_have_the_documented_shapes(resnet18):
     features = resnet18.forward_features(jnp.ones((1, 97, 131, 3)))
-    assert tuple(features) == resnext_flax.FEATURE_NAMES
+    assert tuple(features) == FEATURE_NAMES
     assert features["stem"].shape == (1, 25, 33, 64)
     assert features["layer1"].shape == (1, 25, 33, 64)
     assert features["layer2"].shape == (1, 13, 17, 128)

@@ -24,6 +24,7 @@ from torch_reference import (
 from torch_reference import torch_model as make_torch_model
 
 import resnext_flax
+from resnext_flax.models.resnet import FEATURE_NAMES
 
 ODD_SIZE = (97, 131)
 FULL_SIZE = (224, 224)
@@ -115,7 +116,7 @@ def test_every_stage_matches_torchvision(pair: Pair, backend: str):
     actual = pair.flax_outputs(backend, 2, ODD_SIZE)
     expected = pair.torch_outputs(2, ODD_SIZE)
     bounds = pair.bounds(2, ODD_SIZE)
-    for name in resnext_flax.FEATURE_NAMES:
+    for name in FEATURE_NAMES:
         assert actual[name].shape == expected[name].shape, name
         err = relative_error(actual[name], expected[name])
         assert err <= bounds[name], f"{name}: relative error {err:.2e} > {bounds[name]:.1e}"

@@ -14,9 +14,10 @@ from folder_helpers import corrupt_files, learnable_folder, photo_crop
 from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from resnext_flax import datasets, pipeline, preprocess_image
+from resnext_flax import datasets, pipeline
 from resnext_flax.augment import Augmentation, augment_image, random_resized_crop_box
 from resnext_flax.metadata import Preprocessing
+from resnext_flax.preprocess import preprocess_image
 
 CONFIG = Preprocessing(resize_size=36, crop_size=32)
 

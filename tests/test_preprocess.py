@@ -11,8 +11,15 @@ from torchvision.models import get_model_weights
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
-from resnext_flax import Preprocessing, get_weight_set, load_image, preprocess, preprocess_image
-from resnext_flax.preprocess import center_crop_offsets, resized_size
+from resnext_flax.metadata import Preprocessing
+from resnext_flax.preprocess import (
+    center_crop_offsets,
+    load_image,
+    preprocess,
+    preprocess_image,
+    resized_size,
+)
+from resnext_flax.weights.catalog import get_weight_set
 
 
 def reference(transform, image: Image.Image) -> np.ndarray:

@@ -17,23 +17,21 @@ import torch_reference
 from pretrained_helpers import save_torchvision_file, sha256
 
 import resnext_flax
-from resnext_flax import (
-    ChecksumError,
-    StateDictMismatchError,
-    WeightsUnavailableError,
-    from_pretrained,
-    get_weight_set,
-)
+from resnext_flax import from_pretrained
 from resnext_flax.weights.cache import (
     BASE_URL_ENV,
     CACHE_ENV,
     OFFLINE_ENV,
+    ChecksumError,
+    WeightsUnavailableError,
     cached_checkpoint_path,
     default_cache_dir,
     torch_hub_checkpoint_dir,
     weights_url,
 )
+from resnext_flax.weights.catalog import WeightSet, get_weight_set
 from resnext_flax.weights.checkpoint import read_checkpoint_metadata
+from resnext_flax.weights.torch_port import StateDictMismatchError
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +54,7 @@ def isolated_dirs(tmp_path, monkeypatch):
     monkeypatch.delenv(OFFLINE_ENV, raising=False)
 
 
-def local_weight_set(path: pathlib.Path) -> resnext_flax.WeightSet:
+def local_weight_set(path: pathlib.Path) -> WeightSet:
     """resnet18's table entry pointed at a local file (its name carries its sha256 prefix)."""
     return dataclasses.replace(get_weight_set("resnet18"), url=path.as_uri())
 
@@ -265,7 +263,7 @@ def test_cached_load_and_predict_need_no_torch(tmp_path, pth, torch_resnet18):
         sys.modules["torch"] = None  # any `import torch` now fails
         import numpy as np
         import resnext_flax
-        ws = dataclasses.replace(resnext_flax.get_weight_set("resnet18"),
+        ws = dataclasses.replace(get_weight_set("resnet18"),
                                  url="file:///nowhere/{pth.name}")
         model = resnext_flax.from_pretrained("resnet18", ws)
         out = resnext_flax.Predictor.from_model(model)(np.load({str(tmp_path / "x.npy")!r}))

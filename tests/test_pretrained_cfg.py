@@ -17,12 +17,15 @@ from pretrained_helpers import sample_image_paths, save_torchvision_file, sha256
 
 import resnext_flax
 from resnext_flax import cli
-from resnext_flax.metadata import PretrainedCfg, imagenet_categories
+from resnext_flax.metadata import Preprocessing, PretrainedCfg, imagenet_categories
+from resnext_flax.models.folding import fold_batchnorm
 from resnext_flax.models.functional import pure_forward
+from resnext_flax.models.variants import VARIANTS
 from resnext_flax.weights.cache import BASE_URL_ENV, CACHE_ENV, OFFLINE_ENV
 from resnext_flax.weights.catalog import get_weight_set
 from resnext_flax.weights.checkpoint import read_safetensors_metadata
 from resnext_flax.weights.conversion import convert_checkpoint
+from resnext_flax.weights.pretrained import download_pretrained
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +76,7 @@ def test_a_loaded_file_records_what_it_was(pth):
     cfg = model.pretrained_cfg
     assert isinstance(cfg, PretrainedCfg)
     assert (cfg.architecture, cfg.spec, cfg.num_classes) == (
-        "resnet18", resnext_flax.VARIANTS["resnet18"], 1000)
+        "resnet18", VARIANTS["resnet18"], 1000)
     assert cfg.source == str(pth) and cfg.dropped == () and cfg.class_names is None
     headless = resnext_flax.load_model(pth, num_classes=0).pretrained_cfg
     assert headless.num_classes == 0 and headless.dropped == ("fc.weight", "fc.bias")
@@ -85,7 +88,7 @@ def test_the_record_survives_split_clone_and_folding(pth):
     graphdef, state = nnx.split(model)
     assert nnx.merge(graphdef, state).pretrained_cfg == cfg
     assert nnx.clone(model).pretrained_cfg == cfg
-    assert resnext_flax.fold_batchnorm(model).pretrained_cfg == cfg
+    assert fold_batchnorm(model).pretrained_cfg == cfg
     # It sits in the graph definition jit hashes: equal records, one compilation.
     assert hash(cfg) == hash(dataclasses.replace(cfg)) and cfg == dataclasses.replace(cfg)
     fn, variables = pure_forward(model)
@@ -101,7 +104,7 @@ def test_from_pretrained_records_the_weight_set(pth):
     assert cfg.source == pth.as_uri()
     assert cfg.class_names == imagenet_categories() and cfg.preprocessing == ws.preprocessing
     # The cached file records them too: loading it alone gives the same record.
-    cached = resnext_flax.download_pretrained("resnet18", ws, progress=False)
+    cached = download_pretrained("resnet18", ws, progress=False)
     assert resnext_flax.load_checkpoint(cached).pretrained_cfg == cfg
     fresh = resnext_flax.from_pretrained("resnet18", ws, num_classes=4, progress=False)
     assert fresh.pretrained_cfg.class_names is None and fresh.pretrained_cfg.num_classes == 4
@@ -152,7 +155,7 @@ def test_predictor_reads_the_record(pth):
     model.reset_classifier(2)
     model.pretrained_cfg = dataclasses.replace(
         model.pretrained_cfg, num_classes=2, class_names=("cat", "dog"),
-        preprocessing=resnext_flax.Preprocessing(resize_size=40, crop_size=32))
+        preprocessing=Preprocessing(resize_size=40, crop_size=32))
     predictor = resnext_flax.Predictor.from_model(model)
     assert predictor.categories == ("cat", "dog")
     assert predictor.preprocessing.crop_size == 32
@@ -168,7 +171,7 @@ def test_saving_a_model_writes_what_it_carries(pth, tmp_path):
     model.reset_classifier(2)
     model.pretrained_cfg = dataclasses.replace(
         model.pretrained_cfg, num_classes=2, class_names=("cat", "dog"),
-        preprocessing=resnext_flax.Preprocessing(resize_size=40, crop_size=32))
+        preprocessing=Preprocessing(resize_size=40, crop_size=32))
     path = tmp_path / "m.safetensors"
     resnext_flax.save_checkpoint(model, path)
     cfg = resnext_flax.load_checkpoint(path).pretrained_cfg
@@ -194,7 +197,7 @@ def test_weights_are_resolved_and_read_once_per_call(pth, monkeypatch, capsys):
     for module in (loading, pretrained):
         monkeypatch.setattr(module, "read_weight_file", counting("read", files.read_weight_file))
     ws = dataclasses.replace(get_weight_set("resnet18"), url=pth.as_uri())
-    resnext_flax.download_pretrained("resnet18", ws, progress=False)  # fill the cache
+    download_pretrained("resnet18", ws, progress=False)  # fill the cache
     for build in (lambda: resnext_flax.create_model("resnet18", weights=ws),
                   lambda: resnext_flax.from_pretrained("resnet18", ws),
                   lambda: resnext_flax.Predictor.from_pretrained("resnet18", ws),

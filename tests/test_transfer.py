@@ -12,7 +12,10 @@ from flax import nnx
 from pretrained_helpers import sample_image_paths, save_torchvision_file
 
 import resnext_flax
-from resnext_flax import FeatureExtractor, get_weight_set, preprocess, replace_head
+from resnext_flax import FeatureExtractor
+from resnext_flax.models.resnet import replace_head
+from resnext_flax.preprocess import preprocess
+from resnext_flax.weights.catalog import get_weight_set
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from flax import nnx
 from torchvision.models import get_model_weights
 
 import resnext_flax
+from resnext_flax.metadata import Preprocessing, imagenet_categories
 from resnext_flax.weights.catalog import DEFAULT_TAGS, WEIGHT_SETS, get_weight_set, list_weight_sets
 
 MODELS = resnext_flax.list_models()
@@ -70,7 +71,7 @@ def test_categories_are_package_data():
         "data/imagenet_categories.txt").read_text(encoding="utf-8")
     names = text.splitlines()
     assert len(names) == 1000 == len(set(names))
-    assert resnext_flax.imagenet_categories() == tuple(names)
+    assert imagenet_categories() == tuple(names)
     assert names[:2] == ["tench", "goldfish"]
 
 
@@ -92,4 +93,4 @@ def test_lookup_errors():
     with pytest.raises(TypeError, match="tag string"):
         get_weight_set("resnet18", 1)
     with pytest.raises(ValueError, match="interpolation"):
-        resnext_flax.Preprocessing(interpolation="cubic")
+        Preprocessing(interpolation="cubic")

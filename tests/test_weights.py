@@ -11,7 +11,11 @@ from flax import nnx
 from torch_reference import randomize_batchnorm, torch_model
 
 import resnext_flax
-from resnext_flax.weights.torch_port import StateDictMismatchWarning
+from resnext_flax.weights.torch_port import (
+    StateDictMismatchError,
+    StateDictMismatchWarning,
+    infer_architecture,
+)
 
 
 def abstract_model(name: str, **kwargs) -> resnext_flax.ResNet:
@@ -77,7 +81,7 @@ def test_numpy_state_dicts_load_too():
 def test_another_architecture_is_named_and_every_key_listed():
     resnet50 = torch_model("resnet50").state_dict()
     model = abstract_model("resnext50_32x4d")
-    with pytest.raises(resnext_flax.StateDictMismatchError) as info:
+    with pytest.raises(StateDictMismatchError) as info:
         resnext_flax.load_torch_state_dict(model, resnet50)
     message = str(info.value)
     assert "resnext50_32x4d" in message
@@ -97,7 +101,7 @@ def test_missing_unexpected_and_misshaped_keys_are_reported_together():
     state_dict["layer5.0.conv1.weight"] = torch.zeros(3)
     state_dict["fc.weight"] = torch.zeros(10, 512)
     model = abstract_model("resnet18")
-    with pytest.raises(resnext_flax.StateDictMismatchError) as info:
+    with pytest.raises(StateDictMismatchError) as info:
         resnext_flax.load_torch_state_dict(model, state_dict)
     report = info.value.report
     assert report.missing == ("layer4.1.bn2.running_var",)
@@ -139,7 +143,7 @@ def test_architecture_is_inferred_from_a_state_dict(name: str):
     with torch.device("meta"):  # shapes only: no random init
         model = torchvision.models.get_model(name, weights=None, num_classes=7)
     shapes = {k: np.empty(v.shape, np.float32) for k, v in model.state_dict().items()}
-    assert resnext_flax.infer_architecture(shapes) == name
+    assert infer_architecture(shapes) == name
 
 
 def test_read_state_dict_pth_and_safetensors(tmp_path):

@@ -24,8 +24,11 @@ from torch_reference import random_images, randomize_batchnorm, relative_error, 
 import resnext_flax
 from resnext_flax import cli
 from resnext_flax.cli.common import render_error
+from resnext_flax.models.variants import VARIANTS, ModelSpec
+from resnext_flax.weights.files import UntrustedPickleError
+from resnext_flax.weights.loading import load_model_with_report
 from resnext_flax.weights.resolve import CheckpointLayoutError
-from resnext_flax.weights.torch_port import expected_shapes
+from resnext_flax.weights.torch_port import StateDictMismatchError, expected_shapes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BOUND = 1e-5  # a whole ResNet in float32 agrees to ~1e-6 (docs/testing.md)
@@ -133,7 +136,7 @@ def test_torchvision_reference_script_checkpoint(tmp_path, r18, r18_ema, images)
     with pytest.raises(Exception, match=r"argparse\.Namespace"):  # why the allow-list exists
         torch.load(path, weights_only=True)
 
-    model, report = resnext_flax.load_model_with_report(path)
+    model, report = load_model_with_report(path)
     assert_computes_like(model, r18, images)
     assert report.layout == "torchvision reference-script checkpoint"
     assert (report.container, report.prefix, model.num_classes) == (("model",), "", 10)
@@ -141,7 +144,7 @@ def test_torchvision_reference_script_checkpoint(tmp_path, r18, r18_ema, images)
                                       for note in report.notes)
 
     for options in ({"ema": True}, {"key": "model_ema"}):
-        model, report = resnext_flax.load_model_with_report(path, "resnet18", **options)
+        model, report = load_model_with_report(path, "resnet18", **options)
         assert_computes_like(model, r18_ema, images)
         assert (report.container, report.prefix) == (("model_ema",), "module.")
         assert report.dropped == ("n_averaged",)
@@ -151,7 +154,7 @@ def test_timm_train_checkpoint(tmp_path, r18, r18_ema, images):
     path = save({"epoch": 99, "arch": "resnet18", "state_dict": r18.state_dict(),
                  "state_dict_ema": r18_ema.state_dict(), "optimizer": {}, "args": namespace(),
                  "metric": 71.2, "version": 2}, tmp_path / "last.pth.tar")
-    model, report = resnext_flax.load_model_with_report(path)
+    model, report = load_model_with_report(path)
     assert_computes_like(model, r18, images)
     assert (report.layout, report.container) == ("timm train.py checkpoint", ("state_dict",))
     model = resnext_flax.from_pretrained("resnet18", checkpoint=path, ema=True)
@@ -169,7 +172,7 @@ def test_lightning_checkpoint(tmp_path, r18, images):
                  "state_dict": Classifier().state_dict(), "loops": {}, "callbacks": {},
                  "optimizer_states": [{}], "lr_schedulers": [],
                  "hyper_parameters": {"lr": 0.1, "num_classes": 10}}, tmp_path / "e4.ckpt")
-    model, report = resnext_flax.load_model_with_report(path)
+    model, report = load_model_with_report(path)
     assert_computes_like(model, r18, images)
     assert report.layout == "PyTorch Lightning checkpoint"
     assert (report.container, report.prefix, report.dropped) == (
@@ -178,7 +181,7 @@ def test_lightning_checkpoint(tmp_path, r18, images):
 
 def test_moco_query_encoder_by_default_mlp_head_dropped(moco, images):
     query, key, path = moco
-    model, report = resnext_flax.load_model_with_report(path)
+    model, report = load_model_with_report(path)
     assert_computes_like(model, query, images, logits=False)
     assert report.layout == "MoCo v1/v2 checkpoint"
     assert (report.container, report.prefix) == (("state_dict",), "module.encoder_q.")
@@ -211,7 +214,7 @@ def test_trunk_under_any_prefix(tmp_path, r18, images, prefix):
 def test_sequential_children_numbering(tmp_path, r18, images, wrap):
     trunk = torch.nn.Sequential(*list(r18.children())[:-1])  # SimCLR, BYOL, SwAV... backbones
     path = save({f"{wrap}{k}": v for k, v in trunk.state_dict().items()}, tmp_path / "ssl.pth")
-    model, report = resnext_flax.load_model_with_report(path)
+    model, report = load_model_with_report(path)
     assert_computes_like(model, r18, images, logits=False)
     assert (report.prefix, report.chosen.key_style, model.num_classes) == (wrap, "sequential", 0)
 
@@ -223,7 +226,7 @@ def test_headless_file_loads_headless_or_with_a_fresh_head(tmp_path, r18, images
     assert model.num_classes == 0
     output = features_and_output(model, images)[1]  # a headless model outputs the features
     assert relative_error(output, torch_outputs(r18, images)["pooled"]) <= BOUND
-    model, report = resnext_flax.load_model_with_report(path, num_classes=7)
+    model, report = load_model_with_report(path, num_classes=7)
     assert report.fresh_head and features_and_output(model, images)[1].shape == (2, 7)
     assert_computes_like(model, r18, images, logits=False)
     # A linear head is kept; num_classes=0 drops it.
@@ -269,8 +272,8 @@ def test_transformers_resnet(tmp_path, images, arch, layer_type, depths, widths,
     assert (tmp_path / file).is_file()
     with torch.no_grad():
         out = hf(pixel_values=to_nchw(images))
-    model, report = resnext_flax.load_model_with_report(tmp_path)  # the folder, as downloaded
-    assert resnext_flax.VARIANTS[arch] == model.spec
+    model, report = load_model_with_report(tmp_path)  # the folder, as downloaded
+    assert VARIANTS[arch] == model.spec
     assert report.chosen.key_style == "transformers"
     pooled = out.pooler_output.flatten(1) if headless else None
     if headless:
@@ -296,7 +299,7 @@ def test_transformers_config_that_is_not_torchvision_is_refused(tmp_path):
     refusal = "is not one of the ten architectures this library builds"
     with pytest.raises(CheckpointLayoutError, match=refusal):
         resnext_flax.load_model(tmp_path / "r26")
-    spec = resnext_flax.ModelSpec("bottleneck", (2, 2, 2, 2))
+    spec = ModelSpec("bottleneck", (2, 2, 2, 2))
     assert resnext_flax.inspect_checkpoint(tmp_path / "r26").problems == (f"{spec} {refusal}",)
 
 
@@ -319,7 +322,7 @@ def test_a_malicious_pickle_never_runs_by_default(tmp_path, r18, capsys):
                  "x": Payload(str(target))}, tmp_path / "e.pth")
     for load in (resnext_flax.load_model, resnext_flax.inspect_checkpoint,
                  lambda p: resnext_flax.from_pretrained("resnet18", checkpoint=p)):
-        with pytest.raises(resnext_flax.UntrustedPickleError) as info:
+        with pytest.raises(UntrustedPickleError) as info:
             load(path)
         message = render_error(info.value)
         assert "pickles posix.mkdir, outside the allow-list" in message or "nt.mkdir" in message
@@ -340,13 +343,13 @@ class TrainingConfig:
 def test_trust_pickle_is_an_explicit_opt_in(tmp_path, r18, images):
     path = save({"state_dict": r18.state_dict(), "config": TrainingConfig()},
                 tmp_path / "custom.pth")
-    with pytest.raises(resnext_flax.UntrustedPickleError, match=r"\.TrainingConfig"):
+    with pytest.raises(UntrustedPickleError, match=r"\.TrainingConfig"):
         resnext_flax.load_model(path)
     model = resnext_flax.load_model(path, trust_pickle=True)
     assert_computes_like(model, r18, images)
 
     whole = save(r18, tmp_path / "whole_model.pth")  # torch.save(model): a pickled module
-    with pytest.raises(resnext_flax.UntrustedPickleError,
+    with pytest.raises(UntrustedPickleError,
                        match=r"torchvision\.models\.resnet\.ResNet"):
         resnext_flax.load_model(whole)
     assert_computes_like(resnext_flax.load_model(whole, trust_pickle=True), r18, images)
@@ -396,7 +399,7 @@ def test_incomplete_file_lists_the_candidates(tmp_path, r18):
 
 def test_strict_mismatch_ends_with_the_option_that_fixes_it(tmp_path, r18):
     path = save(r18.state_dict(), tmp_path / "r18.pth")
-    with pytest.raises(resnext_flax.StateDictMismatchError) as info:
+    with pytest.raises(StateDictMismatchError) as info:
         resnext_flax.from_pretrained("resnet34", checkpoint=path)
     assert render_error(info.value).splitlines()[-1] == (
         "fix: the file holds resnet18: ask for that model (name='resnet18', --model resnet18)")
@@ -404,12 +407,12 @@ def test_strict_mismatch_ends_with_the_option_that_fixes_it(tmp_path, r18):
     def abstract(**kwargs):
         return nnx.eval_shape(lambda: resnext_flax.resnet18(**kwargs))
 
-    with pytest.raises(resnext_flax.StateDictMismatchError) as info:
+    with pytest.raises(StateDictMismatchError) as info:
         resnext_flax.load_torch_state_dict(abstract(), r18.state_dict())
     assert render_error(info.value).splitlines()[-1] == (
         "fix: num_classes=10 (--num-classes 10) keeps the file's head")
     prefixed = {f"backbone.{k}": v for k, v in r18.state_dict().items()}
-    with pytest.raises(resnext_flax.StateDictMismatchError) as info:
+    with pytest.raises(StateDictMismatchError) as info:
         resnext_flax.load_torch_state_dict(abstract(num_classes=10), prefixed)
     assert render_error(info.value).splitlines()[-1].endswith(
         "prefix='backbone.' (--prefix backbone.)")
@@ -480,5 +483,5 @@ def test_expected_keys_and_shapes_are_torchvisions(name):
         model = torchvision.models.get_model(name, weights=None, num_classes=7)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
                 if not k.endswith("num_batches_tracked")}
-    assert dict(expected_shapes(resnext_flax.VARIANTS[name], 7)) == expected
-    assert list(expected_shapes(resnext_flax.VARIANTS[name], 7)) == list(expected)  # order
+    assert dict(expected_shapes(VARIANTS[name], 7)) == expected
+    assert list(expected_shapes(VARIANTS[name], 7)) == list(expected)  # order

@@ -89,6 +89,11 @@ class FoldedResNet(CompiledModel):
     def num_classes(self) -> int:
         return self.module().num_classes
 
+    @property
+    def pretrained_cfg(self) -> Any:
+        """What the source model was loaded with (``metadata.PretrainedCfg``), or None."""
+        return getattr(self.module(), "pretrained_cfg", None)
+
 
 def optimize_for_inference(model: ResNet, *,
                            policy: ConvPolicy = DEFAULT_POLICY) -> FoldedResNet:
