@@ -1,7 +1,7 @@
-"""Regenerate the weight-set table of ``resnext_flax/weight_sets.py`` from torchvision's enums.
+"""Regenerate the weight-set table of ``resnext_flax/weights/catalog.py`` from torchvision's enums.
 
 Run once per torchvision release and paste the printed ``_ROWS`` block into
-``resnext_flax/weight_sets.py``; it also rewrites ``resnext_flax/data/imagenet_categories.txt``.
+``resnext_flax/weights/catalog.py``; it also rewrites ``resnext_flax/data/imagenet_categories.txt``.
 The library never imports torchvision at run time; ``tests/test_weight_sets.py`` checks the
 pasted table against the installed torchvision.
 """

@@ -66,7 +66,7 @@ status=0
   echo "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true)"
   echo
   echo "JAX side: \`optimize_for_inference\` (BatchNorm folded), jitted; XLA's native convs"
-  echo "(\`resnext_flax.nn.ops.select_lowering\` keeps them on GPU). PyTorch: eager, NCHW and"
+  echo "(\`ConvPolicy\` chooses them on every backend but the CPU). PyTorch: eager, NCHW and"
   echo "channels_last; the ratio is over the faster. Default matmul precision on both sides."
   echo "Parity (precision 'highest'): $( [ $status = 0 ] && echo passed || echo FAILED, see parity.log)."
 } > "$DOC"

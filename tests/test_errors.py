@@ -27,7 +27,7 @@ from resnext_flax.errors import (
     ("resnext_flax.weights.cache", "WeightsUnavailableError", OSError),
     ("resnext_flax.weights.cache", "ChecksumError", ValueError),
     ("resnext_flax.datasets", "DatasetError", ValueError),
-    ("resnext_flax", "DatasetError", ValueError),
+    ("resnext_flax.errors", "DatasetError", ValueError),
 ])
 def test_old_names_keep_their_place_and_base(module, name, base):
     error = getattr(importlib.import_module(module), name)
