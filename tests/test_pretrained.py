@@ -263,6 +263,7 @@ def test_cached_load_and_predict_need_no_torch(tmp_path, pth, torch_resnet18):
         sys.modules["torch"] = None  # any `import torch` now fails
         import numpy as np
         import resnext_flax
+        from resnext_flax.weights.catalog import get_weight_set
         ws = dataclasses.replace(get_weight_set("resnet18"),
                                  url="file:///nowhere/{pth.name}")
         model = resnext_flax.from_pretrained("resnet18", ws)
