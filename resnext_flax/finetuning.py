@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import json
 import os
-import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -27,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from resnext_flax import finetune_progress as bookkeeping
 from resnext_flax import parallel, training
 from resnext_flax.augment import Augmentation
 from resnext_flax.builders import create_model
@@ -242,10 +242,10 @@ def finetune(
     manager = _checkpoint_manager(os.path.join(output_dir, "checkpoints"),
                                   config.keep_checkpoints)
     run = {"config": config.fingerprint(), "classes": list(train_ds.classes),
-           "train_images": len(train_ds), "history": [], "epoch": _EpochTotals().to_json(),
-           "best": None}
+           "train_images": len(train_ds), "history": [],
+           "epoch": bookkeeping.EpochTotals().to_json(), "best": None}
     state, run = _resume(manager, state, batches, run, say)
-    totals = _EpochTotals.from_json(run["epoch"])
+    totals = bookkeeping.EpochTotals.from_json(run["epoch"])
     primary = jax.process_index() == 0
 
     def save() -> None:
@@ -258,7 +258,7 @@ def finetune(
                 data=ocp.args.JsonSave(batches.get_state()), run=ocp.args.JsonSave(run)))
 
     skipped = SkipReport(train_ds)
-    timer = _Throughput()
+    timer = bookkeeping.Throughput()
     bar = tqdm(total=len(batches), initial=batches.position, desc="finetune", unit="step",
                disable=not progress or not primary)
     try:
@@ -283,14 +283,14 @@ def finetune(
                     if val_ds is not None:
                         entry.update(_validate(state, val_ds, preprocessing, config, loader,
                                                mesh))
-                    say(_epoch_message(entry, config.epochs))
+                    say(bookkeeping.epoch_message(entry, config.epochs))
                     if skipped.count:
                         say(f"epoch {entry['epoch']}: "
                             f"{skipped.message('replaced by the next readable image')}")
                     run["history"].append(entry)
-                    totals, skipped = _EpochTotals(), SkipReport(train_ds)
+                    totals, skipped = bookkeeping.EpochTotals(), SkipReport(train_ds)
                     timer.restart()
-                    if _is_better(entry, run["best"]):
+                    if bookkeeping.is_better(entry, run["best"]):
                         run["best"] = {"epoch": entry["epoch"], "acc1": entry.get("val_acc1")}
                         if primary:
                             _export(state, best_path, train_ds.classes, preprocessing, config,
@@ -314,54 +314,6 @@ def finetune(
                           int(best["epoch"]))
 
 
-class _EpochTotals:
-    """Training loss and correct count of the current epoch, summed on the device (no host
-    sync per step); saved with checkpoints so a resumed epoch reports the same numbers."""
-
-    def __init__(self, loss: float = 0.0, correct: int = 0, steps: int = 0):
-        self.loss, self.correct, self.steps = jnp.float32(loss), jnp.int32(correct), steps
-
-    def add(self, metrics: dict[str, jax.Array]) -> None:
-        self.loss, self.correct = self.loss + metrics["loss"], self.correct + metrics["correct"]
-        self.steps += 1
-
-    def to_json(self) -> list:
-        return [float(self.loss), int(self.correct), self.steps]
-
-    @classmethod
-    def from_json(cls, value: list) -> _EpochTotals:
-        return cls(*value)
-
-    def entry(self, epoch: int, step: int, batch_size: int) -> dict[str, Any]:
-        steps = max(self.steps, 1)
-        return {"epoch": epoch, "step": step, "train_loss": float(self.loss) / steps,
-                "train_acc1": 100 * int(self.correct) / (steps * batch_size)}
-
-
-class _Throughput:
-    """Training images per second in the current epoch, from the end of its first step
-    (which includes compilation in the first epoch) to now; validation is not counted."""
-
-    def __init__(self) -> None:
-        self.start: float | None = None
-        self.images = 0
-
-    def restart(self) -> None:
-        self.start, self.images = time.perf_counter(), 0
-
-    def step(self, state: TrainState, batch_size: int) -> None:
-        if self.start is None:
-            jax.block_until_ready(state.step)
-            self.start = time.perf_counter()
-        else:
-            self.images += batch_size
-
-    def rate(self) -> float:
-        if self.start is None or not self.images:
-            return 0.0
-        return self.images / max(time.perf_counter() - self.start, 1e-9)
-
-
 def _validate(state: TrainState, val_ds: ImageDataset, preprocessing: Preprocessing,
               config: FinetuneConfig, loader: LoaderOptions | None, mesh: Mesh
               ) -> dict[str, Any]:
@@ -369,23 +321,6 @@ def _validate(state: TrainState, val_ds: ImageDataset, preprocessing: Preprocess
                       batch_size=config.batch_size, loader=loader, mesh=mesh, progress=False)
     return {"val_acc1": 100 * result.top1, "val_acc5": 100 * result.top5,
             "val_loss": result.loss, "val_skipped": result.num_skipped}
-
-
-def _epoch_message(entry: dict[str, Any], epochs: int) -> str:
-    message = (f"epoch {entry['epoch']}/{epochs}: train loss {entry['train_loss']:.4f} "
-               f"acc@1 {entry['train_acc1']:.2f}%")
-    if "val_acc1" in entry:
-        message += (f", val acc@1 {entry['val_acc1']:.2f}% acc@5 {entry['val_acc5']:.2f}% "
-                    f"loss {entry['val_loss']:.4f}")
-    if entry["images_per_second"]:
-        message += f", {entry['images_per_second']:.0f} images/s"
-    return message
-
-
-def _is_better(entry: dict[str, Any], best: dict[str, Any] | None) -> bool:
-    if "val_acc1" not in entry:
-        return True  # no validation: the last epoch is the one exported
-    return best is None or best.get("acc1") is None or entry["val_acc1"] > best["acc1"]
 
 
 def _export(state: TrainState, path: str, classes: tuple[str, ...],
