@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import jax.numpy as jnp
 from flax import nnx
 
+from resnext_flax.errors import WeightsError
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import VARIANTS, get_spec
 from resnext_flax.weights.catalog import WeightSet, resolve_weights
@@ -81,13 +82,13 @@ def create_model(
     if weights is not None:
         ws = resolve_weights(name, weights)
         if num_classes is not None and num_classes != ws.num_classes:
-            raise ValueError(
+            raise WeightsError(
                 f"num_classes={num_classes} conflicts with {ws.name}, which has "
                 f"{ws.num_classes} classes; load it as is and call "
                 "model.reset_classifier(num_classes) for a new head")
         if jnp.dtype(param_dtype) != jnp.float32:
-            raise ValueError("pretrained weights load as float32 parameters; use dtype= for "
-                             "the compute dtype")
+            raise WeightsError("pretrained weights load as float32 parameters; use dtype= for "
+                               "the compute dtype")
         return load_weight_set(ws, dtype=dtype)
     model = ResNet(
         spec,

@@ -7,6 +7,7 @@ Only file names are read here (no image is opened); decoding happens in the inpu
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import re
@@ -70,9 +71,15 @@ class ImageDataset:
     def relabel(self, classes: Sequence[str]) -> ImageDataset:
         """The same images labelled in another label space, matched by class name (e.g. a
         validation folder mapped onto a model's classes). Every class of this dataset that
-        has images must exist in `classes`."""
+        has images must exist in `classes`, once."""
         index = {name: i for i, name in enumerate(classes)}
         present = [self.classes[c] for c in np.unique(self.labels)]
+        counts = collections.Counter(classes)
+        repeated = [name for name in present if counts[name] > 1]
+        if repeated:
+            raise DatasetError(
+                f"{self.root}: classes {_first(repeated)} name several of the model's "
+                "outputs; matching by name is ambiguous")
         unknown = [name for name in present if name not in index]
         if unknown:
             raise DatasetError(

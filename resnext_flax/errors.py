@@ -1,8 +1,11 @@
 """The library's exceptions, one root, and the structured fixes its messages suggest.
 
-Every error this library raises on purpose is a :class:`ResnextFlaxError`; the subclasses say
-what went wrong, and also keep the built-in base (``ValueError``, ``OSError``) that callers
-caught before the root existed. A message that names an option which would make the call
+Every error about what a user hands the library (a model name or weight set, a weight file or
+checkpoint, an image folder) is a :class:`ResnextFlaxError`; a call's own argument of the
+wrong type or range stays a plain ``TypeError``/``ValueError``, as in any Python library. The
+subclasses say what went wrong, and also keep the built-in base (``ValueError``, ``OSError``,
+``FileNotFoundError``) that says what kind of failure it is, so code written against the
+standard exceptions catches them too. A message that names an option which would make the call
 succeed carries it as a :class:`Fix` inside a :class:`Message`: the library's text spells it as
 keyword arguments (``prefix='backbone.'``), and the command line renders the same fix as its
 flags (``--prefix backbone.``) without parsing text.
@@ -16,16 +19,26 @@ from typing import Any
 
 
 class ResnextFlaxError(Exception):
-    """The root of every error this library raises on purpose."""
+    """The root of the errors about models, weights, checkpoints and data (see the module)."""
+
+
+class UnknownModelError(ResnextFlaxError, ValueError):
+    """A model name or weight set that the tables do not hold, or a weight set of another
+    model; the message lists the known ones."""
 
 
 class WeightsError(ResnextFlaxError, ValueError):
-    """Weights that cannot be used: an unreadable or malformed file, no single trunk in it,
-    keys or shapes that do not fit the model, a failed checksum."""
+    """Weights that cannot be used as asked: an unreadable or malformed file, no single trunk
+    in it, keys or shapes that do not fit the model, a failed checksum or verification,
+    options that do not apply to them."""
 
 
 class WeightsUnavailableError(ResnextFlaxError, OSError):
     """The weights are neither cached nor downloadable (offline, HTTP error, missing file)."""
+
+
+class WeightFileNotFoundError(WeightsUnavailableError, FileNotFoundError):
+    """No weight file at the path given (or no weight file in the folder given)."""
 
 
 class DatasetError(ResnextFlaxError, ValueError):

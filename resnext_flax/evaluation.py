@@ -35,12 +35,12 @@ from resnext_flax.datasets import (
     load_dataset,
     to_imagenet_labels,
 )
-from resnext_flax.metadata import Preprocessing, PretrainedCfg, pretrained_cfg
+from resnext_flax.metadata import Preprocessing, pretrained_cfg
 from resnext_flax.models import functional
 from resnext_flax.models.functional import CompiledModel
 from resnext_flax.pipeline import LoaderOptions, SkipReport, eval_loader
 from resnext_flax.preprocess import preprocessing_config
-from resnext_flax.weights.catalog import WeightSet, get_weight_set
+from resnext_flax.weights.catalog import WeightSet, resolve_weights
 from resnext_flax.weights.pretrained import from_pretrained
 
 TOP_K = 5
@@ -268,19 +268,26 @@ def evaluate_pretrained(
     crop_size: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    prefix: str | None = None,
+    ema: bool = False,
+    key: str | None = None,
+    trust_pickle: bool = False,
 ) -> tuple[EvaluationResult, str]:
     """Evaluate `name` with `weights` (or a local `checkpoint`) on a folder or list file.
 
     Class names and preprocessing are what the model's ``pretrained_cfg`` records (a
-    fine-tuned or converted checkpoint's own, else the weight set's); `resize_size` /
-    `crop_size` override its sizes. Returns the result and a note on how labels were matched.
-    Errors in the folder are raised before the model is loaded.
+    fine-tuned or converted checkpoint's own, else the weight set's); the published accuracy is
+    `weights`', printed where the model's labels are its labels; `resize_size` /
+    `crop_size` override its sizes. `prefix`, `ema`, `key`, `trust_pickle`: how to read
+    `checkpoint` (see :func:`~resnext_flax.from_pretrained`). Returns the result and a note on
+    how labels were matched. Errors in the folder are raised before the model is loaded.
     """
     dataset = load_dataset(source)
-    model = from_pretrained(name, weights, checkpoint=checkpoint, cache_dir=cache_dir,
-                            progress=progress)
+    ws = resolve_weights(name, weights)
+    model = from_pretrained(name, ws, checkpoint=checkpoint, cache_dir=cache_dir,
+                            progress=progress, prefix=prefix, ema=ema, key=key,
+                            trust_pickle=trust_pickle)
     cfg = pretrained_cfg(model)
-    ws = _weight_set(cfg)
     classes = cfg.class_names if cfg is not None else None
     by_name = classes is not None and (ws is None or classes != ws.categories)
     space = match_labels(dataset, model.num_classes, classes=classes if by_name else None,
@@ -293,10 +300,3 @@ def evaluate_pretrained(
     if space.published is not None and config != ws.preprocessing:
         return result, space.note + f"; preprocessing differs from {ws.name}'s"
     return result, space.note
-
-
-def _weight_set(cfg: PretrainedCfg | None) -> WeightSet | None:
-    """The published weight set a model's labels come from, if any."""
-    if cfg is None or cfg.weights is None or cfg.architecture is None:
-        return None
-    return get_weight_set(cfg.architecture, cfg.weights)

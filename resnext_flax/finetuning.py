@@ -31,6 +31,7 @@ from resnext_flax import parallel, training
 from resnext_flax.augment import Augmentation
 from resnext_flax.builders import create_model
 from resnext_flax.datasets import DatasetError, ImageDataset, load_dataset, split_dataset
+from resnext_flax.errors import WeightFileNotFoundError
 from resnext_flax.evaluation import evaluate
 from resnext_flax.metadata import Preprocessing, PretrainedCfg, pretrained_cfg
 from resnext_flax.models.resnet import ResNet
@@ -130,7 +131,7 @@ def initial_model(config: FinetuneConfig, num_classes: int, *,
     elif os.path.isfile(weights):
         model = load_model(weights, config.model, dtype=dtype)
     elif weights.endswith((".pth", ".pt", ".safetensors")):
-        raise FileNotFoundError(f"no weights file at {weights!r}")
+        raise WeightFileNotFoundError(f"no weights file at {weights!r}")
     else:
         model = from_pretrained(config.model, weights, dtype=dtype, cache_dir=cache_dir,
                                 progress=progress)

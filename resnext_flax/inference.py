@@ -20,7 +20,7 @@ from flax import nnx
 
 from resnext_flax.metadata import Preprocessing, PretrainedCfg, class_names, pretrained_cfg
 from resnext_flax.models.folding import optimize_for_inference
-from resnext_flax.models.functional import pure_forward
+from resnext_flax.models.functional import CompiledModel, pure_forward
 from resnext_flax.models.resnet import FEATURE_NAMES, ResNet, check_input
 from resnext_flax.nn.policy import ConvPolicy
 from resnext_flax.preprocess import ImageInput, image_list, preprocess, preprocessing_config
@@ -121,11 +121,15 @@ class Predictor:
         default to what the model's ``pretrained_cfg`` records. With a `policy`, the
         predictor runs ``optimize_for_inference(model, policy=policy)`` instead (BatchNorm
         folded, fused)."""
+        module = _optimized(model, policy)
+        if getattr(module, "num_classes", None) == 0:
+            raise ValueError("a headless model (num_classes=0) outputs pooled features, not "
+                             "classes: load it with num_classes=N, or use FeatureExtractor")
         if categories is None:
-            categories = class_names(model)
+            categories = class_names(module)
         if preprocessing is None:
-            preprocessing = pretrained_cfg(model)
-        fn, state = pure_forward(_optimized(model, policy))
+            preprocessing = pretrained_cfg(module)
+        fn, state = pure_forward(module)
         return cls(fn, state, categories=categories, preprocessing=preprocessing,
                    top_k=top_k, batch_size=batch_size)
 
@@ -227,6 +231,12 @@ class FeatureExtractor:
         return self(images)["pre_logits"]
 
 
-def _optimized(model: nnx.Module, policy: ConvPolicy | None) -> nnx.Module:
-    """`model`, or its inference-optimized module under `policy`."""
+def _optimized(model: nnx.Module | CompiledModel, policy: ConvPolicy | None) -> nnx.Module:
+    """`model`, or its inference-optimized module under `policy`; an already optimized model
+    (``optimize_for_inference``'s result) as it is."""
+    if isinstance(model, CompiledModel):
+        if policy is not None:
+            raise TypeError("this model is already optimized for inference; pass the model it "
+                            "was made from to choose another policy")
+        return model.module()
     return model if policy is None else optimize_for_inference(model, policy=policy).module()

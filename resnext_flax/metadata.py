@@ -96,9 +96,9 @@ def imagenet_wnids() -> tuple[str, ...]:
 @dataclasses.dataclass(frozen=True)
 class PretrainedCfg:
     """What a model was loaded with; attached as ``model.pretrained_cfg`` by every loader
-    (None on a randomly initialized model). A static attribute of the module: it survives
-    ``nnx.split``/``merge``, ``nnx.clone`` and BatchNorm folding, and sits in the graph
-    definition that ``jax.jit`` hashes (hence the cached hash).
+    (None on a randomly initialized model). It travels inside the module (through
+    ``nnx.split``/``merge``, ``nnx.clone`` and BatchNorm folding) in a :class:`RecordSlot`,
+    which keeps it out of what ``jax.jit`` compares.
 
     **Fields:**
     - `architecture`: torchvision's name (``"resnet50"``); `spec`: its :class:`ModelSpec`.
@@ -130,30 +130,48 @@ class PretrainedCfg:
         if names is not None and len(names) != self.num_classes:
             raise ValueError(f"{len(names)} class names for {self.num_classes} outputs")
 
-    def __hash__(self) -> int:
-        cached = self.__dict__.get("_hash")
-        if cached is None:
-            cached = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
-            object.__setattr__(self, "_hash", cached)
-        return cached
-
     def with_head(self, num_classes: int) -> PretrainedCfg:
-        """The record of the same weights under another head: class names only survive when
-        the class count does."""
-        if num_classes == self.num_classes:
-            return self
-        return dataclasses.replace(self, num_classes=num_classes, class_names=None)
+        """The record of the same trunk under a fresh head of `num_classes`: the class names
+        and the weight set (whose outputs and published accuracy were the old head's) go;
+        where the trunk came from stays."""
+        return dataclasses.replace(self, num_classes=num_classes, class_names=None,
+                                   weights=None)
 
-    def fill(self, *, weights: str | None = None, class_names: tuple[str, ...] | None = None,
+    def fill(self, *, class_names: tuple[str, ...] | None = None,
              preprocessing: Preprocessing | None = None) -> PretrainedCfg:
-        """Missing fields taken from a weight set named alongside the file: its class names
-        (and name) only where the file records none and the head has as many outputs."""
+        """Missing labels taken from a weight set named alongside the file: its class names
+        where the file records none and the head has as many outputs, its preprocessing
+        where the file records none. The weight set itself is not recorded: the tensors are
+        the file's."""
         fits = (self.class_names is None and class_names is not None
                 and len(class_names) == self.num_classes)
         return dataclasses.replace(
-            self, weights=self.weights or (weights if fits else None),
-            class_names=class_names if fits else self.class_names,
+            self, class_names=class_names if fits else self.class_names,
             preprocessing=self.preprocessing or preprocessing)
+
+
+class RecordSlot:
+    """Holds a module's :class:`PretrainedCfg` as a static NNX attribute that never tells two
+    graph definitions apart: every slot compares equal and hashes alike. The forward pass
+    never reads the record, so models that differ only in where their weights came from share
+    one compiled program (and jit never hashes a thousand class names per call)."""
+
+    __slots__ = ("cfg",)
+
+    def __init__(self, cfg: PretrainedCfg | None = None):
+        if cfg is not None and not isinstance(cfg, PretrainedCfg):
+            raise TypeError(f"pretrained_cfg must be a PretrainedCfg or None, got "
+                            f"{type(cfg).__name__}")
+        self.cfg = cfg
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RecordSlot)
+
+    def __hash__(self) -> int:
+        return hash(RecordSlot)
+
+    def __repr__(self) -> str:
+        return f"RecordSlot({self.cfg!r})"
 
 
 def pretrained_cfg(model: Any) -> PretrainedCfg | None:

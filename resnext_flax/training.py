@@ -1,11 +1,10 @@
 """Fine-tuning with optax: a train state over ``nnx.split`` state and jit-compiled pure steps.
 
 The steps are plain functions of (state, images, labels) compiled with ``jax.jit``, not
-``nnx.jit``: ``nnx.jit`` walks the module graph in Python on every call, ~8 ms per ResNet-18
-step here (docs/training.md); a pure function over split state pays the graph walk once, at
-trace time. The model is rebuilt inside the trace with
-``nnx.merge``, so everything the library's modules do (torch-semantics BatchNorm included)
-applies unchanged.
+``nnx.jit``: ``nnx.jit`` walks the module graph in Python on every call (docs/training.md has
+its cost); a pure function over split state pays the graph walk once, at trace time. The
+model is rebuilt inside the trace with ``nnx.merge``, so everything the library's modules do
+(torch-semantics BatchNorm included) applies unchanged.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -17,7 +18,9 @@ from pretrained_helpers import (
 )
 from torchvision.models import get_model_weights
 
-from resnext_flax import cli, list_weight_sets
+from resnext_flax import ResnextFlaxError, cli, list_weight_sets, load_model
+from resnext_flax.cli.common import fix_renderer, render_error
+from resnext_flax.errors import Fix
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINE = re.compile(r"^\s+(\d+)\. (.+?)\s+(\d+\.\d\d)%$")
@@ -89,6 +92,54 @@ def test_errors(tmp_path, resnet18, capsys):
     assert info.value.code == 2
     with pytest.raises(SystemExit):
         cli.main([])
+
+
+def test_a_fix_is_spelled_with_flags_the_subcommand_takes(tmp_path, resnet18, capsys):
+    import torch
+
+    torch_model, _ = resnet18
+    two = str(tmp_path / "two.pth")
+    torch.save({"student": torch_model.state_dict(), "teacher": torch_model.state_dict()}, two)
+    image = sample_image_paths()[0]
+    predict = ["predict", image, "--model", "resnet18", "--checkpoint", two, "--top-k", "1"]
+    assert cli.main(predict) == 1
+    err = capsys.readouterr().err
+    flags = re.findall(r"key='student' \((--[^)]*)\)", err)
+    assert flags == ["--key student"], err
+    assert cli.parser().parse_args([*predict, *shlex.split(flags[0])]).key == "student"
+    assert cli.main([*predict, *shlex.split(flags[0])]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == image
+
+    # finetune takes no --key: the fix is the convert command, whose output it starts from.
+    with pytest.raises(ResnextFlaxError) as info:
+        load_model(two, "resnet18")
+    finetune = ["finetune", str(tmp_path), "--model", "resnet18", "--checkpoint", two]
+    text = render_error(info.value, fix_renderer(cli.parser().parse_args(finetune)))
+    match = re.search(r"key='student' \((resnext-flax convert .+?), then --checkpoint (\S+)\)",
+                      text)
+    assert match, text
+    convert = cli.parser().parse_args(shlex.split(match.group(1))[1:])
+    assert (convert.command, convert.input, convert.output, convert.key) == (
+        "convert", two, match.group(2), "student")
+    assert cli.parser().parse_args([*finetune[:-1], match.group(2)]).checkpoint == match.group(2)
+
+
+@pytest.mark.parametrize("command", [["predict", "IMAGE"], ["evaluate", "DIR"],
+                                     ["finetune", "DIR"], ["inspect", "FILE"],
+                                     ["convert", "FILE", "--output", "OUT"], ["list"]])
+def test_every_fix_a_subcommand_spells_as_flags_parses(command):
+    examples = {"name": "resnet50", "prefix": "a.", "ema": True, "key": "", "num_classes": 3,
+                "trust_pickle": True}
+    model = [] if command == ["list"] else ["--model", "resnet18"]
+    args = cli.parser().parse_args([*command, *model])
+    for keyword, value in examples.items():
+        text = fix_renderer(args)(Fix.of(**{keyword: value}))
+        flags = re.fullmatch(r".+? \((--.*)\)", text)
+        if keyword in getattr(args, "fix_keywords", ()):
+            parsed = cli.parser().parse_args([*command, *model, *shlex.split(flags.group(1))])
+            assert getattr(parsed, "model" if keyword == "name" else keyword) == value
+        else:
+            assert flags is None, text
 
 
 def test_console_script_and_module_entry_point():

@@ -131,3 +131,20 @@ def test_predictor_errors():
         predictor(np.zeros((3, 8, 8), np.float32))
     with pytest.raises(ValueError, match="top_k"):
         Predictor(lambda w, x: x, 1.0, top_k=0)
+
+
+def test_predictor_takes_an_optimized_model_and_refuses_a_headless_one():
+    model = resnext_flax.resnet18(num_classes=4)
+    model.eval()
+    images = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    folded = resnext_flax.optimize_for_inference(model)
+    got = resnext_flax.Predictor.from_model(folded)(images).logits
+    np.testing.assert_allclose(got, np.asarray(model(images)), rtol=1e-5, atol=1e-5)
+    assert resnext_flax.FeatureExtractor(folded).embed(images).shape == (2, 512)
+    for call in (lambda: resnext_flax.optimize_for_inference(folded),
+                 lambda: resnext_flax.Predictor.from_model(folded,
+                                                           policy=resnext_flax.ConvPolicy())):
+        with pytest.raises(TypeError, match="already optimized"):
+            call()
+    with pytest.raises(ValueError, match="headless"):
+        resnext_flax.Predictor.from_model(resnext_flax.resnet18(num_classes=0))

@@ -395,6 +395,9 @@ def test_conv_policy_is_validated_and_hashable():
         ConvPolicy(exclude="ffi")
     with pytest.raises(ValueError, match="both chosen and excluded"):
         ConvPolicy(lowering="winograd", exclude={"winograd"})
+    for fallback in ("xla", "auto"):
+        with pytest.raises(ValueError, match="cannot be excluded"):
+            ConvPolicy(exclude={fallback})
     with pytest.raises(ValueError, match="direct_max_pixels"):
         ConvPolicy(direct_max_pixels=-1)
     with pytest.raises(TypeError, match="fuse must be a bool"):

@@ -17,9 +17,9 @@ from pretrained_helpers import sample_image_paths, save_torchvision_file, sha256
 
 import resnext_flax
 from resnext_flax import cli
+from resnext_flax.datasets import DatasetError, ImageDataset
 from resnext_flax.metadata import Preprocessing, PretrainedCfg, imagenet_categories
 from resnext_flax.models.folding import fold_batchnorm
-from resnext_flax.models.functional import pure_forward
 from resnext_flax.models.variants import VARIANTS
 from resnext_flax.weights.cache import BASE_URL_ENV, CACHE_ENV, OFFLINE_ENV
 from resnext_flax.weights.catalog import get_weight_set
@@ -89,11 +89,59 @@ def test_the_record_survives_split_clone_and_folding(pth):
     assert nnx.merge(graphdef, state).pretrained_cfg == cfg
     assert nnx.clone(model).pretrained_cfg == cfg
     assert fold_batchnorm(model).pretrained_cfg == cfg
-    # It sits in the graph definition jit hashes: equal records, one compilation.
+    # It travels in the graph definition, yet never tells two apart: models that differ only
+    # in their records share one compiled program.
     assert hash(cfg) == hash(dataclasses.replace(cfg)) and cfg == dataclasses.replace(cfg)
-    fn, variables = pure_forward(model)
+    other = nnx.clone(model)
+    other.pretrained_cfg = dataclasses.replace(cfg, source="elsewhere", class_names=None)
+    assert nnx.split(other)[0] == graphdef and hash(nnx.split(other)[0]) == hash(graphdef)
+    traces = []
+
+    def forward(state, images, graphdef):
+        traces.append(1)
+        return nnx.merge(graphdef, state)(images)
+
+    forward = jax.jit(forward, static_argnums=2)
     images = np.zeros((1, 32, 32, 3), np.float32)
-    assert jax.jit(fn)(variables, images).shape == (1, 1000)
+    for m in (model, other):
+        g, st = nnx.split(m)
+        assert forward(st, images, g).shape == (1, 1000)
+    assert len(traces) == 1
+    assert other.pretrained_cfg.source == "elsewhere" and model.pretrained_cfg == cfg
+
+
+def test_the_record_follows_the_weights(pth):
+    """A fresh head drops what described the old one, even at the same class count; a file
+    loaded with a weight set's labels is not recorded as that weight set; a state dict poured
+    into a model replaces its record."""
+    model = resnext_flax.from_pretrained("resnet18", checkpoint=pth)
+    assert model.pretrained_cfg.class_names == imagenet_categories()
+    assert model.pretrained_cfg.weights is None and model.pretrained_cfg.source == str(pth)
+    model.reset_classifier(1000)
+    assert model.pretrained_cfg.class_names is None and model.pretrained_cfg.source == str(pth)
+    fresh = resnext_flax.resnet18()
+    fresh.pretrained_cfg = dataclasses.replace(model.pretrained_cfg, class_names=("a",) * 1000)
+    resnext_flax.load_torch_state_dict(fresh, torch.load(pth))
+    cfg = fresh.pretrained_cfg
+    assert (cfg.architecture, cfg.num_classes, cfg.class_names, cfg.source) == (
+        "resnet18", 1000, None, None)
+    with pytest.raises(TypeError, match="PretrainedCfg or None"):
+        fresh.pretrained_cfg = {"class_names": ["a"]}
+
+
+def test_repeated_class_names_are_labels_not_keys(pth, tmp_path):
+    """Published label lists repeat names (ImageNet's synset names hold "crane" twice): such
+    a checkpoint saves, loads and predicts; only matching folders by name refuses them."""
+    model = resnext_flax.load_model(pth, num_classes=3)
+    names = ("crane", "tench", "crane")
+    model.pretrained_cfg = dataclasses.replace(model.pretrained_cfg, class_names=names)
+    resnext_flax.save_checkpoint(model, tmp_path / "m.safetensors")
+    loaded = resnext_flax.load_checkpoint(tmp_path / "m.safetensors")
+    assert loaded.pretrained_cfg.class_names == names
+    assert resnext_flax.Predictor.from_model(loaded).categories == names
+    folder = ImageDataset(("a.png", "b.png"), np.array([0, 1]), ("crane", "tench"), "root")
+    with pytest.raises(DatasetError, match="ambiguous"):
+        folder.relabel(names)
 
 
 def test_from_pretrained_records_the_weight_set(pth):

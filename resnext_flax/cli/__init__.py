@@ -12,7 +12,12 @@ import sys
 from collections.abc import Sequence
 
 from resnext_flax.cli import convert, evaluate, finetune, inspect, listing, predict
-from resnext_flax.cli.common import add_checkpoint_options, checkpoint_options, render_error
+from resnext_flax.cli.common import (
+    add_checkpoint_options,
+    checkpoint_options,
+    fix_renderer,
+    render_error,
+)
 from resnext_flax.errors import ResnextFlaxError
 
 #: The subcommands, in the order ``--help`` lists them.
@@ -40,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with sigterm_as_interrupt():  # a terminated run cleans its temporary files up
             output = args.run(args)
     except (ResnextFlaxError, OSError, ValueError, ImportError) as err:
-        print(f"resnext-flax: error: {render_error(err)}", file=sys.stderr)
+        print(f"resnext-flax: error: {render_error(err, fix_renderer(args))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"resnext-flax: interrupted{getattr(args, 'interrupted', '')}", file=sys.stderr)

@@ -4,12 +4,16 @@ command line."""
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Callable
 from typing import Any
 
 from resnext_flax.errors import Fix, render
 
 #: Keyword arguments whose flag is not their name.
 _FLAGS = {"name": "--model"}
+#: The fixes' keywords a subcommand with ``--model`` and :func:`add_checkpoint_options` takes.
+CHECKPOINT_KEYWORDS = frozenset({"name", "prefix", "ema", "key", "num_classes", "trust_pickle"})
 
 
 def _flag(keyword: str, value: Any) -> str:
@@ -17,20 +21,53 @@ def _flag(keyword: str, value: Any) -> str:
     return flag if value is True else f"{flag} {value or repr(value)}"
 
 
+def _flags(fix: Fix) -> str:
+    return " ".join(_flag(k, v) for k, v in fix.options)
+
+
 def render_fix(fix: Fix) -> str:
     """A fix as the library names it and as flags: ``prefix='a.' (--prefix a.)``."""
-    flags = " ".join(_flag(k, v) for k, v in fix.options)
-    return f"{fix}, {flags}" if fix.aside else f"{fix} ({flags})"
+    return f"{fix}, {_flags(fix)}" if fix.aside else f"{fix} ({_flags(fix)})"
 
 
-def render_error(error: Any) -> str:
-    """An exception or message for the terminal, its fixes spelled with their flags."""
-    return render(error, render_fix)
+def fix_renderer(args: argparse.Namespace) -> Callable[[Fix], str]:
+    """How the running subcommand spells a fix. Its own flags only where it takes them all
+    (``fix_keywords``, set by its parser), since a flag it rejects would fail again; else the
+    ``convert`` command that applies the fix to the weight file it was given, which it then
+    loads as a converted checkpoint; else the library's keywords alone."""
+    accepted = getattr(args, "fix_keywords", frozenset())
+    source = getattr(args, "checkpoint", None) or getattr(args, "weights", None)
+    source = source if source and os.path.exists(source) else None
+
+    def spell(fix: Fix) -> str:
+        if all(keyword in accepted for keyword, _ in fix.options):
+            return render_fix(fix)
+        if source is None:
+            return str(fix)
+        import shlex
+
+        stem = os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
+        output = shlex.quote(stem + "-converted.safetensors")
+        steps = (f"resnext-flax convert {shlex.quote(source)} --output {output} {_flags(fix)}, "
+                 f"then --checkpoint {output}")
+        return f"{fix}, {steps}" if fix.aside else f"{fix} ({steps})"
+
+    return spell
 
 
-def add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
-    """The options every checkpoint reader takes (``inspect``, ``convert``): which trunk,
-    which head, whether to trust the pickle."""
+def render_error(error: Any, fix: Callable[[Fix], str] = render_fix) -> str:
+    """An exception or message for the terminal, its fixes spelled by `fix` (by default with
+    their flags; :func:`fix_renderer` for what the running subcommand takes)."""
+    return render(error, fix)
+
+
+def add_checkpoint_options(parser: argparse.ArgumentParser, *, head: bool = True) -> None:
+    """The options every checkpoint reader takes (``inspect``, ``convert``, and ``predict``
+    and ``evaluate`` for their ``--checkpoint``; all have ``--model``): which trunk, whether
+    to trust the pickle, and with `head` which head (``predict`` and ``evaluate`` use the
+    file's own head)."""
+    keywords = CHECKPOINT_KEYWORDS if head else CHECKPOINT_KEYWORDS - {"num_classes"}
+    parser.set_defaults(fix_keywords=keywords)
     parser.add_argument("--prefix", metavar="PREFIX",
                         help="key prefix of the trunk to load where several hold one, "
                              "e.g. module.encoder_k. ('' for none)")
@@ -38,18 +75,23 @@ def add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
                         help="load the EMA weights (model_ema, state_dict_ema)")
     parser.add_argument("--key", metavar="KEY",
                         help="container to load, dotted for nesting (e.g. state_dict_ema)")
-    parser.add_argument("--num-classes", type=int, metavar="N",
-                        help="classes of the model's head: 0 headless, N a fresh head unless "
-                             "the file's has N (default: the file's head)")
+    if head:
+        parser.add_argument("--num-classes", type=int, metavar="N",
+                            help="classes of the model's head: 0 headless, N a fresh head "
+                                 "unless the file's has N (default: the file's head)")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="unpickle types outside the allow-list: RUNS CODE FROM THE FILE; "
                              "only for files you trust")
 
 
 def checkpoint_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of :func:`resnext_flax.load_model` given on the command line."""
-    return {"prefix": args.prefix, "ema": args.ema, "key": args.key,
-            "num_classes": args.num_classes, "trust_pickle": args.trust_pickle}
+    """The keyword arguments of :func:`resnext_flax.load_model` given on the command line
+    (``num_classes`` only where the subcommand takes ``--num-classes``)."""
+    options = {"prefix": args.prefix, "ema": args.ema, "key": args.key,
+               "trust_pickle": args.trust_pickle}
+    if "num_classes" in args.fix_keywords:
+        options["num_classes"] = args.num_classes
+    return options
 
 
 def add_loader_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="checkpoint: .pth/.pt/.bin/.ckpt/.safetensors or a "
                                       "Hugging Face model folder")
     parser.add_argument("--output", "-o", required=True, help="Flax checkpoint to write")
-    parser.add_argument("--model", choices=list(VARIANTS),
-                        help="architecture (default: inferred from the state dict)")
+    parser.add_argument("--model", choices=list(VARIANTS), metavar="NAME",
+                        help="architecture (default: inferred from the state dict; see "
+                             "`resnext-flax list`)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the comparison with torchvision")
     parser.add_argument("--probe-size", type=int, default=224,

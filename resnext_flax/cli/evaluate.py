@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from resnext_flax.cli.common import add_loader_arguments
+from resnext_flax.cli.common import add_checkpoint_options, add_loader_arguments, checkpoint_options
 from resnext_flax.models.variants import VARIANTS
 
 
@@ -31,6 +31,7 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--json", metavar="OUT", help="also write the results (and per-image "
                                                  "top-5 predictions) as JSON")
     add_loader_arguments(p)
+    add_checkpoint_options(p, head=False)
     p.set_defaults(run=run)
 
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> str:
         args.folder, args.model, args.weights, checkpoint=args.checkpoint,
         batch_size=args.batch_size, loader=LoaderOptions(args.workers, args.threads),
         resize_size=args.resize_size, crop_size=args.crop_size, cache_dir=args.cache_dir,
-        progress=not args.no_progress)
+        progress=not args.no_progress, **checkpoint_options(args))
     lines = [f"{args.folder}: {result.num_images} images, {len(result.classes)} classes "
              f"({note})", result.table(),
              f"{result.num_images} images in {result.seconds:.1f} s, "

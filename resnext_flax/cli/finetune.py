@@ -69,6 +69,9 @@ def _add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, metavar="STEPS",
                    help="also checkpoint every N steps (default: each epoch)")
     add_loader_arguments(p)
+    # A start file's options (--prefix...) are `convert`'s: a fix naming them is spelled as
+    # that command, whose output the run then starts from.
+    p.set_defaults(fix_keywords=frozenset({"name"}))
 
 
 #: Options passed to FinetuneConfig under their own names, when given.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from resnext_flax.cli.common import add_checkpoint_options, checkpoint_options
 from resnext_flax.models.variants import VARIANTS
 
 
@@ -24,20 +25,22 @@ def add_parser(commands: Any) -> None:
                          help="converted-checkpoint cache (default $RESNEXT_FLAX_CACHE or "
                               "~/.cache/resnext_flax)")
     predict.add_argument("--no-progress", action="store_true", help="no download progress bar")
+    add_checkpoint_options(predict, head=False)
     predict.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> str:
     """The top classes of each image."""
     from resnext_flax.inference import Predictor
+    from resnext_flax.weights.pretrained import from_pretrained
 
     for option, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValueError(f"{option} must be at least 1, got {value}")
-    predictor = Predictor.from_pretrained(
-        args.model, args.weights, checkpoint=args.checkpoint, cache_dir=args.cache_dir,
-        progress=not args.no_progress, top_k=args.top_k, batch_size=args.batch_size,
-    )
+    model = from_pretrained(args.model, args.weights, checkpoint=args.checkpoint,
+                            cache_dir=args.cache_dir, progress=not args.no_progress,
+                            **checkpoint_options(args))
+    predictor = Predictor.from_model(model, top_k=args.top_k, batch_size=args.batch_size)
     result = predictor.classify(args.images)
     lines = []
     for i, image in enumerate(args.images):

@@ -103,7 +103,15 @@ def optimize_for_inference(model: ResNet, *,
     lowerings consume (``Conv.prepare_for_inference``; on the CPU, Winograd-transformed tiles
     and the compiled kernel's blocked layout: more memory for those 3x3 kernels, no per-call
     transform). `model` itself is not changed, and ``folded(x)`` equals
-    ``model.eval(); model(x)`` to float rounding."""
+    ``model.eval(); model(x)`` to float rounding.
+
+    The result is for weights that no longer change: the prepared kernels are derived from the
+    weights once, so parameters written into it afterwards (``nnx.update`` on its
+    ``module()``, which shares its arrays) are not seen by them. Optimize the changed model
+    again instead."""
+    if isinstance(model, FoldedResNet):
+        raise TypeError("this model is already optimized for inference; pass the model it "
+                        "was made from to choose another policy")
     folded = set_conv_policy(fold_batchnorm(model), policy)
     if policy.fuse:
         fuse_blocks(folded)

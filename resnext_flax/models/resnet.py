@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resnext_flax.metadata import PretrainedCfg
+from resnext_flax.metadata import PretrainedCfg, RecordSlot
 from resnext_flax.models.variants import ModelSpec
 from resnext_flax.nn import ops
 from resnext_flax.nn.init import batched_init, materialize
@@ -136,7 +136,7 @@ class ResNet(nnx.Module):
     """torchvision's ResNet family (ResNet, ResNeXt, Wide ResNet) in Flax NNX.
 
     **Arguments:**
-    - `spec`: the architecture (see ``resnext_flax.VARIANTS``).
+    - `spec`: the architecture (see ``models.variants.VARIANTS``).
     - `num_classes`: size of the classifier head; 0 for a headless model whose output is the
       pooled features (``fc`` is then an identity).
     - `zero_init_residual`: zero the last BatchNorm scale of every block (torchvision's
@@ -165,7 +165,7 @@ class ResNet(nnx.Module):
         self.num_classes = num_classes
         self.dtype = dtype
         # What the weights were loaded with (set by the loaders); None: random initialization.
-        self.pretrained_cfg: PretrainedCfg | None = None
+        self._pretrained = RecordSlot()
         # Random weights are recorded, then drawn in one batched pass (nn.init): the same
         # values as drawing each eagerly, without compiling a program per parameter shape.
         with batched_init():
@@ -248,17 +248,26 @@ class ResNet(nnx.Module):
     def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None) -> None:
         """Replace ``fc`` by a freshly initialized head of `num_classes` (0: headless), as
         torchvision's fine-tuning recipes do with ``model.fc = nn.Linear(...)``; every other
-        weight and BatchNorm statistic is kept (and ``pretrained_cfg``, less the class names
-        when the class count changes). ``rngs`` defaults to ``nnx.Rngs(0)``."""
+        weight and BatchNorm statistic is kept (and ``pretrained_cfg``, less what described the
+        old head: its class names and weight set). ``rngs`` defaults to ``nnx.Rngs(0)``."""
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0 (0: headless), got {num_classes!r}")
         param_dtype = self.conv1.kernel.get_value().dtype
         self.fc = _head(self.num_features, num_classes, dtype=self.dtype,
                         param_dtype=param_dtype, rngs=rngs if rngs is not None else nnx.Rngs(0))
         self.num_classes = num_classes
-        cfg = getattr(self, "pretrained_cfg", None)
-        if cfg is not None:
-            self.pretrained_cfg = cfg.with_head(num_classes)
+        if self.pretrained_cfg is not None:
+            self.pretrained_cfg = self.pretrained_cfg.with_head(num_classes)
+
+    @property
+    def pretrained_cfg(self) -> PretrainedCfg | None:
+        """What the weights were loaded with (``metadata.PretrainedCfg``: architecture, source,
+        class names, preprocessing...); None for random initialization."""
+        return self._pretrained.cfg
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, cfg: PretrainedCfg | None) -> None:
+        self._pretrained = RecordSlot(cfg)
 
 
 def _head(num_features: int, num_classes: int, **kwargs) -> nnx.Module:

@@ -9,6 +9,8 @@ import dataclasses
 from types import MappingProxyType
 from typing import Literal
 
+from resnext_flax.errors import UnknownModelError
+
 BlockKind = Literal["basic", "bottleneck"]
 
 
@@ -76,7 +78,7 @@ def get_spec(name: str) -> ModelSpec:
     try:
         return VARIANTS[name]
     except KeyError:
-        raise ValueError(
+        raise UnknownModelError(
             f"unknown model {name!r}; known models: {', '.join(VARIANTS)}"
         ) from None
 

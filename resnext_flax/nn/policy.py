@@ -68,8 +68,9 @@ class ConvPolicy:
         for name in (self.lowering, *sorted(self.exclude)):
             if name not in LOWERINGS:
                 raise ValueError(f"unknown conv lowering {name!r}; expected one of {LOWERINGS}")
-        if "auto" in self.exclude:
-            raise ValueError("'auto' cannot be excluded")
+        if {"auto", "xla"} & self.exclude:
+            raise ValueError("'auto' and 'xla' cannot be excluded: XLA's own conv is what every "
+                             "other lowering falls back to")
         if self.lowering in self.exclude:
             raise ValueError(f"lowering {self.lowering!r} is both chosen and excluded")
         for name in ("fuse", "gemm_1x1", "direct_strided"):

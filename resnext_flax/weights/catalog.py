@@ -14,6 +14,7 @@ import dataclasses
 import re
 from types import MappingProxyType
 
+from resnext_flax.errors import UnknownModelError
 from resnext_flax.metadata import Preprocessing, imagenet_categories, imagenet_wnids
 from resnext_flax.models.variants import VARIANTS, get_spec
 
@@ -177,7 +178,8 @@ def get_weight_set(model: str, tag: str = "DEFAULT") -> WeightSet:
     ``"ResNet50_Weights.IMAGENET1K_V2"`` / ``"resnet50.IMAGENET1K_V2"``.
     """
     if model not in WEIGHT_SETS:
-        raise ValueError(f"unknown model {model!r}; known models: {', '.join(WEIGHT_SETS)}")
+        raise UnknownModelError(
+            f"unknown model {model!r}; known models: {', '.join(WEIGHT_SETS)}")
     if not isinstance(tag, str):
         raise TypeError(f"weights must be a tag string or a WeightSet, got {type(tag).__name__}")
     short = tag.rsplit(".", 1)[-1]
@@ -185,7 +187,7 @@ def get_weight_set(model: str, tag: str = "DEFAULT") -> WeightSet:
         short = DEFAULT_TAGS[model]
     sets = WEIGHT_SETS[model]
     if short not in sets:
-        raise ValueError(
+        raise UnknownModelError(
             f"{model} has no weight set {tag!r}; available: DEFAULT (= {DEFAULT_TAGS[model]}), "
             f"{', '.join(sets)}"
         )
@@ -198,10 +200,11 @@ def resolve_weights(model: str, weights: str | WeightSet | None) -> WeightSet:
     get_spec(model)  # a clear error for unknown names
     if isinstance(weights, WeightSet):
         if weights.model != model:
-            raise ValueError(f"weight set {weights.name} is for {weights.model}, not {model}")
+            raise UnknownModelError(
+                f"weight set {weights.name} is for {weights.model}, not {model}")
         return weights
     if weights is None:
-        raise ValueError(
+        raise UnknownModelError(
             "pretrained weights need a weight set (e.g. 'DEFAULT'); for random weights use "
             f"resnext_flax.create_model({model!r})"
         )

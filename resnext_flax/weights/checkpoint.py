@@ -74,11 +74,11 @@ def save_checkpoint(
     metadata = dict(metadata or {})
     clash = sorted(set(metadata) & set(RESERVED_KEYS))
     if clash:
-        raise ValueError(f"metadata keys {clash} are reserved for the checkpoint format")
+        raise CheckpointError(f"metadata keys {clash} are reserved for the checkpoint format")
     bad = sorted(k for k, v in metadata.items() if not isinstance(k, str)
                  or not isinstance(v, str))
     if bad:
-        raise ValueError(f"metadata must map strings to strings; not so for {bad}")
+        raise CheckpointError(f"metadata must map strings to strings; not so for {bad}")
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -94,7 +94,8 @@ def save_checkpoint(
         if cfg.weights and "weights" not in metadata:
             header["weights"] = cfg.weights
     if classes is not None:
-        header["classes"] = json.dumps(_check_classes(classes, model.num_classes, path))
+        header["classes"] = json.dumps(_check_classes(classes, model.num_classes,
+                                                     f"writing {os.fspath(path)!r}"))
     if preprocessing is not None:
         header["preprocessing"] = json.dumps(preprocessing.to_json())
     tensors = {key: np.asarray(var.get_value()) for key, var in _flat_variables(model).items()}
@@ -111,22 +112,22 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata header of a converted checkpoint; ValueError if it is not one."""
     meta = read_safetensors_metadata(path)
     if meta.get("format") != FORMAT:
-        raise ValueError(
+        raise CheckpointError(
             f"{os.fspath(path)!r} is not a resnext_flax checkpoint (no '{FORMAT}' metadata); "
             "torchvision files load with resnext_flax.read_state_dict"
         )
     return meta
 
 
-def _check_classes(classes: Sequence[str], num_classes: int, path: Any) -> list[str]:
+def _check_classes(classes: Sequence[str], num_classes: int, where: str) -> list[str]:
+    """One non-empty name per output. Names may repeat: published label lists do (ImageNet's
+    original synset names hold "crane" twice), and they are labels, not keys."""
     names = list(classes)
     if isinstance(classes, str) or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"classes must be a sequence of non-empty strings, got {classes!r}")
+        raise CheckpointError(f"classes must be a sequence of non-empty strings, got {classes!r}")
     if len(names) != num_classes:
-        raise ValueError(f"{len(names)} class names for a model with {num_classes} outputs "
-                         f"(writing {os.fspath(path)!r})")
-    if len(set(names)) != len(names):
-        raise ValueError(f"class names must be distinct (writing {os.fspath(path)!r})")
+        raise CheckpointError(f"{len(names)} class names for a model with {num_classes} outputs "
+                         f"({where})")
     return names
 
 
@@ -161,7 +162,8 @@ def header_labels(
     preprocessing = field("preprocessing")
     try:
         if classes is not None:
-            classes = tuple(_check_classes(classes, int(meta.get("num_classes", -1)), path))
+            classes = tuple(_check_classes(classes, int(meta.get("num_classes", -1)),
+                                            f"reading {path!r}"))
         if preprocessing is not None:
             preprocessing = Preprocessing.from_json(preprocessing)
     except (TypeError, ValueError) as err:

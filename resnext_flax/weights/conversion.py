@@ -11,10 +11,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from resnext_flax.errors import WeightsError
 from resnext_flax.models.functional import pure_forward
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import find_variant
 from resnext_flax.weights.checkpoint import save_checkpoint
+from resnext_flax.weights.files import WeightFileError
 from resnext_flax.weights.loading import CONVERTED_LAYOUT, load_model_with_report
 from resnext_flax.weights.torch_port import normalize_state_dict, to_torch_state_dict
 
@@ -122,7 +124,7 @@ def convert_checkpoint(
                                              num_classes=num_classes,
                                              trust_pickle=trust_pickle)
     if resolved.layout == CONVERTED_LAYOUT:
-        raise ValueError(
+        raise WeightFileError(
             f"{resolved.source} is a converted resnext_flax checkpoint, not a torchvision "
             "state dict: load it with resnext_flax.load_checkpoint(path)")
     name = find_variant(model.spec)
@@ -131,7 +133,7 @@ def convert_checkpoint(
         report = verify_against_torchvision(model, resolved.state_dict, name,
                                             probe_shape=probe_shape)
         if not report.relative_error <= tolerance:
-            raise ValueError(
+            raise WeightsError(
                 f"converted {name} does not match torchvision ({report}); "
                 f"tolerance {tolerance:g}; nothing written"
             )

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from resnext_flax.errors import Fix, Message, WeightsError
+from resnext_flax.errors import Fix, Message, WeightFileNotFoundError, WeightsError
 
 #: The header value that marks a converted checkpoint of this library.
 CONVERTED_FORMAT = "resnext_flax"
@@ -141,7 +141,7 @@ def read_weight_file(path: str | os.PathLike, *, trust_pickle: bool = False) -> 
     if os.path.isdir(path):
         path = _weights_in_folder(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint file at {path!r}")
+        raise WeightFileNotFoundError(f"no checkpoint file at {path!r}")
     _check_readable(path)
     config = _read_hf_config(path)
     if path.endswith(".safetensors"):
@@ -155,8 +155,8 @@ def _weights_in_folder(folder: str) -> str:
     for name in HF_WEIGHT_FILES:
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
-    raise FileNotFoundError(f"{folder!r} is a folder without {' or '.join(HF_WEIGHT_FILES)}; "
-                            "pass the weight file itself")
+    raise WeightFileNotFoundError(f"{folder!r} is a folder without "
+                                  f"{' or '.join(HF_WEIGHT_FILES)}; pass the weight file itself")
 
 
 def _read_hf_config(path: str) -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from resnext_flax.errors import WeightsError
 from resnext_flax.metadata import PretrainedCfg
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import VARIANTS, find_variant, get_spec
@@ -83,8 +84,8 @@ def _converted_report(weight_file: WeightFile, options: CheckpointOptions) -> Ch
     """A converted checkpoint holds one model under NNX names; only `num_classes` applies."""
     source = repr(weight_file.path)
     if options.prefix is not None or options.ema or options.key is not None:
-        raise ValueError(f"{source} is a converted resnext_flax checkpoint holding one model; "
-                         "prefix, ema and key apply to PyTorch files")
+        raise WeightsError(f"{source} is a converted resnext_flax checkpoint holding one model; "
+                           "prefix, ema and key apply to PyTorch files")
     meta = weight_file.metadata
     stored = int(meta.get("num_classes", "0") or 0)
     spec = VARIANTS.get(meta.get("model", ""))
@@ -127,11 +128,10 @@ def _load_converted(weight_file: WeightFile, name: str | None, options: Checkpoi
     model = model_from_converted(weight_file, dtype=dtype)
     held = find_variant(model.spec)
     if name is not None and held != name:
-        raise ValueError(f"{weight_file.path!r} holds a {held or model.spec} checkpoint, "
-                         f"not {name}")
+        raise WeightsError(f"{weight_file.path!r} holds a {held or model.spec} checkpoint, "
+                           f"not {name}")
     if report.num_classes != model.num_classes:
-        model.reset_classifier(report.num_classes)
-        model.pretrained_cfg = model.pretrained_cfg.with_head(report.num_classes)
+        model.reset_classifier(report.num_classes)  # the record follows (with_head)
     return model, report
 
 
@@ -208,7 +208,7 @@ def read_state_dict(
     report = inspect_checkpoint(path, prefix=prefix, ema=ema, key=key, num_classes=num_classes,
                                 trust_pickle=trust_pickle)
     if report.layout == CONVERTED_LAYOUT:
-        raise ValueError(
+        raise WeightFileError(
             f"{report.source} is a converted resnext_flax checkpoint, not a torchvision "
             "state dict: load it with resnext_flax.load_checkpoint(path)")
     report.require()
@@ -252,4 +252,9 @@ def load_torch_state_dict(
             # could later change in place.
             var.set_value(jnp.array(from_torch_layout(leaf, arrays[key]),
                                     dtype=var.get_value().dtype, copy=True))
+    if isinstance(model, ResNet):
+        # The weights are the state dict's now: a record of earlier ones would mislabel them.
+        model.pretrained_cfg = PretrainedCfg(
+            architecture=find_variant(model.spec), spec=model.spec,
+            num_classes=model.num_classes)
     return model

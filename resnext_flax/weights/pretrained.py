@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from resnext_flax.errors import WeightsError
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.weights.cache import (
     OFFLINE_ENV,
@@ -146,18 +147,19 @@ def from_pretrained(
     - `dtype`: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
 
     The model's ``pretrained_cfg`` records the weight set (its class names, preprocessing and
-    source file hash); a `checkpoint` keeps what its file records and takes what it lacks
-    from the weight set (class names only if the class count matches).
+    source file hash); a `checkpoint` keeps what its file records and takes the class names
+    and preprocessing it lacks from the weight set (class names only if the class count
+    matches), but is never recorded as the weight set itself.
     """
     ws = resolve_weights(name, weights)
     if checkpoint is not None:
         model = load_model(checkpoint, name, dtype=dtype, prefix=prefix, ema=ema, key=key,
                            num_classes=num_classes, trust_pickle=trust_pickle)
         model.pretrained_cfg = model.pretrained_cfg.fill(
-            weights=ws.name, class_names=ws.categories, preprocessing=ws.preprocessing)
+            class_names=ws.categories, preprocessing=ws.preprocessing)
         return model
     if prefix is not None or ema or key is not None or trust_pickle:
-        raise ValueError("prefix, ema, key and trust_pickle apply to checkpoint= files only")
+        raise WeightsError("prefix, ema, key and trust_pickle apply to checkpoint= files only")
     return load_weight_set(ws, cache_dir=cache_dir, progress=progress, url=url, dtype=dtype,
                            num_classes=num_classes)
 
@@ -180,8 +182,8 @@ def load_weight_set(
         if weight_file.kind != "converted":
             raise CheckpointError("not a resnext_flax checkpoint")
     except ValueError as err:
-        raise ValueError(f"cached checkpoint {path} is unreadable; delete it to fetch it "
-                         f"again ({err})") from err
+        raise CheckpointError(f"cached checkpoint {path} is unreadable; delete it to fetch it "
+                              f"again ({err})") from err
     recorded = weight_file.metadata.get("source_sha256", "")
     if not recorded.startswith(ws.sha256_prefix):
         what = (f"was converted from a file with sha256 {recorded[:16]}..." if recorded
@@ -190,8 +192,9 @@ def load_weight_set(
             f"cached checkpoint {path} {what}, not {ws.filename}; it is not trusted as "
             f"{ws.name}: delete it to fetch it again, or load it with checkpoint=")
     model = load_model(weight_file, ws.model, dtype=dtype, num_classes=num_classes)
+    same_head = model.num_classes == ws.num_classes
     model.pretrained_cfg = dataclasses.replace(
-        model.pretrained_cfg, weights=ws.name,
+        model.pretrained_cfg, weights=ws.name if same_head else None,
         source=weight_file.metadata.get("source_url") or ws.url,
         sha256=recorded).fill(class_names=ws.categories, preprocessing=ws.preprocessing)
     return model

@@ -198,7 +198,8 @@ def _blocked_shape(kernel_shape: tuple[int, ...], groups: int) -> tuple[int, ...
 def block_kernel(kernel: jax.Array, groups: int) -> jax.Array | None:
     """An HWIO kernel in the direct kernel's layout, (units, kh, kw, d, unit): each block of
     output channels' weights contiguous. None where the direct kernel has no form for it.
-    ``conv2d(..., blocked=...)`` takes it precomputed (inference: ``ops.prepare_kernel``)."""
+    ``conv2d(..., blocked=...)`` takes it precomputed (inference:
+    ``lowering.conv.prepare_kernel``)."""
     if kernel.ndim != 4 or not _direct_supports(kernel.shape, groups):
         return None
     units, kh, kw, d, unit = _blocked_shape(kernel.shape, groups)
