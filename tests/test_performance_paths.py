@@ -507,14 +507,15 @@ def test_fusion_is_a_policy_choice():
     """``optimize_for_inference`` fuses (inference blocks, the GEMM's epilogue, the residual
     boundary) only under ``fuse=True``; without it the folded model keeps the plain blocks.
     Both compute the model's logits."""
-    from resnext_flax.models.fused import FusedBottleneck
+    from resnext_flax.models.fused import FusedBlock
 
     model = flax_model_from_torch("resnet50", torch_model("resnet50", seed=2))
     x = random_images(1, 40, 40, seed=4)
     expected = model(x)
     fused = optimize_for_inference(model)
     unfused = optimize_for_inference(model, policy=ConvPolicy(fuse=False))
-    assert isinstance(fused.module().layer2[1], FusedBottleneck)
+    assert isinstance(fused.module().layer2[1], FusedBlock)
+    assert fused.module().layer2[1].conv_names == ("conv1", "conv2", "conv3")
     assert type(unfused.module().layer2[1]) is type(model.layer2[1])
     for folded in (fused, unfused):
         assert relative_error(folded(x), expected) <= RTOL

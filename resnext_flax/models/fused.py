@@ -13,7 +13,7 @@ import jax
 from flax import nnx
 
 from resnext_flax.models.resnet import BasicBlock, Bottleneck, ResNet, sequential
-from resnext_flax.nn.layers import BatchNorm, Conv, block_output
+from resnext_flax.nn.layers import BatchNorm, block_output
 
 
 def _check_folded(block: nnx.Module) -> None:
@@ -22,43 +22,26 @@ def _check_folded(block: nnx.Module) -> None:
                          "fold_batchnorm)")
 
 
-class FusedBasicBlock(nnx.Module):
-    """:class:`~resnext_flax.models.resnet.BasicBlock` with folded BatchNorms, fused."""
+class FusedBlock(nnx.Module):
+    """A :class:`~resnext_flax.models.resnet.BasicBlock` or
+    :class:`~resnext_flax.models.resnet.Bottleneck` with folded BatchNorms, fused: every conv
+    but the last applies its ReLU, the last adds the shortcut before its ReLU."""
 
-    expansion = BasicBlock.expansion
-
-    def __init__(self, block: BasicBlock):
+    def __init__(self, block: BasicBlock | Bottleneck):
         _check_folded(block)
-        self.conv1: Conv = block.conv1
-        self.conv2: Conv = block.conv2
+        self.expansion = block.expansion
+        self.conv_names = tuple(n for n in ("conv1", "conv2", "conv3") if hasattr(block, n))
+        for name in self.conv_names:
+            setattr(self, name, getattr(block, name))
         self.downsample = block.downsample
 
     def __call__(self, x: jax.Array) -> jax.Array:
         identity = x if self.downsample is None else sequential(self.downsample, x)
-        out = self.conv1(x, relu=True)
-        return block_output(self.conv2(out, residual=identity, relu=True), self.conv2.policy)
-
-
-class FusedBottleneck(nnx.Module):
-    """:class:`~resnext_flax.models.resnet.Bottleneck` with folded BatchNorms, fused."""
-
-    expansion = Bottleneck.expansion
-
-    def __init__(self, block: Bottleneck):
-        _check_folded(block)
-        self.conv1: Conv = block.conv1
-        self.conv2: Conv = block.conv2
-        self.conv3: Conv = block.conv3
-        self.downsample = block.downsample
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        identity = x if self.downsample is None else sequential(self.downsample, x)
-        out = self.conv1(x, relu=True)
-        out = self.conv2(out, relu=True)
-        return block_output(self.conv3(out, residual=identity, relu=True), self.conv3.policy)
-
-
-_FUSED = {BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}
+        *inner, last = (getattr(self, name) for name in self.conv_names)
+        out = x
+        for conv in inner:
+            out = conv(out, relu=True)
+        return block_output(last(out, residual=identity, relu=True), last.policy)
 
 
 def fuse_blocks(model: ResNet) -> ResNet:
@@ -66,6 +49,6 @@ def fuse_blocks(model: ResNet) -> ResNet:
     returns `model`."""
     for stage in ("layer1", "layer2", "layer3", "layer4"):
         blocks = getattr(model, stage)
-        setattr(model, stage, nnx.List([_FUSED[type(b)](b) if type(b) in _FUSED else b
-                                        for b in blocks]))
+        setattr(model, stage, nnx.List([FusedBlock(b) if isinstance(b, BasicBlock | Bottleneck)
+                                        else b for b in blocks]))
     return model
