@@ -137,9 +137,7 @@ def initial_model(config: FinetuneConfig, num_classes: int, *,
                                 progress=progress)
     cfg = pretrained_cfg(model)
     base = cfg.preprocessing if cfg is not None and cfg.preprocessing else Preprocessing()
-    model.reset_classifier(num_classes, rngs=nnx.Rngs(config.seed))
-    if cfg is not None:
-        model.pretrained_cfg = cfg.with_head(num_classes)
+    model.reset_classifier(num_classes, rngs=nnx.Rngs(config.seed))  # the record follows
     sizes = {k: v for k, v in (("resize_size", config.resize_size),
                                ("crop_size", config.crop_size)) if v is not None}
     return model, dataclasses.replace(base, **sizes)

@@ -97,8 +97,8 @@ def imagenet_wnids() -> tuple[str, ...]:
 class PretrainedCfg:
     """What a model was loaded with; attached as ``model.pretrained_cfg`` by every loader
     (None on a randomly initialized model). It travels inside the module (through
-    ``nnx.split``/``merge``, ``nnx.clone`` and BatchNorm folding) in a :class:`RecordSlot`,
-    which keeps it out of what ``jax.jit`` compares.
+    ``nnx.split``/``merge``, ``nnx.clone`` and BatchNorm folding) in a slot that keeps it out
+    of what ``jax.jit`` compares (``models.resnet.RecordSlot``).
 
     **Fields:**
     - `architecture`: torchvision's name (``"resnet50"``); `spec`: its :class:`ModelSpec`.
@@ -148,30 +148,6 @@ class PretrainedCfg:
         return dataclasses.replace(
             self, class_names=class_names if fits else self.class_names,
             preprocessing=self.preprocessing or preprocessing)
-
-
-class RecordSlot:
-    """Holds a module's :class:`PretrainedCfg` as a static NNX attribute that never tells two
-    graph definitions apart: every slot compares equal and hashes alike. The forward pass
-    never reads the record, so models that differ only in where their weights came from share
-    one compiled program (and jit never hashes a thousand class names per call)."""
-
-    __slots__ = ("cfg",)
-
-    def __init__(self, cfg: PretrainedCfg | None = None):
-        if cfg is not None and not isinstance(cfg, PretrainedCfg):
-            raise TypeError(f"pretrained_cfg must be a PretrainedCfg or None, got "
-                            f"{type(cfg).__name__}")
-        self.cfg = cfg
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, RecordSlot)
-
-    def __hash__(self) -> int:
-        return hash(RecordSlot)
-
-    def __repr__(self) -> str:
-        return f"RecordSlot({self.cfg!r})"
 
 
 def pretrained_cfg(model: Any) -> PretrainedCfg | None:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resnext_flax.metadata import PretrainedCfg, RecordSlot
+from resnext_flax.metadata import PretrainedCfg
 from resnext_flax.models.variants import ModelSpec
 from resnext_flax.nn import ops
 from resnext_flax.nn.init import batched_init, materialize
@@ -130,6 +130,30 @@ def check_input(x: jax.Array, in_channels: int = 3, *, hint: str = "") -> None:
                    "x.astype(jnp.float32)")
     if problem:
         raise ValueError(f"expected {expected}, {problem}{hint}")
+
+
+class RecordSlot:
+    """Holds a module's :class:`PretrainedCfg` as a static NNX attribute that never tells two
+    graph definitions apart: every slot compares equal and hashes alike. The forward pass
+    never reads the record, so models that differ only in where their weights came from share
+    one compiled program (and jit never hashes a thousand class names per call)."""
+
+    __slots__ = ("cfg",)
+
+    def __init__(self, cfg: PretrainedCfg | None = None):
+        if cfg is not None and not isinstance(cfg, PretrainedCfg):
+            raise TypeError(f"pretrained_cfg must be a PretrainedCfg or None, got "
+                            f"{type(cfg).__name__}")
+        self.cfg = cfg
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RecordSlot)
+
+    def __hash__(self) -> int:
+        return hash(RecordSlot)
+
+    def __repr__(self) -> str:
+        return f"RecordSlot({self.cfg!r})"
 
 
 class ResNet(nnx.Module):
