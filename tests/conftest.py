@@ -2,6 +2,7 @@ import os
 import sys
 
 import jax
+import pytest
 
 # Make tests/torch_reference.py importable as a plain module from every test file.
 sys.path.insert(0, os.path.dirname(__file__))
@@ -16,3 +17,15 @@ try:
     torch.backends.cuda.matmul.allow_tf32 = False
 except ImportError:  # the torch-free tests still run
     pass
+
+
+@pytest.fixture
+def isolated_dirs(tmp_path, monkeypatch):
+    """Never touch the real caches: an empty torch hub folder and the library's cache under
+    tmp_path, no mirror, online (modules opt in with ``pytestmark``)."""
+    from resnext_flax.weights.cache import BASE_URL_ENV, CACHE_ENV, OFFLINE_ENV
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(BASE_URL_ENV, raising=False)
+    monkeypatch.delenv(OFFLINE_ENV, raising=False)

@@ -55,43 +55,40 @@ def _xla(x, k, stride, padding, groups):
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
 
 
-def _reference64(x, k, stride, padding, groups) -> np.ndarray:
-    """The conv in float64 numpy: a sum over taps of per-group channel contractions."""
-    x = np.asarray(x, np.float64)
-    k = np.asarray(k, np.float64)
+def _taps(x, k, stride, padding, groups, dtype):
+    """The conv's output shape and, per tap, its input window (n, ho, wo, groups, d) and
+    kernel slice (d, groups, out per group), in `dtype`."""
+    x = np.asarray(x, dtype)
+    k = np.asarray(k, dtype)
     n, h, w, _ = x.shape
     kh, kw, d, cout = k.shape
     ho = (h + 2 * padding - kh) // stride + 1
     wo = (w + 2 * padding - kw) // stride + 1
     xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     kg = k.reshape(kh, kw, d, groups, cout // groups)
-    out = np.zeros((n, ho, wo, groups, cout // groups))
-    for i in range(kh):
-        for j in range(kw):
-            tap = xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
-            out += np.einsum("nhwgc,cgo->nhwgo", tap.reshape(n, ho, wo, groups, d), kg[i, j])
-    return out.reshape(n, ho, wo, cout)
+    taps = [(xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+             .reshape(n, ho, wo, groups, d), kg[i, j]) for i in range(kh) for j in range(kw)]
+    return (n, ho, wo, groups, cout // groups), taps
+
+
+def _reference64(x, k, stride, padding, groups) -> np.ndarray:
+    """The conv in float64 numpy: a sum over taps of per-group channel contractions."""
+    shape, taps = _taps(x, k, stride, padding, groups, np.float64)
+    out = np.zeros(shape)
+    for tap, kernel in taps:
+        out += np.einsum("nhwgc,cgo->nhwgo", tap, kernel)
+    return out.reshape(*shape[:3], -1)
 
 
 def _sequential32(x, k, stride, padding, groups) -> np.ndarray:
     """The conv in float32 numpy, accumulated one product at a time (taps, then channels): the
     rounding of a direct conv's running sum, whatever the machine."""
-    x = np.asarray(x, np.float32)
-    k = np.asarray(k, np.float32)
-    n, h, w, _ = x.shape
-    kh, kw, d, cout = k.shape
-    ho = (h + 2 * padding - kh) // stride + 1
-    wo = (w + 2 * padding - kw) // stride + 1
-    xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    kg = k.reshape(kh, kw, d, groups, cout // groups)
-    out = np.zeros((n, ho, wo, groups, cout // groups), np.float32)
-    for i in range(kh):
-        for j in range(kw):
-            tap = xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
-            tap = tap.reshape(n, ho, wo, groups, d)
-            for c in range(d):
-                out += tap[..., c:c + 1] * kg[i, j, c]
-    return out.reshape(n, ho, wo, cout)
+    shape, taps = _taps(x, k, stride, padding, groups, np.float32)
+    out = np.zeros(shape, np.float32)
+    for tap, kernel in taps:
+        for c in range(tap.shape[-1]):
+            out += tap[..., c:c + 1] * kernel[c]
+    return out.reshape(*shape[:3], -1)
 
 
 def _floor(x, k, stride, padding, groups, ref, *xla_outputs) -> float:

@@ -45,13 +45,7 @@ def pth(torch_resnet18, tmp_path_factory) -> pathlib.Path:
     return save_torchvision_file(torch_resnet18, tmp_path_factory.mktemp("weights"), "resnet18")
 
 
-@pytest.fixture(autouse=True)
-def isolated_dirs(tmp_path, monkeypatch):
-    """Never touch the real caches: an empty torch hub folder and our cache under tmp_path."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(BASE_URL_ENV, raising=False)
-    monkeypatch.delenv(OFFLINE_ENV, raising=False)
+pytestmark = pytest.mark.usefixtures("isolated_dirs")
 
 
 def local_weight_set(path: pathlib.Path) -> WeightSet:

@@ -21,19 +21,12 @@ from resnext_flax.datasets import DatasetError, ImageDataset
 from resnext_flax.metadata import Preprocessing, PretrainedCfg, imagenet_categories
 from resnext_flax.models.folding import fold_batchnorm
 from resnext_flax.models.variants import VARIANTS
-from resnext_flax.weights.cache import BASE_URL_ENV, CACHE_ENV, OFFLINE_ENV
 from resnext_flax.weights.catalog import get_weight_set
 from resnext_flax.weights.checkpoint import read_safetensors_metadata
 from resnext_flax.weights.conversion import convert_checkpoint
 from resnext_flax.weights.pretrained import download_pretrained
 
-
-@pytest.fixture(autouse=True)
-def isolated_dirs(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(BASE_URL_ENV, raising=False)
-    monkeypatch.delenv(OFFLINE_ENV, raising=False)
+pytestmark = pytest.mark.usefixtures("isolated_dirs")
 
 
 @pytest.fixture(scope="module")
