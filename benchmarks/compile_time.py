@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 import resnext_flax
 from resnext_flax import training
-from resnext_flax.models.functional import apply_jit
+from resnext_flax.models.programs import forward_program
 
 name, program, batch, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 model = resnext_flax.create_model(name, rngs=nnx.Rngs(0))
@@ -36,7 +36,7 @@ start = time.perf_counter()
 if program == "inference":
     folded = resnext_flax.optimize_for_inference(model)
     prepared = time.perf_counter()
-    traced = apply_jit.trace(folded.graphdef, folded.state, x, "__call__")
+    traced = forward_program.trace(folded.graphdef, folded.state, x, "__call__", None)
 else:
     state = training.create_train_state(model, training.sgd(0.1))
     prepared = time.perf_counter()

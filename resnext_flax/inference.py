@@ -1,6 +1,11 @@
 """Jit-compiled inference: classify images (:class:`Predictor`) and extract features
-(:class:`FeatureExtractor`), each one pure function of (variables, images) compiled once per
-shape (``models.functional.pure_forward``).
+(:class:`FeatureExtractor`).
+
+Both run a model through the program every wrapper of an equal model shares
+(``models.programs.forward_program``): a second wrapper of the same model, or of a model of the
+same architecture, mode and conv policy loaded again, compiles nothing for the shapes the
+first one ran. Batches are zero-padded to a few sizes (:func:`batch_bucket`), so a new batch
+size compiles once per bucket rather than once per size.
 
 The forward function is a constructor argument of :class:`Predictor`, so an optimized forward
 (e.g. BatchNorm folded into the convolutions) drops in without touching the rest.
@@ -9,6 +14,7 @@ The forward function is a constructor argument of :class:`Predictor`, so an opti
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,6 +27,7 @@ from flax import nnx
 from resnext_flax.metadata import Preprocessing, PretrainedCfg, class_names, pretrained_cfg
 from resnext_flax.models.folding import optimize_for_inference
 from resnext_flax.models.functional import CompiledModel, pure_forward
+from resnext_flax.models.programs import ModuleForward, eval_split
 from resnext_flax.models.resnet import FEATURE_NAMES, ResNet, check_input
 from resnext_flax.nn.policy import ConvPolicy
 from resnext_flax.preprocess import ImageInput, image_list, preprocess, preprocessing_config
@@ -29,6 +36,46 @@ from resnext_flax.weights.pretrained import from_pretrained
 
 #: A pure forward function: ``apply_fn(variables, images NHWC float) -> logits (N, C)``.
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
+
+#: Batches up to this size are padded to the next power of two, larger ones to a multiple of it.
+_BUCKET_STEP = 64
+
+
+def batch_bucket(n: int) -> int:
+    """The batch size `n` images are padded to: the next power of two up to 64 (1, 2, 4, ...,
+    64), then the next multiple of 64. At most twice the work, and a handful of compiled
+    programs for every batch size a service sees."""
+    if n <= _BUCKET_STEP:
+        return 1 << max(n - 1, 0).bit_length()
+    return -(-n // _BUCKET_STEP) * _BUCKET_STEP
+
+
+def _pad_rows(images: jax.Array, size: int) -> jax.Array:
+    """`images` with zero images appended up to `size` rows."""
+    missing = size - images.shape[0]
+    if missing <= 0:
+        return images
+    return jnp.concatenate([images, jnp.zeros((missing, *images.shape[1:]), images.dtype)])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _call(apply_fn: ApplyFn, variables: Any, images: jax.Array) -> jax.Array:
+    return apply_fn(variables, images)
+
+
+def _compiled(apply_fn: ApplyFn) -> ApplyFn:
+    """`apply_fn` compiled: a model's forward through the program its other wrappers share,
+    any other function jitted on its own."""
+    if isinstance(apply_fn, ModuleForward):
+        return apply_fn.compiled
+    return functools.partial(_call, apply_fn)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _top_k(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    logits = logits.astype(jnp.float32)
+    top_p, top_i = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), min(k, logits.shape[-1]))
+    return logits, top_p, top_i
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +120,8 @@ class Predictor:
     - `top_k`: how many classes to report (clamped to the class count).
     - `batch_size`: :meth:`classify` runs batches of this size; the last one is padded, so one
       compiled program serves every batch.
+    - `pad_batches`: pad every batch to its :func:`batch_bucket` (zero images, dropped from the
+      result), so new batch sizes reuse a compiled program; False runs each size as it is.
 
     Use :meth:`from_model` or :meth:`from_pretrained` to build one from a model.
     """
@@ -86,6 +135,7 @@ class Predictor:
         preprocessing: Preprocessing | WeightSet | PretrainedCfg | None = None,
         top_k: int = 5,
         batch_size: int = 16,
+        pad_batches: bool = True,
     ):
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
@@ -96,14 +146,8 @@ class Predictor:
         self.preprocessing = preprocessing_config(preprocessing)
         self.top_k = top_k
         self.batch_size = batch_size
-
-        def run(variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-            logits = apply_fn(variables, images).astype(jnp.float32)
-            probabilities = jax.nn.softmax(logits, axis=-1)
-            top_p, top_i = jax.lax.top_k(probabilities, min(self.top_k, logits.shape[-1]))
-            return logits, top_p, top_i
-
-        self._run = jax.jit(run)
+        self.pad_batches = pad_batches
+        self._forward = _compiled(apply_fn)
 
     @classmethod
     def from_model(
@@ -114,6 +158,7 @@ class Predictor:
         preprocessing: Preprocessing | WeightSet | PretrainedCfg | None = None,
         top_k: int = 5,
         batch_size: int = 16,
+        pad_batches: bool = True,
         policy: ConvPolicy | None = None,
     ) -> Predictor:
         """A predictor over `model`'s current weights, run in eval mode (BatchNorm on running
@@ -131,7 +176,7 @@ class Predictor:
             preprocessing = pretrained_cfg(module)
         fn, state = pure_forward(module)
         return cls(fn, state, categories=categories, preprocessing=preprocessing,
-                   top_k=top_k, batch_size=batch_size)
+                   top_k=top_k, batch_size=batch_size, pad_batches=pad_batches)
 
     @classmethod
     def from_pretrained(
@@ -144,6 +189,7 @@ class Predictor:
         progress: bool = True,
         top_k: int = 5,
         batch_size: int = 16,
+        pad_batches: bool = True,
         policy: ConvPolicy | None = None,
     ) -> Predictor:
         """A predictor for torchvision's pretrained `name` with its weight set's preprocessing
@@ -152,7 +198,8 @@ class Predictor:
         uses those instead: both are read from the model's ``pretrained_cfg``."""
         model = from_pretrained(name, weights, checkpoint=checkpoint, cache_dir=cache_dir,
                                 progress=progress)
-        return cls.from_model(model, top_k=top_k, batch_size=batch_size, policy=policy)
+        return cls.from_model(model, top_k=top_k, batch_size=batch_size,
+                              pad_batches=pad_batches, policy=policy)
 
     def _label(self, index: int) -> str:
         if self.categories is not None and index < len(self.categories):
@@ -160,11 +207,16 @@ class Predictor:
         return f"class {index}"
 
     def __call__(self, images: Any) -> Predictions:
-        """Predict on preprocessed NHWC float images (one compiled program per shape)."""
+        """Predict on preprocessed NHWC float images (one compiled program per shape, or per
+        :func:`batch_bucket` with `pad_batches`)."""
         check_input(images, hint="; raw images go through Predictor.classify")
         # One kind of argument (a device array) so numpy and jax inputs share one compilation.
         images = jnp.asarray(images)
-        logits, top_p, top_i = jax.device_get(self._run(self.variables, images))
+        n = images.shape[0]
+        if self.pad_batches:
+            images = _pad_rows(images, batch_bucket(n))
+        logits = self._forward(self.variables, images)
+        logits, top_p, top_i = (a[:n] for a in jax.device_get(_top_k(logits, self.top_k)))
         labels = tuple(tuple(self._label(int(i)) for i in row) for row in top_i)
         return Predictions(np.asarray(logits), np.asarray(top_p), np.asarray(top_i), labels)
 
@@ -201,28 +253,30 @@ class FeatureExtractor:
     - `names`: which of ``FEATURE_NAMES`` to return (``"stem"``, ``"layer1"``..``"layer4"``
       NHWC maps; ``"pre_logits"``, the pooled (N, num_features) embedding).
     - `policy`: run ``optimize_for_inference(model, policy=policy)`` instead of `model` as is.
+    - `pad_batches`: pad every batch to its :func:`batch_bucket` (see :class:`Predictor`).
     """
 
     def __init__(self, model: ResNet, names: Sequence[str] = ("pre_logits",), *,
-                 policy: ConvPolicy | None = None):
+                 policy: ConvPolicy | None = None, pad_batches: bool = True):
         unknown = [n for n in names if n not in FEATURE_NAMES]
         if unknown or not names:
             raise ValueError(
                 f"unknown feature names {unknown}; choose from {', '.join(FEATURE_NAMES)}"
             )
         self.names = tuple(names)
-        fn, self.variables = pure_forward(_optimized(model, policy), "forward_features")
-
-        def run(variables: Any, images: jax.Array) -> dict[str, jax.Array]:
-            features = fn(variables, images)
-            return {name: features[name] for name in self.names}
-
-        self._run = jax.jit(run)
+        self.pad_batches = pad_batches
+        graphdef, self.variables = eval_split(_optimized(model, policy))
+        self._forward = ModuleForward(graphdef, "forward_features", self.names).compiled
 
     def __call__(self, images: Any) -> dict[str, np.ndarray]:
         """Features of preprocessed NHWC float images, keyed by name."""
-        features = self._run(self.variables, jnp.asarray(images))
-        return {name: np.asarray(value) for name, value in jax.device_get(features).items()}
+        check_input(images)
+        images = jnp.asarray(images)
+        n = images.shape[0]
+        if self.pad_batches:
+            images = _pad_rows(images, batch_bucket(n))
+        features = jax.device_get(self._forward(self.variables, images))
+        return {name: np.asarray(value)[:n] for name, value in features.items()}
 
     def embed(self, images: Any) -> np.ndarray:
         """The pooled pre-logits embedding (N, num_features), e.g. for a linear probe."""

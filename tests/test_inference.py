@@ -68,9 +68,9 @@ def test_compiled_once_per_shape(pipelines):
     predictor = pipelines["resnet18"][2]
     batch = preprocess(sample_image_paths(), predictor.preprocessing)
     first = predictor(batch)
-    size = predictor._run._cache_size()
+    size = forward_program._cache_size()
     second = predictor(jnp.asarray(batch))
-    assert predictor._run._cache_size() == size  # no retrace for the same shape
+    assert forward_program._cache_size() == size  # no retrace for the same shape
     np.testing.assert_array_equal(first.logits, second.logits)
 
 

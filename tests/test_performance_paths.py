@@ -29,7 +29,7 @@ from torch_reference import (
 
 import resnext_flax
 from resnext_flax.models.folding import FoldedResNet, fold_batchnorm, optimize_for_inference
-from resnext_flax.models.functional import apply_jit
+from resnext_flax.models.programs import ModuleForward
 from resnext_flax.nn.layers import BatchNorm, Conv, with_conv_policy
 from resnext_flax.nn.lowering import conv as conv_ops
 from resnext_flax.nn.lowering import kernel as cpu_kernel
@@ -417,9 +417,10 @@ def test_conv_policy_lives_in_the_graph_definition():
     assert nnx.graphdef(with_conv_policy(model, XLA_POLICY)) == nnx.graphdef(native)
     x = random_images(1, 40, 40, seed=5)
     graphdef, state = nnx.split(native)
-    program = apply_jit.lower(graphdef, state, x).as_text()
+    forward = jax.jit(ModuleForward(graphdef))
+    program = forward.lower(state, x).as_text()
     assert program.count("convolution(") == 20
-    assert relative_error(apply_jit(graphdef, state, x), model(x)) <= RTOL
+    assert relative_error(forward(state, x), model(x)) <= RTOL
 
 
 def test_xla_policy_runs_without_the_lowering_package():

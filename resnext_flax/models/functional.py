@@ -8,13 +8,12 @@ only while tracing, so a jitted call costs what the compiled program costs.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
 from flax import nnx
 
+from resnext_flax.models.programs import ModuleForward, eval_split, run
 from resnext_flax.models.resnet import check_input
 
 
@@ -30,21 +29,13 @@ def apply(graphdef: nnx.GraphDef, state: Any, x: jax.Array, method: str = "__cal
     return getattr(module, method)(x)
 
 
-#: :func:`apply` jitted, `graphdef` and `method` static: one compiled program per
-#: (structure and policies, method, input shape).
-apply_jit = jax.jit(apply, static_argnums=(0, 3))
-
-
-def pure_forward(model: nnx.Module, method: str = "__call__") -> tuple[Callable, Any]:
+def pure_forward(model: nnx.Module, method: str = "__call__") -> tuple[ModuleForward, Any]:
     """``(fn, state)`` with ``fn(state, x) == model.<method>(x)`` in eval mode, as a pure
-    function fit for ``jax.jit`` (:func:`apply` over the model's split). The model itself is
-    not switched to eval mode."""
-    graphdef, state = nnx.split(model)
-    return functools.partial(_apply_split, graphdef, method), state
-
-
-def _apply_split(graphdef: nnx.GraphDef, method: str, state: Any, x: jax.Array) -> Any:
-    return apply(graphdef, state, x, method)
+    function fit for ``jax.jit`` (``programs.ModuleForward``: ``fn.compiled(state, x)`` runs
+    the program every wrapper of an equal model shares). The model itself is not switched to
+    eval mode."""
+    graphdef, state = eval_split(model)
+    return ModuleForward(graphdef, method), state
 
 
 @jax.tree_util.register_pytree_node_class
@@ -59,8 +50,8 @@ class CompiledModel:
 
     @classmethod
     def from_module(cls, module: nnx.Module) -> CompiledModel:
-        graphdef, state = nnx.split(module)
-        return cls(graphdef, state)
+        """`module` split as it runs in eval mode (the module itself is not switched)."""
+        return cls(*eval_split(module))
 
     def module(self) -> nnx.Module:
         """The NNX module again (a new object over the same arrays)."""
@@ -76,9 +67,14 @@ class CompiledModel:
     def __call__(self, x: jax.Array) -> jax.Array:
         """The module's output (logits) for NHWC images."""
         check_input(x)
-        return apply_jit(self.graphdef, self.state, x, "__call__")
+        return self._run("__call__", x)
 
     def forward_features(self, x: jax.Array) -> dict[str, jax.Array]:
         """The module's ``forward_features`` outputs."""
         check_input(x)
-        return apply_jit(self.graphdef, self.state, x, "forward_features")
+        return self._run("forward_features", x)
+
+    def _run(self, method: str, x: jax.Array) -> Any:
+        if isinstance(x, jax.core.Tracer) or jax.config.jax_disable_jit:
+            return apply(self.graphdef, self.state, x, method)  # inside the caller's trace
+        return run(self.graphdef, self.state, x, method)

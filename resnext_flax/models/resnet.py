@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from resnext_flax.metadata import PretrainedCfg
+from resnext_flax.models import programs
 from resnext_flax.models.variants import ModelSpec
 from resnext_flax.nn import ops
 from resnext_flax.nn.init import batched_init, materialize
@@ -246,6 +247,9 @@ class ResNet(nnx.Module):
         output, shape (N, num_features).
         """
         check_input(x)
+        compiled = programs.call_compiled(self, "forward_features", x)
+        if compiled is not None:
+            return compiled
         features = {"stem": self.stem(x)}
         out = features["stem"]
         for name in ("layer1", "layer2", "layer3", "layer4"):
@@ -266,7 +270,16 @@ class ResNet(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Logits (N, num_classes) for NHWC images (N, H, W, 3); pooled features
-        (N, num_features) for a headless model."""
+        (N, num_features) for a headless model.
+
+        Called outside any JAX trace, the whole forward runs as one compiled program, cached
+        per input shape and dtype, BatchNorm mode and conv policy (``models.programs``); in a
+        trace (``jax.jit``, ``nnx.jit``, ``grad``...) or under ``jax.disable_jit()`` it runs
+        as plain code. The same holds for :meth:`forward_features`."""
+        check_input(x)
+        compiled = programs.call_compiled(self, "__call__", x)
+        if compiled is not None:
+            return compiled
         return self.forward_head(self.forward_features(x)["pre_logits"])
 
     def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None) -> None:
