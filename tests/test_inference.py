@@ -21,6 +21,7 @@ from torchvision.models import get_model_weights
 import resnext_flax
 from resnext_flax import Predictor
 from resnext_flax.metadata import Preprocessing
+from resnext_flax.models.programs import forward_program
 from resnext_flax.preprocess import preprocess
 
 # A plain ResNet (weights V1: resize 256) and a grouped ResNeXt (DEFAULT = V2: resize 232).

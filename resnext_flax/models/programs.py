@@ -101,7 +101,7 @@ class ModuleForward:
     for your own traces (``fn(state, x)``), and through :meth:`compiled` the shared program.
     Equal for equal graph definitions, methods and outputs, so it also keys caches."""
 
-    __slots__ = ("graphdef", "method", "outputs")
+    __slots__ = ("__weakref__", "graphdef", "method", "outputs")
 
     def __init__(self, graphdef: nnx.GraphDef, method: str = "__call__",
                  outputs: Sequence[str] | None = None):
