@@ -56,143 +56,9 @@ import time
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MARKER = "STARTUP-MARKS "
-
-# Shared by every child script: its parameters (P), the fixture paths (F) and mark(), which
-# records the time since the previous mark; the marks are printed last, after MARKER.
-PRELUDE = """\
-import json, sys, time
-_last = time.perf_counter()
-MARKS = {}
-P, F = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-def mark(name):
-    global _last
-    now = time.perf_counter()
-    MARKS[name], _last = now - _last, now
-"""
-EPILOGUE = f"\nprint({MARKER!r} + json.dumps(MARKS), flush=True)\n"
-
-# The package resolves its names lazily: the quick start's first name (create_model, which
-# brings in the models and JAX) is what makes the import usable.
-LIBRARY_IMPORT = """\
-import resnext_flax
-mark("import")
-resnext_flax.create_model
-mark("create_model")
-"""
-
-TORCH_LIST = """\
-import torchvision
-from torchvision.models import get_model_weights, list_models
-mark("import")
-names = list_models(module=torchvision.models, include=["resnet*", "resnext*", "wide_resnet*"])
-rows = [("model", "weights", "acc@1", "acc@5", "params", "GFLOPS", "file", "resize/crop")]
-for name in names:
-    for w in get_model_weights(name):
-        m, t = w.meta, w.transforms()
-        acc = m["_metrics"]["ImageNet-1K"]
-        rows.append((name, w.name, f"{acc['acc@1']:.3f}", f"{acc['acc@5']:.3f}",
-                     f"{m['num_params'] / 1e6:.1f}M", f"{m['_ops']:.2f}",
-                     f"{m['_file_size']:.1f} MB", f"{t.resize_size[0]}/{t.crop_size[0]}"))
-widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-print("\\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows))
-"""
-
-TORCH_PREDICT = """\
-import torch, torchvision
-from PIL import Image
-torch.set_num_threads(P["threads"])
-mark("import")
-weights = torchvision.models.get_model_weights(P["model"])[P["weights"]]
-model = torchvision.models.get_model(P["model"])
-model.load_state_dict(torch.load(F["pth"], weights_only=True))
-model.eval()
-mark("build")
-transform = weights.transforms()
-images = [F["china"], F["flower"]]
-batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
-with torch.inference_mode():
-    probs = model(batch).softmax(-1)
-top = probs.topk(5)
-for path, ps, ids in zip(images, top.values, top.indices):
-    print(path)
-    for rank, (p, i) in enumerate(zip(ps, ids), start=1):
-        print(f"  {rank}. {weights.meta['categories'][i]:<40} {100 * float(p):6.2f}%")
-mark("first_call")
-"""
-
-JAX_FORWARD = """\
-import jax, numpy as np
-from flax import nnx
-import resnext_flax
-mark("import")
-model = resnext_flax.create_model(P["model"], rngs=nnx.Rngs(0))
-model.eval()
-x = jax.numpy.asarray(np.random.default_rng(0).random((2, 224, 224, 3), np.float32))
-mark("build")
-jax.block_until_ready(model(x))
-mark("first_call")
-"""
-
-TORCH_FORWARD = """\
-import torch, torchvision
-torch.set_num_threads(P["threads"])
-mark("import")
-model = torchvision.models.get_model(P["model"])
-model.eval()
-x = torch.rand(2, 3, 224, 224)
-mark("build")
-with torch.inference_mode():
-    model(x)
-mark("first_call")
-"""
-
-JAX_TRAIN = """\
-import jax, numpy as np
-from flax import nnx
-import resnext_flax
-from resnext_flax import training
-mark("import")
-model = resnext_flax.create_model(P["model"], rngs=nnx.Rngs(0))
-x = jax.numpy.asarray(np.random.default_rng(0).random((2, 224, 224, 3), np.float32))
-labels = jax.numpy.asarray([1, 2])
-mark("build")
-state = training.create_train_state(model, training.sgd(0.1))
-mark("optimizer")
-jax.block_until_ready(training.train_step(state, x, labels))
-mark("first_call")
-"""
-
-TORCH_TRAIN = """\
-import torch, torchvision
-torch.set_num_threads(P["threads"])
-mark("import")
-model = torchvision.models.get_model(P["model"])
-model.train()
-x, labels = torch.rand(2, 3, 224, 224), torch.tensor([1, 2])
-mark("build")
-optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-mark("optimizer")
-optimizer.zero_grad()
-torch.nn.functional.cross_entropy(model(x), labels).backward()
-optimizer.step()
-mark("first_call")
-"""
-
-# The fixtures: a torchvision ResNet-50 with random weights and BatchNorm statistics.
-MAKE_PTH = """\
-import torch, torchvision
-torch.manual_seed(0)
-model = torchvision.models.resnet50()
-for m in model.modules():
-    if isinstance(m, torch.nn.BatchNorm2d):
-        n = m.num_features
-        m.running_mean.copy_(0.1 * torch.randn(n))
-        m.running_var.copy_(torch.empty(n).uniform_(0.5, 1.5))
-        m.weight.data.copy_(torch.empty(n).uniform_(0.5, 1.5))
-        m.bias.data.copy_(0.1 * torch.randn(n))
-torch.save(model.state_dict(), F["pth"])
-"""
+# The child scripts live beside this file (each job's library and torchvision code together).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import startup_children as child  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,9 +76,20 @@ class Command:
         return argv
 
 
-def script(body: str, **params: Any) -> Command:
-    """A child script: the shared prelude, `body` (which calls ``mark``), the marks printed."""
-    return Command(("-c", PRELUDE + body + EPILOGUE, json.dumps(params)))
+def script(*parts: str, **params: Any) -> Command:
+    """A child script: the shared prelude, `parts` (which call ``mark``), the stages printed;
+    `params` are its ``P``."""
+    return Command(("-c", child.PRELUDE + "".join(parts) + child.EPILOGUE, json.dumps(params)))
+
+
+def torch_script(*parts: str, **params: Any) -> Command:
+    """A torchvision child: torch imported, its threads pinned, then `parts`."""
+    return script(child.TORCH_HEAD, *parts, **params)
+
+
+def jax_script(*parts: str, **params: Any) -> Command:
+    """A library child: JAX, Flax and the package imported, then `parts`."""
+    return script(child.JAX_HEAD, *parts, **params)
 
 
 def cli(*args: str) -> Command:
@@ -234,23 +111,22 @@ class Job:
 
 PHOTOS = ("@china", "@flower")
 PREDICT = ("predict", "--model", "resnet50", "--weights", "IMAGENET1K_V1", "--checkpoint")
-TORCH_PREDICT_JOB = script(TORCH_PREDICT, model="resnet50", weights="IMAGENET1K_V1")
+TORCH_PREDICT_JOB = torch_script(child.TORCH_PREDICT, model="resnet50", weights="IMAGENET1K_V1")
 
 JOBS = (
-    Job("import", "import", script(LIBRARY_IMPORT),
-        script('import torch, torchvision\nmark("import")\n'),
+    Job("import", "import", script(child.LIBRARY_IMPORT), torch_script(),
         script('import jax, flax.nnx\nmark("import")\n'), "import jax, flax.nnx"),
-    Job("list", "list", cli("list"), script(TORCH_LIST)),
+    Job("list", "list", cli("list"), torch_script(child.TORCH_LIST)),
     Job("help", "list", cli("--help")),
     Job("predict-pth", "predict", cli(*PREDICT, "@pth", *PHOTOS), TORCH_PREDICT_JOB,
         cached=True, needs=("pth",)),
     Job("predict-safetensors", "predict", cli(*PREDICT, "@safetensors", *PHOTOS),
         TORCH_PREDICT_JOB, cached=True, needs=("pth", "safetensors")),
-    *(Job(f"forward-{name}", "forward", script(JAX_FORWARD, model=name),
-          script(TORCH_FORWARD, model=name), cached=True)
+    *(Job(f"forward-{name}", "forward", jax_script(child.JAX_MODEL, child.JAX_FORWARD, model=name),
+          torch_script(child.TORCH_MODEL, child.TORCH_FORWARD, model=name), cached=True)
       for name in ("resnet50", "resnext101_32x8d")),
-    Job("train-resnet50", "train", script(JAX_TRAIN, model="resnet50"),
-        script(TORCH_TRAIN, model="resnet50"), cached=True),
+    Job("train-resnet50", "train", jax_script(child.JAX_MODEL, child.JAX_TRAIN, model="resnet50"),
+        torch_script(child.TORCH_MODEL, child.TORCH_TRAIN, model="resnet50"), cached=True),
 )
 SIDES = ("library", "torchvision", "baseline")
 
@@ -304,8 +180,8 @@ class Runner:
                                f"{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
         lines = out.stdout.splitlines()
         marks = {}
-        if lines and lines[-1].startswith(MARKER):
-            marks = json.loads(lines.pop()[len(MARKER):])
+        if lines and lines[-1].startswith(child.MARKER):
+            marks = json.loads(lines.pop()[len(child.MARKER):])
         return {"wall_s": wall, "marks": marks, "output": "\n".join(lines)[-1500:]}
 
     def make_fixtures(self, needs: set[str]) -> None:
@@ -321,7 +197,7 @@ class Runner:
         if "pth" in needs:
             self.fixtures["pth"] = str(self.workdir / "resnet50-random.pth")
             print("fixtures: a random-weight resnet50 .pth", flush=True)
-            self.run(script(MAKE_PTH))
+            self.run(torch_script(child.MAKE_PTH))
         if "safetensors" in needs:
             self.fixtures["safetensors"] = str(self.workdir / "resnet50-random.safetensors")
             print("fixtures: resnext-flax convert (verified against torchvision)", flush=True)
