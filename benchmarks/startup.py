@@ -16,7 +16,9 @@ Jobs (``--jobs`` takes names or groups: import, list, predict, forward, train):
   (scikit-learn's sample images) with a random-weight ResNet-50 (random BatchNorm statistics)
   saved as a ``.pth`` and converted to ``.safetensors``; torchvision: a plain script that
   builds the model, loads the ``.pth``, preprocesses like its weights' transforms and prints
-  the top-5.
+  the top-5. Both sides use IMAGENET1K_V1's preprocessing (resize 256, crop 224) and class
+  names (``--weights IMAGENET1K_V1``: a bare state dict records none). Reading the ``.pth``
+  imports torch in the library's process too.
 - ``forward-resnet50``, ``forward-resnext101_32x8d``: build + first eval-mode ``model(x)``,
   batch 2, 224x224, random weights.
 - ``train-resnet50``: build + first SGD training step, batch 2, 224x224.
