@@ -1,4 +1,5 @@
-"""The accelerator script cannot rot: its CPU dry run goes through every step."""
+"""The scripts cannot rot: the accelerator script's CPU dry run goes through every step,
+the start-up benchmark runs its smallest jobs."""
 
 from __future__ import annotations
 
@@ -26,3 +27,28 @@ def test_gpu_benchmark_dry_run_writes_its_reports(tmp_path):
     pipeline = report.split("## Input pipeline", 1)[1]
     assert "pipeline, evaluation, 0 workers" in pipeline and "evaluate end to end" in pipeline
     assert json.loads((tmp_path / "gpu_pipeline.json").read_text())["images"] == 16
+
+
+def test_startup_benchmark_smallest_run_writes_its_table(tmp_path):
+    out = tmp_path / "startup.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--jobs",
+                             "import,help", "--repeats", "1", "--json", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [row["job"] for row in data["rows"]] == ["import", "help"]
+    imports, help_row = data["rows"]
+    for side in ("library", "torchvision", "baseline"):
+        assert imports[side]["median_s"] > 0 and len(imports[side]["runs_s"]) == 1
+    assert set(imports["library"]["marks_median_s"]) == {"import", "create_model"}
+    assert imports["ratio"] > 0 and imports["baseline_label"] == "import jax, flax.nnx"
+    assert help_row["torchvision"] is None and help_row["ratio"] is None
+    assert "usage: resnext-flax" in help_row["library"]["output_first_run"]
+    assert {"cpu_model", "avx2", "avx512f", "threads"} <= set(data["machine"])
+    assert "--repeats" in data["command"] and data["date"]
+
+
+def test_startup_benchmark_rejects_an_unknown_job():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--jobs",
+                             "import,imprt"], capture_output=True, text=True)
+    assert result.returncode != 0 and "unknown jobs ['imprt']" in result.stderr
