@@ -147,6 +147,7 @@ class Predictor:
         self.top_k = top_k
         self.batch_size = batch_size
         self.pad_batches = pad_batches
+        self.apply_fn = apply_fn
         self._forward = _compiled(apply_fn)
 
     @classmethod

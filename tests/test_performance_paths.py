@@ -492,7 +492,7 @@ def test_predictor_and_feature_extractor_take_a_policy():
         got = predictor(x)
         assert relative_error(got.logits, plain.logits) <= RTOL
         np.testing.assert_array_equal(got.indices, plain.indices)
-        program = predictor._run.lower(predictor.variables, jnp.asarray(x)).as_text()
+        program = jax.jit(predictor.apply_fn).lower(predictor.variables, x).as_text()
         used = [t for t in cpu_kernel.TARGETS if t in program]
         if policy == XLA_POLICY:
             assert not used

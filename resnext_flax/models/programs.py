@@ -42,19 +42,26 @@ def _forward(graphdef: nnx.GraphDef, state: Any, x: jax.Array, method: str,
     result = getattr(module, method)(x)
     if outputs is not None:
         result = {name: result[name] for name in outputs}
+    if isinstance(result, dict):  # jit returns dicts with sorted keys: keep the method's order
+        _KEY_ORDER[graphdef, method, outputs] = tuple(result)
     updates = nnx.state(module, _UPDATED) if _updates_statistics(module) else None
     return result, updates
 
 
 #: :func:`_forward` jitted; the graph definition, method and outputs are static.
 forward_program = jax.jit(_forward, static_argnums=(0, 3, 4))
+#: The key order of each program's dict result, recorded while tracing.
+_KEY_ORDER: dict[tuple, tuple[str, ...]] = {}
 
 
 def _run(graphdef: nnx.GraphDef, state: Any, x: Any, method: str,
          outputs: tuple[str, ...] | None) -> tuple[Any, Any]:
     # One kind of argument (a device array), so numpy and jax inputs share one program.
     x = x if isinstance(x, jax.Array) else jax.numpy.asarray(x)
-    return forward_program(graphdef, state, x, method, outputs)
+    result, updates = forward_program(graphdef, state, x, method, outputs)
+    if isinstance(result, dict):
+        result = {name: result[name] for name in _KEY_ORDER[graphdef, method, outputs]}
+    return result, updates
 
 
 def run(graphdef: nnx.GraphDef, state: Any, x: Any, method: str = "__call__") -> Any:
