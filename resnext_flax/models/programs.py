@@ -22,6 +22,8 @@ from typing import Any
 import jax
 from flax import nnx
 
+from resnext_flax.nn.layers import BatchNorm
+
 #: The BatchNorm statistics a train-mode forward writes back.
 _UPDATED = nnx.BatchStat
 
@@ -70,14 +72,23 @@ def run(graphdef: nnx.GraphDef, state: Any, x: Any, method: str = "__call__") ->
     return _run(graphdef, state, x, method, None)[0]
 
 
+def _eval_ready(module: nnx.Module) -> bool:
+    return all(m.use_running_average and m.axis_name is None
+               for _, m in nnx.iter_graph(module) if isinstance(m, BatchNorm))
+
+
 def eval_split(module: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
-    """``nnx.split`` of `module` as it runs in eval mode (BatchNorm on running statistics),
-    without switching `module` itself: every eval-mode wrapper of one model then keys the same
-    compiled program, whatever mode the model was left in."""
+    """``nnx.split`` of `module` as it runs in eval mode (BatchNorm on running statistics, no
+    cross-device axis: an eval-mode BatchNorm reads none), without changing `module` itself:
+    every eval-mode wrapper of one model then keys the same compiled program, whatever mode
+    and data-parallel axis the model was left with (e.g. after fine-tuning)."""
     graphdef, state = nnx.split(module)
-    if _updates_statistics(module):
+    if not _eval_ready(module):
         view = nnx.merge(graphdef, state)  # new module objects over the same arrays
         view.eval()
+        for _, m in nnx.iter_graph(view):
+            if isinstance(m, BatchNorm):
+                m.axis_name = None
         graphdef, state = nnx.split(view)
     return graphdef, state
 
