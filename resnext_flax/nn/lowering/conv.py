@@ -37,9 +37,22 @@ def conv2d(
     the lowering `policy` chooses for it; the result is the same conv for every lowering.
     ``prepared``: from :func:`prepare_kernel`, the kernel already in the forms lowerings consume
     (lowering -> array); a form is used where its lowering is the one that runs."""
+    prepared = prepared or {}
+    name = _lowering(policy, x, kernel, stride, padding, groups, prepared)
+    return _run(name, policy, x, kernel, stride, padding, groups, prepared)
+
+
+def _lowering(policy: ConvPolicy, x: jax.Array, kernel: jax.Array, stride: int, padding: int,
+              groups: int, prepared: Mapping[str, Any]) -> str:
+    """The policy's choice, except that the automatic choice takes Winograd only for a kernel
+    prepared for it (``optimize_for_inference``): transforming the kernel inside the program
+    makes it several times slower to compile and redoes the transform on every call."""
     name = policy.choose(x.shape, kernel.shape, stride=stride, padding=padding, groups=groups,
                          dtype=x.dtype)
-    return _run(name, policy, x, kernel, stride, padding, groups, prepared or {})
+    if name == "winograd" and policy.lowering == "auto" and "winograd" not in prepared:
+        name = policy.without("winograd").choose(x.shape, kernel.shape, stride=stride,
+                                                 padding=padding, groups=groups, dtype=x.dtype)
+    return name
 
 
 def _run(name: str, policy: ConvPolicy, x: jax.Array, kernel: jax.Array, stride: int,
@@ -97,8 +110,7 @@ def conv_bias_act(
     it writes the output, saving XLA a pass over it; elsewhere the same ops follow the conv in
     XLA. Derivatives are those of the unfused ops."""
     prepared = prepared or {}
-    name = policy.choose(x.shape, kernel.shape, stride=stride, padding=padding, groups=groups,
-                         dtype=x.dtype)
+    name = _lowering(policy, x, kernel, stride, padding, groups, prepared)
     if (name == "ffi" and policy.fuse and bias is not None and groups == 1 and padding == 0
             and ffi.pointwise_supports(x.shape, kernel.shape, stride, x.dtype)):
         direct = _direct(policy, x, kernel, stride, padding, groups, prepared)
