@@ -23,6 +23,7 @@ LAYERS = {
     "resnext_flax.models": 1,
     "resnext_flax.metadata": 1,
     "resnext_flax.weights": 2,
+    "resnext_flax.compilation": 2,
     "resnext_flax.preprocess": 3,
     "resnext_flax.augment": 3,
     "resnext_flax.datasets": 3,
@@ -115,7 +116,7 @@ NARROW_SURFACE = {
     "wide_resnet101_2", "ResNet", "from_pretrained", "list_weight_sets", "load_model",
     "inspect_checkpoint", "read_state_dict", "load_torch_state_dict", "to_torch_state_dict",
     "load_checkpoint", "save_checkpoint", "optimize_for_inference", "ConvPolicy", "Predictor",
-    "FeatureExtractor", "ResnextFlaxError",
+    "FeatureExtractor", "ResnextFlaxError", "enable_compilation_cache",
 }
 
 
