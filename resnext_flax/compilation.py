@@ -29,7 +29,8 @@ from typing import Any, TextIO
 
 from resnext_flax.weights.cache import default_cache_dir
 
-#: Set to ``0`` (or ``false``/``no``/``off``) to keep the command line from using the cache.
+#: The command line's cache: ``0`` (``false``, ``no``, ``off``) turns it off, a path moves it;
+#: unset (or ``1``) it is :func:`default_compilation_cache_dir`.
 ENV = "RESNEXT_FLAX_COMPILATION_CACHE"
 #: The cache's folder under the library's cache directory (``$RESNEXT_FLAX_CACHE``...).
 SUBDIR = "jax-compilation"
@@ -61,9 +62,19 @@ def default_compilation_cache_dir() -> Path:
     return default_cache_dir() / SUBDIR
 
 
-def disabled_by_env() -> bool:
-    """Whether ``$RESNEXT_FLAX_COMPILATION_CACHE`` turns the command line's cache off."""
-    return os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off")
+def command_line_cache_dir() -> Path | None:
+    """The folder the command line keeps its programs in, as ``$RESNEXT_FLAX_COMPILATION_CACHE``
+    says: None where it turns the cache off; a folder JAX was already given
+    (``$JAX_COMPILATION_CACHE_DIR``) where it says nothing."""
+    value = os.environ.get(ENV, "").strip()
+    if value.lower() in ("0", "false", "no", "off"):
+        return None
+    if value and value.lower() not in ("1", "true", "yes", "on"):
+        return Path(value).expanduser()
+    import jax
+
+    given = jax.config.jax_compilation_cache_dir
+    return Path(given) if given else default_compilation_cache_dir()
 
 
 def _prepare_dir(path: str | os.PathLike | None) -> Path:
