@@ -25,11 +25,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Literal
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Literal
 
 from resnext_flax.errors import Fix, Message, WeightFileNotFoundError, WeightsError
+
+if TYPE_CHECKING:  # numpy is imported where arrays are made: `resnext-flax list` needs none
+    import numpy as np
 
 #: The header value that marks a converted checkpoint of this library.
 CONVERTED_FORMAT = "resnext_flax"
@@ -78,6 +79,8 @@ def safe_globals() -> list[Any]:
     sets attributes or copies bytes; it calls nothing named in the file."""
     import argparse
     import pathlib
+
+    import numpy as np
 
     scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
     dtypes = [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64",
@@ -196,6 +199,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 def _read_bfloat16(path: str, keys: list[str]) -> dict[str, np.ndarray]:
     import ml_dtypes
+    import numpy as np
 
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
