@@ -3,15 +3,16 @@ weight port from PyTorch.
 
 The top level holds what a user types: the constructors, ``create_model``/``list_models``,
 weight loading and saving, ``optimize_for_inference`` with its ``ConvPolicy``, ``Predictor``
-and ``FeatureExtractor``. Training, data, evaluation, fine-tuning and data parallelism live in
-their modules (``resnext_flax.training``, ``.datasets``, ``.pipeline``, ``.augment``,
-``.evaluation``, ``.finetuning``, ``.parallel``), imported on first use: ``import
-resnext_flax`` loads neither optax, Grain, Orbax nor torch.
+and ``FeatureExtractor``, and ``enable_compilation_cache``. Training, data, evaluation,
+fine-tuning and data parallelism live in their modules (``resnext_flax.training``,
+``.datasets``, ``.pipeline``, ``.augment``, ``.evaluation``, ``.finetuning``, ``.parallel``),
+imported on first use: ``import resnext_flax`` loads neither optax, Grain, Orbax nor torch.
 
 Layout, lowest layer first (each imports only the ones before it; ``tests/test_layout.py``):
 ``errors`` and ``metadata``; ``nn`` (layers, the conv policy, the optional CPU lowerings);
-``models``; ``weights``; ``preprocess``/``augment``/``datasets``; ``inference``/``training``/
-``pipeline``; ``parallel``; ``builders``; ``evaluation``/``finetuning``; ``cli``.
+``models``; ``weights`` and ``compilation``; ``preprocess``/``augment``/``datasets``;
+``inference``/``training``/``pipeline``; ``parallel``; ``builders``;
+``evaluation``/``finetuning``; ``cli``.
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ _EXPORTS = {
     "load_checkpoint": "resnext_flax.weights.checkpoint",
     "save_checkpoint": "resnext_flax.weights.checkpoint",
     "ResnextFlaxError": "resnext_flax.errors",
+    "enable_compilation_cache": "resnext_flax.compilation",
 }
 
 _SUBMODULES = frozenset({
-    "augment", "builders", "cli", "datasets", "errors", "evaluation", "finetuning", "inference",
-    "metadata", "models", "nn", "parallel", "pipeline", "preprocess", "training", "weights",
+    "augment", "builders", "cli", "compilation", "datasets", "errors", "evaluation",
+    "finetuning", "inference", "metadata", "models", "nn", "parallel", "pipeline", "preprocess",
+    "training", "weights",
 })
 
 __all__ = [
@@ -57,6 +60,7 @@ __all__ = [
     "ResNet",
     "ResnextFlaxError",
     "create_model",
+    "enable_compilation_cache",
     "from_pretrained",
     "inspect_checkpoint",
     "list_models",
@@ -108,6 +112,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see
         wide_resnet50_2,
         wide_resnet101_2,
     )
+    from resnext_flax.compilation import enable_compilation_cache
     from resnext_flax.errors import ResnextFlaxError
     from resnext_flax.inference import FeatureExtractor, Predictor
     from resnext_flax.models.folding import optimize_for_inference

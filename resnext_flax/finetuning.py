@@ -12,6 +12,7 @@ deterministic. A checkpoint directory written with other settings is refused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -30,6 +31,7 @@ from resnext_flax import finetune_progress as bookkeeping
 from resnext_flax import parallel, training
 from resnext_flax.augment import Augmentation
 from resnext_flax.builders import create_model
+from resnext_flax.compilation import report_compilation
 from resnext_flax.datasets import DatasetError, ImageDataset, load_dataset, split_dataset
 from resnext_flax.errors import WeightFileNotFoundError
 from resnext_flax.evaluation import evaluate
@@ -260,11 +262,18 @@ def finetune(
     timer = bookkeeping.Throughput()
     bar = tqdm(total=len(batches), initial=batches.position, desc="finetune", unit="step",
                disable=not progress or not primary)
+    # The first step and the first validation compile (or load from the compilation cache).
+    first_step = report_compilation(f"{config.model}'s training step for batches of "
+                                    f"{config.batch_size}", enabled=progress and primary)
+    first_validation = report_compilation(f"{config.model}'s validation step",
+                                          enabled=progress and primary)
     try:
         with batches:
             for batch in batches:
                 images, labels = parallel.shard_batch(mesh, batch["image"], batch["label"])
-                state, metrics = step_fn(state, images, labels)
+                with first_step:
+                    state, metrics = step_fn(state, images, labels)
+                first_step = contextlib.nullcontext()
                 totals.add(metrics)
                 skipped.add(batch)
                 timer.step(state, config.batch_size)
@@ -280,8 +289,10 @@ def finetune(
                     entry = totals.entry(step // per_epoch, step, config.batch_size)
                     entry.update(images_per_second=timer.rate(), skipped=skipped.count)
                     if val_ds is not None:
-                        entry.update(_validate(state, val_ds, preprocessing, config, loader,
-                                               mesh))
+                        with first_validation:
+                            entry.update(_validate(state, val_ds, preprocessing, config,
+                                                   loader, mesh))
+                        first_validation = contextlib.nullcontext()
                     say(bookkeeping.epoch_message(entry, config.epochs))
                     if skipped.count:
                         say(f"epoch {entry['epoch']}: "

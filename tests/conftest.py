@@ -1,8 +1,17 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import jax
 import pytest
+
+# The command line keeps compiled programs on disk: in the tests' own folder, never the user's.
+if "RESNEXT_FLAX_COMPILATION_CACHE" not in os.environ:
+    _compilation_cache = tempfile.mkdtemp(prefix="resnext-flax-compilation-")
+    os.environ["RESNEXT_FLAX_COMPILATION_CACHE"] = _compilation_cache
+    atexit.register(shutil.rmtree, _compilation_cache, ignore_errors=True)
 
 # Make tests/torch_reference.py importable as a plain module from every test file.
 sys.path.insert(0, os.path.dirname(__file__))

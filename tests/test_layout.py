@@ -23,6 +23,7 @@ LAYERS = {
     "resnext_flax.models": 1,
     "resnext_flax.metadata": 1,
     "resnext_flax.weights": 2,
+    "resnext_flax.compilation": 2,
     "resnext_flax.preprocess": 3,
     "resnext_flax.augment": 3,
     "resnext_flax.datasets": 3,
@@ -115,7 +116,7 @@ NARROW_SURFACE = {
     "wide_resnet101_2", "ResNet", "from_pretrained", "list_weight_sets", "load_model",
     "inspect_checkpoint", "read_state_dict", "load_torch_state_dict", "to_torch_state_dict",
     "load_checkpoint", "save_checkpoint", "optimize_for_inference", "ConvPolicy", "Predictor",
-    "FeatureExtractor", "ResnextFlaxError",
+    "FeatureExtractor", "ResnextFlaxError", "enable_compilation_cache",
 }
 
 
@@ -148,3 +149,82 @@ def test_importing_the_package_imports_no_optional_dependency():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_importing_the_package_imports_no_jax():
+    """The top level and the compilation-cache switch are lazy: nothing of JAX is loaded
+    until a name that computes is used."""
+    code = ("import sys, resnext_flax; resnext_flax.compilation; "
+            "print(sorted(m for m in ('jax', 'flax', 'numpy', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]", out
+
+
+# Runs one command in a fresh interpreter; prints its status, which heavy packages it imported
+# and whether JAX started a backend (which costs the device discovery, threads and memory).
+_COMMAND = textwrap.dedent("""
+    import contextlib, io, json, sys
+    from resnext_flax import cli
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            status = cli.main(json.loads(sys.argv[1]))
+        except SystemExit as exit:
+            status = exit.code
+    heavy = ("numpy", "jax", "flax", "torch", "optax", "orbax", "grain", "tqdm")
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    print(json.dumps([status, sorted(h for h in heavy if h in sys.modules),
+                      bool(bridge and bridge._backends)]))
+""")
+
+
+def _command(argv: list[str]) -> list:
+    import json
+    import os
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", _COMMAND, json.dumps(argv)],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["list"], ["list", "--model", "resnet50"],
+                                  ["predict", "--help"], ["inspect", "--help"]])
+def test_help_and_list_import_neither_numpy_nor_jax_nor_torch(argv):
+    assert _command(argv) == [0, [], False]
+
+
+@pytest.fixture(scope="module")
+def resnet18_files(tmp_path_factory):
+    """A torchvision-named resnet18 state dict as .safetensors and (with torch) .pth."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder = tmp_path_factory.mktemp("files")
+    state = {k: np.ascontiguousarray(v) for k, v in
+             resnext_flax.to_torch_state_dict(resnext_flax.resnet18()).items()}
+    save_file(state, folder / "r18.safetensors")
+    try:
+        import torch
+    except ImportError:
+        return folder, False
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, folder / "r18.pth")
+    return folder, True
+
+
+def test_inspecting_a_safetensors_file_imports_no_torch_and_starts_no_backend(resnet18_files):
+    """The expected shapes come from the model's abstract evaluation (``nnx.eval_shape``: JAX
+    and Flax are imported), but reading and resolving the file runs nothing on a device."""
+    status, imported, backend = _command(["inspect", str(resnet18_files[0] / "r18.safetensors")])
+    assert status == 0 and not backend
+    assert not {"torch", "tqdm", "orbax", "grain"} & set(imported), imported
+
+
+def test_inspecting_a_pth_file_imports_torch_and_starts_no_backend(resnet18_files):
+    folder, have_torch = resnet18_files
+    if not have_torch:
+        pytest.skip("torch is not installed")
+    status, imported, backend = _command(["inspect", str(folder / "r18.pth")])
+    assert status == 0 and not backend and "torch" in imported
+    assert not {"orbax", "grain"} & set(imported), imported

@@ -15,6 +15,7 @@ from resnext_flax.cli import convert, evaluate, finetune, inspect, listing, pred
 from resnext_flax.cli.common import (
     add_checkpoint_options,
     checkpoint_options,
+    compilation_cache_for,
     fix_renderer,
     render_error,
 )
@@ -42,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from resnext_flax.weights.files import sigterm_as_interrupt
 
     try:
-        with sigterm_as_interrupt():  # a terminated run cleans its temporary files up
+        # A terminated run cleans its temporary files up; what compiles is kept on disk.
+        with sigterm_as_interrupt(), compilation_cache_for(args):
             output = args.run(args)
     except (ResnextFlaxError, OSError, ValueError, ImportError) as err:
         print(f"resnext-flax: error: {render_error(err, fix_renderer(args))}", file=sys.stderr)

@@ -4,8 +4,10 @@ command line."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from resnext_flax.errors import Fix, render
@@ -107,3 +109,36 @@ def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override the weights' crop size")
     parser.add_argument("--cache-dir", metavar="DIR", help="converted-checkpoint cache")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_compilation_options(parser: argparse.ArgumentParser) -> None:
+    """``--no-compilation-cache``, for the subcommands that compile (``predict``,
+    ``evaluate``, ``finetune``, ``convert``)."""
+    parser.set_defaults(compiles=True)
+    parser.add_argument("--no-compilation-cache", action="store_true",
+                        help="do not keep compiled programs on disk or load them from there "
+                             "(default: kept under $RESNEXT_FLAX_CACHE/jax-compilation; "
+                             "RESNEXT_FLAX_COMPILATION_CACHE=0 also turns it off, =DIR moves "
+                             "it); see docs/compilation.md")
+
+
+@contextlib.contextmanager
+def compilation_cache_for(args: argparse.Namespace) -> Iterator[None]:
+    """JAX's persistent compilation cache around a subcommand that compiles (unless turned
+    off), JAX's settings restored after it. A cache folder that cannot be used is reported on
+    stderr and the command runs without it: the cache only saves time."""
+    if not getattr(args, "compiles", False) or args.no_compilation_cache:
+        yield
+        return
+    from resnext_flax.compilation import command_line_cache_dir, compilation_cache
+
+    directory = command_line_cache_dir()
+    if directory is None:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(compilation_cache(directory))
+        except OSError as err:
+            print(f"resnext-flax: warning: compilation cache off: {err}", file=sys.stderr)
+        yield

@@ -12,7 +12,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from resnext_flax.cli.common import add_checkpoint_options, checkpoint_options
+from resnext_flax.cli.common import (
+    add_checkpoint_options,
+    add_compilation_options,
+    checkpoint_options,
+)
 from resnext_flax.models.variants import VARIANTS
 
 DESCRIPTION = ("Convert a ResNet checkpoint (torchvision, timm, Lightning, MoCo, Hugging "
@@ -34,7 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe-batch", type=int, default=2)
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest accepted relative logits error (default 1e-4)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="say nothing on stderr while reading and verifying")
     add_checkpoint_options(parser)
+    add_compilation_options(parser)
     parser.set_defaults(run=run, interrupted="; nothing written")
 
 
@@ -50,6 +57,6 @@ def run(args: argparse.Namespace) -> str:
     report = convert_checkpoint(
         args.input, args.output, name=args.model, verify=not args.no_verify,
         probe_shape=(args.probe_batch, args.probe_size, args.probe_size),
-        tolerance=args.tolerance, **checkpoint_options(args))
+        tolerance=args.tolerance, progress=not args.no_progress, **checkpoint_options(args))
     lines = [] if report is None else [f"verified against torchvision: {report}"]
     return "\n".join([*lines, f"wrote {args.output}"])

@@ -7,7 +7,12 @@ import argparse
 import json
 from typing import Any
 
-from resnext_flax.cli.common import add_checkpoint_options, add_loader_arguments, checkpoint_options
+from resnext_flax.cli.common import (
+    add_checkpoint_options,
+    add_compilation_options,
+    add_loader_arguments,
+    checkpoint_options,
+)
 from resnext_flax.models.variants import VARIANTS
 
 
@@ -32,21 +37,25 @@ def add_parser(commands: Any) -> None:
                                                  "top-5 predictions) as JSON")
     add_loader_arguments(p)
     add_checkpoint_options(p, head=False)
+    add_compilation_options(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> str:
     """Run ``evaluate`` and return what it prints."""
+    from resnext_flax.compilation import report_compilation
     from resnext_flax.evaluation import evaluate_pretrained
     from resnext_flax.pipeline import LoaderOptions
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    result, note = evaluate_pretrained(
-        args.folder, args.model, args.weights, checkpoint=args.checkpoint,
-        batch_size=args.batch_size, loader=LoaderOptions(args.workers, args.threads),
-        resize_size=args.resize_size, crop_size=args.crop_size, cache_dir=args.cache_dir,
-        progress=not args.no_progress, **checkpoint_options(args))
+    with report_compilation(f"{args.model}'s evaluation step for batches of {args.batch_size}",
+                            enabled=not args.no_progress):
+        result, note = evaluate_pretrained(
+            args.folder, args.model, args.weights, checkpoint=args.checkpoint,
+            batch_size=args.batch_size, loader=LoaderOptions(args.workers, args.threads),
+            resize_size=args.resize_size, crop_size=args.crop_size, cache_dir=args.cache_dir,
+            progress=not args.no_progress, **checkpoint_options(args))
     lines = [f"{args.folder}: {result.num_images} images, {len(result.classes)} classes "
              f"({note})", result.table(),
              f"{result.num_images} images in {result.seconds:.1f} s, "

@@ -8,7 +8,7 @@ import argparse
 import os
 from typing import Any
 
-from resnext_flax.cli.common import add_loader_arguments
+from resnext_flax.cli.common import add_compilation_options, add_loader_arguments
 from resnext_flax.models.variants import VARIANTS
 
 _FINETUNE_DESCRIPTION = (
@@ -23,6 +23,7 @@ def add_parser(commands: Any) -> None:
         "finetune", help="fine-tune on an image folder (new head for its classes)",
         description=_FINETUNE_DESCRIPTION)
     _add_finetune_arguments(parser)
+    add_compilation_options(parser)
     parser.set_defaults(run=run)
 
 

@@ -6,7 +6,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from resnext_flax.cli.common import add_checkpoint_options, checkpoint_options
+from resnext_flax.cli.common import (
+    add_checkpoint_options,
+    add_compilation_options,
+    checkpoint_options,
+)
 from resnext_flax.models.variants import VARIANTS
 
 
@@ -24,13 +28,16 @@ def add_parser(commands: Any) -> None:
     predict.add_argument("--cache-dir", metavar="DIR",
                          help="converted-checkpoint cache (default $RESNEXT_FLAX_CACHE or "
                               "~/.cache/resnext_flax)")
-    predict.add_argument("--no-progress", action="store_true", help="no download progress bar")
+    predict.add_argument("--no-progress", action="store_true",
+                         help="no download progress bar, no compilation messages")
     add_checkpoint_options(predict, head=False)
+    add_compilation_options(predict)
     predict.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> str:
     """The top classes of each image."""
+    from resnext_flax.compilation import report_compilation
     from resnext_flax.inference import Predictor
     from resnext_flax.weights.pretrained import from_pretrained
 
@@ -41,7 +48,11 @@ def run(args: argparse.Namespace) -> str:
                             cache_dir=args.cache_dir, progress=not args.no_progress,
                             **checkpoint_options(args))
     predictor = Predictor.from_model(model, top_k=args.top_k, batch_size=args.batch_size)
-    result = predictor.classify(args.images)
+    crop = predictor.preprocessing.crop_size
+    batch = min(len(args.images), args.batch_size)
+    with report_compilation(f"{args.model} for {batch}x{crop}x{crop}",
+                            enabled=not args.no_progress):
+        result = predictor.classify(args.images)
     lines = []
     for i, image in enumerate(args.images):
         lines.append(image)

@@ -3,14 +3,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
 
+from resnext_flax.compilation import report_compilation
 from resnext_flax.errors import WeightsError
 from resnext_flax.models.functional import pure_forward
 from resnext_flax.models.resnet import ResNet
@@ -43,13 +47,56 @@ def _torch_compatible(value: Any) -> np.ndarray:
     return array.astype(np.float32) if array.dtype.name == "bfloat16" else array
 
 
+@contextlib.contextmanager
+def _steps(total: int, enabled: bool) -> Iterator[Any]:
+    """The converter's progress on stderr: a bar over its steps, each named (``bar.step``)
+    as it starts; nothing without `enabled`."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc="convert", unit="step", disable=not enabled, file=sys.stderr,
+              bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}]{postfix}") as bar:
+
+        @contextlib.contextmanager
+        def step(name: str) -> Iterator[None]:
+            bar.set_postfix_str(name)
+            yield
+            bar.update(1)
+
+        bar.step = step
+        yield bar
+        bar.set_postfix_str("done")
+
+
 def verify_against_torchvision(
-    model: ResNet, state_dict: Any, name: str, *, probe_shape=(2, 224, 224), seed: int = 0
+    model: ResNet, state_dict: Any, name: str, *, probe_shape=(2, 224, 224), seed: int = 0,
+    progress: bool = False,
 ) -> ParityReport:
     """Run torchvision's `name` with the same state dict and this model on one random NHWC
     probe batch (float32, highest matmul precision) and compare the logits (the pooled
     features of a headless model). A head the state dict lacks (freshly initialized) is
-    copied from the model; everything else comes from `state_dict`."""
+    copied from the model; everything else comes from `state_dict`. With `progress`, says on
+    stderr what it runs (the JAX side compiles first)."""
+    batch, height, width = probe_shape
+    images = np.random.default_rng(seed).standard_normal((batch, height, width, 3))
+    images = images.astype(np.float32)
+    with _steps(2, progress) as steps:
+        with steps.step(f"torchvision's {name} on a {batch}x{height}x{width} probe batch"):
+            expected = _torchvision_logits(model, state_dict, name, images)
+        with steps.step(f"this library's {name} on the same batch"), \
+                report_compilation(f"{name} for {batch}x{height}x{width}", enabled=progress):
+            forward, variables = pure_forward(model)
+            with jax.default_matmul_precision("highest"):
+                actual = np.asarray(jax.jit(forward)(variables, images))
+    diff = actual.astype(np.float64) - expected
+    return ParityReport(
+        max_abs_error=float(np.abs(diff).max()),
+        relative_error=float(np.linalg.norm(diff) / np.linalg.norm(expected)),
+        top1_agreement=float(np.mean(actual.argmax(-1) == expected.argmax(-1))),
+    )
+
+
+def _torchvision_logits(model: ResNet, state_dict: Any, name: str,
+                        images: np.ndarray) -> np.ndarray:
     import torch
     import torchvision
 
@@ -64,20 +111,8 @@ def verify_against_torchvision(
     reference.load_state_dict({k: torch.as_tensor(_torch_compatible(v)) for k, v in
                                state_dict.items()}, strict=True)
     reference.eval()
-    batch, height, width = probe_shape
-    images = np.random.default_rng(seed).standard_normal((batch, height, width, 3))
-    images = images.astype(np.float32)
     with torch.no_grad():
-        expected = reference(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
-    forward, variables = pure_forward(model)
-    with jax.default_matmul_precision("highest"):
-        actual = np.asarray(jax.jit(forward)(variables, images))
-    diff = actual.astype(np.float64) - expected
-    return ParityReport(
-        max_abs_error=float(np.abs(diff).max()),
-        relative_error=float(np.linalg.norm(diff) / np.linalg.norm(expected)),
-        top1_agreement=float(np.mean(actual.argmax(-1) == expected.argmax(-1))),
-    )
+        return reference(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
 
 
 def _check_options(source, output, probe_shape, tolerance) -> None:
@@ -108,6 +143,7 @@ def convert_checkpoint(
     key: str | None = None,
     num_classes: int | None = None,
     trust_pickle: bool = False,
+    progress: bool = False,
 ) -> ParityReport | None:
     """Convert a checkpoint as it comes (any layout ``load_model`` reads, with the same
     options) into a Flax checkpoint.
@@ -117,9 +153,11 @@ def convert_checkpoint(
     records (``pretrained_cfg``: class names from transformers' ``id2label``...) goes into
     the output's header. An output that is the
     input file (the same path, or the same file through a link) is refused before anything is
-    read.
+    read. With `progress`, says on stderr what it does while it reads and verifies.
     """
     _check_options(source, output, probe_shape, tolerance)
+    if progress:
+        print(f"resnext-flax: reading {os.fspath(source)}", file=sys.stderr, flush=True)
     model, resolved = load_model_with_report(source, name, prefix=prefix, ema=ema, key=key,
                                              num_classes=num_classes,
                                              trust_pickle=trust_pickle)
@@ -130,8 +168,11 @@ def convert_checkpoint(
     name = find_variant(model.spec)
     report = None
     if verify:
+        if progress:
+            print(f"resnext-flax: verifying {name} against torchvision", file=sys.stderr,
+                  flush=True)
         report = verify_against_torchvision(model, resolved.state_dict, name,
-                                            probe_shape=probe_shape)
+                                            probe_shape=probe_shape, progress=progress)
         if not report.relative_error <= tolerance:
             raise WeightsError(
                 f"converted {name} does not match torchvision ({report}); "
