@@ -38,7 +38,7 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> str:
     """The top classes of each image."""
     from resnext_flax.compilation import report_compilation
-    from resnext_flax.inference import Predictor
+    from resnext_flax.inference import Predictor, batch_bucket
     from resnext_flax.weights.pretrained import from_pretrained
 
     for option, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> str:
                             **checkpoint_options(args))
     predictor = Predictor.from_model(model, top_k=args.top_k, batch_size=args.batch_size)
     crop = predictor.preprocessing.crop_size
-    batch = min(len(args.images), args.batch_size)
+    batch = batch_bucket(min(len(args.images), args.batch_size))  # as classify pads it
     with report_compilation(f"{args.model} for {batch}x{crop}x{crop}",
                             enabled=not args.no_progress):
         result = predictor.classify(args.images)
