@@ -1,7 +1,8 @@
 """How long each variant's programs take to trace, lower and compile, cold, in a fresh process.
 
-Two programs per variant: the folded inference forward (``optimize_for_inference``, the
-library's default policy) and the training step (``training.train_step``, SGD, train-mode
+Three programs per variant: the folded inference forward (``optimize_for_inference``, the
+library's default policy), the un-folded eval-mode forward (an eager ``model(x)`` after
+``model.eval()``) and the training step (``training.train_step``, SGD, train-mode
 BatchNorm). Each is timed in stages with JAX's ahead-of-time API
 (``jit(...).trace(...).lower().compile()``), so tracing (Python), lowering (StableHLO) and
 XLA's compile show apart. The persistent compilation cache is off in the child.
@@ -37,6 +38,11 @@ if program == "inference":
     folded = resnext_flax.optimize_for_inference(model)
     prepared = time.perf_counter()
     traced = forward_program.trace(folded.graphdef, folded.state, x, "__call__", None)
+elif program == "eval":
+    model.eval()
+    graphdef, state = nnx.split(model)
+    prepared = time.perf_counter()
+    traced = forward_program.trace(graphdef, state, x, "__call__", None)
 else:
     state = training.create_train_state(model, training.sgd(0.1))
     prepared = time.perf_counter()
@@ -66,7 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet50,resnext101_32x8d",
                         help="comma-separated names, or 'all'")
-    parser.add_argument("--programs", default="inference,train")
+    parser.add_argument("--programs", default="inference,eval,train")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--inference-batch", type=int, default=1)
     parser.add_argument("--train-batch", type=int, default=2)
@@ -77,7 +83,7 @@ def main() -> None:
     results = []
     for name in names:
         for program in args.programs.split(","):
-            batch = args.inference_batch if program == "inference" else args.train_batch
+            batch = args.train_batch if program == "train" else args.inference_batch
             runs = [measure(name, program, batch, args.size) for _ in range(args.repeats)]
             row = {"model": name, "program": program, "batch": batch, "size": args.size}
             row.update({k: statistics.median(r[k] for r in runs) for k in runs[0]})

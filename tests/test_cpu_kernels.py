@@ -531,3 +531,34 @@ def test_block_outputs_are_computed_once():
         plain = jax.jit(chain).lower(x, weights).compile()
         assert "resnext_flax_fusion_boundary" not in plain.as_text()
     np.testing.assert_array_equal(compiled(x, weights), plain(x, weights))
+
+
+@needs_kernels
+def test_custom_call_results_vary_over_the_manual_mesh_axes():
+    """Inside shard_map each custom call's result is typed per device, as its input is (a
+    result typed as replicated breaks a scan carry, a custom JVP's type check and out_specs)."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 16)), jnp.float32)
+    dense = jnp.asarray(rng.standard_normal((3, 3, 16, 16)) * 0.1, jnp.float32)
+    pointwise = jnp.asarray(rng.standard_normal((1, 1, 16, 32)) * 0.1, jnp.float32)
+    types = {}
+
+    def per_device(x, dense, pointwise):
+        outs = {"conv2d": cpu_kernels.conv2d(x, dense, padding=1),
+                "pointwise": cpu_kernels.pointwise_conv(x, pointwise, jnp.zeros(32))}
+        if cpu_kernels._load().fusion_boundary:
+            outs["boundary"] = cpu_kernels.fusion_boundary(x)
+        types.update({k: jax.typeof(v).manual_axis_type.varying for k, v in outs.items()})
+        return outs
+
+    run = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"), P(), P()),
+                                out_specs=P("data")))
+    sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+    outs = run(sharded, dense, pointwise)
+    assert types and all(v == {"data"} for v in types.values()), types
+    np.testing.assert_allclose(outs["conv2d"], cpu_kernels.conv2d(x, dense, padding=1),
+                               rtol=1e-6)

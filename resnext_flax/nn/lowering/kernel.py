@@ -185,7 +185,19 @@ def supports(
 
 def _out_shape(x: jax.Array, kernel_shape: tuple, stride: int, padding: int):
     n, ho, wo = output_size(x.shape, kernel_shape, stride, padding)
-    return jax.ShapeDtypeStruct((n, ho, wo, kernel_shape[-1]), jnp.float32)
+    return _like(x, (n, ho, wo, kernel_shape[-1]), jnp.float32)
+
+
+def _like(x: jax.Array, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+    """A custom call's result type: `shape` and `dtype`, varying over the same manual mesh
+    axes as `x` (inside ``shard_map`` a custom call's result is otherwise typed as the same
+    on every device, which a per-device batch is not: a scan carry or a custom JVP rule that
+    compares types then rejects it)."""
+    aval = jax.typeof(x)
+    if aval.manual_axis_type.empty:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=aval.sharding,
+                                manual_axis_type=aval.manual_axis_type)
 
 
 def _blocked_shape(kernel_shape: tuple[int, ...], groups: int) -> tuple[int, ...]:
@@ -387,7 +399,7 @@ def fusion_boundary(x: jax.Array) -> jax.Array:
 
 @jax.custom_jvp
 def _boundary(x: jax.Array) -> jax.Array:
-    return jax.ffi.ffi_call(_BOUNDARY_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype),
+    return jax.ffi.ffi_call(_BOUNDARY_TARGET, _like(x, x.shape, x.dtype),
                             input_output_aliases={0: 0}, vmap_method="expand_dims")(x)
 
 
