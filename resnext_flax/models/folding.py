@@ -17,28 +17,95 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from resnext_flax.models.functional import CompiledModel
 from resnext_flax.models.fused import fuse_blocks
 from resnext_flax.models.resnet import ResNet
-from resnext_flax.nn.layers import BatchNorm, Conv, Identity, set_conv_policy
+from resnext_flax.nn.layers import (
+    BatchNorm,
+    Conv,
+    Identity,
+    set_conv_policy,
+)
 from resnext_flax.nn.policy import DEFAULT_POLICY, ConvPolicy
+
+# Folding and kernel preparation compile a program per distinct conv shape, not per operation
+# and shape as eager arithmetic does, so their count does not grow with depth and a second
+# model of an architecture compiles nothing (JAX's persistent cache keeps them too). Products
+# and the sums after them are separate programs: within one program the compiler may contract
+# a product and the sum after it into one fma, which rounds once where the separate
+# operations round twice. Pure relayouts (the compiled kernel's layout) run on the host.
+
+
+def _products(kernel: jax.Array, conv_bias: jax.Array | None, scale: jax.Array,
+              mean: jax.Array, var: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
+    """``(kernel * m, (mean - conv_bias) * m)`` with ``m = scale / sqrt(var + eps)``, float32:
+    the folded kernel, and what the folded bias subtracts from the BatchNorm's bias."""
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    multiplier = f32(scale) * jax.lax.rsqrt(f32(var) + epsilon)
+    shift = f32(mean) if conv_bias is None else f32(mean) - f32(conv_bias)
+    return f32(kernel) * multiplier, shift * multiplier
+
+
+_products_jit = jax.jit(_products, static_argnums=5)
+
+
+@jax.jit
+def _differences(minuends: jax.Array, subtrahends: jax.Array) -> jax.Array:
+    return minuends.astype(jnp.float32) - subtrahends
+
+
+def _fold_convs(convs: list[tuple[Conv, BatchNorm | None]], prepare: bool) -> None:
+    """Fold each pair's BatchNorm into its conv and (if `prepare`) prepare every conv's
+    kernel, in place."""
+    folds = [(conv, bn) for conv, bn in convs if bn is not None]
+    products = [_products_jit(conv.kernel.get_value(), _value(conv.bias), bn.scale.get_value(),
+                              bn.mean.get_value(), bn.var.get_value(), bn.epsilon)
+                for conv, bn in folds]
+    if folds:
+        # Every bias in one subtraction, over the concatenated vectors.
+        bn_biases = [np.asarray(bn.bias.get_value()) for _, bn in folds]
+        biases = np.asarray(_differences(np.concatenate(bn_biases),
+                                         np.concatenate([np.asarray(s) for _, s in products])))
+        splits = np.cumsum([len(b) for b in bn_biases])[:-1]
+        for (conv, _), (kernel, _), bias in zip(folds, products, np.split(biases, splits),
+                                                strict=True):
+            conv.kernel.set_value(kernel)
+            bias = jax.device_put(bias)
+            if conv.bias is None:
+                conv.bias = nnx.data(nnx.Param(bias))
+            else:
+                conv.bias.set_value(bias)
+            conv.use_prepared(None)  # forms of the earlier kernel are stale
+    if prepare:
+        for conv, _ in convs:
+            _prepare(conv)
+
+
+def _value(variable: nnx.Variable | None) -> jax.Array | None:
+    return None if variable is None else variable.get_value()
+
+
+def _prepare(conv: Conv) -> None:
+    """The conv's kernel forms: Winograd's tiles by a program per kernel shape, the compiled
+    kernel's layout (a relayout) on the host."""
+    preparation = conv.preparation
+    kernel = conv.kernel.get_value()
+    forms = () if preparation is None else preparation.forms(kernel.shape, kernel.dtype)
+    prepared = {}
+    if "ffi" in forms:
+        prepared["ffi"] = jax.device_put(preparation.blocked(np.asarray(kernel)))
+    if "winograd" in forms:
+        prepared["winograd"] = preparation.winograd_tiles_jit(kernel)
+    conv.use_prepared(prepared or None)
 
 
 def fold_conv_bn(conv: Conv, bn: BatchNorm) -> Conv:
     """One conv (float32 kernel and bias) computing ``bn(conv(x))`` in eval mode."""
-    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-    multiplier = f32(bn.scale.get_value()) * jax.lax.rsqrt(f32(bn.var.get_value()) + bn.epsilon)
-    bias = f32(bn.bias.get_value()) - f32(bn.mean.get_value()) * multiplier
-    kernel = f32(conv.kernel.get_value()) * multiplier
-    kh, _, per_group, out_channels = kernel.shape
-    fused = nnx.eval_shape(lambda: Conv(
-        per_group * conv.groups, out_channels, kh, stride=conv.stride, padding=conv.padding,
-        groups=conv.groups, use_bias=True, policy=conv.policy, dtype=conv.dtype,
-        rngs=nnx.Rngs(0)))
-    fused.kernel.set_value(kernel)
-    fused.bias.set_value(bias)
+    fused = nnx.clone(conv)
+    _fold_convs([(fused, bn)], prepare=False)
     return fused
 
 
@@ -46,12 +113,29 @@ def fold_conv_bn(conv: Conv, bn: BatchNorm) -> Conv:
 _PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
 
-def _fold_pairs(module: nnx.Module) -> None:
-    for conv_name, bn_name in _PAIRS:
+def _unfold_structure(model: ResNet) -> list[tuple[Conv, BatchNorm | None]]:
+    """Swap every BatchNorm of `model` that follows a conv for an Identity, in place; returns
+    every conv with the BatchNorm it had (None: none), for :func:`_fold_convs`."""
+    pairs = {}
+
+    def take(module: nnx.Module, conv_name: str, bn_name: str) -> None:
         bn = getattr(module, bn_name, None)
         if isinstance(bn, BatchNorm):
-            setattr(module, conv_name, fold_conv_bn(getattr(module, conv_name), bn))
+            pairs[id(getattr(module, conv_name))] = bn
             setattr(module, bn_name, Identity())
+
+    for conv_name, bn_name in _PAIRS:
+        take(model, conv_name, bn_name)
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        for block in getattr(model, stage):
+            for conv_name, bn_name in _PAIRS:
+                take(block, conv_name, bn_name)
+            if block.downsample is not None and isinstance(block.downsample[1], BatchNorm):
+                conv, bn = block.downsample
+                pairs[id(conv)] = bn
+                block.downsample = nnx.List([conv, Identity()])
+    return [(conv, pairs.get(id(conv))) for _, conv in nnx.iter_graph(model)
+            if isinstance(conv, Conv)]
 
 
 def fold_batchnorm(model: ResNet) -> ResNet:
@@ -61,13 +145,7 @@ def fold_batchnorm(model: ResNet) -> ResNet:
     Training-mode behaviour (batch statistics) is gone: fold again after further training.
     """
     folded = nnx.clone(model)
-    _fold_pairs(folded)
-    for stage in ("layer1", "layer2", "layer3", "layer4"):
-        for block in getattr(folded, stage):
-            _fold_pairs(block)
-            if block.downsample is not None and isinstance(block.downsample[1], BatchNorm):
-                conv, bn = block.downsample
-                block.downsample = nnx.List([fold_conv_bn(conv, bn), Identity()])
+    _fold_convs(_unfold_structure(folded), prepare=False)
     return folded
 
 
@@ -112,10 +190,9 @@ def optimize_for_inference(model: ResNet, *,
     if isinstance(model, FoldedResNet):
         raise TypeError("this model is already optimized for inference; pass the model it "
                         "was made from to choose another policy")
-    folded = set_conv_policy(fold_batchnorm(model), policy)
+    folded = set_conv_policy(nnx.clone(model), policy)
+    # Folding and kernel preparation: one compiled program for the whole model.
+    _fold_convs(_unfold_structure(folded), prepare=True)
     if policy.fuse:
         fuse_blocks(folded)
-    for _, module in nnx.iter_graph(folded):
-        if isinstance(module, Conv):
-            module.prepare_for_inference()
     return FoldedResNet.from_module(folded)

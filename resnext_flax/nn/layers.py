@@ -5,7 +5,10 @@ conv."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -80,18 +83,29 @@ class Conv(nnx.Module):
         """The lowerings the kernel is prepared for (None: not prepared)."""
         return None if self.prepared is None else tuple(sorted(self.prepared.get_value()))
 
+    @property
+    def preparation(self) -> Preparation | None:
+        """What :func:`prepare_kernel` needs besides the kernel to prepare this conv's kernel
+        (static), or None where its lowerings have nothing to precompute: a compute dtype
+        other than float32, or a policy that never runs ``nn.lowering``."""
+        if self.dtype in (None, jnp.float32) and _on_cpu_lowerings(self.policy):
+            return Preparation(self.stride, self.groups, self.policy)
+        return None
+
     def prepare_for_inference(self) -> None:
         """Precompute the kernel in the forms its conv lowerings consume under its policy (on
         the CPU: Winograd's transform, the compiled kernel's layout), so a compiled inference
         program does not redo them on every call. Only for weights that no longer change: a
-        changed kernel (or policy) must be prepared again."""
-        prepared = None
-        if self.dtype in (None, jnp.float32) and _on_cpu_lowerings(self.policy):
-            from resnext_flax.nn.lowering import conv
+        changed kernel (or policy) must be prepared again. (``models.folding`` prepares every
+        conv of a model in one compiled program instead.)"""
+        preparation = self.preparation
+        self.use_prepared(None if preparation is None
+                          else _prepare_jit(preparation, self.kernel.get_value()))
 
-            prepared = conv.prepare_kernel(self.kernel.get_value(), stride=self.stride,
-                                           groups=self.groups, policy=self.policy)
-        self.prepared = nnx.data(None if prepared is None else PreparedKernel(prepared))
+    def use_prepared(self, forms: Mapping[str, Any] | None) -> None:
+        """Attach forms :func:`prepare_kernel` computed from this conv's current kernel and
+        :attr:`preparation` (None: none)."""
+        self.prepared = nnx.data(None if not forms else PreparedKernel(dict(forms)))
 
     def __call__(self, x: jax.Array, *, residual: jax.Array | None = None,
                  relu: bool = False) -> jax.Array:
@@ -110,6 +124,47 @@ class Conv(nnx.Module):
             x, kernel, bias, residual=residual, relu=relu, stride=self.stride,
             padding=self.padding, groups=self.groups, policy=self.policy,
             prepared=None if self.prepared is None else self.prepared.get_value())
+
+
+@dataclasses.dataclass(frozen=True)
+class Preparation:
+    """The static arguments of a conv's kernel preparation (hashable: it keys a jit)."""
+
+    stride: int
+    groups: int
+    policy: ConvPolicy
+
+    def forms(self, kernel_shape: tuple[int, ...], dtype: Any) -> tuple[str, ...]:
+        """The forms :func:`prepare_kernel` gives a kernel of this shape and dtype (static)."""
+        from resnext_flax.nn.lowering import conv
+
+        return conv.kernel_forms(tuple(kernel_shape), dtype, stride=self.stride,
+                                 groups=self.groups, policy=self.policy)
+
+    def winograd_tiles_jit(self, kernel: jax.Array) -> tuple[jax.Array, ...]:
+        """The "winograd" form alone, by a compiled program per kernel shape."""
+        from resnext_flax.nn.lowering import conv
+
+        return conv.winograd_kernel_jit(kernel, self.groups)
+
+    def blocked(self, kernel: np.ndarray) -> np.ndarray:
+        """The "ffi" form alone: a pure relayout, so it runs on the host, exactly."""
+        from resnext_flax.nn.lowering import kernel as ffi
+
+        return np.ascontiguousarray(ffi.block_kernel(kernel, self.groups))
+
+
+def prepare_kernel(kernel: jax.Array, preparation: Preparation) -> dict[str, Any] | None:
+    """The kernel in the forms its lowerings consume (``nn.lowering.conv.prepare_kernel``),
+    or None; traceable, so a whole model's kernels can be prepared in one program."""
+    from resnext_flax.nn.lowering import conv
+
+    return conv.prepare_kernel(kernel, stride=preparation.stride, groups=preparation.groups,
+                               policy=preparation.policy)
+
+
+_prepare_jit = jax.jit(lambda preparation, kernel: prepare_kernel(kernel, preparation),
+                       static_argnums=0)
 
 
 def _checked_policy(policy: ConvPolicy) -> ConvPolicy:
