@@ -12,7 +12,6 @@ its fused inference block (``models.fused``) and wraps the result for a hot loop
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -31,48 +30,67 @@ from resnext_flax.nn.layers import (
 )
 from resnext_flax.nn.policy import DEFAULT_POLICY, ConvPolicy
 
-# Folding and kernel preparation compile a program per distinct conv shape, not per operation
-# and shape as eager arithmetic does, so their count does not grow with depth and a second
-# model of an architecture compiles nothing (JAX's persistent cache keeps them too). Products
-# and the sums after them are separate programs: within one program the compiler may contract
-# a product and the sum after it into one fma, which rounds once where the separate
-# operations round twice. Pure relayouts (the compiled kernel's layout) run on the host.
+# Folding and kernel preparation compile a program per distinct kernel shape (and two over
+# every BatchNorm's concatenated vectors), not per operation and shape as eager arithmetic
+# does, so their count does not grow with depth and a second model of an architecture compiles
+# nothing (JAX's persistent cache keeps them too). Products and the sums after them are
+# separate programs: within one program the compiler may contract a product and the sum after
+# it into one fma, which rounds once where the separate operations round twice. Pure relayouts
+# (concatenating, splitting, the compiled kernel's layout) run on the host.
 
 
-def _products(kernel: jax.Array, conv_bias: jax.Array | None, scale: jax.Array,
-              mean: jax.Array, var: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
-    """``(kernel * m, (mean - conv_bias) * m)`` with ``m = scale / sqrt(var + eps)``, float32:
-    the folded kernel, and what the folded bias subtracts from the BatchNorm's bias."""
-    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-    multiplier = f32(scale) * jax.lax.rsqrt(f32(var) + epsilon)
-    shift = f32(mean) if conv_bias is None else f32(mean) - f32(conv_bias)
-    return f32(kernel) * multiplier, shift * multiplier
+def _f32(x: jax.Array) -> jax.Array:
+    return jnp.asarray(x, jnp.float32)
 
 
-_products_jit = jax.jit(_products, static_argnums=5)
+@jax.jit
+def _multipliers(scale: jax.Array, var: jax.Array, mean: jax.Array, conv_bias: jax.Array,
+                 epsilon: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``m = scale / sqrt(var + eps)`` per channel and ``(mean - conv_bias) * m``, what the
+    folded bias subtracts from the BatchNorm's bias (float32), over every BatchNorm's
+    concatenated vectors at once."""
+    multiplier = _f32(scale) * jax.lax.rsqrt(_f32(var) + epsilon)
+    return multiplier, (_f32(mean) - _f32(conv_bias)) * multiplier
+
+
+@jax.jit
+def _scaled(kernel: jax.Array, multiplier: jax.Array) -> jax.Array:
+    """The folded kernel, ``kernel * m`` along O (float32)."""
+    return _f32(kernel) * multiplier
 
 
 @jax.jit
 def _differences(minuends: jax.Array, subtrahends: jax.Array) -> jax.Array:
-    return minuends.astype(jnp.float32) - subtrahends
+    return _f32(minuends) - subtrahends
+
+
+def _channels(bn: BatchNorm) -> int:
+    return bn.scale.get_value().shape[-1]
+
+
+def _concatenated(vectors: list) -> np.ndarray:
+    return np.concatenate([np.asarray(v) for v in vectors])
 
 
 def _fold_convs(convs: list[tuple[Conv, BatchNorm | None]], prepare: bool) -> None:
     """Fold each pair's BatchNorm into its conv and (if `prepare`) prepare every conv's
     kernel, in place."""
     folds = [(conv, bn) for conv, bn in convs if bn is not None]
-    products = [_products_jit(conv.kernel.get_value(), _value(conv.bias), bn.scale.get_value(),
-                              bn.mean.get_value(), bn.var.get_value(), bn.epsilon)
-                for conv, bn in folds]
     if folds:
-        # Every bias in one subtraction, over the concatenated vectors.
-        bn_biases = [np.asarray(bn.bias.get_value()) for _, bn in folds]
-        biases = np.asarray(_differences(np.concatenate(bn_biases),
-                                         np.concatenate([np.asarray(s) for _, s in products])))
-        splits = np.cumsum([len(b) for b in bn_biases])[:-1]
-        for (conv, _), (kernel, _), bias in zip(folds, products, np.split(biases, splits),
-                                                strict=True):
-            conv.kernel.set_value(kernel)
+        bns = [bn for _, bn in folds]
+        multipliers, shifts = _multipliers(
+            *(_concatenated([getattr(bn, name).get_value() for bn in bns])
+              for name in ("scale", "var", "mean")),
+            _concatenated([np.zeros(_channels(bn), np.float32) if conv.bias is None
+                           else conv.bias.get_value() for conv, bn in folds]),
+            np.concatenate([np.full(_channels(bn), bn.epsilon, np.float32) for bn in bns]))
+        biases = np.asarray(_differences(_concatenated([bn.bias.get_value() for bn in bns]),
+                                         shifts))
+        splits = np.cumsum([_channels(bn) for bn in bns])[:-1]
+        multipliers = np.split(np.asarray(multipliers), splits)
+        for (conv, _), multiplier, bias in zip(folds, multipliers, np.split(biases, splits),
+                                               strict=True):
+            conv.kernel.set_value(_scaled(conv.kernel.get_value(), multiplier))
             bias = jax.device_put(bias)
             if conv.bias is None:
                 conv.bias = nnx.data(nnx.Param(bias))

@@ -16,13 +16,22 @@ import numpy as np
 from flax import nnx
 
 from resnext_flax.nn import ops
-from resnext_flax.nn.init import conv_kernel_init, linear_bias_init, linear_kernel_init
+from resnext_flax.nn.init import (
+    abstract_value,
+    conv_kernel_init,
+    linear_bias_init,
+    linear_kernel_init,
+)
 from resnext_flax.nn.policy import DEFAULT_POLICY, ConvPolicy
 
 
-def _constant(value: float, size: int, dtype) -> jax.Array:
+def _constant(value: float, size: int, dtype) -> jax.Array | jax.ShapeDtypeStruct:
     """A filled vector, made on the host and put on the device: an eager jnp.full (or
-    jnp.asarray) would compile a program once per size."""
+    jnp.asarray) would compile a program once per size. (Its shape alone in
+    ``nn.init.abstract_model``.)"""
+    abstract = abstract_value((size,), dtype)
+    if abstract is not None:
+        return abstract
     return jax.device_put(np.full((size,), value, dtype=jnp.dtype(dtype)))
 
 

@@ -175,11 +175,20 @@ def _read_hf_config(path: str) -> dict[str, Any] | None:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    # The flax (jax.numpy) reader understands bfloat16, which numpy's reader does not.
-    from safetensors.flax import load_file
+    """Every tensor as numpy, without JAX (reading through it would compile a program per
+    tensor shape); bfloat16, which safetensors' numpy reader does not know, through its flax
+    reader."""
+    from safetensors import safe_open
 
     try:
-        return {key: np.asarray(value) for key, value in load_file(path).items()}
+        with safe_open(path, framework="numpy") as f:
+            keys = f.keys()  # a list, in the file's order (the reader is not iterable)
+            narrow = {k for k in keys if f.get_slice(k).get_dtype() == "BF16"}
+            out = {k: None if k in narrow else f.get_tensor(k) for k in keys}
+        if narrow:
+            with safe_open(path, framework="flax") as f:
+                out.update({key: np.asarray(f.get_tensor(key)) for key in narrow})
+        return out
     except Exception as err:
         raise WeightFileError(
             f"could not read {path!r} as a safetensors file ({describe_file(path)}): {err}"
