@@ -22,12 +22,7 @@ from flax import nnx
 from resnext_flax.models.functional import CompiledModel
 from resnext_flax.models.fused import fuse_blocks
 from resnext_flax.models.resnet import ResNet
-from resnext_flax.nn.layers import (
-    BatchNorm,
-    Conv,
-    Identity,
-    set_conv_policy,
-)
+from resnext_flax.nn.layers import BatchNorm, Conv, Identity, set_conv_policy
 from resnext_flax.nn.policy import DEFAULT_POLICY, ConvPolicy
 
 # Folding and kernel preparation compile a program per distinct kernel shape (and two over
@@ -61,6 +56,7 @@ def _scaled(kernel: jax.Array, multiplier: jax.Array) -> jax.Array:
 
 @jax.jit
 def _differences(minuends: jax.Array, subtrahends: jax.Array) -> jax.Array:
+    """The folded biases, ``bias - (mean - conv_bias) * m`` (float32)."""
     return _f32(minuends) - subtrahends
 
 
@@ -99,29 +95,12 @@ def _fold_convs(convs: list[tuple[Conv, BatchNorm | None]], prepare: bool) -> No
             conv.use_prepared(None)  # forms of the earlier kernel are stale
     if prepare:
         for conv, _ in convs:
-            _prepare(conv)
-
-
-def _value(variable: nnx.Variable | None) -> jax.Array | None:
-    return None if variable is None else variable.get_value()
-
-
-def _prepare(conv: Conv) -> None:
-    """The conv's kernel forms: Winograd's tiles by a program per kernel shape, the compiled
-    kernel's layout (a relayout) on the host."""
-    preparation = conv.preparation
-    kernel = conv.kernel.get_value()
-    forms = () if preparation is None else preparation.forms(kernel.shape, kernel.dtype)
-    prepared = {}
-    if "ffi" in forms:
-        prepared["ffi"] = jax.device_put(preparation.blocked(np.asarray(kernel)))
-    if "winograd" in forms:
-        prepared["winograd"] = preparation.winograd_tiles_jit(kernel)
-    conv.use_prepared(prepared or None)
+            conv.prepare_for_inference()
 
 
 def fold_conv_bn(conv: Conv, bn: BatchNorm) -> Conv:
-    """One conv (float32 kernel and bias) computing ``bn(conv(x))`` in eval mode."""
+    """One conv (float32 kernel and bias) computing ``bn(conv(x))`` in eval mode (a bias
+    the conv has is folded in too)."""
     fused = nnx.clone(conv)
     _fold_convs([(fused, bn)], prepare=False)
     return fused

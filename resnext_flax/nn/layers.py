@@ -94,26 +94,32 @@ class Conv(nnx.Module):
 
     @property
     def preparation(self) -> Preparation | None:
-        """What :func:`prepare_kernel` needs besides the kernel to prepare this conv's kernel
-        (static), or None where its lowerings have nothing to precompute: a compute dtype
-        other than float32, or a policy that never runs ``nn.lowering``."""
+        """How this conv's kernel is prepared (static), or None where its lowerings have
+        nothing to precompute: a compute dtype other than float32, or a policy that never runs
+        ``nn.lowering``."""
         if self.dtype in (None, jnp.float32) and _on_cpu_lowerings(self.policy):
             return Preparation(self.stride, self.groups, self.policy)
         return None
 
     def prepare_for_inference(self) -> None:
         """Precompute the kernel in the forms its conv lowerings consume under its policy (on
-        the CPU: Winograd's transform, the compiled kernel's layout), so a compiled inference
-        program does not redo them on every call. Only for weights that no longer change: a
-        changed kernel (or policy) must be prepared again. (``models.folding`` prepares every
-        conv of a model in one compiled program instead.)"""
+        the CPU: Winograd's transform, by a compiled program per kernel shape; the compiled
+        kernel's layout, a relayout, on the host), so a compiled inference program does not
+        redo them on every call. Only for weights that no longer change: a changed kernel (or
+        policy) must be prepared again."""
         preparation = self.preparation
-        self.use_prepared(None if preparation is None
-                          else _prepare_jit(preparation, self.kernel.get_value()))
+        kernel = self.kernel.get_value()
+        forms = () if preparation is None else preparation.forms(kernel.shape, kernel.dtype)
+        prepared = {}
+        if "ffi" in forms:
+            prepared["ffi"] = jax.device_put(preparation.blocked(np.asarray(kernel)))
+        if "winograd" in forms:
+            prepared["winograd"] = preparation.winograd_tiles_jit(kernel)
+        self.use_prepared(prepared)
 
     def use_prepared(self, forms: Mapping[str, Any] | None) -> None:
-        """Attach forms :func:`prepare_kernel` computed from this conv's current kernel and
-        :attr:`preparation` (None: none)."""
+        """Attach kernel forms computed from this conv's current kernel (lowering -> array, as
+        ``nn.lowering.conv.prepare_kernel`` gives them; None or empty: none)."""
         self.prepared = nnx.data(None if not forms else PreparedKernel(dict(forms)))
 
     def __call__(self, x: jax.Array, *, residual: jax.Array | None = None,
@@ -137,14 +143,16 @@ class Conv(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class Preparation:
-    """The static arguments of a conv's kernel preparation (hashable: it keys a jit)."""
+    """The static arguments of a conv's kernel preparation, and its forms (``nn.lowering``
+    is imported only here, when a kernel is prepared)."""
 
     stride: int
     groups: int
     policy: ConvPolicy
 
     def forms(self, kernel_shape: tuple[int, ...], dtype: Any) -> tuple[str, ...]:
-        """The forms :func:`prepare_kernel` gives a kernel of this shape and dtype (static)."""
+        """The forms a kernel of this shape and dtype gets (static; see
+        ``nn.lowering.conv.kernel_forms``)."""
         from resnext_flax.nn.lowering import conv
 
         return conv.kernel_forms(tuple(kernel_shape), dtype, stride=self.stride,
@@ -161,19 +169,6 @@ class Preparation:
         from resnext_flax.nn.lowering import kernel as ffi
 
         return np.ascontiguousarray(ffi.block_kernel(kernel, self.groups))
-
-
-def prepare_kernel(kernel: jax.Array, preparation: Preparation) -> dict[str, Any] | None:
-    """The kernel in the forms its lowerings consume (``nn.lowering.conv.prepare_kernel``),
-    or None; traceable, so a whole model's kernels can be prepared in one program."""
-    from resnext_flax.nn.lowering import conv
-
-    return conv.prepare_kernel(kernel, stride=preparation.stride, groups=preparation.groups,
-                               policy=preparation.policy)
-
-
-_prepare_jit = jax.jit(lambda preparation, kernel: prepare_kernel(kernel, preparation),
-                       static_argnums=0)
 
 
 def _checked_policy(policy: ConvPolicy) -> ConvPolicy:
