@@ -56,8 +56,9 @@ def measure(tree: str, name: str, step: str, path: str) -> dict[str, float]:
     env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}
     if tree:
         env["PYTHONPATH"] = tree
+    # Run from the tree: ``python -c`` puts the working directory before PYTHONPATH.
     out = subprocess.run([sys.executable, "-c", CHILD, name, step, path], check=True,
-                         capture_output=True, text=True, env=env)
+                         capture_output=True, text=True, env=env, cwd=tree or None)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
