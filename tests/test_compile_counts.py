@@ -82,19 +82,20 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
         paths[f"{name}.pth"] = str(folder / f"{name}.pth")
         torch.save({k: torch.from_numpy(v) for k, v in to_torch_state_dict(model).items()},
                    paths[f"{name}.pth"])
-    resnext_flax.load_model(paths["resnet18"])  # the process's first random keys compile once
     return paths
 
 
 @pytest.mark.parametrize("suffix", ["", ".pth"])
-def test_loading_compiles_nothing_that_grows_with_depth(checkpoints, suffix):
+def test_loading_compiles_nothing(checkpoints, suffix):
+    """Reading, relayout and casts run on the host, and the empty model is built without
+    random keys or tracing: a program per tensor shape (or per layer) would show here."""
     counts = {}
     for name in ("resnet18", "resnet50"):
         with counted_compiles() as compiles:
             model = resnext_flax.load_model(checkpoints[name + suffix])
             jax.block_until_ready(nnx.state(model))
         counts[name] = len(compiles)
-    assert counts["resnet50"] <= 2 and counts["resnet18"] <= 2, counts
+    assert counts == {"resnet18": 0, "resnet50": 0}
 
 
 def test_loaded_values_are_the_files_values(checkpoints):
@@ -108,11 +109,10 @@ def test_loaded_values_are_the_files_values(checkpoints):
 
 @pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d"])
 def test_abstract_model_describes_what_eval_shape_does(name):
-    def build():
-        return ResNet(get_spec(name), num_classes=7, param_dtype=jnp.bfloat16,
-                      rngs=nnx.Rngs(0))
+    def build(rngs: nnx.Rngs) -> ResNet:
+        return ResNet(get_spec(name), num_classes=7, param_dtype=jnp.bfloat16, rngs=rngs)
 
-    cheap, traced = abstract_model(build), nnx.eval_shape(build)
+    cheap, traced = abstract_model(build), nnx.eval_shape(lambda: build(nnx.Rngs(0)))
     assert nnx.graphdef(cheap) == nnx.graphdef(traced)
     leaves = [jax.tree.leaves(nnx.state(m)) for m in (cheap, traced)]
     assert all(isinstance(a, jax.ShapeDtypeStruct) for a in leaves[0])

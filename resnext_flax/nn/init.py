@@ -127,20 +127,37 @@ def batched_init() -> Iterator[None]:
         _recording.reset(token)
 
 
-def abstract_model(build: Callable[[], M]) -> M:
-    """``nnx.eval_shape(build)`` for a module whose arrays all come from the initializers here
-    (and ``nn.layers``' constants): every parameter a ``jax.ShapeDtypeStruct``, nothing drawn
-    or allocated, and nothing traced (tracing the initializers costs more than building the
-    module). A module built with any other array falls back to ``nnx.eval_shape``."""
+class _NoKeys:
+    """Stands in for ``nnx.Rngs`` in :func:`abstract_model`: nothing is drawn there, so no key
+    is made (making one compiles programs)."""
+
+    def __getattr__(self, name: str) -> Callable[[], None]:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda: None
+
+    def __call__(self) -> None:
+        return None
+
+
+def abstract_model(build: Callable[[nnx.Rngs], M]) -> M:
+    """``nnx.eval_shape(lambda: build(nnx.Rngs(0)))`` for a module whose arrays all come from
+    the initializers here (and ``nn.layers``' constants): every parameter a
+    ``jax.ShapeDtypeStruct``, nothing drawn, allocated or traced (tracing the initializers
+    costs more than building the module), and `build` given random streams that make no key.
+    A module that needs real keys or builds other arrays falls back to ``nnx.eval_shape``."""
     token = _abstract.set(True)
     try:
-        module = build()
+        module = build(_NoKeys())
+    except Exception:
+        module = None
     finally:
         _abstract.reset(token)
-    values = [v.get_value() for _, v in nnx.iter_graph(module) if isinstance(v, nnx.Variable)]
-    if all(isinstance(v, jax.ShapeDtypeStruct) for v in values):
+    if module is not None and all(
+            isinstance(v.get_value(), jax.ShapeDtypeStruct)
+            for _, v in nnx.iter_graph(module) if isinstance(v, nnx.Variable)):
         return module
-    return nnx.eval_shape(build)
+    return nnx.eval_shape(lambda: build(nnx.Rngs(0)))
 
 
 def materialize(module: nnx.Module) -> nnx.Module:

@@ -194,8 +194,8 @@ def model_from_converted(
     path, tensors = weight_file.path, weight_file.content
     spec, num_classes = _architecture(weight_file.metadata, tensors, path)
     model = abstract_model(
-        lambda: ResNet(spec, num_classes=num_classes, dtype=dtype, param_dtype=param_dtype,
-                       rngs=nnx.Rngs(0))
+        lambda rngs: ResNet(spec, num_classes=num_classes, dtype=dtype, param_dtype=param_dtype,
+                            rngs=rngs)
     )
     variables = _flat_variables(model)
     report = compare_shapes({k: tuple(v.get_value().shape) for k, v in variables.items()},

@@ -149,8 +149,8 @@ def _build(report: CheckpointReport, name: str | None, dtype: Any, path: str | N
                 f"architectures this library builds ({', '.join(VARIANTS)})")
     spec = get_spec(name)
     loaded_classes = 0 if report.fresh_head else report.num_classes
-    model = abstract_model(lambda: ResNet(spec, num_classes=loaded_classes, dtype=dtype,
-                                          rngs=nnx.Rngs(0)))
+    model = abstract_model(lambda rngs: ResNet(spec, num_classes=loaded_classes, dtype=dtype,
+                                               rngs=rngs))
     try:
         load_torch_state_dict(model, report.state_dict, strict=True)
     except StateDictMismatchError as err:  # name the file

@@ -93,7 +93,7 @@ def expected_shapes(spec: ModelSpec, num_classes: int = 0) -> Mapping[str, tuple
     """Every key of a torchvision state dict of `spec` (without ``num_batches_tracked``) and
     its torch shape, in torch's order; ``fc`` only if `num_classes` > 0. Read off an abstract
     model (``nnx.eval_shape``: nothing is allocated), so the architecture is described once."""
-    model = abstract_model(lambda: ResNet(spec, num_classes=num_classes, rngs=nnx.Rngs(0)))
+    model = abstract_model(lambda rngs: ResNet(spec, num_classes=num_classes, rngs=rngs))
     shapes = {key: torch_shape(leaf, var.get_value().shape)
               for key, (leaf, var) in torch_variables(model).items()}
     return MappingProxyType({k: shapes[k] for k in sorted(shapes, key=_torch_order)})
