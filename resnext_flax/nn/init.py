@@ -178,7 +178,8 @@ _CHUNKS_PER_CALL = 64
 
 
 def _draw(requests: list[Deferred]) -> list[np.ndarray]:
-    key_data = np.asarray(jax.random.key_data(jnp.stack([r.key for r in requests])))
+    # Key by key: stacking the keys would compile a program per parameter count.
+    key_data = np.stack([np.asarray(jax.random.key_data(r.key)) for r in requests])
     rows = []  # (request index, offset) per chunk
     for index, request in enumerate(requests):
         rows += [(index, offset) for offset in range(0, request.size, _CHUNK)]
