@@ -12,11 +12,11 @@ its fused inference block (``models.fused``) and wraps the result for a hot loop
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from resnext_flax.models.functional import CompiledModel
@@ -25,20 +25,84 @@ from resnext_flax.models.resnet import ResNet
 from resnext_flax.nn.layers import BatchNorm, Conv, Identity, set_conv_policy
 from resnext_flax.nn.policy import DEFAULT_POLICY, ConvPolicy
 
+# Folding and kernel preparation compile a program per distinct kernel shape (and two over
+# every BatchNorm's concatenated vectors), not per operation and shape as eager arithmetic
+# does, so their count does not grow with depth and a second model of an architecture compiles
+# nothing (JAX's persistent cache keeps them too). Products and the sums after them are
+# separate programs: within one program the compiler may contract a product and the sum after
+# it into one fma, which rounds once where the separate operations round twice. Pure relayouts
+# (concatenating, splitting, the compiled kernel's layout) run on the host.
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    return jnp.asarray(x, jnp.float32)
+
+
+@jax.jit
+def _multipliers(scale: jax.Array, var: jax.Array, mean: jax.Array, conv_bias: jax.Array,
+                 epsilon: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``m = scale / sqrt(var + eps)`` per channel and ``(mean - conv_bias) * m``, what the
+    folded bias subtracts from the BatchNorm's bias (float32), over every BatchNorm's
+    concatenated vectors at once."""
+    multiplier = _f32(scale) * jax.lax.rsqrt(_f32(var) + epsilon)
+    return multiplier, (_f32(mean) - _f32(conv_bias)) * multiplier
+
+
+@jax.jit
+def _scaled(kernel: jax.Array, multiplier: jax.Array) -> jax.Array:
+    """The folded kernel, ``kernel * m`` along O (float32)."""
+    return _f32(kernel) * multiplier
+
+
+@jax.jit
+def _differences(minuends: jax.Array, subtrahends: jax.Array) -> jax.Array:
+    """The folded biases, ``bias - (mean - conv_bias) * m`` (float32)."""
+    return _f32(minuends) - subtrahends
+
+
+def _channels(bn: BatchNorm) -> int:
+    return bn.scale.get_value().shape[-1]
+
+
+def _concatenated(vectors: list) -> np.ndarray:
+    return np.concatenate([np.asarray(v) for v in vectors])
+
+
+def _fold_convs(convs: list[tuple[Conv, BatchNorm | None]], prepare: bool) -> None:
+    """Fold each pair's BatchNorm into its conv and (if `prepare`) prepare every conv's
+    kernel, in place."""
+    folds = [(conv, bn) for conv, bn in convs if bn is not None]
+    if folds:
+        bns = [bn for _, bn in folds]
+        multipliers, shifts = _multipliers(
+            *(_concatenated([getattr(bn, name).get_value() for bn in bns])
+              for name in ("scale", "var", "mean")),
+            _concatenated([np.zeros(_channels(bn), np.float32) if conv.bias is None
+                           else conv.bias.get_value() for conv, bn in folds]),
+            np.concatenate([np.full(_channels(bn), bn.epsilon, np.float32) for bn in bns]))
+        biases = np.asarray(_differences(_concatenated([bn.bias.get_value() for bn in bns]),
+                                         shifts))
+        splits = np.cumsum([_channels(bn) for bn in bns])[:-1]
+        multipliers = np.split(np.asarray(multipliers), splits)
+        for (conv, _), multiplier, bias in zip(folds, multipliers, np.split(biases, splits),
+                                               strict=True):
+            conv.kernel.set_value(_scaled(conv.kernel.get_value(), multiplier))
+            bias = jax.device_put(bias)
+            if conv.bias is None:
+                conv.bias = nnx.data(nnx.Param(bias))
+            else:
+                conv.bias.set_value(bias)
+            conv.use_prepared(None)  # forms of the earlier kernel are stale
+    if prepare:
+        for conv, _ in convs:
+            conv.prepare_for_inference()
+
 
 def fold_conv_bn(conv: Conv, bn: BatchNorm) -> Conv:
-    """One conv (float32 kernel and bias) computing ``bn(conv(x))`` in eval mode."""
-    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-    multiplier = f32(bn.scale.get_value()) * jax.lax.rsqrt(f32(bn.var.get_value()) + bn.epsilon)
-    bias = f32(bn.bias.get_value()) - f32(bn.mean.get_value()) * multiplier
-    kernel = f32(conv.kernel.get_value()) * multiplier
-    kh, _, per_group, out_channels = kernel.shape
-    fused = nnx.eval_shape(lambda: Conv(
-        per_group * conv.groups, out_channels, kh, stride=conv.stride, padding=conv.padding,
-        groups=conv.groups, use_bias=True, policy=conv.policy, dtype=conv.dtype,
-        rngs=nnx.Rngs(0)))
-    fused.kernel.set_value(kernel)
-    fused.bias.set_value(bias)
+    """One conv (float32 kernel and bias) computing ``bn(conv(x))`` in eval mode (a bias
+    the conv has is folded in too)."""
+    fused = nnx.clone(conv)
+    _fold_convs([(fused, bn)], prepare=False)
     return fused
 
 
@@ -46,12 +110,29 @@ def fold_conv_bn(conv: Conv, bn: BatchNorm) -> Conv:
 _PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
 
-def _fold_pairs(module: nnx.Module) -> None:
-    for conv_name, bn_name in _PAIRS:
+def _unfold_structure(model: ResNet) -> list[tuple[Conv, BatchNorm | None]]:
+    """Swap every BatchNorm of `model` that follows a conv for an Identity, in place; returns
+    every conv with the BatchNorm it had (None: none), for :func:`_fold_convs`."""
+    pairs = {}
+
+    def take(module: nnx.Module, conv_name: str, bn_name: str) -> None:
         bn = getattr(module, bn_name, None)
         if isinstance(bn, BatchNorm):
-            setattr(module, conv_name, fold_conv_bn(getattr(module, conv_name), bn))
+            pairs[id(getattr(module, conv_name))] = bn
             setattr(module, bn_name, Identity())
+
+    for conv_name, bn_name in _PAIRS:
+        take(model, conv_name, bn_name)
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        for block in getattr(model, stage):
+            for conv_name, bn_name in _PAIRS:
+                take(block, conv_name, bn_name)
+            if block.downsample is not None and isinstance(block.downsample[1], BatchNorm):
+                conv, bn = block.downsample
+                pairs[id(conv)] = bn
+                block.downsample = nnx.List([conv, Identity()])
+    return [(conv, pairs.get(id(conv))) for _, conv in nnx.iter_graph(model)
+            if isinstance(conv, Conv)]
 
 
 def fold_batchnorm(model: ResNet) -> ResNet:
@@ -61,13 +142,7 @@ def fold_batchnorm(model: ResNet) -> ResNet:
     Training-mode behaviour (batch statistics) is gone: fold again after further training.
     """
     folded = nnx.clone(model)
-    _fold_pairs(folded)
-    for stage in ("layer1", "layer2", "layer3", "layer4"):
-        for block in getattr(folded, stage):
-            _fold_pairs(block)
-            if block.downsample is not None and isinstance(block.downsample[1], BatchNorm):
-                conv, bn = block.downsample
-                block.downsample = nnx.List([fold_conv_bn(conv, bn), Identity()])
+    _fold_convs(_unfold_structure(folded), prepare=False)
     return folded
 
 
@@ -112,10 +187,9 @@ def optimize_for_inference(model: ResNet, *,
     if isinstance(model, FoldedResNet):
         raise TypeError("this model is already optimized for inference; pass the model it "
                         "was made from to choose another policy")
-    folded = set_conv_policy(fold_batchnorm(model), policy)
+    folded = set_conv_policy(nnx.clone(model), policy)
+    # Folding and kernel preparation: one compiled program for the whole model.
+    _fold_convs(_unfold_structure(folded), prepare=True)
     if policy.fuse:
         fuse_blocks(folded)
-    for _, module in nnx.iter_graph(folded):
-        if isinstance(module, Conv):
-            module.prepare_for_inference()
     return FoldedResNet.from_module(folded)

@@ -17,7 +17,8 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,9 @@ from jax.extend.random import threefry2x32_p
 _conv_kernel_init = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # torch.nn.Linear: kaiming_uniform_(a=sqrt(5)) is uniform(+-1/sqrt(fan_in)).
 _linear_kernel_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+M = TypeVar("M", bound=nnx.Module)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +54,16 @@ class Deferred:
 
 _recording: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "resnext_flax_batched_init", default=False)
+_abstract: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "resnext_flax_abstract_init", default=False)
+
+
+def abstract_value(shape: Sequence[int], dtype) -> jax.ShapeDtypeStruct | None:
+    """Inside :func:`abstract_model`, what an initializer returns instead of drawing (None
+    outside it)."""
+    if not _abstract.get():
+        return None
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
 
 
 def _defer(key: jax.Array, shape: Sequence[int], dtype) -> bool:
@@ -69,6 +83,8 @@ def _fans(shape: Sequence[int]) -> tuple[int, int]:
 
 def conv_kernel_init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32):
     """kaiming-normal, fan_out (torchvision's conv init) for an HWIO kernel."""
+    if (abstract := abstract_value(shape, dtype)) is not None:
+        return abstract
     if not _defer(key, shape, dtype):
         return _conv_kernel_init(key, shape, dtype)
     # The float32 variance and its (correctly rounded) square root, as the eager init has them.
@@ -78,6 +94,8 @@ def conv_kernel_init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32):
 
 def linear_kernel_init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32):
     """torch.nn.Linear's weight init, uniform(+-1/sqrt(fan_in)), for an (in, out) kernel."""
+    if (abstract := abstract_value(shape, dtype)) is not None:
+        return abstract
     if not _defer(key, shape, dtype):
         return _linear_kernel_init(key, shape, dtype)
     variance = np.float32((1.0 / 3.0) / _fans(shape)[0])
@@ -89,6 +107,8 @@ def linear_bias_init(fan_in: int):
     bound = 1.0 / math.sqrt(fan_in)
 
     def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32):
+        if (abstract := abstract_value(shape, dtype)) is not None:
+            return abstract
         if not _defer(key, shape, dtype):
             return jax.random.uniform(key, shape, dtype, -bound, bound)
         return Deferred(key, tuple(shape), normal=False, minval=-bound, maxval=bound)
@@ -105,6 +125,39 @@ def batched_init() -> Iterator[None]:
         yield
     finally:
         _recording.reset(token)
+
+
+class _NoKeys:
+    """Stands in for ``nnx.Rngs`` in :func:`abstract_model`: nothing is drawn there, so no key
+    is made (making one compiles programs)."""
+
+    def __getattr__(self, name: str) -> Callable[[], None]:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda: None
+
+    def __call__(self) -> None:
+        return None
+
+
+def abstract_model(build: Callable[[nnx.Rngs], M]) -> M:
+    """``nnx.eval_shape(lambda: build(nnx.Rngs(0)))`` for a module whose arrays all come from
+    the initializers here (and ``nn.layers``' constants): every parameter a
+    ``jax.ShapeDtypeStruct``, nothing drawn, allocated or traced (tracing the initializers
+    costs more than building the module), and `build` given random streams that make no key.
+    A module that needs real keys or builds other arrays falls back to ``nnx.eval_shape``."""
+    token = _abstract.set(True)
+    try:
+        module = build(_NoKeys())
+    except Exception:
+        module = None
+    finally:
+        _abstract.reset(token)
+    if module is not None and all(
+            isinstance(v.get_value(), jax.ShapeDtypeStruct)
+            for _, v in nnx.iter_graph(module) if isinstance(v, nnx.Variable)):
+        return module
+    return nnx.eval_shape(lambda: build(nnx.Rngs(0)))
 
 
 def materialize(module: nnx.Module) -> nnx.Module:
@@ -125,7 +178,8 @@ _CHUNKS_PER_CALL = 64
 
 
 def _draw(requests: list[Deferred]) -> list[np.ndarray]:
-    key_data = np.asarray(jax.random.key_data(jnp.stack([r.key for r in requests])))
+    # Key by key: stacking the keys would compile a program per parameter count.
+    key_data = np.stack([np.asarray(jax.random.key_data(r.key)) for r in requests])
     rows = []  # (request index, offset) per chunk
     for index, request in enumerate(requests):
         rows += [(index, offset) for offset in range(0, request.size, _CHUNK)]

@@ -5,7 +5,10 @@ conv."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +16,22 @@ import numpy as np
 from flax import nnx
 
 from resnext_flax.nn import ops
-from resnext_flax.nn.init import conv_kernel_init, linear_bias_init, linear_kernel_init
+from resnext_flax.nn.init import (
+    abstract_value,
+    conv_kernel_init,
+    linear_bias_init,
+    linear_kernel_init,
+)
 from resnext_flax.nn.policy import DEFAULT_POLICY, ConvPolicy
 
 
-def _constant(value: float, size: int, dtype) -> jax.Array:
+def _constant(value: float, size: int, dtype) -> jax.Array | jax.ShapeDtypeStruct:
     """A filled vector, made on the host and put on the device: an eager jnp.full (or
-    jnp.asarray) would compile a program once per size."""
+    jnp.asarray) would compile a program once per size. (Its shape alone in
+    ``nn.init.abstract_model``.)"""
+    abstract = abstract_value((size,), dtype)
+    if abstract is not None:
+        return abstract
     return jax.device_put(np.full((size,), value, dtype=jnp.dtype(dtype)))
 
 
@@ -80,18 +92,35 @@ class Conv(nnx.Module):
         """The lowerings the kernel is prepared for (None: not prepared)."""
         return None if self.prepared is None else tuple(sorted(self.prepared.get_value()))
 
+    @property
+    def preparation(self) -> Preparation | None:
+        """How this conv's kernel is prepared (static), or None where its lowerings have
+        nothing to precompute: a compute dtype other than float32, or a policy that never runs
+        ``nn.lowering``."""
+        if self.dtype in (None, jnp.float32) and _on_cpu_lowerings(self.policy):
+            return Preparation(self.stride, self.groups, self.policy)
+        return None
+
     def prepare_for_inference(self) -> None:
         """Precompute the kernel in the forms its conv lowerings consume under its policy (on
-        the CPU: Winograd's transform, the compiled kernel's layout), so a compiled inference
-        program does not redo them on every call. Only for weights that no longer change: a
-        changed kernel (or policy) must be prepared again."""
-        prepared = None
-        if self.dtype in (None, jnp.float32) and _on_cpu_lowerings(self.policy):
-            from resnext_flax.nn.lowering import conv
+        the CPU: Winograd's transform, by a compiled program per kernel shape; the compiled
+        kernel's layout, a relayout, on the host), so a compiled inference program does not
+        redo them on every call. Only for weights that no longer change: a changed kernel (or
+        policy) must be prepared again."""
+        preparation = self.preparation
+        kernel = self.kernel.get_value()
+        forms = () if preparation is None else preparation.forms(kernel.shape, kernel.dtype)
+        prepared = {}
+        if "ffi" in forms:
+            prepared["ffi"] = jax.device_put(preparation.blocked(np.asarray(kernel)))
+        if "winograd" in forms:
+            prepared["winograd"] = preparation.winograd_tiles_jit(kernel)
+        self.use_prepared(prepared)
 
-            prepared = conv.prepare_kernel(self.kernel.get_value(), stride=self.stride,
-                                           groups=self.groups, policy=self.policy)
-        self.prepared = nnx.data(None if prepared is None else PreparedKernel(prepared))
+    def use_prepared(self, forms: Mapping[str, Any] | None) -> None:
+        """Attach kernel forms computed from this conv's current kernel (lowering -> array, as
+        ``nn.lowering.conv.prepare_kernel`` gives them; None or empty: none)."""
+        self.prepared = nnx.data(None if not forms else PreparedKernel(dict(forms)))
 
     def __call__(self, x: jax.Array, *, residual: jax.Array | None = None,
                  relu: bool = False) -> jax.Array:
@@ -110,6 +139,36 @@ class Conv(nnx.Module):
             x, kernel, bias, residual=residual, relu=relu, stride=self.stride,
             padding=self.padding, groups=self.groups, policy=self.policy,
             prepared=None if self.prepared is None else self.prepared.get_value())
+
+
+@dataclasses.dataclass(frozen=True)
+class Preparation:
+    """The static arguments of a conv's kernel preparation, and its forms (``nn.lowering``
+    is imported only here, when a kernel is prepared)."""
+
+    stride: int
+    groups: int
+    policy: ConvPolicy
+
+    def forms(self, kernel_shape: tuple[int, ...], dtype: Any) -> tuple[str, ...]:
+        """The forms a kernel of this shape and dtype gets (static; see
+        ``nn.lowering.conv.kernel_forms``)."""
+        from resnext_flax.nn.lowering import conv
+
+        return conv.kernel_forms(tuple(kernel_shape), dtype, stride=self.stride,
+                                 groups=self.groups, policy=self.policy)
+
+    def winograd_tiles_jit(self, kernel: jax.Array) -> tuple[jax.Array, ...]:
+        """The "winograd" form alone, by a compiled program per kernel shape."""
+        from resnext_flax.nn.lowering import conv
+
+        return conv.winograd_kernel_jit(kernel, self.groups)
+
+    def blocked(self, kernel: np.ndarray) -> np.ndarray:
+        """The "ffi" form alone: a pure relayout, so it runs on the host, exactly."""
+        from resnext_flax.nn.lowering import kernel as ffi
+
+        return np.ascontiguousarray(ffi.block_kernel(kernel, self.groups))
 
 
 def _checked_policy(policy: ConvPolicy) -> ConvPolicy:

@@ -23,6 +23,7 @@ from resnext_flax.errors import WeightsError
 from resnext_flax.metadata import Preprocessing, PretrainedCfg, pretrained_cfg
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import ModelSpec, find_variant
+from resnext_flax.nn.init import abstract_model
 from resnext_flax.weights.files import (
     CONVERTED_FORMAT,
     WeightFile,
@@ -192,9 +193,9 @@ def model_from_converted(
     """The model a converted checkpoint (read by ``read_weight_file``) describes, filled."""
     path, tensors = weight_file.path, weight_file.content
     spec, num_classes = _architecture(weight_file.metadata, tensors, path)
-    model = nnx.eval_shape(
-        lambda: ResNet(spec, num_classes=num_classes, dtype=dtype, param_dtype=param_dtype,
-                       rngs=nnx.Rngs(0))
+    model = abstract_model(
+        lambda rngs: ResNet(spec, num_classes=num_classes, dtype=dtype, param_dtype=param_dtype,
+                            rngs=rngs)
     )
     variables = _flat_variables(model)
     report = compare_shapes({k: tuple(v.get_value().shape) for k, v in variables.items()},
@@ -208,8 +209,11 @@ def model_from_converted(
                               + ", ".join(f"{k} ({tensors[k].dtype})" for k in bad))
     warn_non_finite({k: tensors[k] for k in variables}, repr(path))
     classes, preprocessing = header_labels(weight_file.metadata, path)
-    for key, var in variables.items():
-        var.set_value(jax.device_put(jnp.asarray(tensors[key], dtype=var.get_value().dtype)))
+    # Cast on the host and transfer once: a cast on the device compiles a program per shape.
+    values = jax.device_put([np.asarray(tensors[key], dtype=var.get_value().dtype)
+                             for key, var in variables.items()])
+    for var, value in zip(variables.values(), values, strict=True):
+        var.set_value(value)
     model.eval()
     meta = weight_file.metadata
     model.pretrained_cfg = PretrainedCfg(

@@ -15,13 +15,15 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
+import jax
+import numpy as np
 from flax import nnx
 
 from resnext_flax.errors import WeightsError
 from resnext_flax.metadata import PretrainedCfg
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import VARIANTS, find_variant, get_spec
+from resnext_flax.nn.init import abstract_model
 from resnext_flax.weights.checkpoint import header_labels, model_from_converted
 from resnext_flax.weights.files import WeightFile, WeightFileError, read_weight_file
 from resnext_flax.weights.foreign.report import CheckpointLayoutError, CheckpointReport
@@ -147,8 +149,8 @@ def _build(report: CheckpointReport, name: str | None, dtype: Any, path: str | N
                 f"architectures this library builds ({', '.join(VARIANTS)})")
     spec = get_spec(name)
     loaded_classes = 0 if report.fresh_head else report.num_classes
-    model = nnx.eval_shape(lambda: ResNet(spec, num_classes=loaded_classes, dtype=dtype,
-                                          rngs=nnx.Rngs(0)))
+    model = abstract_model(lambda rngs: ResNet(spec, num_classes=loaded_classes, dtype=dtype,
+                                               rngs=rngs))
     try:
         load_torch_state_dict(model, report.state_dict, strict=True)
     except StateDictMismatchError as err:  # name the file
@@ -246,12 +248,15 @@ def load_torch_state_dict(
     arrays = {key: to_numpy(key, sd[key]) for key in variables
               if key in sd and key not in skip}  # every dtype checked before any write
     warn_non_finite(arrays, "the state dict")
-    for key, (leaf, var) in variables.items():
-        if key in arrays:
-            # A copy: on the CPU jnp.asarray may alias the torch tensor's memory, which torch
-            # could later change in place.
-            var.set_value(jnp.array(from_torch_layout(leaf, arrays[key]),
-                                    dtype=var.get_value().dtype, copy=True))
+    targets = [(key, leaf, var) for key, (leaf, var) in variables.items() if key in arrays]
+    # Relayout and cast on the host, into a copy (the device array must not alias the torch
+    # tensor's memory, which torch could later change in place), then one transfer: on the
+    # device each would compile a program per shape.
+    values = jax.device_put([np.array(from_torch_layout(leaf, arrays[key]),
+                                      dtype=var.get_value().dtype, order="C")
+                             for key, leaf, var in targets])
+    for (_, _, var), value in zip(targets, values, strict=True):
+        var.set_value(value)
     if isinstance(model, ResNet):
         # The weights are the state dict's now: a record of earlier ones would mislabel them.
         model.pretrained_cfg = PretrainedCfg(

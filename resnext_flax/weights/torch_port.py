@@ -24,6 +24,7 @@ from flax import nnx
 from resnext_flax.errors import Message, WeightsError
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import ModelSpec, find_variant
+from resnext_flax.nn.init import abstract_model
 
 IGNORED_SUFFIXES = ("num_batches_tracked",)  # torch's BN step counter; no Flax counterpart
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile
@@ -92,7 +93,7 @@ def expected_shapes(spec: ModelSpec, num_classes: int = 0) -> Mapping[str, tuple
     """Every key of a torchvision state dict of `spec` (without ``num_batches_tracked``) and
     its torch shape, in torch's order; ``fc`` only if `num_classes` > 0. Read off an abstract
     model (``nnx.eval_shape``: nothing is allocated), so the architecture is described once."""
-    model = nnx.eval_shape(lambda: ResNet(spec, num_classes=num_classes, rngs=nnx.Rngs(0)))
+    model = abstract_model(lambda rngs: ResNet(spec, num_classes=num_classes, rngs=rngs))
     shapes = {key: torch_shape(leaf, var.get_value().shape)
               for key, (leaf, var) in torch_variables(model).items()}
     return MappingProxyType({k: shapes[k] for k in sorted(shapes, key=_torch_order)})

@@ -121,32 +121,47 @@ def conv_bias_act(
     return epilogue(y, bias, residual, relu)
 
 
+def kernel_forms(kernel_shape: tuple[int, ...], dtype: Any, *, stride: int = 1, groups: int = 1,
+                 policy: ConvPolicy = DEFAULT_POLICY,
+                 backend: str | None = None) -> tuple[str, ...]:
+    """The forms :func:`prepare_kernel` computes for a kernel of this shape and dtype (static:
+    no array is read): "ffi" (the compiled kernel's blocked layout, a pure relayout),
+    "winograd" (the transformed tiles)."""
+    if len(kernel_shape) != 4 or jnp.dtype(dtype) != jnp.float32:
+        return ()
+    first = policy.select(kernel_shape, groups=groups, stride=stride, backend=backend)
+    candidates = [first]
+    if first == "ffi" and groups == 1:  # the next choice runs the maps the kernel leaves
+        candidates.append(policy.without("ffi").select(kernel_shape, groups=groups,
+                                                       stride=stride, backend=backend))
+    forms = []
+    if "ffi" in candidates and ffi.available() and ffi.blockable(kernel_shape, groups):
+        forms.append("ffi")
+    if "winograd" in candidates and kernel_shape[:2] == (3, 3) and stride == 1:
+        forms.append("winograd")
+    return tuple(forms)
+
+
 def prepare_kernel(kernel: jax.Array, *, stride: int = 1, groups: int = 1,
                    policy: ConvPolicy = DEFAULT_POLICY,
                    backend: str | None = None) -> dict[str, Any] | None:
     """The kernel transformed once for the lowerings :func:`conv2d` may run it with under
     `policy` (lowering -> array; which one runs can depend on the input's shape), or None where
     those have nothing to precompute: Winograd's transformed tiles, the compiled kernel's
-    blocked layout. For an inference model whose weights no longer change: the transform then
-    leaves the compiled program."""
-    if kernel.ndim != 4 or kernel.dtype != jnp.float32:
-        return None
-    first = policy.select(kernel.shape, groups=groups, stride=stride, backend=backend)
-    candidates = [first]
-    if first == "ffi" and groups == 1:  # the next choice runs the maps the kernel leaves
-        candidates.append(policy.without("ffi").select(kernel.shape, groups=groups,
-                                                       stride=stride, backend=backend))
+    blocked layout (:func:`kernel_forms`). For an inference model whose weights no longer
+    change: the transform then leaves the compiled program."""
+    forms = kernel_forms(kernel.shape, kernel.dtype, stride=stride, groups=groups,
+                         policy=policy, backend=backend)
     prepared = {}
-    if "ffi" in candidates and ffi.available():
-        blocked = _blocked_kernel(kernel, groups)
-        if blocked is not None:
-            prepared["ffi"] = blocked
-    if "winograd" in candidates and kernel.shape[:2] == (3, 3) and stride == 1:
-        prepared["winograd"] = _winograd_kernel(kernel, groups)
+    if "ffi" in forms:
+        prepared["ffi"] = _blocked_kernel(kernel, groups)
+    if "winograd" in forms:
+        prepared["winograd"] = winograd_kernel_jit(kernel, groups)
     return prepared or None
 
 
-_winograd_kernel = jax.jit(winograd.winograd_kernel, static_argnums=1)
+#: ``winograd.winograd_kernel``, a compiled program per kernel shape and group count.
+winograd_kernel_jit = jax.jit(winograd.winograd_kernel, static_argnums=1)
 _blocked_kernel = jax.jit(ffi.block_kernel, static_argnums=1)
 
 

@@ -207,12 +207,17 @@ def _blocked_shape(kernel_shape: tuple[int, ...], groups: int) -> tuple[int, ...
     return cout // unit, kh, kw, d, unit
 
 
+def blockable(kernel_shape: tuple[int, ...], groups: int) -> bool:
+    """Whether :func:`block_kernel` has a layout for an HWIO kernel of this shape."""
+    return len(kernel_shape) == 4 and _direct_supports(tuple(kernel_shape), groups)
+
+
 def block_kernel(kernel: jax.Array, groups: int) -> jax.Array | None:
     """An HWIO kernel in the direct kernel's layout, (units, kh, kw, d, unit): each block of
     output channels' weights contiguous. None where the direct kernel has no form for it.
     ``conv2d(..., blocked=...)`` takes it precomputed (inference:
-    ``lowering.conv.prepare_kernel``)."""
-    if kernel.ndim != 4 or not _direct_supports(kernel.shape, groups):
+    ``lowering.conv.prepare_kernel``). A pure relayout: a numpy kernel gives a numpy view."""
+    if not blockable(kernel.shape, groups):
         return None
     units, kh, kw, d, unit = _blocked_shape(kernel.shape, groups)
     return kernel.reshape(kh, kw, d, units, unit).transpose(3, 0, 1, 2, 4)
