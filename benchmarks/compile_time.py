@@ -8,6 +8,9 @@ BatchNorm). Each is timed in stages with JAX's ahead-of-time API
 XLA's compile show apart. The persistent compilation cache is off in the child.
 
     python benchmarks/compile_time.py --models all --json benchmarks/results/x.json
+
+``--trees A,B`` runs the children on these checkouts (``PYTHONPATH``), alternating process by
+process, for before/after tables (the default: the installed library).
 """
 
 from __future__ import annotations
@@ -28,7 +31,13 @@ import jax.numpy as jnp
 from flax import nnx
 import resnext_flax
 from resnext_flax import training
-from resnext_flax.models.programs import forward_program
+try:
+    from resnext_flax.models.programs import forward_program
+except ImportError:  # an older tree (A/B across commits): its jitted eval-mode apply
+    from resnext_flax.models.functional import apply_jit
+
+    class forward_program:
+        trace = staticmethod(lambda g, s, x, method, outputs: apply_jit.trace(g, s, x, method))
 
 name, program, batch, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 model = resnext_flax.create_model(name, rngs=nnx.Rngs(0))
@@ -61,8 +70,11 @@ ALL = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_
        "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
 
 
-def measure(name: str, program: str, batch: int, size: int) -> dict[str, float]:
+def measure(name: str, program: str, batch: int, size: int,
+            tree: str | None = None) -> dict[str, float]:
     env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}
+    if tree:
+        env["PYTHONPATH"] = os.path.abspath(tree)
     out = subprocess.run([sys.executable, "-c", CHILD, name, program, str(batch), str(size)],
                          check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -77,20 +89,29 @@ def main() -> None:
     parser.add_argument("--inference-batch", type=int, default=1)
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--trees", help="comma-separated checkouts to alternate (PYTHONPATH)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     names = ALL if args.models == "all" else tuple(args.models.split(","))
+    trees = args.trees.split(",") if args.trees else [None]
     results = []
     for name in names:
         for program in args.programs.split(","):
             batch = args.train_batch if program == "train" else args.inference_batch
-            runs = [measure(name, program, batch, args.size) for _ in range(args.repeats)]
-            row = {"model": name, "program": program, "batch": batch, "size": args.size}
-            row.update({k: statistics.median(r[k] for r in runs) for k in runs[0]})
-            results.append(row)
-            print(f"{name:18s} {program:9s} trace {row['trace_s']:6.2f}s  lower "
-                  f"{row['lower_s']:5.2f}s  compile {row['compile_s']:6.2f}s  total "
-                  f"{row['total_s']:6.2f}s", flush=True)
+            runs: dict = {tree: [] for tree in trees}
+            for _ in range(args.repeats):
+                for tree in trees:
+                    runs[tree].append(measure(name, program, batch, args.size, tree))
+            for tree in trees:
+                row = {"model": name, "program": program, "batch": batch, "size": args.size,
+                       "tree": tree}
+                row.update({k: statistics.median(r[k] for r in runs[tree])
+                            for k in runs[tree][0]})
+                results.append(row)
+                print(f"{name:18s} {program:9s} {tree or '':14s} trace {row['trace_s']:6.2f}s  "
+                      f"lower {row['lower_s']:5.2f}s  compile {row['compile_s']:6.2f}s  "
+                      f"prepare {row['prepare_s']:5.2f}s  total {row['total_s']:6.2f}s",
+                      flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": " ".join(sys.argv), "results": results}, f, indent=1)

@@ -25,6 +25,7 @@ JAX_HEAD = """\
 import jax, numpy as np
 from flax import nnx
 import resnext_flax
+resnext_flax.enable_compilation_cache()  # as the docs tell notebooks and services to
 mark("import")
 """
 JAX_MODEL = """\
