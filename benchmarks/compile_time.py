@@ -75,8 +75,9 @@ def measure(name: str, program: str, batch: int, size: int,
     env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}
     if tree:
         env["PYTHONPATH"] = os.path.abspath(tree)
+    # The child's working directory leads its sys.path: run it in the tree it measures.
     out = subprocess.run([sys.executable, "-c", CHILD, name, program, str(batch), str(size)],
-                         check=True, capture_output=True, text=True, env=env)
+                         check=True, capture_output=True, text=True, env=env, cwd=tree)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
