@@ -93,6 +93,12 @@ def _prepare_dir(path: str | os.PathLike | None) -> Path:
     if not os.access(directory, os.W_OK | os.X_OK):
         raise PermissionError(f"the compilation cache folder {directory} is not writable; "
                               "pass a writable path")
+    info = directory.stat()
+    if info.st_mode & 0o022 or (hasattr(os, "getuid") and info.st_uid != os.getuid()):
+        # JAX runs the executables it loads: a folder others can write is a way in.
+        raise PermissionError(f"the compilation cache folder {directory} can be written by "
+                              f"others (mode {info.st_mode & 0o777:o}) or belongs to another "
+                              "user; use a folder only you can write (chmod go-w)")
     return directory
 
 

@@ -37,6 +37,7 @@ from resnext_flax.datasets import (
 )
 from resnext_flax.metadata import Preprocessing, pretrained_cfg
 from resnext_flax.models import functional
+from resnext_flax.models.folding import with_prepared_kernels
 from resnext_flax.models.functional import CompiledModel
 from resnext_flax.pipeline import LoaderOptions, SkipReport, eval_loader
 from resnext_flax.preprocess import preprocessing_config
@@ -164,7 +165,7 @@ def evaluate(
                            f"model has {num_classes} outputs")
     k = min(TOP_K, num_classes)
     step = _sharded_outputs(mesh, k)
-    compiled = parallel.replicate(mesh, CompiledModel.from_module(model))
+    compiled = parallel.replicate(mesh, CompiledModel.from_module(with_prepared_kernels(model)))
     if preprocessing is None:
         preprocessing = pretrained_cfg(model)
     batches = eval_loader(dataset, preprocessing_config(preprocessing), batch_size, loader)

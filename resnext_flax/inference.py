@@ -50,17 +50,15 @@ def batch_bucket(n: int) -> int:
     return -(-n // _BUCKET_STEP) * _BUCKET_STEP
 
 
-def _pad_rows(images: jax.Array, size: int) -> jax.Array:
-    """`images` with zero images appended up to `size` rows."""
+def _pad_rows(images: Any, size: int) -> jax.Array:
+    """`images` with zero images appended up to `size` rows, as a device array; padded on the
+    host, so a new batch size compiles nothing for its padding."""
     missing = size - images.shape[0]
     if missing <= 0:
-        return images
-    return jnp.concatenate([images, jnp.zeros((missing, *images.shape[1:]), images.dtype)])
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _call(apply_fn: ApplyFn, variables: Any, images: jax.Array) -> jax.Array:
-    return apply_fn(variables, images)
+        return jnp.asarray(images)
+    images = np.asarray(images)
+    return jnp.asarray(np.concatenate([images, np.zeros((missing, *images.shape[1:]),
+                                                        images.dtype)]))
 
 
 def _compiled(apply_fn: ApplyFn) -> ApplyFn:
@@ -68,7 +66,7 @@ def _compiled(apply_fn: ApplyFn) -> ApplyFn:
     any other function jitted on its own."""
     if isinstance(apply_fn, ModuleForward):
         return apply_fn.compiled
-    return functools.partial(_call, apply_fn)
+    return jax.jit(apply_fn)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -120,8 +118,10 @@ class Predictor:
     - `top_k`: how many classes to report (clamped to the class count).
     - `batch_size`: :meth:`classify` runs batches of this size; the last one is padded, so one
       compiled program serves every batch.
-    - `pad_batches`: pad every batch to its :func:`batch_bucket` (zero images, dropped from the
-      result), so new batch sizes reuse a compiled program; False runs each size as it is.
+    - `pad_batches`: pad each batch to its :func:`batch_bucket`, at most to `batch_size` (zero
+      images, dropped from the result), so new batch sizes reuse a compiled program; False runs
+      each size as it is. By default on for a model's forward (:meth:`from_model`, whose rows
+      are independent in eval mode) and off for other functions, which may mix rows.
 
     Use :meth:`from_model` or :meth:`from_pretrained` to build one from a model.
     """
@@ -135,7 +135,7 @@ class Predictor:
         preprocessing: Preprocessing | WeightSet | PretrainedCfg | None = None,
         top_k: int = 5,
         batch_size: int = 16,
-        pad_batches: bool = True,
+        pad_batches: bool | None = None,
     ):
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
@@ -146,7 +146,8 @@ class Predictor:
         self.preprocessing = preprocessing_config(preprocessing)
         self.top_k = top_k
         self.batch_size = batch_size
-        self.pad_batches = pad_batches
+        self.pad_batches = isinstance(apply_fn, ModuleForward) if pad_batches is None \
+            else pad_batches
         self.apply_fn = apply_fn
         self._forward = _compiled(apply_fn)
 
@@ -211,11 +212,11 @@ class Predictor:
         """Predict on preprocessed NHWC float images (one compiled program per shape, or per
         :func:`batch_bucket` with `pad_batches`)."""
         check_input(images, hint="; raw images go through Predictor.classify")
-        # One kind of argument (a device array) so numpy and jax inputs share one compilation.
-        images = jnp.asarray(images)
         n = images.shape[0]
-        if self.pad_batches:
-            images = _pad_rows(images, batch_bucket(n))
+        # Padded (never beyond the batch size the caller chose) into one kind of argument, a
+        # device array, so numpy and jax inputs share one compilation.
+        size = min(batch_bucket(n), max(n, self.batch_size)) if self.pad_batches else n
+        images = _pad_rows(images, size)
         logits = self._forward(self.variables, images)
         logits, top_p, top_i = (a[:n] for a in jax.device_get(_top_k(logits, self.top_k)))
         labels = tuple(tuple(self._label(int(i)) for i in row) for row in top_i)
@@ -224,7 +225,8 @@ class Predictor:
     def classify(self, images: ImageInput | Sequence[ImageInput]) -> Predictions:
         """Preprocess raw images (PIL, paths, uint8 arrays) and predict, `batch_size` at a
         time (so memory stays bounded); a short last batch is zero-padded to `batch_size` so
-        it reuses the compiled program, and a single batch runs at its own size."""
+        it reuses the compiled program, and a single batch runs at its bucket size
+        (`pad_batches`)."""
         items = image_list(images)
         if len(items) <= self.batch_size:
             return self(preprocess(items, self.preprocessing))
@@ -272,10 +274,8 @@ class FeatureExtractor:
     def __call__(self, images: Any) -> dict[str, np.ndarray]:
         """Features of preprocessed NHWC float images, keyed by name."""
         check_input(images)
-        images = jnp.asarray(images)
         n = images.shape[0]
-        if self.pad_batches:
-            images = _pad_rows(images, batch_bucket(n))
+        images = _pad_rows(images, batch_bucket(n) if self.pad_batches else n)
         features = jax.device_get(self._forward(self.variables, images))
         return {name: np.asarray(value)[:n] for name, value in features.items()}
 

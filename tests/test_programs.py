@@ -20,8 +20,11 @@ from torch_reference import (
 )
 
 import resnext_flax
+from resnext_flax.compilation import report_compilation
 from resnext_flax.inference import FeatureExtractor, Predictor, batch_bucket
 from resnext_flax.models.programs import forward_program
+from resnext_flax.models.resnet import FEATURE_NAMES, ResNet
+from resnext_flax.nn.layers import Linear
 
 NAME = "resnet18"
 SIZE = 32
@@ -69,8 +72,10 @@ def test_eager_call_is_one_program_matching_torch(model, reference):
     np.testing.assert_array_equal(np.asarray(again), np.asarray(logits))
     features = model.forward_features(x)
     assert programs() == before + 2
-    np.testing.assert_array_equal(np.asarray(features["pre_logits"] @ model.fc.kernel[...]
-                                             + model.fc.bias[...]).shape, logits.shape)
+    assert tuple(features) == FEATURE_NAMES
+    head = np.asarray(features["pre_logits"]) @ np.asarray(model.fc.kernel[...]) + np.asarray(
+        model.fc.bias[...])
+    np.testing.assert_allclose(head, np.asarray(logits), rtol=1e-5, atol=1e-5)
     with jax.disable_jit():  # op by op, as plain code
         plain = model(x)
     assert programs() == before + 2
@@ -154,14 +159,50 @@ def test_new_batch_sizes_compile_once_per_bucket(model):
     predictor = Predictor.from_model(model, top_k=3)
     exact = np.asarray(model(images))
     before = programs()
-    for n in (5, 6, 7, 8):
-        result = predictor(images[:n])
-        assert result.logits.shape == (n, 10) and len(result.labels) == n
-        np.testing.assert_allclose(result.logits, exact[:n], rtol=1e-5, atol=1e-5)
+    with report_compilation("buckets", enabled=False) as report:
+        for n in (5, 6, 7, 8):
+            result = predictor(images[:n])
+            assert result.logits.shape == (n, 10) and len(result.labels) == n
+            np.testing.assert_allclose(result.logits, exact[:n], rtol=1e-5, atol=1e-5)
     assert programs() == before  # 5..8 all run as 8, compiled by model(images) already
+    # Nothing else either (the padding is done on the host): only the top-k of the first call.
+    assert report.compiled <= 1
     unpadded = Predictor.from_model(model, top_k=3, pad_batches=False)
     unpadded(images[:5])
     unpadded(images[:6])
     assert programs() == before + 2
     features = FeatureExtractor(model)(images[:3])
     assert features["pre_logits"].shape == (3, model.num_features)
+
+
+def test_a_subclass_override_runs_once(model):
+    """An override that calls super() runs outside the program, once, as under jit."""
+
+    class Doubled(ResNet):
+        def __call__(self, x):
+            return super().__call__(x) * 2.0
+
+    doubled = Doubled(model.spec, num_classes=10, rngs=nnx.Rngs(1))
+    nnx.update(doubled, nnx.state(model))
+    doubled.eval()
+    x = random_images(1, SIZE, SIZE, seed=8)
+    base = np.asarray(model(x))
+    np.testing.assert_allclose(np.asarray(doubled(x)), 2 * base, rtol=1e-6, atol=1e-6)
+    traced = nnx.jit(lambda m, images: m(images))(doubled, x)
+    np.testing.assert_allclose(np.asarray(traced), 2 * base, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_train_call_writes_back_every_variable_it_changes(model):
+    """A dropout head's RNG counter advances on every eager call, as under nnx.jit."""
+    model.fc = nnx.Sequential(nnx.Dropout(0.5, rngs=nnx.Rngs(7)),
+                              Linear(model.num_features, 10, rngs=nnx.Rngs(0)))
+    model.train()
+    x = random_images(2, SIZE, SIZE, seed=9)
+    first, second = np.asarray(model(x)), np.asarray(model(x))
+    assert not np.array_equal(first, second)  # a fresh dropout mask per call
+    twin = nnx.clone(model)
+    model.eval()
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(model(x)))
+    twin.train()
+    jitted = nnx.jit(lambda m, images: m(images))
+    assert not np.array_equal(np.asarray(jitted(twin, x)), np.asarray(jitted(twin, x)))

@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> str:
                             **checkpoint_options(args))
     predictor = Predictor.from_model(model, top_k=args.top_k, batch_size=args.batch_size)
     crop = predictor.preprocessing.crop_size
-    batch = batch_bucket(min(len(args.images), args.batch_size))  # as classify pads it
+    first = min(len(args.images), args.batch_size)
+    batch = min(batch_bucket(first), args.batch_size)  # as classify pads it
     with report_compilation(f"{args.model} for {batch}x{crop}x{crop}",
                             enabled=not args.no_progress):
         result = predictor.classify(args.images)

@@ -151,9 +151,10 @@ def fold_batchnorm(model: ResNet) -> ResNet:
 class FoldedResNet(CompiledModel):
     """A BatchNorm-folded ResNet split once into a static structure and arrays.
 
-    Call it on NHWC images for logits, or use ``forward_features``; each is one ``jax.jit``
-    per input shape that merges the module inside the trace, so no module graph is walked per
-    call. It is a pytree, so it also passes through your own ``jax.jit`` as an argument.
+    Call it on NHWC images for logits, or use ``forward_features``; each runs the program
+    every wrapper of an equal model shares (``models.programs``), compiled once per input shape
+    and merging the module only inside the trace. It is a pytree, so it also passes through
+    your own ``jax.jit`` as an argument.
     """
 
     @property
@@ -188,8 +189,20 @@ def optimize_for_inference(model: ResNet, *,
         raise TypeError("this model is already optimized for inference; pass the model it "
                         "was made from to choose another policy")
     folded = set_conv_policy(nnx.clone(model), policy)
-    # Folding and kernel preparation: one compiled program for the whole model.
+    # Folding and kernel preparation: a few programs per distinct kernel shape.
     _fold_convs(_unfold_structure(folded), prepare=True)
     if policy.fuse:
         fuse_blocks(folded)
     return FoldedResNet.from_module(folded)
+
+
+def with_prepared_kernels(model: nnx.Module) -> nnx.Module:
+    """A copy of `model` (over the same arrays; BatchNorm not folded) whose convs hold their
+    kernels prepared for their lowerings (``Conv.prepare_for_inference``), for a long run over
+    fixed weights (``evaluate``): Winograd then runs where its policy chooses it, without
+    transforming the kernel inside the program."""
+    prepared = nnx.merge(*nnx.split(model))
+    for _, module in nnx.iter_graph(prepared):
+        if isinstance(module, Conv):
+            module.prepare_for_inference()
+    return prepared

@@ -16,7 +16,8 @@ compiled and dispatched on its own); inside a trace (``jax.jit``, ``nnx.jit``, `
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -24,30 +25,34 @@ from flax import nnx
 
 from resnext_flax.nn.layers import BatchNorm
 
-#: The BatchNorm statistics a train-mode forward writes back.
-_UPDATED = nnx.BatchStat
+#: What a forward may write: every variable but the parameters (BatchNorm statistics in train
+#: mode, a dropout head's RNG counters, sown intermediates...).
+_MUTABLE = nnx.Not(nnx.Param)
+
+#: A method: its name (resolved on the module, overrides included) or a function of
+#: ``(module, x)`` (a base class's own method, called on a subclass instance).
+Method = str | Callable[..., Any]
 
 
-def _updates_statistics(module: nnx.Module) -> bool:
-    """Whether a forward of `module` writes BatchNorm statistics (a BatchNorm in train mode).
-    Read while tracing only, so it costs nothing per call."""
-    return any(getattr(m, "use_running_average", True) is False
-               for _, m in nnx.iter_graph(module))
-
-
-def _forward(graphdef: nnx.GraphDef, state: Any, x: jax.Array, method: str,
+def _forward(graphdef: nnx.GraphDef, state: Any, x: jax.Array, method: Method,
              outputs: tuple[str, ...] | None) -> tuple[Any, Any]:
     """``module.<method>(x)`` for ``module = nnx.merge(graphdef, state)`` in the mode its
     graph definition records; with `outputs`, only those keys of a dict result. Returns the
-    result and the updated BatchNorm statistics (None in eval mode, where nothing changes)."""
+    result and every non-parameter variable when the call wrote any (train-mode BatchNorm
+    statistics, RNG counters...; compared while tracing), else None."""
     module = nnx.merge(graphdef, state)
-    result = getattr(module, method)(x)
+    before = jax.tree.leaves(nnx.state(module, _MUTABLE))
+    call = getattr(module, method) if isinstance(method, str) else partial(method, module)
+    result = call(x)
     if outputs is not None:
         result = {name: result[name] for name in outputs}
     if isinstance(result, dict):  # jit returns dicts with sorted keys: keep the method's order
         _KEY_ORDER[graphdef, method, outputs] = tuple(result)
-    updates = nnx.state(module, _UPDATED) if _updates_statistics(module) else None
-    return result, updates
+    after = nnx.state(module, _MUTABLE)
+    leaves = jax.tree.leaves(after)
+    written = len(leaves) != len(before) or any(
+        a is not b for a, b in zip(leaves, before, strict=True))
+    return result, after if written else None
 
 
 #: :func:`_forward` jitted; the graph definition, method and outputs are static.
@@ -56,7 +61,7 @@ forward_program = jax.jit(_forward, static_argnums=(0, 3, 4))
 _KEY_ORDER: dict[tuple, tuple[str, ...]] = {}
 
 
-def _run(graphdef: nnx.GraphDef, state: Any, x: Any, method: str,
+def _run(graphdef: nnx.GraphDef, state: Any, x: Any, method: Method,
          outputs: tuple[str, ...] | None) -> tuple[Any, Any]:
     # One kind of argument (a device array), so numpy and jax inputs share one program.
     x = x if isinstance(x, jax.Array) else jax.numpy.asarray(x)
@@ -72,36 +77,32 @@ def run(graphdef: nnx.GraphDef, state: Any, x: Any, method: str = "__call__") ->
     return _run(graphdef, state, x, method, None)[0]
 
 
-def _eval_ready(module: nnx.Module) -> bool:
-    return all(m.use_running_average and m.axis_name is None
-               for _, m in nnx.iter_graph(module) if isinstance(m, BatchNorm))
-
-
 def eval_split(module: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
-    """``nnx.split`` of `module` as it runs in eval mode (BatchNorm on running statistics, no
-    cross-device axis: an eval-mode BatchNorm reads none), without changing `module` itself:
-    every eval-mode wrapper of one model then keys the same compiled program, whatever mode
-    and data-parallel axis the model was left with (e.g. after fine-tuning)."""
-    graphdef, state = nnx.split(module)
-    if not _eval_ready(module):
-        view = nnx.merge(graphdef, state)  # new module objects over the same arrays
-        view.eval()
-        for _, m in nnx.iter_graph(view):
-            if isinstance(m, BatchNorm):
-                m.axis_name = None
-        graphdef, state = nnx.split(view)
-    return graphdef, state
+    """``nnx.split`` of `module` as it runs in eval mode (``module.eval()``: BatchNorm on running
+    statistics, dropout off; and no BatchNorm data-parallel axis, which running statistics never
+    read), without changing `module` itself: every eval-mode wrapper of one model then keys the
+    same compiled program, whatever mode and axis the model was left with (e.g. after
+    fine-tuning)."""
+    view = nnx.merge(*nnx.split(module))  # new module objects over the same arrays
+    view.eval()
+    for _, m in nnx.iter_graph(view):
+        if isinstance(m, BatchNorm):
+            m.axis_name = None
+    return nnx.split(view)
 
 
 def _traced(tree: Any) -> bool:
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
 
 
-def call_compiled(module: nnx.Module, method: str, x: Any,
+def call_compiled(module: nnx.Module, method: Method, x: Any,
                   outputs: Sequence[str] | None = None) -> Any | None:
-    """``module.<method>(x)`` through :data:`forward_program` when called outside any trace,
-    writing back the BatchNorm statistics a train-mode call updates; None where the module
-    must run as plain code instead (a traced input or variable, or ``jax.disable_jit()``)."""
+    """``method(module, x)`` (or ``module.<method>(x)`` for a name) through
+    :data:`forward_program` when called outside any trace, writing back what the call wrote
+    (train-mode BatchNorm statistics...); None where the module must run as plain code instead
+    (a traced input or variable, or ``jax.disable_jit()``). A class's own method passes itself
+    (``ResNet.__call__``), so a subclass that overrides it and calls ``super()`` runs its
+    override once, outside the program."""
     if isinstance(x, jax.core.Tracer) or jax.config.jax_disable_jit:
         return None
     graphdef, state = nnx.split(module)

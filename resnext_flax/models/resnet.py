@@ -247,7 +247,7 @@ class ResNet(nnx.Module):
         output, shape (N, num_features).
         """
         check_input(x)
-        compiled = programs.call_compiled(self, "forward_features", x)
+        compiled = programs.call_compiled(self, ResNet.forward_features, x)
         if compiled is not None:
             return compiled
         features = {"stem": self.stem(x)}
@@ -277,7 +277,7 @@ class ResNet(nnx.Module):
         trace (``jax.jit``, ``nnx.jit``, ``grad``...) or under ``jax.disable_jit()`` it runs
         as plain code. The same holds for :meth:`forward_features`."""
         check_input(x)
-        compiled = programs.call_compiled(self, "__call__", x)
+        compiled = programs.call_compiled(self, ResNet.__call__, x)
         if compiled is not None:
             return compiled
         return self.forward_head(self.forward_features(x)["pre_logits"])
