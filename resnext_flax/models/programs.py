@@ -105,6 +105,8 @@ def call_compiled(module: nnx.Module, method: Method, x: Any,
     override once, outside the program."""
     if isinstance(x, jax.core.Tracer) or jax.config.jax_disable_jit:
         return None
+    if not isinstance(method, str) and getattr(type(module), method.__name__, None) is method:
+        method = method.__name__  # not overridden: the key the wrappers' programs use
     graphdef, state = nnx.split(module)
     if _traced(state):  # e.g. nnx.grad over the parameters with a concrete input
         return None
