@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch_reference
+from limits import CHILD_TIMEOUT
 from pretrained_helpers import (
     sample_image_paths,
     save_torchvision_file,
@@ -147,7 +148,7 @@ def test_console_script_and_module_entry_point():
         pyproject = f.read()  # (tomllib needs Python 3.11; we support 3.10)
     assert '[project.scripts]\nresnext-flax = "resnext_flax.cli:main"\n' in pyproject
     result = subprocess.run([sys.executable, "-m", "resnext_flax.cli", "list", "--model",
-                             "resnet18"], capture_output=True, text=True, timeout=120,
+                             "resnet18"], capture_output=True, text=True, timeout=CHILD_TIMEOUT,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr
     assert "IMAGENET1K_V1 (DEFAULT)" in result.stdout

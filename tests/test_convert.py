@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from limits import CHILD_TIMEOUT
 from safetensors.torch import save_file
 from torch_reference import random_images, relative_error, to_nchw, torch_model
 
@@ -23,7 +24,7 @@ CONVERTER = os.path.join(REPO, "convert", "convert_torchvision.py")
 
 def run_converter(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, CONVERTER, *map(str, args)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=CHILD_TIMEOUT)
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -77,6 +78,17 @@ def test_converter_rejects_the_wrong_model_and_writes_nothing(tmp_path):
     assert os.listdir(tmp_path) == ["r18.pth"]
 
 
+def test_converter_bounds_the_class_count_without_aborting(tmp_path):
+    """A typo'd class count is a one-line error (exit 1), not an XLA abort (exit 134)."""
+    source = tmp_path / "r18.pth"
+    torch.save(torch_model("resnet18").state_dict(), source)
+    result = run_converter(source, "--output", tmp_path / "out.safetensors", "--no-verify",
+                           "--num-classes", "100000000000")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "num_classes must be an int from 0 (headless) to 1,000,000" in result.stderr
+    assert os.listdir(tmp_path) == ["r18.pth"]
+
+
 def test_converter_reports_an_unreadable_file(tmp_path):
     source = tmp_path / "truncated.pth"
     torch.save(torch_model("resnet18").state_dict(), source)
@@ -97,7 +109,7 @@ def test_loading_a_converted_checkpoint_needs_no_torch(tmp_path):
         "print(m(np.ones((1, 32, 32, 3), np.float32)).shape)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300)
+                            timeout=CHILD_TIMEOUT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(1, 5)"
 

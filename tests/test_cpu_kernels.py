@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from limits import CHILD_TIMEOUT
 
 from resnext_flax.nn.layers import block_output
 from resnext_flax.nn.lowering import conv as lowering
@@ -459,7 +460,7 @@ def test_disable_env_var_falls_back():
     env = {**os.environ, cpu_kernels.DISABLE_ENV: "1", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=CHILD_TIMEOUT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().endswith("OK")
     logs = [line for line in proc.stdout.splitlines() if line.startswith("LOG resnext_flax")]

@@ -16,6 +16,7 @@ import torch
 import torch_reference
 import torchvision
 from folder_helpers import mixed_folder, photo_crop, write_image
+from limits import CHILD_TIMEOUT
 from pretrained_helpers import save_torchvision_file
 from torchvision.models import ResNet18_Weights
 
@@ -90,7 +91,7 @@ def test_command_on_four_devices_pads_the_last_batch(setup, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "resnext_flax.cli", "evaluate", str(folder), "--model",
          "resnet18", "--checkpoint", str(pth), "--batch-size", "8", "--json", str(out),
-         "--no-progress"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+         "--no-progress"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=CHILD_TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == f"{folder}: 21 images, 6 classes (classes in sorted folder-name order)"

@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+from limits import CHILD_TIMEOUT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -62,7 +63,7 @@ def _env(devices: int) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def eight_devices() -> dict:
-    return _run_child(["devices"], _env(8), timeout=300)
+    return _run_child(["devices"], _env(8), timeout=CHILD_TIMEOUT)
 
 
 def test_data_parallel_training_equals_single_device(eight_devices: dict):
@@ -114,7 +115,7 @@ def test_two_processes_train_like_one():
     outs = []
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=240))
+            outs.append(p.communicate(timeout=CHILD_TIMEOUT))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -269,7 +270,7 @@ def _child_process(index: int, port: int) -> dict:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_enable_x64", True)
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=index,
-                               initialization_timeout=60)
+                               initialization_timeout=int(CHILD_TIMEOUT))
     from resnext_flax import parallel, training
 
     mesh = parallel.data_mesh()

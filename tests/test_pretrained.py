@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch_reference
+from limits import CHILD_TIMEOUT
 from pretrained_helpers import save_torchvision_file, sha256
 
 import resnext_flax
@@ -270,6 +271,6 @@ def test_cached_load_and_predict_need_no_torch(tmp_path, pth, torch_resnet18):
     """)
     env = {**os.environ, OFFLINE_ENV: "1", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env=env, timeout=300)
+                            env=env, timeout=CHILD_TIMEOUT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")

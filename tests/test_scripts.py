@@ -9,13 +9,16 @@ import pathlib
 import subprocess
 import sys
 
+from limits import CHILD_TIMEOUT
+
 ROOT = pathlib.Path(__file__).parents[1]
 
 
 def test_gpu_benchmark_dry_run_writes_its_reports(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable}
     result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_benchmark.sh"), str(tmp_path),
-                             "--dry-run"], capture_output=True, text=True, env=env, timeout=900)
+                             "--dry-run"], capture_output=True, text=True, env=env,
+                            timeout=CHILD_TIMEOUT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (tmp_path / "gpu_benchmark.md").read_text()
     assert "Parity (precision 'highest'): passed" in report

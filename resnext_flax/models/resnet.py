@@ -133,6 +133,19 @@ def check_input(x: jax.Array, in_channels: int = 3, *, hint: str = "") -> None:
         raise ValueError(f"expected {expected}, {problem}{hint}")
 
 
+#: The most classes a head may have: a head of N classes holds N x 2048 weights (8 GB at this
+#: bound); a larger count is a typo, and XLA would abort the process allocating it.
+MAX_CLASSES = 1_000_000
+
+
+def check_num_classes(num_classes: object) -> None:
+    """A ValueError naming the problem unless `num_classes` is an int in [0, MAX_CLASSES]."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or not (
+            0 <= num_classes <= MAX_CLASSES):
+        raise ValueError(f"num_classes must be an int from 0 (headless) to {MAX_CLASSES:,}, "
+                         f"got {num_classes!r}")
+
+
 class RecordSlot:
     """Holds a module's :class:`PretrainedCfg` as a static NNX attribute that never tells two
     graph definitions apart: every slot compares equal and hashes alike. The forward pass
@@ -184,8 +197,7 @@ class ResNet(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0 (0: headless), got {num_classes!r}")
+        check_num_classes(num_classes)
         self.spec = spec
         self.num_classes = num_classes
         self.dtype = dtype
@@ -287,8 +299,7 @@ class ResNet(nnx.Module):
         torchvision's fine-tuning recipes do with ``model.fc = nn.Linear(...)``; every other
         weight and BatchNorm statistic is kept (and ``pretrained_cfg``, less what described the
         old head: its class names and weight set). ``rngs`` defaults to ``nnx.Rngs(0)``."""
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0 (0: headless), got {num_classes!r}")
+        check_num_classes(num_classes)
         param_dtype = self.conv1.kernel.get_value().dtype
         self.fc = _head(self.num_features, num_classes, dtype=self.dtype,
                         param_dtype=param_dtype, rngs=rngs if rngs is not None else nnx.Rngs(0))
