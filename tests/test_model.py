@@ -102,6 +102,11 @@ def test_headless_model_returns_pooled_features():
     assert not any("fc" in str(path) for path, _ in nnx.to_flat_state(nnx.state(model)))
 
 
+def test_a_python_list_is_named_as_such(resnet18):
+    with pytest.raises(ValueError, match=r"got a list, not an array; convert it with np\.asarray"):
+        resnet18([[[[0.0, 0.0, 0.0]]]])
+
+
 @pytest.mark.parametrize("bad", [-5, 2.5, True, 10**11])
 def test_bad_num_classes_is_rejected(bad):
     with pytest.raises(ValueError, match="num_classes must be an int from 0"):

@@ -118,7 +118,10 @@ def check_input(x: jax.Array, in_channels: int = 3, *, hint: str = "") -> None:
     dtype = getattr(x, "dtype", None)
     expected = f"a floating-point array of shape (N, H, W, {in_channels}) (NHWC)"
     problem = None
-    if len(shape) != 4:
+    if not hasattr(x, "shape"):
+        problem = (f"got a {type(x).__name__}, not an array; convert it with np.asarray(...) "
+                   "(and .astype(np.float32))")
+    elif len(shape) != 4:
         problem = f"got an array of rank {len(shape)}: {shape}"
     elif shape[-1] != in_channels:
         problem = f"got shape {shape} with {shape[-1]} channels last"
