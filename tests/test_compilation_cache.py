@@ -84,6 +84,8 @@ def test_a_second_process_compiles_nothing_and_computes_the_same_bits(tmp_path):
     assert a.shape == (2, 10) and np.isfinite(a).all()
     assert a.tobytes() == b.tobytes()
     if not first["kernel"]:
+        # Every cache assertion above has run; only the custom-call check needs the kernel,
+        # which a machine without a C++ compiler or AVX2 does not build (CI builds it).
         pytest.skip("the compiled CPU kernel is unavailable here: the cache was checked on a "
                     "program without its custom calls")
     assert first["custom_calls"], "the optimized program holds none of the kernel's calls"

@@ -224,6 +224,7 @@ def test_inspecting_a_safetensors_file_imports_no_torch_and_starts_no_backend(re
 def test_inspecting_a_pth_file_imports_torch_and_starts_no_backend(resnet18_files):
     folder, have_torch = resnet18_files
     if not have_torch:
+        # A .pth needs torch to be read at all; the [test] extra installs it, so CI runs this.
         pytest.skip("torch is not installed")
     status, imported, backend = _command(["inspect", str(folder / "r18.pth")])
     assert status == 0 and not backend and "torch" in imported
