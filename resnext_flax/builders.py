@@ -3,12 +3,14 @@
 The constructors are thin, explicit functions (visible to IDEs, type checkers and ``help()``);
 the architecture of each comes from the one table, ``models.variants.VARIANTS``. Like
 torchvision's builders they take ``weights=`` for pretrained weights, and ``num_classes`` must
-then agree with the weights.
+then agree with the weights; a local file goes in ``weights=`` or ``checkpoint=``, read as
+:func:`resnext_flax.from_pretrained` reads it (``weights.pretrained.split_weights``).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -18,8 +20,8 @@ from flax import nnx
 from resnext_flax.errors import WeightsError
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import VARIANTS, get_spec
-from resnext_flax.weights.catalog import WeightSet, resolve_weights
-from resnext_flax.weights.pretrained import load_weight_set
+from resnext_flax.weights.catalog import WeightSet
+from resnext_flax.weights.pretrained import check_file_options, from_pretrained, split_weights
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -28,12 +30,17 @@ if TYPE_CHECKING:
 class ModelOptions(TypedDict, total=False):
     """Keyword arguments of every constructor (see :func:`create_model`)."""
 
-    weights: str | WeightSet | None
+    weights: str | os.PathLike | WeightSet | None
+    checkpoint: str | os.PathLike | None
     num_classes: int | None
     rngs: nnx.Rngs | None
     dtype: Any
     param_dtype: Any
     zero_init_residual: bool
+    prefix: str | None
+    ema: bool
+    key: str | None
+    trust_pickle: bool
 
 
 def list_models(
@@ -56,32 +63,43 @@ def list_models(
 def create_model(
     name: str,
     *,
-    weights: str | WeightSet | None = None,
+    weights: str | os.PathLike | WeightSet | None = None,
+    checkpoint: str | os.PathLike | None = None,
     num_classes: int | None = None,
     rngs: nnx.Rngs | None = None,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
     zero_init_residual: bool = False,
+    prefix: str | None = None,
+    ema: bool = False,
+    key: str | None = None,
+    trust_pickle: bool = False,
 ) -> ResNet:
     """Build the named architecture, with random weights or a published weight set.
 
     **Arguments:**
     - `name`: one of :func:`list_models` (torchvision's names).
     - `weights`: None for torchvision-style random initialization; a tag (``"DEFAULT"``,
-      ``"IMAGENET1K_V2"``) or a :class:`WeightSet` for pretrained weights
-      (:func:`resnext_flax.from_pretrained`; the model comes back in eval mode, its
+      ``"IMAGENET1K_V2"``) or a :class:`WeightSet` for pretrained weights, or a local weight
+      file (:func:`resnext_flax.from_pretrained`; the model comes back in eval mode, its
       ``pretrained_cfg`` recording the weight set; None with random weights).
+    - `checkpoint`: a local weight file (torchvision, timm, Hugging Face..., or converted)
+      loaded as the weight set `weights` (``DEFAULT`` when None), which fills in the class
+      names and preprocessing the file lacks; `prefix`, `ema`, `key`, `trust_pickle` say how
+      to read it (:func:`resnext_flax.load_model`).
     - `num_classes`: classifier size (default 1000); 0 builds a headless model whose output
-      is the pooled features. With `weights` it must equal the weights' class count.
+      is the pooled features. With a weight set it must equal the weights' class count; with
+      a local file, None keeps the file's head and N asks for an N-class one (a fresh head
+      unless the file's has N).
     - `rngs`: random streams; ``nnx.Rngs(0)`` when omitted (deterministic).
     - `dtype`: compute dtype, e.g. ``jnp.bfloat16`` for mixed precision.
     - `param_dtype`: parameter dtype (float32 with `weights`).
     - `zero_init_residual`: zero-init the last BatchNorm of each block (random init only).
     """
     spec = get_spec(name)
-    if weights is not None:
-        ws = resolve_weights(name, weights)
-        if num_classes is not None and num_classes != ws.num_classes:
+    if weights is not None or checkpoint is not None:
+        ws, path = split_weights(name, weights, checkpoint)
+        if path is None and num_classes is not None and num_classes != ws.num_classes:
             raise WeightsError(
                 f"num_classes={num_classes} conflicts with {ws.name}, which has "
                 f"{ws.num_classes} classes; load it as is and call "
@@ -89,7 +107,9 @@ def create_model(
         if jnp.dtype(param_dtype) != jnp.float32:
             raise WeightsError("pretrained weights load as float32 parameters; use dtype= for "
                                "the compute dtype")
-        return load_weight_set(ws, dtype=dtype)
+        return from_pretrained(name, ws, checkpoint=path, dtype=dtype, num_classes=num_classes,
+                               prefix=prefix, ema=ema, key=key, trust_pickle=trust_pickle)
+    check_file_options(prefix, ema, key, trust_pickle)
     model = ResNet(
         spec,
         num_classes=1000 if num_classes is None else num_classes,

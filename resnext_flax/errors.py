@@ -62,6 +62,14 @@ class Fix:
         return ", ".join(f"{k}={v!r}" for k, v in self.options)
 
 
+class Placeholder(str):
+    """A fix's value that the user supplies, such as ``PATH``: written bare
+    (``checkpoint=PATH``, ``--checkpoint PATH``), not as a literal to copy."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 class Message(str):
     """A message whose parts may be :class:`Fix` objects: as a ``str`` it spells them as
     keyword arguments; :meth:`render` lets another layer spell them its own way."""

@@ -41,8 +41,8 @@ from resnext_flax.models.folding import with_prepared_kernels
 from resnext_flax.models.functional import CompiledModel
 from resnext_flax.pipeline import LoaderOptions, SkipReport, eval_loader
 from resnext_flax.preprocess import preprocessing_config
-from resnext_flax.weights.catalog import WeightSet, resolve_weights
-from resnext_flax.weights.pretrained import from_pretrained
+from resnext_flax.weights.catalog import WeightSet
+from resnext_flax.weights.pretrained import from_pretrained, split_weights
 
 TOP_K = 5
 
@@ -260,7 +260,7 @@ def match_labels(dataset: ImageDataset, num_classes: int, *,
 def evaluate_pretrained(
     source: str | os.PathLike,
     name: str,
-    weights: str | WeightSet = "DEFAULT",
+    weights: str | os.PathLike | WeightSet = "DEFAULT",
     *,
     checkpoint: str | os.PathLike | None = None,
     batch_size: int = 64,
@@ -284,7 +284,7 @@ def evaluate_pretrained(
     how labels were matched. Errors in the folder are raised before the model is loaded.
     """
     dataset = load_dataset(source)
-    ws = resolve_weights(name, weights)
+    ws, checkpoint = split_weights(name, weights, checkpoint)
     model = from_pretrained(name, ws, checkpoint=checkpoint, cache_dir=cache_dir,
                             progress=progress, prefix=prefix, ema=ema, key=key,
                             trust_pickle=trust_pickle)

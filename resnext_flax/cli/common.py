@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from resnext_flax.errors import Fix, render
+from resnext_flax.errors import Fix, Placeholder, render
 
 #: Keyword arguments whose flag is not their name.
 _FLAGS = {"name": "--model"}
@@ -29,19 +29,31 @@ def _flags(fix: Fix) -> str:
 
 def render_fix(fix: Fix) -> str:
     """A fix as the library names it and as flags: ``prefix='a.' (--prefix a.)``."""
+    if _asks_for_a_value(fix):
+        return f"{fix} or {_flags(fix)}"
     return f"{fix}, {_flags(fix)}" if fix.aside else f"{fix} ({_flags(fix)})"
+
+
+def _asks_for_a_value(fix: Fix) -> bool:
+    return any(isinstance(value, Placeholder) for _, value in fix.options)
 
 
 def fix_renderer(args: argparse.Namespace) -> Callable[[Fix], str]:
     """How the running subcommand spells a fix. Its own flags only where it takes them all
     (``fix_keywords``, set by its parser), since a flag it rejects would fail again; else the
     ``convert`` command that applies the fix to the weight file it was given, which it then
-    loads as a converted checkpoint; else the library's keywords alone."""
+    loads as a converted checkpoint; else the library's keywords alone. A fix that asks for
+    a value of the user's (``checkpoint=PATH``: a :class:`~resnext_flax.errors.Placeholder`)
+    is the subcommand's own flag alone (``--checkpoint PATH``) where it has that option: there
+    is no library call to mirror."""
     accepted = getattr(args, "fix_keywords", frozenset())
     source = getattr(args, "checkpoint", None) or getattr(args, "weights", None)
     source = source if source and os.path.exists(source) else None
 
     def spell(fix: Fix) -> str:
+        if _asks_for_a_value(fix):
+            has_options = all(keyword in vars(args) for keyword, _ in fix.options)
+            return _flags(fix) if has_options else str(fix)
         if all(keyword in accepted for keyword, _ in fix.options):
             return render_fix(fix)
         if source is None:

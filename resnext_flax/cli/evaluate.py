@@ -26,8 +26,9 @@ def add_parser(commands: Any) -> None:
                     "compared with the weight set's published accuracy.")
     p.add_argument("folder", metavar="DIR", help="image folder or list file")
     p.add_argument("--model", required=True, choices=list(VARIANTS), metavar="NAME")
-    p.add_argument("--weights", default="DEFAULT", metavar="TAG",
-                   help="weight set (DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2); with --checkpoint "
+    p.add_argument("--weights", default="DEFAULT", metavar="TAG|PATH",
+                   help="weight set (DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2) or a local file "
+                        "(the same as --checkpoint PATH); with --checkpoint "
                         "it still sets the preprocessing and the published accuracy")
     p.add_argument("--checkpoint", metavar="PATH",
                    help="local .pth / .safetensors / converted (e.g. fine-tuned) checkpoint")

@@ -19,8 +19,9 @@ def add_parser(commands: Any) -> None:
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     predict.add_argument("--model", required=True, choices=list(VARIANTS), metavar="NAME",
                          help="model name, e.g. resnet50 (see `resnext-flax list`)")
-    predict.add_argument("--weights", default="DEFAULT", metavar="TAG",
-                         help="weight set: DEFAULT, IMAGENET1K_V1 or IMAGENET1K_V2")
+    predict.add_argument("--weights", default="DEFAULT", metavar="TAG|PATH",
+                         help="weight set (DEFAULT, IMAGENET1K_V1 or IMAGENET1K_V2) or a local "
+                              "file (the same as --checkpoint PATH)")
     predict.add_argument("--checkpoint", metavar="PATH",
                          help="local .pth / .safetensors / converted checkpoint (no download)")
     predict.add_argument("--top-k", type=int, default=5, metavar="K")

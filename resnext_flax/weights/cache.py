@@ -5,18 +5,33 @@ torchvision's file names."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import shutil
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from resnext_flax.errors import WeightsError, WeightsUnavailableError
+from resnext_flax.errors import Fix, Message, Placeholder, WeightsError, WeightsUnavailableError
 from resnext_flax.weights.catalog import WeightSet
+from resnext_flax.weights.files import is_stale_leftover, remove_stale_temp_files, writer_tag
 
 CACHE_ENV = "RESNEXT_FLAX_CACHE"
 BASE_URL_ENV = "RESNEXT_FLAX_BASE_URL"
 OFFLINE_ENV = "RESNEXT_FLAX_OFFLINE"
+DEADLINE_ENV = "RESNEXT_FLAX_DOWNLOAD_DEADLINE"
+#: The longest a whole download may take, in seconds, unless ``download_deadline=`` or
+#: ``$RESNEXT_FLAX_DOWNLOAD_DEADLINE`` says otherwise: long enough for the largest torchvision
+#: file (485 MB) at 150 kB/s, and a server that trickles bytes cannot hold a process forever.
+DOWNLOAD_DEADLINE_SECONDS = 3600.0
+#: The longest one read may wait for bytes (a stalled server fails this fast); each read
+#: waits no longer than the deadline itself either.
+READ_TIMEOUT_SECONDS = 60.0
+#: Downloads go to ``<cache>/.download-<pid>+<host>+<random>/`` (the writer, as in
+#: ``weights.files.writer_tag``), so a cleaner can tell a killed writer's folder.
+DOWNLOAD_FOLDER_PREFIX = ".download-"
 _CHUNK = 1 << 20
 
 
@@ -61,20 +76,68 @@ def weights_url(weights: WeightSet, url: str | None = None) -> str:
 
 def check_cache_dir(directory: Path) -> None:
     """Make sure the cache folder exists and is writable, or say which folder and why."""
+    elsewhere = Message(f"set ${CACHE_ENV} or ", Fix.of(cache_dir=Placeholder("DIR")),
+                        " to a writable folder")
     if directory.exists() and not directory.is_dir():
-        raise WeightsUnavailableError(
-            f"the cache folder {directory} is a file, not a folder; remove it, or set "
-            f"${CACHE_ENV} / cache_dir= to another folder")
+        raise WeightsUnavailableError(Message(
+            f"the cache folder {directory} is a file, not a folder; remove it, or ", elsewhere))
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise WeightsUnavailableError(
-            f"cannot create the cache folder {directory} ({err.strerror}); set ${CACHE_ENV} / "
-            "cache_dir= to a writable folder") from err
+        raise WeightsUnavailableError(Message(
+            f"cannot create the cache folder {directory} ({err.strerror}); ", elsewhere)) from err
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise WeightsUnavailableError(
-            f"the cache folder {directory} is not writable; set ${CACHE_ENV} / cache_dir= to a "
-            "writable folder")
+        raise WeightsUnavailableError(Message(
+            f"the cache folder {directory} is not writable; ", elsewhere))
+
+
+def remove_stale_leftovers(directory: Path) -> None:
+    """Delete what killed writers left in the cache folder: temporary files of atomic writes
+    (``weights.files.remove_stale_temp_files``) and download folders, each judged by
+    ``weights.files.is_stale_leftover`` (a dead writer of this host, else the age of its
+    newest file), so a running download, here or on another host, is never touched."""
+    remove_stale_temp_files(directory)
+    now = time.time()
+    try:
+        entries = [e for e in os.scandir(directory) if e.name.startswith(DOWNLOAD_FOLDER_PREFIX)]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            changed = max([entry.stat(follow_symlinks=False).st_mtime] + [
+                inner.stat(follow_symlinks=False).st_mtime for inner in os.scandir(entry.path)])
+            if is_stale_leftover(entry.name[len(DOWNLOAD_FOLDER_PREFIX):], now - changed):
+                shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def download_folder_prefix() -> str:
+    """The name prefix of this process's download folders (see ``DOWNLOAD_FOLDER_PREFIX``)."""
+    return DOWNLOAD_FOLDER_PREFIX + writer_tag()
+
+
+def download_deadline(seconds: float | None = None) -> float:
+    """The deadline of a whole download in seconds: `seconds` if given, else
+    ``$RESNEXT_FLAX_DOWNLOAD_DEADLINE``, else ``DOWNLOAD_DEADLINE_SECONDS``; a positive,
+    finite number."""
+    source = "download_deadline"
+    if seconds is None:
+        text = os.environ.get(DEADLINE_ENV, "").strip()
+        if not text:
+            return DOWNLOAD_DEADLINE_SECONDS
+        source = f"${DEADLINE_ENV}"
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise ValueError(f"{source} must be a number of seconds, got {text!r}") from None
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"{source} must be a number of seconds, got {type(seconds).__name__}")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{source} must be a positive, finite number of seconds, got {seconds}")
+    return float(seconds)
 
 
 def cached_checkpoint_path(weights: WeightSet, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -108,17 +171,26 @@ def max_download_bytes(weights: WeightSet) -> int:
     return int(weights.file_size_mb * 2**20 * 1.01) + 2**20
 
 
-def download(url: str, dest: Path, weights: WeightSet, *, progress: bool) -> str:
+def download(url: str, dest: Path, weights: WeightSet, *, progress: bool,
+             deadline: float | None = None) -> str:
     """Stream `url` into `dest`; returns the sha256. Raises on short reads, on more bytes
-    than the weight set's file can have, and on bad hashes."""
+    than the weight set's file can have, on bad hashes, and when the whole download takes
+    longer than `deadline` seconds (:func:`download_deadline`) or one read waits longer than
+    ``READ_TIMEOUT_SECONDS``."""
     from tqdm.auto import tqdm
 
+    deadline = download_deadline(deadline)
+    end = time.monotonic() + deadline
     digest = hashlib.sha256()
     limit = max_download_bytes(weights)
     try:
-        response = urllib.request.urlopen(url, timeout=60)
+        response = urllib.request.urlopen(url, timeout=min(READ_TIMEOUT_SECONDS, deadline))
     except (urllib.error.URLError, OSError, ValueError) as err:
+        if time.monotonic() > end:
+            raise WeightsUnavailableError(_late(url, 0, deadline)) from err
         raise WeightsUnavailableError(unavailable_message(weights, url, err)) from err
+    # read1 returns what has arrived: a trickle cannot hold one read past the deadline.
+    read = getattr(response, "read1", response.read)
     with response, open(dest, "wb") as f:
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
@@ -130,7 +202,12 @@ def download(url: str, dest: Path, weights: WeightSet, *, progress: bool) -> str
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                   desc=weights.filename, disable=not progress) as bar:
             try:
-                while chunk := response.read(_CHUNK):
+                while True:
+                    if time.monotonic() > end:
+                        raise WeightsUnavailableError(_late(url, received, deadline))
+                    chunk = read(_CHUNK)
+                    if not chunk:
+                        break
                     received += len(chunk)
                     if received > limit:
                         raise ChecksumError(
@@ -141,6 +218,8 @@ def download(url: str, dest: Path, weights: WeightSet, *, progress: bool) -> str
                     digest.update(chunk)
                     bar.update(len(chunk))
             except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+                if time.monotonic() > end:
+                    raise WeightsUnavailableError(_late(url, received, deadline)) from err
                 raise WeightsUnavailableError(
                     f"download of {url} failed after {received} bytes ({err}); nothing was "
                     "cached"
@@ -154,11 +233,20 @@ def download(url: str, dest: Path, weights: WeightSet, *, progress: bool) -> str
     return hexdigest
 
 
-def unavailable_message(weights: WeightSet, url: str, reason: object) -> str:
+def _late(url: str, received: int, deadline: float) -> Message:
+    return Message(
+        f"download of {url} passed its deadline of {deadline:g} s after {received} bytes; "
+        f"nothing was cached. On a slow link raise it with ${DEADLINE_ENV}=SECONDS or ",
+        Fix.of(download_deadline=Placeholder("SECONDS")))
+
+
+def unavailable_message(weights: WeightSet, url: str, reason: object) -> Message:
+    """Why `weights` could not be downloaded, and the ways to use a file fetched elsewhere:
+    torch hub's folder, or the file itself (a fix, so each entry point spells it its way)."""
     hub_path = torch_hub_checkpoint_dir() / weights.filename
-    return (
+    return Message(
         f"could not download {weights.name} from {url} ({reason}).\n"
         f"Without network access: fetch {url} on another machine and put the file at "
-        f"{hub_path} (torch hub's checkpoint folder), or pass checkpoint=PATH; "
-        f"${BASE_URL_ENV} points downloads at a mirror."
-    )
+        f"{hub_path} (torch hub's checkpoint folder), or pass the file: ",
+        Fix.of(checkpoint=Placeholder("PATH")), f"; ${BASE_URL_ENV} points downloads at a "
+        "mirror.")

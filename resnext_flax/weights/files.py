@@ -19,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -34,9 +36,11 @@ if TYPE_CHECKING:  # numpy is imported where arrays are made: `resnext-flax list
 
 #: The header value that marks a converted checkpoint of this library.
 CONVERTED_FORMAT = "resnext_flax"
-#: Temporary files of atomic writes are named ``.<target>.<TEMP_MARK><random>``.
+#: Temporary files of atomic writes are named ``.<target>.<TEMP_MARK><pid>+<host>+<random>``
+#: (the writer, so that a cleaner can tell whether it still runs: :func:`is_stale_leftover`).
 TEMP_MARK = "resnext-flax-tmp-"
-#: A temporary file of ours older than this is a leftover of a killed process.
+#: A temporary file of ours whose writer cannot be checked (another host, no writer in its
+#: name) is a leftover of a killed process once unchanged this long.
 STALE_TEMP_SECONDS = 15 * 60
 
 
@@ -277,23 +281,63 @@ def _umask() -> int:
 _UMASK_LOCK = threading.Lock()
 
 
-def remove_stale_temp_files(directory: str, target: str) -> None:
-    """Delete leftovers of atomic writes to `target` in `directory` that a killed process
-    (SIGKILL, a power cut) could not clean up: ours by name, and older than
-    ``STALE_TEMP_SECONDS`` so a concurrent writer's file is left alone."""
-    prefix = f".{target}.{TEMP_MARK}"
+def writer_tag() -> str:
+    """``<pid>+<host>+``: what temporary names of this process embed after their prefix, so a
+    cleaner can tell a live writer's file from a dead one's (see :func:`is_stale_leftover`)."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "unknown"
+    return f"{os.getpid()}+{host}+"
+
+
+def _writer_alive(rest: str) -> bool | None:
+    """Whether the writer named at the start of `rest` (``<pid>+<host>+...``) runs: True or
+    False for a process of this host, None where that cannot be told (another host, a name
+    without a writer)."""
+    pid, _, tail = rest.partition("+")
+    host, sep, _ = tail.partition("+")
+    if not (sep and pid.isdigit()) or host != writer_tag().split("+")[1]:
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: the pid exists, another user's process
+        return True
+    return True
+
+
+def is_stale_leftover(rest: str, age_seconds: float) -> bool:
+    """Whether a temporary file or folder of ours, its name continuing with `rest` after its
+    prefix and last changed `age_seconds` ago, is a killed writer's leftover: its writer is a
+    dead process of this host, or, where liveness cannot be told, it is older than
+    ``STALE_TEMP_SECONDS``. A live writer's file is never stale."""
+    alive = _writer_alive(rest)
+    if alive is not None:
+        return not alive
+    return age_seconds > STALE_TEMP_SECONDS
+
+
+def remove_stale_temp_files(directory: str | os.PathLike, target: str | None = None) -> None:
+    """Delete leftovers of atomic writes to `target` (None: to any file) in `directory` that a
+    killed process (SIGKILL, a power cut) could not clean up: ours by name
+    (``.<target>.<TEMP_MARK>...``), and stale by :func:`is_stale_leftover`, so a concurrent
+    writer's file is left alone."""
     now = time.time()
     try:
         entries = list(os.scandir(directory))
     except OSError:
         return
     for entry in entries:
-        if entry.name.startswith(prefix):
-            try:
-                if now - entry.stat().st_mtime > STALE_TEMP_SECONDS:
-                    os.remove(entry.path)
-            except OSError:
-                pass
+        head, mark, rest = entry.name.partition(TEMP_MARK)
+        if not mark or not head.startswith(".") or not head.endswith("."):
+            continue
+        if target is not None and head != f".{target}.":
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and is_stale_leftover(
+                    rest, now - entry.stat(follow_symlinks=False).st_mtime):
+                os.remove(entry.path)
+        except OSError:
+            pass
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -302,42 +346,59 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
     The file gets the mode a plain ``open(path, "w")`` would give under the current umask
     (``mkstemp`` creates 0600, and a rename keeps it). The temporary file is named
-    ``.<name>.resnext-flax-tmp-*``; one left by a killed process is removed by a later write to
-    the same path once it is stale.
+    ``.<name>.resnext-flax-tmp-<pid>+<host>+*`` and removed on any exception, Ctrl-C and
+    SIGTERM included (:func:`sigterm_as_interrupt` with ``then_default=True``); one left by a
+    killed process is removed by a later write to the same path once stale.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     target = os.path.basename(path)
     os.makedirs(directory, exist_ok=True)
     remove_stale_temp_files(directory, target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target}.{TEMP_MARK}", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with sigterm_as_interrupt(then_default=True):
+        fd, tmp = tempfile.mkstemp(prefix=f".{target}.{TEMP_MARK}{writer_tag()}", dir=directory)
+        os.close(fd)
+        try:
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
 
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt(*, then_default: bool = False) -> Iterator[None]:
     """Inside the block, SIGTERM raises KeyboardInterrupt as Ctrl-C does, so cleanup (e.g.
     of an atomic write's temporary file) runs when a process is terminated. Only in the main
-    thread; elsewhere the block runs unchanged."""
+    thread (elsewhere the block runs unchanged); the previous handler is restored on leaving.
+
+    `then_default`: for library code, which must leave a process's own signal handling alone:
+    act only where SIGTERM has its default action (a handler the program installed, or
+    SIG_IGN, already decides), and once the block has cleaned up, end the process by SIGTERM
+    as that default action would have, even if the KeyboardInterrupt was caught inside.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    previous = signal.getsignal(signal.SIGTERM)
+    if then_default and previous is not signal.SIG_DFL:
+        yield
+        return
+    received: list[int] = []
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"terminated by signal {signum}")
+        received.append(signum)
+        if len(received) == 1 or not then_default:  # a library's cleanup is not cut short
+            raise KeyboardInterrupt(f"terminated by signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if then_default and received:
+            os.kill(os.getpid(), signal.SIGTERM)
