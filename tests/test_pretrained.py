@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch_reference
 from limits import CHILD_TIMEOUT
-from pretrained_helpers import save_torchvision_file, sha256
+from pretrained_helpers import sample_image_paths, save_torchvision_file, sha256
 
 import resnext_flax
 from resnext_flax import from_pretrained
@@ -32,6 +32,7 @@ from resnext_flax.weights.cache import (
 )
 from resnext_flax.weights.catalog import WeightSet, get_weight_set
 from resnext_flax.weights.checkpoint import read_checkpoint_metadata
+from resnext_flax.weights.pretrained import split_weights
 from resnext_flax.weights.torch_port import StateDictMismatchError
 
 
@@ -274,3 +275,102 @@ def test_cached_load_and_predict_need_no_torch(tmp_path, pth, torch_resnet18):
                             env=env, timeout=CHILD_TIMEOUT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")
+
+
+# ---- one spelling of a local file: weights=PATH or checkpoint=PATH, at every entry point -----
+
+
+def test_a_local_file_goes_in_weights_or_checkpoint_everywhere(pth, torch_resnet18):
+    categories = get_weight_set("resnet18").categories
+    for model in (resnext_flax.resnet18(weights=pth), resnext_flax.resnet18(weights=str(pth)),
+                  resnext_flax.resnet18(checkpoint=pth),
+                  resnext_flax.resnet18(weights="IMAGENET1K_V1", checkpoint=str(pth)),
+                  resnext_flax.create_model("resnet18", weights=pth),
+                  from_pretrained("resnet18", pth), from_pretrained("resnet18", str(pth)),
+                  from_pretrained("resnet18", None, checkpoint=pth)):
+        assert_same_weights(model, torch_resnet18)
+        assert_eval_mode(model)
+        assert model.pretrained_cfg.class_names == categories  # filled from the weight set
+    assert resnext_flax.resnet18(checkpoint=pth, num_classes=7).num_classes == 7  # as the file
+    assert split_weights("resnet18", "IMAGENET1K_V1") == (get_weight_set("resnet18"), None)
+
+
+def test_a_local_file_spelling_errors(tmp_path, pth):
+    with pytest.raises(ValueError, match="both name a local file; pass one"):
+        resnext_flax.resnet18(weights=pth, checkpoint=pth)
+    with pytest.raises(ValueError, match="both name a local file; pass one"):
+        from_pretrained("resnet18", str(pth), checkpoint=pth)
+    with pytest.raises(ValueError, match=r"say how to read a local file.*checkpoint=PATH"):
+        resnext_flax.resnet18(prefix="module.")
+    with pytest.raises(ValueError, match=r"has no weight set 'IMAGENET1K_V9'.*no file"):
+        resnext_flax.resnet18(weights="IMAGENET1K_V9")
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        resnext_flax.resnet18(weights=str(tmp_path / "missing.pth"))
+
+
+def test_a_constructor_takes_the_options_its_errors_name(tmp_path, torch_resnet18):
+    two = tmp_path / "two.pth"
+    torch.save({"student": torch_resnet18.state_dict(), "teacher": torch_resnet18.state_dict()},
+               two)
+    with pytest.raises(ValueError, match="key='student'"):
+        resnext_flax.resnet18(checkpoint=two)
+    assert_same_weights(resnext_flax.resnet18(checkpoint=two, key="student"), torch_resnet18)
+
+
+def test_evaluate_takes_a_file_as_weights(tmp_path, pth, monkeypatch):
+    from PIL import Image
+
+    from resnext_flax import evaluation
+
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "a" / "x.png")
+    calls = []
+
+    def record(name, weights, **options):
+        calls.append((weights, options["checkpoint"]))
+        raise KeyboardInterrupt  # stop before the evaluation
+
+    monkeypatch.setattr(evaluation, "from_pretrained", record)
+    for weights, checkpoint in ((str(pth), None), ("DEFAULT", str(pth))):
+        with pytest.raises(KeyboardInterrupt):
+            evaluation.evaluate_pretrained(tmp_path / "data", "resnet18", weights,
+                                           checkpoint=checkpoint)
+    ws = get_weight_set("resnet18")
+    assert calls == [(ws, str(pth)), (ws, str(pth))]
+
+
+def test_the_offline_error_fits_the_entry_point(tmp_path, monkeypatch, pth, capsys):
+    from resnext_flax import cli
+    from resnext_flax.cli.common import render_error
+
+    monkeypatch.setenv(OFFLINE_ENV, "1")
+    with pytest.raises(WeightsUnavailableError) as info:
+        resnext_flax.resnet18(weights="DEFAULT")
+    message = str(info.value)
+    assert "pass the file: checkpoint=PATH;" in message  # what the constructor takes:
+    assert resnext_flax.resnet18(checkpoint=pth).pretrained_cfg is not None
+    assert "checkpoint=PATH or --checkpoint PATH" in render_error(info.value)
+
+    image = sample_image_paths()[0]
+    assert cli.main(["predict", image, "--model", "resnet18", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "pass the file: --checkpoint PATH;" in err and "checkpoint=" not in err, err
+    (tmp_path / "a-file").write_text("")
+    assert cli.main(["predict", image, "--model", "resnet18", "--no-progress",
+                     "--cache-dir", str(tmp_path / "a-file")]) == 1
+    err = capsys.readouterr().err
+    assert "--cache-dir DIR to a writable folder" in err and "cache_dir=" not in err, err
+    with pytest.raises(WeightsUnavailableError, match="or cache_dir=DIR to a writable"):
+        from_pretrained("resnet18", cache_dir=tmp_path / "a-file")
+
+
+def test_the_command_takes_a_file_as_weights(pth, capsys):
+    from resnext_flax import cli
+
+    image = sample_image_paths()[0]
+    outputs = []
+    for option in ("--weights", "--checkpoint"):
+        assert cli.main(["predict", image, "--model", "resnet18", option, str(pth),
+                         "--top-k", "2", "--no-progress"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].startswith(image)

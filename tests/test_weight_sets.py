@@ -94,3 +94,22 @@ def test_lookup_errors():
         get_weight_set("resnet18", 1)
     with pytest.raises(ValueError, match="interpolation"):
         Preprocessing(interpolation="cubic")
+
+
+def test_a_tag_qualified_by_another_model_is_refused():
+    """The prefix of a qualified tag names the model: another model's is not dropped
+    silently (resnet18 has an IMAGENET1K_V1 too)."""
+    assert get_weight_set("resnext50_32x4d", "ResNeXt50_32X4D_Weights.IMAGENET1K_V1").model == (
+        "resnext50_32x4d")
+    assert get_weight_set("wide_resnet50_2", "Wide_ResNet50_2_Weights.DEFAULT").is_default
+    for other in ("resnet50.IMAGENET1K_V1", "ResNet50_Weights.IMAGENET1K_V1"):
+        with pytest.raises(ValueError, match=r"is not one of resnet18's"):
+            get_weight_set("resnet18", other)
+
+
+def test_list_weight_sets_is_as_documented():
+    sets = list_weight_sets("resnet50")
+    assert all(isinstance(ws, resnext_flax.weights.catalog.WeightSet) for ws in sets)
+    assert [ws.is_default for ws in sets] == [False, True]  # DEFAULT: no entry of its own
+    with pytest.raises(resnext_flax.errors.UnknownModelError, match="unknown model"):
+        list_weight_sets("resnet19")

@@ -172,17 +172,26 @@ DEFAULT_TAGS = MappingProxyType(
 
 
 def get_weight_set(model: str, tag: str = "DEFAULT") -> WeightSet:
-    """The weight set `tag` of `model`.
+    """The weight set `tag` of `model` (a :class:`WeightSet`).
 
-    `tag` is ``"DEFAULT"``, a tag such as ``"IMAGENET1K_V1"``, or torchvision's spelling
-    ``"ResNet50_Weights.IMAGENET1K_V2"`` / ``"resnet50.IMAGENET1K_V2"``.
+    `tag` is ``"DEFAULT"``, a tag such as ``"IMAGENET1K_V1"``, or one qualified by this model,
+    in torchvision's spelling ``"ResNet50_Weights.IMAGENET1K_V2"`` or as
+    ``"resnet50.IMAGENET1K_V2"`` (:attr:`WeightSet.name`). Raises
+    :class:`~resnext_flax.errors.UnknownModelError` (a ``ValueError``) for an unknown model,
+    an unknown tag, or a tag qualified by another model; ``TypeError`` when `tag` is not a
+    string.
     """
     if model not in WEIGHT_SETS:
         raise UnknownModelError(
             f"unknown model {model!r}; known models: {', '.join(WEIGHT_SETS)}")
     if not isinstance(tag, str):
-        raise TypeError(f"weights must be a tag string or a WeightSet, got {type(tag).__name__}")
-    short = tag.rsplit(".", 1)[-1]
+        raise TypeError(f"a weight set's tag must be a string such as 'DEFAULT' (a tag string), "
+                        f"got {type(tag).__name__}")
+    qualifier, _, short = tag.rpartition(".")
+    owner = qualifier.rsplit(".", 1)[-1].lower()
+    if qualifier and owner not in (model, f"{model}_weights"):
+        raise UnknownModelError(
+            f"weight set {tag!r} is not one of {model}'s; ask for {model}.{short} or {short}")
     if short == "DEFAULT":
         short = DEFAULT_TAGS[model]
     sets = WEIGHT_SETS[model]
@@ -212,7 +221,10 @@ def resolve_weights(model: str, weights: str | WeightSet | None) -> WeightSet:
 
 
 def list_weight_sets(model: str | None = None) -> list[WeightSet]:
-    """Every weight set, or those of one model, in table order."""
+    """Every weight set (:class:`WeightSet` objects, not tags), or those of one model, in
+    table order; ``DEFAULT`` is not an entry of its own (:attr:`WeightSet.is_default` marks
+    the set it stands for). Raises :class:`~resnext_flax.errors.UnknownModelError` for an
+    unknown model."""
     if model is not None:
         get_weight_set(model)  # validates the name
         return list(WEIGHT_SETS[model].values())
