@@ -45,6 +45,7 @@ class Trickle(http.server.BaseHTTPRequestHandler):
 
     interval: float | None = 0.05
     stop: threading.Event
+    sent: threading.Event  # set once a few bytes are out
 
     def do_GET(self):
         self.send_response(200)
@@ -59,15 +60,18 @@ class Trickle(http.server.BaseHTTPRequestHandler):
                 self.wfile.flush()
             except OSError:  # the client went away
                 return
+            if _ == 4:
+                self.sent.set()
 
     def log_message(self, *args):
         pass
 
 
 @contextlib.contextmanager
-def serving(interval: float | None = 0.05):
+def serving(interval: float | None = 0.05, sent: threading.Event | None = None):
     stop = threading.Event()
-    handler = type("Handler", (Trickle,), {"interval": interval, "stop": stop})
+    handler = type("Handler", (Trickle,), {"interval": interval, "stop": stop,
+                                           "sent": sent or threading.Event()})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -148,17 +152,16 @@ CHILD = textwrap.dedent("""
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signalled_download_leaves_no_temporary_files(tmp_path, signum):
     cache = tmp_path / "cache"
-    with serving() as url:
+    sent = threading.Event()
+    with serving(sent=sent) as url:
         child = subprocess.Popen([sys.executable, "-c", CHILD, url, str(cache)],
                                  stderr=subprocess.PIPE, text=True,
                                  env={**os.environ, "JAX_PLATFORMS": "cpu"})
         try:
             deadline = time.monotonic() + CHILD_TIMEOUT
-            partial = []
-            while not partial and child.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.1)
-                partial = [p for p in cache.glob(f"{DOWNLOAD_FOLDER_PREFIX}*/{FILE}")
-                           if p.stat().st_size > 0]
+            while not sent.wait(0.1) and child.poll() is None and time.monotonic() < deadline:
+                pass
+            partial = list(cache.glob(f"{DOWNLOAD_FOLDER_PREFIX}*/{FILE}"))
             assert partial, child.stderr.read() if child.poll() is not None else "no download"
             assert f"{child.pid}+" in partial[0].parent.name  # the writer is in the name
             child.send_signal(signum)
