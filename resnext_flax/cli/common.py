@@ -27,15 +27,15 @@ def _flags(fix: Fix) -> str:
     return " ".join(_flag(k, v) for k, v in fix.options)
 
 
+def _asks_for_a_value(fix: Fix) -> bool:
+    return any(isinstance(value, Placeholder) for _, value in fix.options)
+
+
 def render_fix(fix: Fix) -> str:
     """A fix as the library names it and as flags: ``prefix='a.' (--prefix a.)``."""
     if _asks_for_a_value(fix):
         return f"{fix} or {_flags(fix)}"
     return f"{fix}, {_flags(fix)}" if fix.aside else f"{fix} ({_flags(fix)})"
-
-
-def _asks_for_a_value(fix: Fix) -> bool:
-    return any(isinstance(value, Placeholder) for _, value in fix.options)
 
 
 def fix_renderer(args: argparse.Namespace) -> Callable[[Fix], str]:

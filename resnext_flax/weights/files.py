@@ -17,6 +17,7 @@ the file's code) reads it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -284,8 +285,19 @@ _UMASK_LOCK = threading.Lock()
 def writer_tag() -> str:
     """``<pid>+<host>+``: what temporary names of this process embed after their prefix, so a
     cleaner can tell a live writer's file from a dead one's (see :func:`is_stale_leftover`)."""
+    return f"{os.getpid()}+{_host()}+"
+
+
+@functools.cache
+def _host() -> str:
+    """This host's name, with its process-id namespace where it has one: containers that
+    share a host name see each other's cache folders but not each other's processes."""
     host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "unknown"
-    return f"{os.getpid()}+{host}+"
+    try:
+        namespace = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        namespace = ""
+    return f"{host}_{namespace}" if namespace else host
 
 
 def _writer_alive(rest: str) -> bool | None:
@@ -294,7 +306,7 @@ def _writer_alive(rest: str) -> bool | None:
     without a writer)."""
     pid, _, tail = rest.partition("+")
     host, sep, _ = tail.partition("+")
-    if not (sep and pid.isdigit()) or host != writer_tag().split("+")[1]:
+    if not (sep and pid.isdigit()) or host != _host():
         return None
     try:
         os.kill(int(pid), 0)
@@ -388,6 +400,8 @@ def sigterm_as_interrupt(*, then_default: bool = False) -> Iterator[None]:
     if then_default and previous is not signal.SIG_DFL:
         yield
         return
+    if previous is None:  # installed outside Python: what it would do is unknown
+        previous = signal.SIG_DFL
     received: list[int] = []
 
     def interrupt(signum, frame):

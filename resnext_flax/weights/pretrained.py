@@ -115,8 +115,8 @@ def check_file_options(prefix: str | None, ema: bool, key: str | None,
                        trust_pickle: bool) -> None:
     """Refuse the options that say how to read a local file when no file is given."""
     if prefix is not None or ema or key is not None or trust_pickle:
-        raise WeightsError(Message("prefix, ema, key and trust_pickle say how to read a local "
-                                   "file, and none was given (", LOCAL_FILE_FIX, ")"))
+        raise WeightsError("prefix, ema, key and trust_pickle apply to checkpoint= files only "
+                           "(they say how to read a local file)")
 
 
 def _convert_into_cache(
