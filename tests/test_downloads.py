@@ -48,6 +48,9 @@ class Trickle(http.server.BaseHTTPRequestHandler):
     sent: threading.Event  # set once a few bytes are out
 
     def do_GET(self):
+        if self.path.endswith("/slow-headers/" + FILE):
+            self.slow_headers()
+            return
         self.send_response(200)
         self.send_header("Content-Length", str(TOTAL))
         self.end_headers()
@@ -62,6 +65,16 @@ class Trickle(http.server.BaseHTTPRequestHandler):
                 return
             if _ == 4:
                 self.sent.set()
+
+    def slow_headers(self):
+        self.wfile.write(b"HTTP/1.0 200 OK\r\nX-Slow: ")
+        for _ in range(TOTAL):
+            if self.stop.wait(self.interval):
+                return
+            try:
+                self.wfile.write(b"a")
+            except OSError:
+                return
 
     def log_message(self, *args):
         pass
@@ -105,6 +118,17 @@ def test_a_trickling_server_meets_the_deadline(tmp_path):
     assert f"${DEADLINE_ENV}=SECONDS" in message and "download_deadline=SECONDS" in message
     assert elapsed < 10, elapsed  # not TOTAL * interval = 500 s
     assert entries(cache) == []
+
+
+def test_a_server_that_trickles_its_headers_meets_the_deadline(tmp_path):
+    with serving() as url:
+        url = url.replace(f"/{FILE}", f"/slow-headers/{FILE}")
+        start = time.monotonic()
+        with pytest.raises(WeightsUnavailableError, match=r"deadline of 0\.5 s after 0 bytes"):
+            download_pretrained("resnet18", url=url, cache_dir=tmp_path / "c", progress=False,
+                                download_deadline=0.5)
+        assert time.monotonic() - start < 10
+    assert entries(tmp_path / "c") == []
 
 
 def test_the_deadline_comes_from_the_environment(tmp_path, monkeypatch):

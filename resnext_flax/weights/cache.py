@@ -4,15 +4,20 @@ torchvision's file names."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
 import math
 import os
 import shutil
+import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from resnext_flax.errors import Fix, Message, Placeholder, WeightsError, WeightsUnavailableError
 from resnext_flax.weights.catalog import WeightSet
@@ -26,8 +31,7 @@ DEADLINE_ENV = "RESNEXT_FLAX_DOWNLOAD_DEADLINE"
 #: ``$RESNEXT_FLAX_DOWNLOAD_DEADLINE`` says otherwise: long enough for the largest torchvision
 #: file (485 MB) at 150 kB/s, and a server that trickles bytes cannot hold a process forever.
 DOWNLOAD_DEADLINE_SECONDS = 3600.0
-#: The longest one read may wait for bytes (a stalled server fails this fast); each read
-#: waits no longer than the deadline itself either.
+#: The longest one read may wait for bytes: a stalled server fails this fast.
 READ_TIMEOUT_SECONDS = 60.0
 #: Downloads go to ``<cache>/.download-<pid>+<host>+<random>/`` (the writer, as in
 #: ``weights.files.writer_tag``), so a cleaner can tell a killed writer's folder.
@@ -171,25 +175,88 @@ def max_download_bytes(weights: WeightSet) -> int:
     return int(weights.file_size_mb * 2**20 * 1.01) + 2**20
 
 
+class _Deadline:
+    """The end of one download: its HTTP connections are shut down when it passes, so a read
+    blocked on a server that trickles bytes (its headers included) returns at once."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.connections: list[Any] = []
+        self.timer = threading.Timer(seconds, self._expire)
+        self.timer.daemon = True
+
+    def passed(self) -> bool:
+        return time.monotonic() >= self.end
+
+    def _expire(self) -> None:
+        for connection in list(self.connections):
+            if connection.sock is not None:  # the plain socket's shutdown, also under TLS
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        """urllib's opener, its HTTP(S) connections watched."""
+        handlers = [_WatchedHTTP()]
+        if hasattr(urllib.request, "HTTPSHandler"):  # Python built with ssl
+            handlers.append(_WatchedHTTPS())
+        for handler in handlers:
+            handler.deadline = self
+        return urllib.request.build_opener(*handlers)
+
+    def watch(self, http_class: Any) -> Any:
+        def connect(*args: Any, **kwargs: Any) -> Any:
+            connection = http_class(*args, **kwargs)
+            self.connections.append(connection)
+            return connection
+        return connect
+
+
+class _Watched:
+    deadline: _Deadline
+
+    def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
+        return super().do_open(self.deadline.watch(http_class), req, **kwargs)
+
+
+class _WatchedHTTP(_Watched, urllib.request.HTTPHandler):
+    pass
+
+
+class _WatchedHTTPS(_Watched, getattr(urllib.request, "HTTPSHandler", object)):
+    pass
+
+
 def download(url: str, dest: Path, weights: WeightSet, *, progress: bool,
              deadline: float | None = None) -> str:
     """Stream `url` into `dest`; returns the sha256. Raises on short reads, on more bytes
     than the weight set's file can have, on bad hashes, and when the whole download takes
     longer than `deadline` seconds (:func:`download_deadline`) or one read waits longer than
     ``READ_TIMEOUT_SECONDS``."""
+    deadline = _Deadline(download_deadline(deadline))
+    deadline.timer.start()
+    try:
+        return _stream(url, dest, weights, progress, deadline)
+    finally:
+        deadline.timer.cancel()
+
+
+def _stream(url: str, dest: Path, weights: WeightSet, progress: bool,
+            deadline: _Deadline) -> str:
     from tqdm.auto import tqdm
 
-    deadline = download_deadline(deadline)
-    end = time.monotonic() + deadline
     digest = hashlib.sha256()
     limit = max_download_bytes(weights)
+    received = 0
     try:
-        response = urllib.request.urlopen(url, timeout=min(READ_TIMEOUT_SECONDS, deadline))
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        if time.monotonic() > end:
-            raise WeightsUnavailableError(_late(url, 0, deadline)) from err
-        raise WeightsUnavailableError(unavailable_message(weights, url, err)) from err
-    # read1 returns what has arrived: a trickle cannot hold one read past the deadline.
+        response = deadline.opener().open(url, timeout=READ_TIMEOUT_SECONDS)
+    except Exception as err:
+        if deadline.passed():
+            raise WeightsUnavailableError(_late(url, received, deadline.seconds)) from err
+        if isinstance(err, (urllib.error.URLError, OSError, ValueError)):
+            raise WeightsUnavailableError(unavailable_message(weights, url, err)) from err
+        raise
+    # read1 returns what has arrived, so the deadline is checked as bytes trickle in.
     read = getattr(response, "read1", response.read)
     with response, open(dest, "wb") as f:
         length = response.headers.get("Content-Length")
@@ -198,16 +265,10 @@ def download(url: str, dest: Path, weights: WeightSet, *, progress: bool,
             raise ChecksumError(
                 f"{url} announces {total} bytes, but {weights.filename} is "
                 f"{weights.file_size_mb:.1f} MB: not {weights.name}; nothing was downloaded")
-        received = 0
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                   desc=weights.filename, disable=not progress) as bar:
             try:
-                while True:
-                    if time.monotonic() > end:
-                        raise WeightsUnavailableError(_late(url, received, deadline))
-                    chunk = read(_CHUNK)
-                    if not chunk:
-                        break
+                while not deadline.passed() and (chunk := read(_CHUNK)):
                     received += len(chunk)
                     if received > limit:
                         raise ChecksumError(
@@ -217,13 +278,18 @@ def download(url: str, dest: Path, weights: WeightSet, *, progress: bool,
                     f.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                if time.monotonic() > end:
-                    raise WeightsUnavailableError(_late(url, received, deadline)) from err
-                raise WeightsUnavailableError(
-                    f"download of {url} failed after {received} bytes ({err}); nothing was "
-                    "cached"
-                ) from err
+            except Exception as err:
+                if deadline.passed():
+                    raise WeightsUnavailableError(
+                        _late(url, received, deadline.seconds)) from err
+                if isinstance(err, (urllib.error.URLError, TimeoutError, ConnectionError,
+                                    http.client.HTTPException)):
+                    raise WeightsUnavailableError(
+                        f"download of {url} failed after {received} bytes ({err}); nothing "
+                        "was cached") from err
+                raise
+    if deadline.passed() and not (total is not None and received == total):
+        raise WeightsUnavailableError(_late(url, received, deadline.seconds))
     if total is not None and received != total:
         raise WeightsUnavailableError(
             f"download of {url} stopped after {received} of {total} bytes; nothing was cached"
