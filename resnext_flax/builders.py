@@ -21,7 +21,7 @@ from resnext_flax.errors import WeightsError
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import VARIANTS, get_spec
 from resnext_flax.weights.catalog import WeightSet
-from resnext_flax.weights.pretrained import check_file_options, from_pretrained, split_weights
+from resnext_flax.weights.pretrained import check_file_options, load_weight_set, split_weights
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -107,7 +107,7 @@ def create_model(
         if jnp.dtype(param_dtype) != jnp.float32:
             raise WeightsError("pretrained weights load as float32 parameters; use dtype= for "
                                "the compute dtype")
-        return from_pretrained(name, ws, checkpoint=path, dtype=dtype, num_classes=num_classes,
+        return load_weight_set(ws, checkpoint=path, dtype=dtype, num_classes=num_classes,
                                prefix=prefix, ema=ema, key=key, trust_pickle=trust_pickle)
     check_file_options(prefix, ema, key, trust_pickle)
     model = ResNet(

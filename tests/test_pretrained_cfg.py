@@ -221,7 +221,6 @@ def test_saving_a_model_writes_what_it_carries(pth, tmp_path):
 
 
 def test_weights_are_resolved_and_read_once_per_call(pth, monkeypatch, capsys):
-    from resnext_flax import builders
     from resnext_flax.weights import catalog, files, loading, pretrained
 
     calls = {"resolve": 0, "read": 0}
@@ -232,9 +231,8 @@ def test_weights_are_resolved_and_read_once_per_call(pth, monkeypatch, capsys):
             return real(*args, **kwargs)
         return wrapper
 
-    for module in (builders, pretrained):
-        monkeypatch.setattr(module, "resolve_weights",
-                            counting("resolve", catalog.resolve_weights))
+    # The builders resolve through pretrained.split_weights, as from_pretrained does.
+    monkeypatch.setattr(pretrained, "resolve_weights", counting("resolve", catalog.resolve_weights))
     for module in (loading, pretrained):
         monkeypatch.setattr(module, "read_weight_file", counting("read", files.read_weight_file))
     ws = dataclasses.replace(get_weight_set("resnet18"), url=pth.as_uri())

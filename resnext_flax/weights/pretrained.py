@@ -234,29 +234,38 @@ def from_pretrained(
     matches), but is never recorded as the weight set itself.
     """
     ws, checkpoint = split_weights(name, weights, checkpoint)
-    if checkpoint is not None:
-        model = load_model(checkpoint, name, dtype=dtype, prefix=prefix, ema=ema, key=key,
-                           num_classes=num_classes, trust_pickle=trust_pickle)
-        model.pretrained_cfg = model.pretrained_cfg.fill(
-            class_names=ws.categories, preprocessing=ws.preprocessing)
-        return model
-    check_file_options(prefix, ema, key, trust_pickle)
-    return load_weight_set(ws, cache_dir=cache_dir, progress=progress, url=url, dtype=dtype,
-                           num_classes=num_classes, download_deadline=download_deadline)
+    return load_weight_set(ws, checkpoint=checkpoint, cache_dir=cache_dir, progress=progress,
+                           url=url, download_deadline=download_deadline, dtype=dtype,
+                           prefix=prefix, ema=ema, key=key, num_classes=num_classes,
+                           trust_pickle=trust_pickle)
 
 
 def load_weight_set(
     weights: WeightSet,
     *,
+    checkpoint: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     url: str | None = None,
-    dtype: Any = None,
-    num_classes: int | None = None,
     download_deadline: float | None = None,
+    dtype: Any = None,
+    prefix: str | None = None,
+    ema: bool = False,
+    key: str | None = None,
+    num_classes: int | None = None,
+    trust_pickle: bool = False,
 ) -> ResNet:
     """The model of a resolved :class:`WeightSet` (through the cache, see
-    :func:`download_pretrained`), in eval mode, with its ``pretrained_cfg``."""
+    :func:`download_pretrained`), or of the local `checkpoint` read as that weight set (see
+    :func:`from_pretrained`), in eval mode, with its ``pretrained_cfg``."""
+    ws = weights
+    if checkpoint is not None:
+        model = load_model(checkpoint, ws.model, dtype=dtype, prefix=prefix, ema=ema, key=key,
+                           num_classes=num_classes, trust_pickle=trust_pickle)
+        model.pretrained_cfg = model.pretrained_cfg.fill(
+            class_names=ws.categories, preprocessing=ws.preprocessing)
+        return model
+    check_file_options(prefix, ema, key, trust_pickle)
     ws = weights
     path = _download(ws, cache_dir, progress, url, download_deadline)
     try:
