@@ -125,3 +125,102 @@ def test_imagenet_folders_get_imagenet_indices(tmp_path):
 def test_corrupt_files_are_listed_not_opened(tmp_path):
     corrupt = corrupt_files(tmp_path / "a")
     assert sorted(datasets.image_folder(tmp_path).paths) == sorted(corrupt)
+
+
+def _two_images(tmp_path):
+    rng = np.random.default_rng(5)
+    write_image(tmp_path / "imgs" / "a.png", photo_crop(0, rng))
+    write_image(tmp_path / "imgs" / "b.png", photo_crop(1, rng))
+    return tmp_path / "list.txt"
+
+
+def test_list_file_label_is_bounded_before_building_names(tmp_path):
+    """A typo'd label of 10^9 would build 10^9 class names: refused, naming file, line and
+    label, against the largest head a model can have."""
+    from resnext_flax.models.resnet import MAX_CLASSES
+
+    listing = _two_images(tmp_path)
+    # The limit itself first: on code without the bound this fails cheaply, before 10^9.
+    listing.write_text(f"imgs/a.png\t0\nimgs/b.png\t{MAX_CLASSES}\n")
+    with pytest.raises(datasets.DatasetError, match=r"list\.txt:2: label 1000000 is beyond"):
+        datasets.read_list_file(listing)
+    listing.write_text(f"imgs/a.png\t0\nimgs/b.png\t{MAX_CLASSES - 1}\n")
+    assert datasets.read_list_file(listing).num_classes == MAX_CLASSES
+    listing.write_text("imgs/a.png\t0\nimgs/b.png\t1000000000\n")
+    with pytest.raises(datasets.DatasetError,
+                       match=r"list\.txt:2: label 1000000000 is beyond .*\(999,999"):
+        datasets.read_list_file(listing)
+    listing.write_text(f"imgs/a.png\t0\nimgs/b.png\t{'9' * 5000}\n")  # int() refuses this
+    with pytest.raises(datasets.DatasetError, match=r"list\.txt:2: label 999999999999\.\.\. "
+                                                    r"\(5000 digits\)"):
+        datasets.read_list_file(listing)
+
+
+def test_list_file_numbers_that_are_no_index_are_errors(tmp_path):
+    """One '-1' or '1.0' among indices used to turn every label into a name, silently."""
+    listing = _two_images(tmp_path)
+    for bad in ("-1", "1.0", "+1", "2e1", ".5"):
+        listing.write_text(f"imgs/a.png\t0\nimgs/b.png\t{bad}\n")
+        with pytest.raises(datasets.DatasetError,
+                           match=rf"list\.txt:2: label '{re.escape(bad)}' reads as a number"):
+            datasets.read_list_file(listing)
+    listing.write_text("imgs/a.png\t0\nimgs/b.png\tcat\n")
+    with pytest.raises(datasets.DatasetError, match=r"list\.txt:2: label 'cat' mixes class "
+                                                    r"indices and names \(line 1 has a class"):
+        datasets.read_list_file(listing)
+    listing.write_text("imgs/a.png\tcat\n# note\nimgs/b.png\t3\n")
+    with pytest.raises(datasets.DatasetError, match=r"list\.txt:3: label '3' mixes"):
+        datasets.read_list_file(listing)
+    listing.write_text("imgs/a.png\t²\nimgs/b.png\tn01440764\n")  # not ASCII digits: names
+    assert datasets.read_list_file(listing).classes == ("n01440764", "²")
+
+
+def test_list_file_counting_from_one_warns(tmp_path, recwarn):
+    listing = _two_images(tmp_path)
+    listing.write_text("imgs/a.png\t1\nimgs/b.png\t2\n")
+    with pytest.warns(UserWarning, match=r"list\.txt: no image has class index 0 \(labels run "
+                                         r"from 1 to 2\).*subtract 1"):
+        ds = datasets.read_list_file(listing)
+    assert ds.classes == ("class 0", "class 1", "class 2")  # still what the file says
+    recwarn.clear()
+    listing.write_text("imgs/a.png\t0\nimgs/b.png\t2\n")
+    datasets.read_list_file(listing)
+    assert not [w for w in recwarn if "class index 0" in str(w.message)]
+
+
+def test_hidden_entries_are_skipped_unlike_torchvision(tmp_path):
+    rng = np.random.default_rng(6)
+    write_image(tmp_path / "cats" / "a.png", photo_crop(0, rng))
+    write_image(tmp_path / "dogs" / "b.png", photo_crop(1, rng))
+    write_image(tmp_path / ".ipynb_checkpoints" / "c.png", photo_crop(0, rng))
+    write_image(tmp_path / "cats" / ".ipynb_checkpoints" / "a-checkpoint.png", photo_crop(0, rng))
+    (tmp_path / "dogs" / "._b.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    ds = datasets.image_folder(tmp_path)
+    assert ds.classes == ("cats", "dogs")
+    assert [p.removeprefix(str(tmp_path)) for p in ds.paths] == ["/cats/a.png", "/dogs/b.png"]
+    # The documented difference: torchvision makes a class of the notebook's folder and takes
+    # hidden files as images.
+    theirs = torchvision.datasets.ImageFolder(str(tmp_path))
+    assert theirs.classes == [".ipynb_checkpoints", "cats", "dogs"]
+    assert len(theirs.samples) == 5
+
+
+def test_link_loops_are_walked_once(tmp_path):
+    """A link to an ancestor made os.walk(followlinks=True) list the class again at every
+    level (until the system's link limit); two links to one folder listed it twice."""
+    rng = np.random.default_rng(7)
+    write_image(tmp_path / "cats" / "a.png", photo_crop(0, rng))
+    write_image(tmp_path / "cats" / "sub" / "b.png", photo_crop(0, rng))
+    write_image(tmp_path / "dogs" / "c.png", photo_crop(1, rng))
+    write_image(tmp_path / "elsewhere" / "d.png", photo_crop(1, rng))
+    (tmp_path / "cats" / "sub" / "loop").symlink_to(tmp_path / "cats")  # an ancestor
+    (tmp_path / "dogs" / "ext").symlink_to(tmp_path / "elsewhere")  # links are still followed
+    (tmp_path / "dogs" / "more").symlink_to(tmp_path / "elsewhere")  # a second way in
+    ds = datasets.image_folder(tmp_path)
+    assert ds.classes == ("cats", "dogs", "elsewhere")
+    relative = [p.removeprefix(str(tmp_path)) for p in ds.paths]
+    assert relative == ["/cats/a.png", "/cats/sub/b.png", "/dogs/c.png", "/dogs/ext/d.png",
+                        "/elsewhere/d.png"]
+    # Read once per class: a folder linked into two classes belongs to both, as the links say.
+    ds = datasets.image_folder(tmp_path / "dogs")
+    assert ds.classes == ("ext", "more") and len(ds) == 2
