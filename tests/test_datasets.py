@@ -1,14 +1,21 @@
 """Reading image folders and list files: the same samples, order and labels as torchvision's
-ImageFolder; clear errors before any work; the ImageNet WordNet-id order."""
+ImageFolder (with its documented exceptions); clear errors before any work; the ImageNet
+WordNet-id order; the pipeline's data errors; docs/data.md's imports and worker example."""
 
 from __future__ import annotations
 
+import importlib
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torchvision
 from folder_helpers import corrupt_files, mixed_folder, photo_crop, write_image
+from limits import CHILD_TIMEOUT
 
 from resnext_flax import datasets
 from resnext_flax.metadata import imagenet_categories, imagenet_wnids
@@ -224,3 +231,102 @@ def test_link_loops_are_walked_once(tmp_path):
     # Read once per class: a folder linked into two classes belongs to both, as the links say.
     ds = datasets.image_folder(tmp_path / "dogs")
     assert ds.classes == ("ext", "more") and len(ds) == 2
+
+
+# ---- the input pipeline's data errors (resnext_flax/pipeline.py) ------------------------------
+
+
+def _tiny_train_loader(ds):
+    from resnext_flax.metadata import Preprocessing
+    from resnext_flax.pipeline import LoaderOptions, train_loader
+
+    return train_loader(ds, Preprocessing(resize_size=16, crop_size=16), 1, epochs=1, seed=0,
+                        options=LoaderOptions(num_threads=0, prefetch=1), process_index=0,
+                        process_count=1)
+
+
+def test_a_missing_file_is_not_an_unreadable_one(tmp_path):
+    rng = np.random.default_rng(8)
+    for name in ("a", "b"):
+        write_image(tmp_path / name / "x.png", photo_crop(0, rng))
+    ds = datasets.image_folder(tmp_path)
+    os.remove(ds.paths[0])
+    with pytest.raises(datasets.DatasetError, match=r"x\.png' was listed in the dataset but no "
+                                                    r"longer exists"):
+        list(_tiny_train_loader(ds))
+
+
+def test_the_unreadable_count_is_of_files_that_exist(tmp_path):
+    """Three corrupt files used to be reported as '64 consecutive files unreadable'."""
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.jpg").write_bytes(b"not a JPEG")
+    with pytest.raises(datasets.DatasetError, match=r"none of the dataset's 3 files can be read"):
+        list(_tiny_train_loader(datasets.image_folder(tmp_path)))
+
+
+# ---- docs/data.md as written -------------------------------------------------------------------
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "data.md"
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
+
+
+def test_every_import_in_data_docs_resolves():
+    """Each ``import``/``from ... import`` line of docs/data.md's Python blocks, and each
+    ``resnext_flax.module.name`` the prose points at, exists as written."""
+    lines = [line.strip() for block in _python_blocks() for line in block.splitlines()
+             if re.match(r"\s*(from \S+ )?import ", line)]
+    assert any("split_dataset" in line for line in lines)
+    for line in lines:
+        exec(line, {})  # the docs' own import lines
+    for dotted in set(re.findall(r"`(resnext_flax(?:\.\w+)+)", DOCS.read_text())):
+        module, _, name = dotted.rpartition(".")
+        try:
+            importlib.import_module(dotted)
+        except ImportError:
+            assert hasattr(importlib.import_module(module), name), dotted
+
+
+def test_the_multi_worker_example_is_guarded():
+    workers = [block for block in _python_blocks() if "num_workers=" in block]
+    assert workers
+    for block in workers:
+        guarded = re.search(r'^if __name__ == "__main__":\n((    .*)?\n)+', block, flags=re.M)
+        assert guarded and "num_workers=" in guarded.group(0), block
+
+
+_SCRIPT = """
+from resnext_flax.datasets import image_folder
+from resnext_flax.metadata import Preprocessing
+from resnext_flax.pipeline import LoaderOptions, eval_loader
+
+{guard}
+{indent}loader = eval_loader(image_folder({root!r}), Preprocessing(resize_size=16, crop_size=16),
+{indent}                     2, LoaderOptions(num_workers=1), process_index=0, process_count=1)
+{indent}print(sum(int(batch["valid"].sum()) for batch in loader), "images")
+"""
+
+
+def test_workers_without_a_main_guard_say_to_add_one(tmp_path):
+    """Unguarded, the spawned worker re-ran the script and died; the caller saw only Grain's
+    'Worker process was terminated unexpectedly'."""
+    rng = np.random.default_rng(9)
+    for name in ("a", "b"):
+        write_image(tmp_path / "data" / name / "x.png", photo_crop(0, rng))
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(datasets.__file__).parent.parent)}
+    outcomes = []
+    for guard, indent in (("", ""), ('if __name__ == "__main__":', "    ")):
+        script = tmp_path / "script.py"
+        script.write_text(_SCRIPT.format(guard=guard, indent=indent, root=str(tmp_path / "data")))
+        outcomes.append(subprocess.run([sys.executable, str(script)], capture_output=True,
+                                       text=True, env=env, cwd=tmp_path, timeout=CHILD_TIMEOUT))
+    unguarded, guarded = outcomes
+    assert unguarded.returncode == 1
+    last = unguarded.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"RuntimeError: script\.py:9 starts loader worker processes .* under "
+                        r"'if __name__ == \"__main__\":' .*", last), unguarded.stderr
+    assert "terminated unexpectedly" not in unguarded.stderr
+    assert guarded.returncode == 0 and "2 images" in guarded.stdout, guarded.stderr
