@@ -226,7 +226,8 @@ def _check_main_guard() -> None:
     while frame is not None and not (frame.f_code.co_name == "<module>"
                                      and frame.f_globals.get("__name__") == "__main__"):
         frame = frame.f_back
-    if frame is None or not script or frame.f_code.co_filename != script:
+    if frame is None or not script or (os.path.abspath(frame.f_code.co_filename)
+                                       != os.path.abspath(script)):
         return
     line = frame.f_lineno
     try:
@@ -234,7 +235,7 @@ def _check_main_guard() -> None:
             tree = ast.parse(f.read())
     except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
         return
-    for node in tree.body:
+    for node in ast.walk(tree):  # the guard may sit inside a top-level try or with
         if (isinstance(node, ast.If) and "__name__" in ast.unparse(node.test)
                 and node.lineno <= line <= (node.end_lineno or node.lineno)):
             return
