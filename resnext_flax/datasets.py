@@ -223,6 +223,10 @@ def _list_labels(path: str, labels: list[tuple[str, int]]) -> tuple[np.ndarray, 
             f"{labels[0][1]} has {first}, {labels[0][0]!r}); use one kind throughout")
     if not kinds[0]:
         classes = tuple(sorted({label for label, _ in labels}))
+        if len(classes) > MAX_CLASSES:
+            raise DatasetError(
+                f"{path}: {len(classes):,} distinct class names, more than a model can have "
+                f"({MAX_CLASSES:,}: resnext_flax.models.resnet.MAX_CLASSES)")
         index = {name: i for i, name in enumerate(classes)}
         return np.array([index[label] for label, _ in labels], np.int32), classes
     for label, number in labels:

@@ -163,6 +163,20 @@ def test_list_file_label_is_bounded_before_building_names(tmp_path):
         datasets.read_list_file(listing)
 
 
+def test_list_file_names_are_bounded_too(tmp_path, monkeypatch):
+    from resnext_flax.models import resnet
+
+    listing = _two_images(tmp_path)
+    listing.write_text("imgs/a.png\tcat\nimgs/b.png\tdog\nimgs/a.png\temu\n")
+    monkeypatch.setattr(resnet, "MAX_CLASSES", 2)
+    with pytest.raises(datasets.DatasetError, match=r"list\.txt: 3 distinct class names, more "
+                                                    r"than a model can have \(2: "):
+        datasets.read_list_file(listing)
+    listing.write_text("imgs/a.png\t0\nimgs/b.png\t2\n")
+    with pytest.raises(datasets.DatasetError, match=r"list\.txt:2: label 2 is beyond .*\(1: "):
+        datasets.read_list_file(listing)
+
+
 def test_list_file_numbers_that_are_no_index_are_errors(tmp_path):
     """One '-1' or '1.0' among indices used to turn every label into a name, silently."""
     listing = _two_images(tmp_path)
