@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import os
 import re
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -99,18 +100,45 @@ def is_image_file(path: str) -> bool:
     return path.lower().endswith(IMG_EXTENSIONS)
 
 
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _class_images(folder: str) -> list[str]:
+    """The image files below `folder`, in torchvision's order (``sorted(os.walk(...))``, names
+    sorted), following links but entering each real folder once and skipping hidden entries."""
+    visited = {os.path.realpath(folder)}
+    walked = []
+    for parent, dirnames, files in os.walk(folder, followlinks=True):
+        kept = []
+        for name in sorted(dirnames):
+            real = os.path.realpath(os.path.join(parent, name))
+            if not _is_hidden(name) and real not in visited:
+                visited.add(real)
+                kept.append(name)
+        dirnames[:] = kept  # prunes the walk: os.walk is top-down
+        walked.append((parent, files))
+    return [os.path.join(parent, f) for parent, files in sorted(walked)
+            for f in sorted(files) if not _is_hidden(f) and is_image_file(f)]
+
+
 def image_folder(root: str | os.PathLike) -> ImageDataset:
     """Read torchvision's ``ImageFolder`` layout: ``root/<class>/**/<image>``.
 
     Classes are the sub-folders, numbered in sorted order; images are the files with an
     :data:`IMG_EXTENSIONS` extension below each, found as torchvision finds them (``os.walk``
-    following links, sorted), so index ``i`` is torchvision's sample ``i``. A missing or empty
-    folder, or a class folder without images, raises :class:`DatasetError` naming them.
+    following links, sorted), so index ``i`` is torchvision's sample ``i``. Two exceptions,
+    where torchvision's result is never what a user means: hidden folders and files (names
+    starting with ``.``: ``.ipynb_checkpoints``, macOS's ``._photo.jpg``) are skipped, and a
+    folder reached again through a link (a link loop, or two links to one folder) is read once
+    per class instead of again and again. A missing or empty folder, or a class folder without
+    images, raises :class:`DatasetError` naming them.
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise DatasetError(f"no folder at {root!r}")
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    classes = sorted(entry.name for entry in os.scandir(root)
+                     if entry.is_dir() and not _is_hidden(entry.name))
     if not classes:
         raise DatasetError(
             f"{root!r} has no class folders: expected one sub-folder per class, each holding "
@@ -119,10 +147,7 @@ def image_folder(root: str | os.PathLike) -> ImageDataset:
     labels: list[int] = []
     empty = []
     for index, name in enumerate(classes):
-        found = [os.path.join(folder, f)
-                 for folder, _, files in sorted(os.walk(os.path.join(root, name),
-                                                        followlinks=True))
-                 for f in sorted(files) if is_image_file(f)]
+        found = _class_images(os.path.join(root, name))
         if not found:
             empty.append(name)
         paths += found
@@ -140,15 +165,18 @@ def read_list_file(path: str | os.PathLike, *, root: str | os.PathLike | None = 
     starting with ``#`` are ignored).
 
     Relative paths are taken from `root` (default: the list file's folder). Labels are either
-    all non-negative integers (class indices; names ``"class <i>"``) or all names (numbered
-    in sorted order, as folders are). Malformed lines and missing files raise
+    all class indices (ASCII digits: ``0``, ``17``; names ``"class <i>"``, at most
+    ``MAX_CLASSES - 1``) or all names (numbered in sorted order, as folders are). A label that
+    reads as a number but is no index (``-1``, ``1.0``, ``1e3``), or a mix of indices and
+    names, is an error naming the line, never a silent switch to names. Indices that start at
+    1 warn that class 0 has no image. Malformed lines and missing files raise
     :class:`DatasetError` before any image is read.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DatasetError(f"no list file at {path!r}")
     base = os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(path))
-    entries: list[tuple[str, str]] = []
+    entries: list[tuple[str, str, int]] = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
@@ -158,22 +186,63 @@ def read_list_file(path: str | os.PathLike, *, root: str | os.PathLike | None = 
             if len(parts) != 2 or not parts[0] or not parts[1].strip():
                 raise DatasetError(f"{path}:{number}: expected '<image path><TAB><label>', got "
                                    f"{line!r}")
-            entries.append((os.path.join(base, parts[0]), parts[1].strip()))
+            entries.append((os.path.join(base, parts[0]), parts[1].strip(), number))
     if not entries:
         raise DatasetError(f"{path!r} lists no images")
-    missing = [p for p, _ in entries if not os.path.isfile(p)]
+    missing = [p for p, _, _ in entries if not os.path.isfile(p)]
     if missing:
         raise DatasetError(f"{path}: {len(missing)} listed files do not exist: "
                            f"{_first(missing, 3)}")
-    names = [label for _, label in entries]
-    if all(name.isdigit() for name in names):
-        labels = np.array([int(name) for name in names], np.int64)
-        classes = tuple(f"class {i}" for i in range(int(labels.max()) + 1))
-    else:
-        classes = tuple(sorted(set(names)))
+    labels, classes = _list_labels(path, [(label, number) for _, label, number in entries])
+    return ImageDataset(tuple(p for p, _, _ in entries), labels, classes, path)
+
+
+_INDEX = re.compile(r"[0-9]+")
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def _list_labels(path: str, labels: list[tuple[str, int]]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(int32 labels, class names) of a list file's (label, line number) pairs."""
+    # Imported here, not at the top: the input pipeline's worker processes import this module,
+    # and listing files needs no JAX. MAX_CLASSES is the largest head any model can have.
+    from resnext_flax.models.resnet import MAX_CLASSES
+
+    for label, number in labels:
+        if _NUMBER.fullmatch(label) and not _INDEX.fullmatch(label):
+            raise DatasetError(
+                f"{path}:{number}: label {label!r} reads as a number but is not a class index "
+                "(a non-negative integer such as 3); write indices as integers, or use names "
+                "that do not read as numbers")
+    kinds = [bool(_INDEX.fullmatch(label)) for label, _ in labels]
+    if any(kinds) and not all(kinds):
+        odd = next((label, number) for (label, number), kind in zip(labels, kinds, strict=True)
+                   if kind != kinds[0])
+        first = "a class index" if kinds[0] else "a name"
+        raise DatasetError(
+            f"{path}:{odd[1]}: label {odd[0]!r} mixes class indices and names (line "
+            f"{labels[0][1]} has {first}, {labels[0][0]!r}); use one kind throughout")
+    if not kinds[0]:
+        classes = tuple(sorted({label for label, _ in labels}))
+        if len(classes) > MAX_CLASSES:
+            raise DatasetError(
+                f"{path}: {len(classes):,} distinct class names, more than a model can have "
+                f"({MAX_CLASSES:,}: resnext_flax.models.resnet.MAX_CLASSES)")
         index = {name: i for i, name in enumerate(classes)}
-        labels = np.array([index[name] for name in names], np.int64)
-    return ImageDataset(tuple(p for p, _ in entries), labels.astype(np.int32), classes, path)
+        return np.array([index[label] for label, _ in labels], np.int32), classes
+    for label, number in labels:
+        # Compared as text first: int() refuses strings of more than 4300 digits.
+        if len(label.lstrip("0")) > len(str(MAX_CLASSES)) or int(label) >= MAX_CLASSES:
+            shown = label if len(label) <= 20 else f"{label[:12]}... ({len(label)} digits)"
+            raise DatasetError(
+                f"{path}:{number}: label {shown} is beyond the largest class index a model "
+                f"can have ({MAX_CLASSES - 1:,}: resnext_flax.models.resnet.MAX_CLASSES)")
+    values = np.array([int(label) for label, _ in labels], np.int32)
+    if values.min() == 1:
+        warnings.warn(
+            f"{path}: no image has class index 0 (labels run from 1 to {values.max()}); class "
+            "indices count from 0, so class 0 stays empty. If the labels count from 1, subtract "
+            "1 from each", UserWarning, stacklevel=3)
+    return values, tuple(f"class {i}" for i in range(int(values.max()) + 1))
 
 
 def load_dataset(source: str | os.PathLike) -> ImageDataset:

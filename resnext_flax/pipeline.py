@@ -23,8 +23,12 @@ real, readable image), ``bad`` bool (the record asked for could not be read).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import math
+import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -78,9 +82,13 @@ class LoaderOptions:
 
 def _decode(path: str) -> Any:
     """The RGB PIL image, or None if the file cannot be read as an image (any decoder error:
-    Pillow raises OSError, SyntaxError, ValueError and others on corrupt files)."""
+    Pillow raises OSError, SyntaxError, ValueError and others on corrupt files). A file that
+    no longer exists is no bad image but a dataset gone stale: an error."""
     try:
         return load_image(path)
+    except FileNotFoundError as err:
+        raise DatasetError(f"{path!r} was listed in the dataset but no longer exists (deleted, "
+                           "or its storage is gone)") from err
     except Exception:  # every decoder failure means "unreadable"
         return None
 
@@ -119,15 +127,19 @@ class _TrainRecord:
 
     def __call__(self, index: int, rng: np.random.Generator) -> Batch:
         index = int(index)
-        for offset in range(min(MAX_CONSECUTIVE_BAD, len(self.paths))):
+        tried = min(MAX_CONSECUTIVE_BAD, len(self.paths))
+        for offset in range(tried):
             record = (index + offset) % len(self.paths)
             image = _decode(self.paths[record])
             if image is not None:
                 pixels = augment_image(image, self.config, rng, self.augmentation)
                 return _element(pixels, int(self.labels[record]), index, True, offset > 0)
+        if tried == len(self.paths):
+            raise DatasetError(f"none of the dataset's {tried} files can be read as an image "
+                               f"(first: {self.paths[index]!r})")
         raise DatasetError(
-            f"{MAX_CONSECUTIVE_BAD} consecutive files from {self.paths[index]!r} on are "
-            "unreadable; is the storage available?")
+            f"{tried} consecutive files from {self.paths[index]!r} on exist but none can be "
+            "read as an image; is the storage healthy?")
 
 
 class BatchLoader:
@@ -167,6 +179,7 @@ class BatchLoader:
         iter_dataset = self._batches[position:].to_iter_dataset(grain.ReadOptions(
             num_threads=self.options.num_threads, prefetch_buffer_size=buffer))
         if self.options.num_workers:
+            _check_main_guard()
             iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=self.options.num_workers,
                 per_worker_buffer_size=self.options.prefetch))
@@ -195,6 +208,41 @@ class BatchLoader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_main_guard() -> None:
+    """A one-line RuntimeError when worker processes are started from a script's top level
+    outside ``if __name__ == "__main__":``.
+
+    Grain starts workers with multiprocessing's ``spawn``, which runs the script again in each
+    worker; unguarded, every worker would start workers in turn, multiprocessing stops it
+    ("An attempt has been made to start a new process before the current process has finished
+    its bootstrapping phase") and the caller sees only "Worker process was terminated
+    unexpectedly". Whether the script's current top-level line lies inside an ``if`` on
+    ``__name__`` decides; anything else (a notebook, ``python -c``, a thread) is let through.
+    """
+    script = getattr(sys.modules.get("__main__"), "__file__", None)
+    frame = inspect.currentframe()
+    while frame is not None and not (frame.f_code.co_name == "<module>"
+                                     and frame.f_globals.get("__name__") == "__main__"):
+        frame = frame.f_back
+    if frame is None or not script or (os.path.abspath(frame.f_code.co_filename)
+                                       != os.path.abspath(script)):
+        return
+    line = frame.f_lineno
+    try:
+        with open(script, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
+        return
+    for node in ast.walk(tree):  # the guard may sit inside a top-level try or with
+        if (isinstance(node, ast.If) and "__name__" in ast.unparse(node.test)
+                and node.lineno <= line <= (node.end_lineno or node.lineno)):
+            return
+    raise RuntimeError(
+        f"{os.path.basename(script)}:{line} starts loader worker processes (num_workers > 0) "
+        "from the script's top level: put the script's code under 'if __name__ == "
+        "\"__main__\":' (each worker runs the script again), or use num_workers=0")
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:

@@ -54,10 +54,13 @@ def load_image(image: ImageInput) -> Image.Image:
     or (H, W). Grayscale, palette and RGBA images are converted with Pillow's ``convert("RGB")``
     (alpha is dropped), which is what torchvision's pipeline needs for 3-channel weights.
 
-    16-bit images (``I;16`` and ``I`` with values up to 65535) are scaled to 8 bits
-    (``round(v / 257)``): Pillow's ``convert("RGB")`` clips them at 255, so a 16-bit PNG would
-    turn white (torchvision's PIL pipeline has that bug). Float images (mode ``F``) and 32-bit
-    integer images beyond 16 bits have no defined range and are refused.
+    16- and 32-bit integer images (modes ``I;16`` and ``I``) are scaled to 8 bits by the range
+    their samples can hold, ``round(v * 255 / top)`` (:func:`integer_range`: 65535 for 16-bit
+    PNG, TIFF and PGM files, 2**31 - 1 for a 32-bit TIFF), the nearest 8-bit value to
+    torchvision's ``convert_image_dtype(pil_to_tensor(image), torch.float)``. Pillow's
+    ``convert("RGB")``, which torchvision's ``ImageFolder`` applies, clips them at 255 instead:
+    a 16-bit photograph turns white. Negative pixels and float images (mode ``F``) have no
+    8-bit meaning and are refused.
     """
     if isinstance(image, Image.Image):
         pil = _to_8_bit(image, "the image")
@@ -82,18 +85,49 @@ def load_image(image: ImageInput) -> Image.Image:
     return pil if pil.mode == "RGB" else pil.convert("RGB")
 
 
+#: TIFF tags: bits per sample, and the sample format (1 unsigned, 2 signed).
+_TIFF_BITS, _TIFF_FORMAT = 258, 339
+
+
+def _tag(tags: Any, key: int, default: int) -> int:
+    value = tags.get(key, default)
+    return int(value[0] if isinstance(value, tuple) else value)
+
+
+def integer_range(image: Image.Image) -> tuple[np.ndarray, int]:
+    """(int64 pixels, the largest value its samples can hold) of a mode ``I`` or ``I;16*``
+    image, from what its file declares: 65535 for 16-bit samples (Pillow scales a PGM's
+    ``maxval`` to 16 bits), ``2**bits - 1`` (unsigned) or ``2**(bits - 1) - 1`` (signed) for a
+    TIFF's. Without a file's declaration (an image built in memory) mode ``I`` holds int32, so
+    2**31 - 1, as torchvision's ``convert_image_dtype`` takes it."""
+    pixels = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        return pixels.astype(np.int64), 65535
+    tags = getattr(image, "tag_v2", None)
+    if image.format == "TIFF" and tags is not None:
+        bits = _tag(tags, _TIFF_BITS, 32)
+        signed = _tag(tags, _TIFF_FORMAT, 1) == 2
+        if bits == 32 and not signed:  # Pillow keeps unsigned 32-bit samples in int32
+            pixels = pixels.view(np.uint32)
+        return pixels.astype(np.int64), 2 ** (bits - signed) - 1
+    if image.format == "PPM":
+        return pixels.astype(np.int64), 65535
+    return pixels.astype(np.int64), 2**31 - 1
+
+
 def _to_8_bit(image: Image.Image, name: str) -> Image.Image:
-    """`image` with 16-bit integer pixels scaled to 8 bits ("L"); other modes unchanged."""
+    """`image` with 16- or 32-bit integer pixels scaled to 8 bits ("L") by the range they can
+    hold (:func:`integer_range`); other modes unchanged."""
     if image.mode == "F":
         raise ValueError(f"{name} has floating-point pixels (mode F) with no defined range; "
                          "convert it to 8 bits per channel first")
     if not (image.mode == "I" or image.mode.startswith("I;16")):
         return image
-    pixels = np.asarray(image).astype(np.int64)
-    if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
-        raise ValueError(f"{name} has 32-bit integer pixels ({pixels.min()}..{pixels.max()}) "
-                         "with no defined range; convert it to 8 bits per channel first")
-    return Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    pixels, top = integer_range(image)
+    if pixels.size and pixels.min() < 0:
+        raise ValueError(f"{name} has negative pixel values (as low as {pixels.min()}), which "
+                         "no 8-bit image can show; convert it to 8 bits per channel first")
+    return Image.fromarray(((pixels * 255 + top // 2) // top).astype(np.uint8), mode="L")
 
 
 def _check_array(array: np.ndarray) -> np.ndarray:

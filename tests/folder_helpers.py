@@ -100,3 +100,25 @@ def learnable_folder(root: pathlib.Path, per_class: int, *, seed: int = 0) -> li
         write_image(root / "digits" / f"{i:03d}.png", images[(100 * seed + i) % len(images)])
     (root / "flower" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     return sorted(os.listdir(root))
+
+
+def write_gray_tiff(path: pathlib.Path, pixels: np.ndarray, *, signed: bool) -> str:
+    """An uncompressed little-endian grayscale TIFF of `pixels` (16 or 32 bits) declaring the
+    sample format: Pillow writes only signed 32-bit TIFFs, real files also hold unsigned
+    32-bit or signed 16-bit samples."""
+    import struct
+
+    bits = pixels.dtype.itemsize * 8
+    data = np.ascontiguousarray(pixels).astype(pixels.dtype.newbyteorder("<")).tobytes()
+    height, width = pixels.shape
+    tags = [(256, 4, width), (257, 4, height), (258, 3, bits), (259, 3, 1), (262, 3, 1),
+            (273, 4, 0), (277, 3, 1), (278, 4, height), (279, 4, len(data)),
+            (339, 3, 2 if signed else 1)]
+    offset = 8 + 2 + 12 * len(tags) + 4  # image data right after the one directory
+    ifd = struct.pack("<H", len(tags))
+    for tag, kind, value in tags:
+        value = offset if tag == 273 else value
+        packed = struct.pack("<HI", value, 0)[:4] if kind == 3 else struct.pack("<I", value)
+        ifd += struct.pack("<HHI", tag, kind, 1) + packed
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + data)
+    return str(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from folder_helpers import write_gray_tiff
 from PIL import Image
 from pretrained_helpers import sample_image_paths
 from torchvision.models import get_model_weights
@@ -149,3 +150,58 @@ def test_bad_inputs(tmp_path):
         preprocess([])
     with pytest.raises(TypeError, match="Preprocessing or a WeightSet"):
         preprocess_image(noise_image(8, 8), "resnet50")
+
+
+def _torchvision_float(path) -> np.ndarray:
+    """torchvision's tensor path for an integer image: ``pil_to_tensor`` then
+    ``convert_image_dtype(float)``, i.e. ``v / max(dtype)``, as (H, W)."""
+    from torchvision.transforms import functional as F
+
+    with Image.open(path) as image:
+        return F.convert_image_dtype(F.pil_to_tensor(image), torch.float)[0].double().numpy()
+
+
+def _ramp(top: int, dtype, shape=(48, 80)) -> np.ndarray:
+    return np.linspace(0, top, shape[0] * shape[1]).reshape(shape).round().astype(dtype)
+
+
+@pytest.mark.parametrize("top", [2**31 - 1, 65535, 1000])
+def test_32_bit_tiff_is_scaled_by_its_range_as_torchvision(tmp_path, top):
+    """A mode-I (int32) TIFF maps to the nearest 8-bit value of torchvision's float image
+    (v / (2**31 - 1)): neither refused above 65535 nor taken as 16-bit (v / 257) below."""
+    path = tmp_path / "int32.tiff"
+    Image.fromarray(_ramp(top, np.int32)).save(path)
+    with Image.open(path) as raw:
+        assert raw.mode == "I"
+    ours = np.asarray(load_image(path))
+    assert (ours == ours[..., :1]).all()  # gray in every channel
+    expected = _torchvision_float(path) * 255
+    assert np.abs(ours[..., 0] - expected).max() <= 0.5 + 1e-3
+    if top == 2**31 - 1:
+        assert abs(ours.mean() - 127.5) < 0.5
+
+
+def test_16_bit_png_matches_torchvision_to_8_bits(tmp_path):
+    path = tmp_path / "u16.png"
+    Image.fromarray(_ramp(65535, np.uint16)).save(path)
+    ours = np.asarray(load_image(path))[..., 0]
+    assert np.abs(ours - _torchvision_float(path) * 255).max() <= 0.5 + 1e-3
+
+
+def test_integer_images_use_the_range_their_file_declares(tmp_path):
+    """Unsigned 32-bit and signed 16-bit TIFF samples, and 16-bit PGMs (which Pillow opens as
+    mode I, scaled to 16 bits): each by its own range. torchvision divides every mode-I image
+    by 2**31 - 1, so a 16-bit PGM is black there (docs/data.md says so)."""
+    u32 = write_gray_tiff(tmp_path / "u32.tiff", _ramp(2**32 - 1, np.uint32), signed=False)
+    s16 = write_gray_tiff(tmp_path / "s16.tiff", _ramp(32767, np.int16), signed=True)
+    pgm = tmp_path / "p16.pgm"
+    pgm.write_bytes(b"P5\n80 48\n1023\n" + _ramp(1023, ">u2").tobytes())
+    for path in (u32, s16, pgm):
+        with Image.open(path) as raw:
+            assert raw.mode == "I"
+        ours = np.asarray(load_image(path))[..., 0]
+        assert ours.min() == 0 and ours.max() == 255 and abs(ours.mean() - 127.5) < 0.5, path
+    assert _torchvision_float(pgm).max() < 1 / 255
+    negative = write_gray_tiff(tmp_path / "neg.tiff", _ramp(30000, np.int16) - 5, signed=True)
+    with pytest.raises(ValueError, match=r"negative pixel values \(as low as -5\)"):
+        load_image(negative)
