@@ -399,3 +399,10 @@ def test_packaging_metadata_has_no_warnings():
                             capture_output=True, text=True, timeout=CHILD_TIMEOUT)
     assert result.returncode == 0 and result.stdout.strip() == "resnext-flax", result.stderr
     assert "Warning" not in result.stderr, result.stderr
+
+
+def test_python_dash_m_runs_the_command():
+    result = subprocess.run([sys.executable, "-m", "resnext_flax", "list", "--model",
+                             "resnet18"], capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert "IMAGENET1K_V1 (DEFAULT)" in result.stdout

@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import sys
-import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -47,15 +45,18 @@ class Terminated(KeyboardInterrupt):
 
 
 #: Exit statuses of an interrupted command, as a shell reports a process a signal ended
-#: (128 + the signal's number).
-EXIT_INTERRUPTED = 128 + signal.SIGINT
-EXIT_TERMINATED = 128 + signal.SIGTERM
+#: (128 + the signal's number: SIGINT 2, SIGTERM 15).
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM raises :class:`Terminated` inside the block (from the main thread only, where
     Python runs signal handlers); the previous handler is restored after it."""
+    import signal
+    import threading
+
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -96,4 +97,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["add_checkpoint_options", "checkpoint_options", "main", "parser", "render_error"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_TERMINATED", "Terminated", "add_checkpoint_options",
+           "checkpoint_options", "main", "parser", "render_error"]
