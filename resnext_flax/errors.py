@@ -46,6 +46,12 @@ class DatasetError(ResnextFlaxError, ValueError):
     or folder and what is wrong with it."""
 
 
+class OutputPathError(ResnextFlaxError, ValueError):
+    """Where a command or function would write cannot take its output: it is (or holds) one
+    of its inputs, it is a folder where a file is written (or the reverse), or its parent
+    folder is missing or not writable. Raised before any work is done."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Fix:
     """Options that would make a call succeed: ``(keyword, value)`` pairs of the loader's

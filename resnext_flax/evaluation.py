@@ -61,6 +61,9 @@ class EvaluationResult:
       skipped images and, in multi-process runs, for images of other processes).
     - `published`: the weight set's published (acc@1, acc@5) in %, when the labels are its
       ImageNet classes; `classes`: the label space.
+    - `source`, `weights`: what the evaluated model records (its ``pretrained_cfg``): the file
+      or URL its weights were read from, and the published weight set it is, where known, so
+      that a report names the weights actually measured.
     """
 
     top1: float
@@ -74,6 +77,8 @@ class EvaluationResult:
     predictions: np.ndarray
     classes: tuple[str, ...]
     published: tuple[float, float] | None = None
+    source: str | None = None
+    weights: str | None = None
 
     def summary(self) -> dict[str, Any]:
         """The numbers as JSON-ready values (no per-image predictions)."""
@@ -166,8 +171,9 @@ def evaluate(
     k = min(TOP_K, num_classes)
     step = _sharded_outputs(mesh, k)
     compiled = parallel.replicate(mesh, CompiledModel.from_module(with_prepared_kernels(model)))
+    record = pretrained_cfg(model)
     if preprocessing is None:
-        preprocessing = pretrained_cfg(model)
+        preprocessing = record
     batches = eval_loader(dataset, preprocessing_config(preprocessing), batch_size, loader)
     predictions = np.full((len(dataset), k), -1, np.int32)
     skipped = SkipReport(dataset)
@@ -215,7 +221,9 @@ def evaluate(
         top1=correct1 / count, top5=correct5 / count, loss=loss_sum / count,
         num_images=int(count), num_skipped=int(num_skipped),
         skipped_paths=tuple(skipped.paths), seconds=end - start, images_per_second=rate,
-        predictions=predictions, classes=dataset.classes, published=published)
+        predictions=predictions, classes=dataset.classes, published=published,
+        source=record.source if record is not None else None,
+        weights=record.weights if record is not None else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,7 +266,7 @@ def match_labels(dataset: ImageDataset, num_classes: int, *,
 
 
 def evaluate_pretrained(
-    source: str | os.PathLike,
+    source: str | os.PathLike | ImageDataset,
     name: str,
     weights: str | os.PathLike | WeightSet = "DEFAULT",
     *,
@@ -274,7 +282,8 @@ def evaluate_pretrained(
     key: str | None = None,
     trust_pickle: bool = False,
 ) -> tuple[EvaluationResult, str]:
-    """Evaluate `name` with `weights` (or a local `checkpoint`) on a folder or list file.
+    """Evaluate `name` with `weights` (or a local `checkpoint`) on a folder or list file (or
+    the :class:`~resnext_flax.datasets.ImageDataset` already read from one).
 
     Class names and preprocessing are what the model's ``pretrained_cfg`` records (a
     fine-tuned or converted checkpoint's own, else the weight set's); the published accuracy is
@@ -283,7 +292,7 @@ def evaluate_pretrained(
     `checkpoint` (see :func:`~resnext_flax.from_pretrained`). Returns the result and a note on
     how labels were matched. Errors in the folder are raised before the model is loaded.
     """
-    dataset = load_dataset(source)
+    dataset = source if isinstance(source, ImageDataset) else load_dataset(source)
     ws, checkpoint = split_weights(name, weights, checkpoint)
     model = from_pretrained(name, ws, checkpoint=checkpoint, cache_dir=cache_dir,
                             progress=progress, prefix=prefix, ema=ema, key=key,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import re
 import shlex
@@ -19,6 +21,7 @@ from pretrained_helpers import (
 )
 from torchvision.models import get_model_weights
 
+import resnext_flax
 from resnext_flax import ResnextFlaxError, cli, list_weight_sets, load_model
 from resnext_flax.cli.common import fix_renderer, render_error
 from resnext_flax.errors import Fix
@@ -182,3 +185,224 @@ def test_the_command_imports_the_library_inside_its_subcommands():
                      else [node.module] if isinstance(node, ast.ImportFrom) else [])
             heavy = [n for n in names if n not in light and not n.startswith("resnext_flax.cli")]
             assert not heavy, f"{path.name} imports {heavy} at module level"
+
+
+# ---- where commands write, and how they end ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three_classes(tmp_path_factory):
+    """A 3-class folder and a converted 3-class ResNet-18 checkpoint for it."""
+    from folder_helpers import learnable_folder
+
+    root = tmp_path_factory.mktemp("three")
+    learnable_folder(root / "data", 2)
+    pth = save_torchvision_file(torch_reference.torch_model("resnet18", seed=3, num_classes=3),
+                                root / "w", "resnet18")
+    converted = root / "r18.safetensors"
+    resnext_flax.save_checkpoint(load_model(pth, "resnet18"), converted)
+    return root / "data", pth, converted
+
+
+def _cli_without_jax(*argv: str) -> subprocess.CompletedProcess:
+    """The command in a child that fails if it imported JAX: the error came before any work."""
+    code = ("import sys\nfrom resnext_flax import cli\nstatus = cli.main(sys.argv[1:])\n"
+            "assert 'jax' not in sys.modules, 'imported JAX'\nsys.exit(status)")
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          timeout=CHILD_TIMEOUT)
+
+
+def test_evaluate_json_never_replaces_the_checkpoint(three_classes, tmp_path, monkeypatch,
+                                                     capsys):
+    folder, pth, converted = three_classes
+    for checkpoint in (pth, converted):
+        before = checkpoint.read_bytes()
+        result = _cli_without_jax("evaluate", str(folder), "--model", "resnet18",
+                                  "--checkpoint", str(checkpoint), "--json", str(checkpoint))
+        assert result.returncode == 1, result.stderr
+        assert result.stderr == (f"resnext-flax: error: --json {str(checkpoint)!r} is the "
+                                 f"input file {str(checkpoint)!r}; choose another output path "
+                                 "(the input would be overwritten)\n")
+        assert checkpoint.read_bytes() == before
+    # An image of the folder (found once it is scanned) is refused too, before the model loads.
+    from resnext_flax import evaluation
+
+    monkeypatch.setattr(evaluation, "evaluate_pretrained",
+                        lambda *a, **k: pytest.fail("evaluated although --json is an input"))
+    image = sorted((folder / "china").iterdir())[0]
+    before = image.read_bytes()
+    assert cli.main(["evaluate", str(folder), "--checkpoint", str(converted), "--json",
+                     str(image), "--no-progress"]) == 1
+    assert f"is the input file {str(image)!r}" in capsys.readouterr().err
+    assert image.read_bytes() == before
+
+
+@pytest.mark.parametrize("where", ["missing", "file", "read-only"])
+def test_evaluate_json_that_cannot_be_written_fails_before_any_work(three_classes, tmp_path,
+                                                                    where):
+    folder, _, converted = three_classes
+    if where == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders; 'missing' and 'file' cover it")
+        parent = tmp_path / "locked"
+        parent.mkdir(mode=0o500)
+        why = "is not writable"
+    elif where == "file":
+        parent = tmp_path / "a-file"
+        parent.write_text("x")
+        why = "is not a folder"
+    else:
+        parent = tmp_path / "missing"
+        why = "does not exist"
+    result = _cli_without_jax("evaluate", str(folder), "--checkpoint", str(converted),
+                              "--json", str(parent / "out.json"))
+    assert result.returncode == 1 and why in result.stderr, result.stderr
+    assert str(parent) in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (parent / "out.json").exists() and (where != "missing" or not parent.exists())
+
+
+def test_finetune_output_dir_is_checked_before_any_work(three_classes, tmp_path):
+    folder, _, converted = three_classes
+    run = tmp_path / "run"
+    run.mkdir()
+    start = run / "best.safetensors"
+    start.write_bytes(converted.read_bytes())
+    cases = {str(folder / "run"): "is inside the input folder",
+             str(run): "would receive best.safetensors, which is the input",
+             str(tmp_path / "no" / "run"): "does not exist",
+             str(start): "is a file; name a folder"}
+    for output, why in cases.items():
+        result = _cli_without_jax("finetune", str(folder), "--model", "resnet18",
+                                  "--checkpoint", str(start), "--output-dir", output)
+        assert result.returncode == 1 and why in result.stderr, (output, result.stderr)
+    assert sorted(os.listdir(run)) == ["best.safetensors"]
+    assert start.read_bytes() == converted.read_bytes() and not (tmp_path / "no").exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["china", "digits", "flower"]
+
+
+def test_predict_takes_the_model_a_converted_checkpoint_records(three_classes, capsys):
+    _, pth, converted = three_classes
+    image = sample_image_paths()[0]
+    assert cli.main(["predict", image, "--checkpoint", str(converted), "--no-progress"]) == 0
+    without = capsys.readouterr().out
+    assert cli.main(["predict", image, "--model", "resnet18", "--checkpoint", str(converted),
+                     "--no-progress"]) == 0
+    assert capsys.readouterr().out == without and without.startswith(image)
+    assert cli.main(["predict", image, "--checkpoint", str(pth)]) == 1
+    assert f"--model is required: {str(pth)!r} does not record its model" in (
+        capsys.readouterr().err)
+    assert cli.main(["predict", image]) == 1
+    assert "--model is required unless --checkpoint" in capsys.readouterr().err
+
+
+def _help(*command: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "resnext_flax.cli", *command, "--help"],
+                            capture_output=True, text=True, timeout=CHILD_TIMEOUT,
+                            env={**os.environ, "COLUMNS": "1000"})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _option_help(text: str, flag: str) -> str:
+    """The help entry of `flag`: its line and the lines indented under it."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines)
+                 if re.match(rf"\s+{re.escape(flag)}[ ,=]|\s+{re.escape(flag)}$", line)
+                 or re.match(rf"\s+-\w, {re.escape(flag)}\b", line))
+    entry = [lines[start]]
+    for line in lines[start + 1:]:
+        if not line.startswith(" " * 4) or line.strip().startswith("-"):
+            break
+        entry.append(line)
+    return " ".join(part.strip() for part in entry)
+
+
+def test_finetune_help_shows_the_defaults_a_run_uses():
+    import dataclasses
+
+    from resnext_flax.augment import Augmentation
+    from resnext_flax.cli.finetune import _CONFIG_OPTIONS
+    from resnext_flax.finetuning import FinetuneConfig
+
+    text = _help("finetune")
+    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    defaults.update(min_scale=Augmentation().scale[0], hflip=Augmentation().hflip)
+    for option in (*_CONFIG_OPTIONS, "min_scale", "hflip"):
+        if defaults[option] is None:
+            continue
+        entry = _option_help(text, "--" + option.replace("_", "-"))
+        assert f"(default: {defaults[option]}" in entry, entry
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "finetune", "convert", "inspect",
+                                     "list"])
+def test_every_option_with_a_default_says_it(command):
+    """argparse's own defaults (not None, not a store_true False) appear in the help text."""
+    parser = cli.parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    text = _help(command)
+    for action in sub.choices[command]._actions:
+        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            continue
+        entry = _option_help(text, action.option_strings[-1])
+        assert f"(default: {action.default}" in entry, entry
+
+
+def _start(*argv: str, interrupt: int) -> tuple[int, str]:
+    """Run a command, send `interrupt` once it says it is working, and return its status and
+    stderr."""
+    # Ctrl-C as in a terminal, even where this process was started with SIGINT ignored.
+    code = ("import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from resnext_flax import cli\nsys.exit(cli.main(sys.argv[1:]))")
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    first = child.stderr.readline()
+    assert first.startswith("resnext-flax: compiling"), first
+    child.send_signal(interrupt)
+    _, rest = child.communicate(timeout=CHILD_TIMEOUT)
+    return child.returncode, first + rest
+
+
+@pytest.mark.parametrize(("signal_name", "status", "word"), [("SIGTERM", 143, "terminated"),
+                                                             ("SIGINT", 130, "interrupted")])
+def test_a_signal_ends_a_command_with_the_shell_status_and_no_traceback(
+        three_classes, signal_name, status, word):
+    import signal
+
+    folder, _, converted = three_classes
+    code, err = _start("evaluate", str(folder), "--checkpoint", str(converted),
+                       "--no-compilation-cache", interrupt=getattr(signal, signal_name))
+    assert code == status, err
+    assert "Traceback" not in err and err.rstrip().endswith(f"resnext-flax: {word}"), err
+
+
+def test_evaluate_json_names_what_was_measured_and_stderr_has_no_warnings(three_classes,
+                                                                           tmp_path):
+    folder, _, converted = three_classes
+    out = tmp_path / "eval.json"
+    result = subprocess.run(
+        [sys.executable, "-W", "default", "-m", "resnext_flax.cli", "evaluate", str(folder),
+         "--checkpoint", str(converted), "--batch-size", "4", "--json", str(out),
+         "--no-progress"], capture_output=True, text=True, timeout=CHILD_TIMEOUT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr, result.stderr
+    report = json.loads(out.read_text())
+    assert report["model"] == "resnet18"
+    assert report["weights"] == "resnet18.IMAGENET1K_V1"  # resolved, not DEFAULT
+    assert report["checkpoint"] == str(converted.resolve())
+
+
+def test_packaging_metadata_has_no_warnings():
+    result = subprocess.run([sys.executable, "-W", "default", "setup.py", "--name"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    assert result.returncode == 0 and result.stdout.strip() == "resnext-flax", result.stderr
+    assert "Warning" not in result.stderr, result.stderr
+
+
+def test_python_dash_m_runs_the_command():
+    result = subprocess.run([sys.executable, "-m", "resnext_flax", "list", "--model",
+                             "resnet18"], capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert "IMAGENET1K_V1 (DEFAULT)" in result.stdout

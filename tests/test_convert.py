@@ -37,6 +37,7 @@ def test_converter_end_to_end(tmp_path, suffix):
     else:
         save_file({k: v.contiguous() for k, v in state_dict.items()}, source)
     output = tmp_path / "out" / "resnext50.safetensors"
+    output.parent.mkdir()  # an output's folder is never created for it
 
     result = run_converter(source, "--output", output, "--probe-size", "64")
     assert result.returncode == 0, result.stderr
@@ -86,6 +87,35 @@ def test_converter_bounds_the_class_count_without_aborting(tmp_path):
                            "--num-classes", "100000000000")
     assert result.returncode == 1, result.stderr[-2000:]
     assert "num_classes must be an int from 0 (headless) to 1,000,000" in result.stderr
+    assert os.listdir(tmp_path) == ["r18.pth"]
+
+
+def test_converter_never_writes_over_the_files_a_folder_is_read_through(tmp_path):
+    """The guard compares the files read, not only the folder given: a Hugging Face folder's
+    model.safetensors and config.json are refused as outputs, before anything is read."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in torch_model("resnet18").state_dict().items()},
+              folder / "model.safetensors")
+    (folder / "config.json").write_text('{"model_type": "resnet"}')
+    before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+    for name in ("model.safetensors", "config.json"):
+        result = run_converter(folder, "--output", folder / name, "--no-verify")
+        assert result.returncode == 1, result.stderr
+        assert f"is the input file {str(folder / name)!r}" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        with pytest.raises(resnext_flax.ResnextFlaxError, match="the input would be"):
+            convert_checkpoint(folder, folder / name, verify=False)
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
+
+
+def test_converter_names_a_missing_output_folder_and_creates_nothing(tmp_path):
+    source = tmp_path / "r18.pth"
+    torch.save(torch_model("resnet18").state_dict(), source)
+    result = run_converter(source, "--output", tmp_path / "new" / "r18.safetensors",
+                           "--no-verify")
+    assert result.returncode == 1
+    assert f"the folder {str(tmp_path / 'new')!r} does not exist" in result.stderr
     assert os.listdir(tmp_path) == ["r18.pth"]
 
 

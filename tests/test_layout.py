@@ -24,6 +24,7 @@ LAYERS = {
     "resnext_flax.metadata": 1,
     "resnext_flax.weights": 2,
     "resnext_flax.compilation": 2,
+    "resnext_flax.outputs": 2,
     "resnext_flax.preprocess": 3,
     "resnext_flax.augment": 3,
     "resnext_flax.datasets": 3,

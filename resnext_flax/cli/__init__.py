@@ -7,9 +7,11 @@ the subcommands import the library inside ``run``, so ``--help`` and ``list`` st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from resnext_flax.cli import convert, evaluate, finetune, inspect, listing, predict
 from resnext_flax.cli.common import (
@@ -37,21 +39,57 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``resnext-flax``; returns the exit status (1 on a reported error)."""
-    args = parser().parse_args(argv)
-    from resnext_flax.weights.files import sigterm_as_interrupt
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt so that the same cleanup runs
+    (temporary files removed, a fine-tuning run saved); the exit status tells them apart."""
 
+
+#: Exit statuses of an interrupted command, as a shell reports a process a signal ended
+#: (128 + the signal's number: SIGINT 2, SIGTERM 15).
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` inside the block (from the main thread only, where
+    Python runs signal handlers); the previous handler is restored after it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated(f"terminated by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        # A terminated run cleans its temporary files up; what compiles is kept on disk.
-        with sigterm_as_interrupt(), compilation_cache_for(args):
-            output = args.run(args)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``resnext-flax``; returns the exit status: 1 on a reported error, 130
+    after Ctrl-C, 143 after SIGTERM (one line on stderr each, no traceback)."""
+    args = None
+    try:
+        with _terminate_as_interrupt():
+            args = parser().parse_args(argv)
+            if hasattr(args, "check"):  # where it writes, before JAX is even imported
+                args.check(args)
+            # A terminated run cleans its temporary files up; what compiles is kept on disk.
+            with compilation_cache_for(args):
+                output = args.run(args)
     except (ResnextFlaxError, OSError, ValueError, ImportError) as err:
         print(f"resnext-flax: error: {render_error(err, fix_renderer(args))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"resnext-flax: interrupted{getattr(args, 'interrupted', '')}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        how = "terminated" if isinstance(err, Terminated) else "interrupted"
+        print(f"resnext-flax: {how}{getattr(args, 'interrupted', '')}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
     try:
         print(output, flush=True)
     except BrokenPipeError:  # the reader went away, e.g. `resnext-flax list | head`
@@ -59,4 +97,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["add_checkpoint_options", "checkpoint_options", "main", "parser", "render_error"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_TERMINATED", "Terminated", "add_checkpoint_options",
+           "checkpoint_options", "main", "parser", "render_error"]

@@ -108,13 +108,53 @@ def checkpoint_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """``--model``, optional where ``--checkpoint`` names a file that records it (see
+    :func:`model_name`)."""
+    from resnext_flax.models.variants import VARIANTS
+
+    parser.add_argument("--model", choices=list(VARIANTS), metavar="NAME",
+                        help="model name, e.g. resnet50 (see `resnext-flax list`; default: "
+                             "the one a converted --checkpoint records)")
+
+
+def local_weight_file(args: argparse.Namespace) -> str | None:
+    """The local file a command reads its weights from: ``--checkpoint``, or ``--weights``
+    naming an existing file (the library's rule, without importing it: an existing file is
+    treated as read, which errs on the safe side for the output guard)."""
+    if args.checkpoint is not None:
+        return args.checkpoint
+    weights = getattr(args, "weights", None)
+    return weights if isinstance(weights, str) and os.path.exists(weights) else None
+
+
+def model_name(args: argparse.Namespace) -> str:
+    """``--model``, or the architecture a converted ``--checkpoint`` records in its header
+    (read without its tensors); other files do not say, and then ``--model`` is required."""
+    if args.model is not None:
+        return args.model
+    path = local_weight_file(args)
+    if path is None:
+        raise ValueError("--model is required unless --checkpoint names a converted "
+                         "checkpoint (which records its model)")
+    from resnext_flax.weights.files import CONVERTED_FORMAT, read_safetensors_metadata
+
+    meta = (read_safetensors_metadata(path) if os.path.isfile(path)
+            and path.endswith(".safetensors") else {})
+    name = meta.get("model") if meta.get("format") == CONVERTED_FORMAT else None
+    if not name:
+        raise ValueError(f"--model is required: {path!r} does not record its model (converted "
+                         f"checkpoints do); `resnext-flax inspect {path}` shows what it holds")
+    return name
+
+
 def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
     """The input pipeline's options (``evaluate``, ``finetune``)."""
     parser.add_argument("--workers", type=int, default=0, metavar="N",
-                        help="Grain worker processes decoding images (default 0: in-process "
-                             "threads only); see docs/data.md")
+                        help="Grain worker processes decoding images; see docs/data.md "
+                             "(default: 0, in-process threads only)")
     parser.add_argument("--threads", type=int, default=2, metavar="N",
-                        help="decoding threads per process (default 2)")
+                        help="decoding threads per process (default: 2)")
     parser.add_argument("--resize-size", type=int, metavar="PX",
                         help="override the weights' resize size")
     parser.add_argument("--crop-size", type=int, metavar="PX",

@@ -27,27 +27,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The converter's arguments (also those of ``convert/convert_torchvision.py``)."""
     parser.add_argument("input", help="checkpoint: .pth/.pt/.bin/.ckpt/.safetensors or a "
                                       "Hugging Face model folder")
-    parser.add_argument("--output", "-o", required=True, help="Flax checkpoint to write")
+    parser.add_argument("--output", "-o", required=True,
+                        help="Flax checkpoint to write (its folder must exist)")
     parser.add_argument("--model", choices=list(VARIANTS), metavar="NAME",
                         help="architecture (default: inferred from the state dict; see "
                              "`resnext-flax list`)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the comparison with torchvision")
     parser.add_argument("--probe-size", type=int, default=224,
-                        help="height and width of the random probe batch (default 224)")
-    parser.add_argument("--probe-batch", type=int, default=2)
+                        help="height and width of the random probe batch (default: 224)")
+    parser.add_argument("--probe-batch", type=int, default=2,
+                        help="images in the random probe batch (default: 2)")
     parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="largest accepted relative logits error (default 1e-4)")
+                        help="largest accepted relative logits error (default: 0.0001)")
     parser.add_argument("--no-progress", action="store_true",
                         help="say nothing on stderr while reading and verifying")
     add_checkpoint_options(parser)
     add_compilation_options(parser)
-    parser.set_defaults(run=run, interrupted="; nothing written")
+    parser.set_defaults(run=run, check=check, interrupted="; nothing written")
 
 
 def add_parser(commands: Any) -> None:
     add_arguments(commands.add_parser("convert", help="convert a checkpoint, verified",
                                       description=DESCRIPTION))
+
+
+def check(args: argparse.Namespace) -> None:
+    """The output, before anything is imported or read (``convert_checkpoint`` checks it
+    again, for its Python callers)."""
+    from resnext_flax.outputs import check_output_path, weight_source_files
+
+    check_output_path(args.output, weight_source_files(args.input), what="the output")
 
 
 def run(args: argparse.Namespace) -> str:

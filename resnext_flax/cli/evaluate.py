@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from resnext_flax.cli.common import (
     add_checkpoint_options,
     add_compilation_options,
     add_loader_arguments,
+    add_model_argument,
     checkpoint_options,
+    local_weight_file,
+    model_name,
 )
-from resnext_flax.models.variants import VARIANTS
 
 
 def add_parser(commands: Any) -> None:
@@ -25,35 +28,56 @@ def add_parser(commands: Any) -> None:
                     "folders named by WordNet id are labelled in torchvision's class order and "
                     "compared with the weight set's published accuracy.")
     p.add_argument("folder", metavar="DIR", help="image folder or list file")
-    p.add_argument("--model", required=True, choices=list(VARIANTS), metavar="NAME")
+    add_model_argument(p)
     p.add_argument("--weights", default="DEFAULT", metavar="TAG|PATH",
                    help="weight set (DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2) or a local file "
-                        "(the same as --checkpoint PATH); with --checkpoint "
-                        "it still sets the preprocessing and the published accuracy")
+                        "(the same as --checkpoint PATH); with --checkpoint it still sets the "
+                        "preprocessing and the published accuracy (default: DEFAULT)")
     p.add_argument("--checkpoint", metavar="PATH",
                    help="local .pth / .safetensors / converted (e.g. fine-tuned) checkpoint")
     p.add_argument("--batch-size", type=int, default=64, metavar="N",
-                   help="global batch, a multiple of the device count (default 64)")
+                   help="global batch, a multiple of the device count (default: 64)")
     p.add_argument("--json", metavar="OUT", help="also write the results (and per-image "
-                                                 "top-5 predictions) as JSON")
+                                                 "top-5 predictions) as JSON; checked before "
+                                                 "the evaluation starts")
     add_loader_arguments(p)
     add_checkpoint_options(p, head=False)
     add_compilation_options(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, check=check)
+
+
+def check(args: argparse.Namespace) -> None:
+    """What fails at once, before anything is imported or read: the batch size, and a
+    ``--json`` that cannot be written or is a file the evaluation reads (the images are
+    checked once the folder is scanned)."""
+    from resnext_flax.outputs import check_output_path, weight_source_files
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.json:
+        weight_file = local_weight_file(args)
+        read = weight_source_files(weight_file) if weight_file else []
+        list_file = [args.folder] if os.path.isfile(args.folder) else []
+        check_output_path(args.json, [*read, *list_file], what="--json")
 
 
 def run(args: argparse.Namespace) -> str:
     """Run ``evaluate`` and return what it prints."""
     from resnext_flax.compilation import report_compilation
+    from resnext_flax.datasets import load_dataset
     from resnext_flax.evaluation import evaluate_pretrained
+    from resnext_flax.outputs import check_output_path
     from resnext_flax.pipeline import LoaderOptions
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    with report_compilation(f"{args.model}'s evaluation step for batches of {args.batch_size}",
+    check(args)
+    name = model_name(args)
+    dataset = load_dataset(args.folder)
+    if args.json:
+        check_output_path(args.json, dataset.paths, what="--json")
+    with report_compilation(f"{name}'s evaluation step for batches of {args.batch_size}",
                             enabled=not args.no_progress):
         result, note = evaluate_pretrained(
-            args.folder, args.model, args.weights, checkpoint=args.checkpoint,
+            dataset, name, args.weights, checkpoint=args.checkpoint,
             batch_size=args.batch_size, loader=LoaderOptions(args.workers, args.threads),
             resize_size=args.resize_size, crop_size=args.crop_size, cache_dir=args.cache_dir,
             progress=not args.no_progress, **checkpoint_options(args))
@@ -66,20 +90,27 @@ def run(args: argparse.Namespace) -> str:
         lines.append(f"{result.num_skipped} unreadable images skipped (not counted): "
                      f"{', '.join(result.skipped_paths)}{more}")
     if args.json:
-        _write_evaluation_json(args, result, note)
+        _write_evaluation_json(args, name, dataset, result, note)
     return "\n".join(lines)
 
 
-def _write_evaluation_json(args: argparse.Namespace, result: Any, note: str) -> None:
+def _write_evaluation_json(args: argparse.Namespace, name: str, dataset: Any, result: Any,
+                           note: str) -> None:
+    """The report names the weights measured: the weight set resolved from ``--weights``
+    (never ``DEFAULT``) and the file or URL the weights were read from (with ``--checkpoint``
+    the file found, e.g. a Hugging Face folder's ``model.safetensors``, as an absolute path)."""
     import jax
 
-    from resnext_flax.datasets import load_dataset
+    from resnext_flax.weights.catalog import resolve_weights
     from resnext_flax.weights.files import atomic_write
 
-    dataset = load_dataset(args.folder)
+    source = result.source
+    if source is not None and os.path.exists(source):
+        source = os.path.abspath(source)
     ok = (result.predictions >= 0).all(axis=1)
-    report = {"folder": args.folder, "model": args.model, "weights": args.weights,
-              "checkpoint": args.checkpoint, "batch_size": args.batch_size,
+    report = {"folder": args.folder, "model": name,
+              "weights": result.weights or resolve_weights(name, args.weights).name,
+              "checkpoint": source, "batch_size": args.batch_size,
               "devices": jax.device_count(), "labels": note, **result.summary(),
               "predictions": [{"path": path, "top5": [int(c) for c in top]}
                               for path, top, good in zip(dataset.paths, result.predictions,

@@ -24,7 +24,7 @@ def add_parser(commands: Any) -> None:
         description=_FINETUNE_DESCRIPTION)
     _add_finetune_arguments(parser)
     add_compilation_options(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, check=check_output_dir)
 
 
 def finetune_parser() -> argparse.ArgumentParser:
@@ -46,29 +46,35 @@ def _add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, choices=list(VARIANTS), metavar="NAME")
     p.add_argument("--weights", default="DEFAULT", metavar="TAG|PATH",
                    help="weight set tag, a local .pth/.safetensors file, or 'none' for random "
-                        "initialization (default DEFAULT)")
+                        "initialization (default: DEFAULT)")
     p.add_argument("--checkpoint", metavar="PATH", help="start from this local file (same as "
                                                         "--weights PATH)")
     p.add_argument("--output-dir", default="finetune-run", metavar="DIR",
-                   help="checkpoints, history.json and best.safetensors (default "
-                        "./finetune-run); rerun with the same directory to resume")
-    p.add_argument("--epochs", type=int)
+                   help="checkpoints, history.json and best.safetensors; its parent folder "
+                        "must exist; rerun with the same directory to resume (default: "
+                        "finetune-run)")
+    # The defaults in the help are FinetuneConfig's and Augmentation's (a test compares them).
+    p.add_argument("--epochs", type=int, help="passes over the training data (default: 10)")
     p.add_argument("--batch-size", type=int, metavar="N",
-                   help="global batch, a multiple of the device count")
-    p.add_argument("--optimizer", choices=("sgd", "adamw"))
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--momentum", type=float, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, help="on conv and linear kernels only")
-    p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--label-smoothing", type=float)
+                   help="global batch, a multiple of the device count (default: 64)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), help="sgd or adamw (default: sgd)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 0.01)")
+    p.add_argument("--momentum", type=float, help="SGD momentum (default: 0.9)")
+    p.add_argument("--weight-decay", type=float,
+                   help="on conv and linear kernels only (default: 0.0001)")
+    p.add_argument("--warmup-epochs", type=float,
+                   help="linear warm-up of the learning rate, then cosine decay (default: 1.0)")
+    p.add_argument("--label-smoothing", type=float,
+                   help="label smoothing of the loss (default: 0.1)")
     p.add_argument("--freeze-backbone", action="store_true", help="train the head only")
     p.add_argument("--bf16", action="store_true", help="bfloat16 compute")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int,
+                   help="shuffling, augmentation and the new head (default: 0)")
     p.add_argument("--min-scale", type=float,
-                   help="RandomResizedCrop's smallest area fraction (default 0.08)")
-    p.add_argument("--hflip", type=float, help="horizontal flip probability (default 0.5)")
+                   help="RandomResizedCrop's smallest area fraction (default: 0.08)")
+    p.add_argument("--hflip", type=float, help="horizontal flip probability (default: 0.5)")
     p.add_argument("--save-every", type=int, metavar="STEPS",
-                   help="also checkpoint every N steps (default: each epoch)")
+                   help="also checkpoint every N steps (default: 0, each epoch only)")
     add_loader_arguments(p)
     # A start file's options (--prefix...) are `convert`'s: a fix naming them is spelled as
     # that command, whose output the run then starts from.
@@ -99,11 +105,27 @@ def config_from_args(args: argparse.Namespace) -> Any:
         crop_size=args.crop_size, augmentation=Augmentation(**augmentation), **given)
 
 
+#: What a run writes in its ``--output-dir`` (see :func:`resnext_flax.finetuning.finetune`).
+RUN_FILES = ("best.safetensors", "history.json", "checkpoints")
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    """Before any work: ``--output-dir`` is not (inside) an input folder, does not hold a
+    file the run reads where the run writes, and can be created or written."""
+    from resnext_flax.outputs import check_output_path, weight_source_files
+
+    start = args.checkpoint or args.weights
+    read = weight_source_files(start) if os.path.exists(start) else []
+    check_output_path(args.output_dir, [args.train, args.val_dir, *read], what="--output-dir",
+                      directory=True, writes=RUN_FILES)
+
+
 def run(args: argparse.Namespace) -> str:
     """Run ``finetune`` (epoch lines are printed as they come) and return the summary."""
     from resnext_flax.finetuning import finetune, finetune_summary
     from resnext_flax.pipeline import LoaderOptions
 
+    check_output_dir(args)
     result = finetune(args.train, config_from_args(args), args.output_dir, val=args.val_dir,
                       loader=LoaderOptions(args.workers, args.threads),
                       progress=not args.no_progress, cache_dir=args.cache_dir)

@@ -19,6 +19,7 @@ from resnext_flax.errors import WeightsError
 from resnext_flax.models.functional import pure_forward
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import find_variant
+from resnext_flax.outputs import check_output_path, weight_source_files
 from resnext_flax.weights.checkpoint import save_checkpoint
 from resnext_flax.weights.files import WeightFileError
 from resnext_flax.weights.loading import CONVERTED_LAYOUT, load_model_with_report
@@ -116,13 +117,7 @@ def _torchvision_logits(model: ResNet, state_dict: Any, name: str,
 
 
 def _check_options(source, output, probe_shape, tolerance) -> None:
-    source, output = os.fspath(source), os.fspath(output)
-    same = os.path.realpath(source) == os.path.realpath(output)
-    if not same and os.path.exists(source) and os.path.exists(output):
-        same = os.path.samefile(source, output)
-    if same:
-        raise ValueError(f"the output {output!r} is the input file; choose another output path "
-                         "(the input would be overwritten)")
+    check_output_path(output, weight_source_files(source), what="the output")
     if len(probe_shape) != 3 or not all(isinstance(n, int) and n >= 1 for n in probe_shape):
         raise ValueError(f"the probe batch and size must be positive integers, got "
                          f"{tuple(probe_shape)}")
@@ -151,9 +146,11 @@ def convert_checkpoint(
     The output is written (atomically) only after the strict load and, with `verify`, only if
     the logits agree with torchvision's within relative `tolerance`. What the loaded model
     records (``pretrained_cfg``: class names from transformers' ``id2label``...) goes into
-    the output's header. An output that is the
-    input file (the same path, or the same file through a link) is refused before anything is
-    read. With `progress`, says on stderr what it does while it reads and verifies.
+    the output's header. The output is checked before anything is read
+    (:func:`~resnext_flax.outputs.check_output_path`): one of the files the input is read
+    through (a Hugging Face folder's weight file or ``config.json``), a folder, or a path in a
+    missing or read-only folder is refused. With `progress`, says on stderr what it does while
+    it reads and verifies.
     """
     _check_options(source, output, probe_shape, tolerance)
     if progress:

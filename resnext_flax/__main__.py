@@ -1,0 +1,7 @@
+"""``python -m resnext_flax``: the ``resnext-flax`` command."""
+
+import sys
+
+from resnext_flax.cli import main
+
+sys.exit(main())
