@@ -13,9 +13,24 @@ from resnext_flax.errors import UnknownModelError
 
 BlockKind = Literal["basic", "bottleneck"]
 
+#: The most blocks one stage may have. The table's deepest stage has 36 (resnet152's layer3);
+#: the bound leaves room for deeper relatives (ResNet-200/269: 36 and 48) while keeping what a
+#: file's header can make the library build, and XLA compile, bounded.
+MAX_BLOCKS_PER_STAGE = 64
+#: The most channels a block's grouped 3x3 conv may have (the last stage's
+#: ``int(512 * width_per_group / 64) * groups``). The table's widest is 2048 (resnext101_32x8d,
+#: resnext101_64x4d); the bound is four times that.
+MAX_BLOCK_WIDTH = 8192
+
 
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """`value`'s repr, cut for messages (a hostile header's value may be megabytes long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +57,21 @@ class ModelSpec:
             problems.append(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
         layers = self.layers
         if not (isinstance(layers, tuple) and len(layers) == 4
-                and all(_positive_int(n) for n in layers)):
-            problems.append(f"layers must be 4 positive ints, got {layers!r}")
+                and all(_positive_int(n) and n <= MAX_BLOCKS_PER_STAGE for n in layers)):
+            problems.append(f"layers must be 4 ints from 1 to {MAX_BLOCKS_PER_STAGE} "
+                            f"(MAX_BLOCKS_PER_STAGE), got {_short(layers)}")
+        widths = True
         for field in ("groups", "width_per_group"):
             if not _positive_int(getattr(self, field)):
-                problems.append(f"{field} must be a positive int, got {getattr(self, field)!r}")
+                problems.append(f"{field} must be a positive int, got "
+                                f"{_short(getattr(self, field))}")
+                widths = False
+        widest = self.groups * self.width_per_group * 512 // 64 if widths else 0  # exact ints
+        if widest > MAX_BLOCK_WIDTH:
+            problems.append(f"groups={_short(self.groups)} with width_per_group="
+                            f"{_short(self.width_per_group)} makes the last stage's grouped "
+                            f"conv {_short(widest)} channels wide, above {MAX_BLOCK_WIDTH} "
+                            "(MAX_BLOCK_WIDTH)")
         if self.block == "basic" and (self.groups, self.width_per_group) != (1, 64):
             problems.append("a 'basic' block needs groups=1 and width_per_group=64")
         if problems:
