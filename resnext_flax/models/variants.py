@@ -9,7 +9,7 @@ import dataclasses
 from types import MappingProxyType
 from typing import Literal
 
-from resnext_flax.errors import UnknownModelError
+from resnext_flax.errors import UnknownModelError, short_repr
 
 BlockKind = Literal["basic", "bottleneck"]
 
@@ -25,12 +25,6 @@ MAX_BLOCK_WIDTH = 8192
 
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _short(value: object, limit: int = 80) -> str:
-    """`value`'s repr, cut for messages (a hostile header's value may be megabytes long)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,18 +53,18 @@ class ModelSpec:
         if not (isinstance(layers, tuple) and len(layers) == 4
                 and all(_positive_int(n) and n <= MAX_BLOCKS_PER_STAGE for n in layers)):
             problems.append(f"layers must be 4 ints from 1 to {MAX_BLOCKS_PER_STAGE} "
-                            f"(MAX_BLOCKS_PER_STAGE), got {_short(layers)}")
+                            f"(MAX_BLOCKS_PER_STAGE), got {short_repr(layers)}")
         widths = True
         for field in ("groups", "width_per_group"):
             if not _positive_int(getattr(self, field)):
                 problems.append(f"{field} must be a positive int, got "
-                                f"{_short(getattr(self, field))}")
+                                f"{short_repr(getattr(self, field))}")
                 widths = False
         widest = self.groups * self.width_per_group * 512 // 64 if widths else 0  # exact ints
         if widest > MAX_BLOCK_WIDTH:
-            problems.append(f"groups={_short(self.groups)} with width_per_group="
-                            f"{_short(self.width_per_group)} makes the last stage's grouped "
-                            f"conv {_short(widest)} channels wide, above {MAX_BLOCK_WIDTH} "
+            problems.append(f"groups={short_repr(self.groups)} with width_per_group="
+                            f"{short_repr(self.width_per_group)} makes the last stage's grouped "
+                            f"conv {short_repr(widest)} channels wide, above {MAX_BLOCK_WIDTH} "
                             "(MAX_BLOCK_WIDTH)")
         if self.block == "basic" and (self.groups, self.width_per_group) != (1, 64):
             problems.append("a 'basic' block needs groups=1 and width_per_group=64")
