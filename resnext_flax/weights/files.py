@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 from resnext_flax.errors import Fix, Message, WeightFileNotFoundError, WeightsError
+from resnext_flax.weights import limits
 
 if TYPE_CHECKING:  # numpy is imported where arrays are made: `resnext-flax list` needs none
     import numpy as np
@@ -100,6 +101,12 @@ def _check_readable(path: str) -> None:
         raise OSError(err.errno, f"cannot read {path!r}: {err.strerror}") from err
 
 
+def _refuse(problem: str | None) -> None:
+    """Raise a WeightFileError for a file that exceeds a bound of ``weights.limits``."""
+    if problem:
+        raise WeightFileError(problem)
+
+
 def describe_file(path: str) -> str:
     """What a file looks like, from its size and first bytes, for error messages."""
     try:
@@ -127,6 +134,7 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
 
     path = os.fspath(path)
     _check_readable(path)
+    _refuse(limits.safetensors_header_problem(path))
     try:
         with safe_open(path, framework="numpy") as f:
             return dict(f.metadata() or {})
@@ -185,6 +193,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 
     try:
         with safe_open(path, framework="numpy") as f:
+            _refuse(limits.tensor_count_problem(path, len(f.keys())))
             tensors = {key: None if f.get_slice(key).get_dtype() == "BF16" else
                        f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (no dict)
         missing = [key for key, value in tensors.items() if value is None]
@@ -215,6 +224,7 @@ def _read_bfloat16(path: str, keys: list[str]) -> dict[str, np.ndarray]:
 
 
 def _read_torch_file(path: str, trust_pickle: bool = False) -> Any:
+    _refuse(limits.zip_members_problem(path))
     try:
         import torch
     except ImportError as err:  # pragma: no cover - depends on the environment
