@@ -216,8 +216,9 @@ def model_from_converted(
     classes, preprocessing = header_labels(weight_file.metadata, path)
     # Cast on the host and transfer once: a cast on the device compiles a program per shape.
     # Finiteness is checked after the cast: float64 values beyond float32's range become Inf.
-    arrays = {key: np.asarray(tensors[key], dtype=var.get_value().dtype)
-              for key, var in variables.items()}
+    with np.errstate(over="ignore"):  # overflow is reported by warn_non_finite, by key
+        arrays = {key: np.asarray(tensors[key], dtype=var.get_value().dtype)
+                  for key, var in variables.items()}
     warn_non_finite(arrays, repr(path))
     values = jax.device_put(list(arrays.values()))
     for var, value in zip(variables.values(), values, strict=True):

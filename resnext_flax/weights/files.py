@@ -180,6 +180,8 @@ def _read_hf_config(path: str) -> dict[str, Any] | None:
             data = json.load(f)
     except (OSError, ValueError) as err:
         raise WeightFileError(f"could not read {config!r} as JSON: {err}") from err
+    except RecursionError:
+        raise WeightFileError(f"could not read {config!r} as JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise WeightFileError(f"{config!r} holds a {type(data).__name__}, not a JSON object")
     return data

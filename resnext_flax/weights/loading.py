@@ -267,8 +267,10 @@ def load_torch_state_dict(
     # tensor's memory, which torch could later change in place), then one transfer: on the
     # device each would compile a program per shape. Finiteness is checked after the cast:
     # float64 values beyond float32's range become Inf.
-    cast = {key: np.array(from_torch_layout(leaf, arrays[key]), dtype=var.get_value().dtype,
-                          order="C") for key, leaf, var in targets}
+    with np.errstate(over="ignore"):  # overflow is reported by warn_non_finite, by key
+        cast = {key: np.array(from_torch_layout(leaf, arrays[key]),
+                              dtype=var.get_value().dtype, order="C")
+                for key, leaf, var in targets}
     warn_non_finite(cast, "the state dict")
     values = jax.device_put(list(cast.values()))
     for (_, _, var), value in zip(targets, values, strict=True):
