@@ -125,6 +125,18 @@ def test_inspect_with_another_model_fails_as_the_load_does(converted, capsys):
     assert "not resnet50" in capsys.readouterr().err
 
 
+def test_state_dict_with_too_many_blocks_names_the_bound(tmp_path):
+    state = {"conv1.weight": torch.zeros(64, 3, 7, 7), "bn1.weight": torch.zeros(64)}
+    for stage, blocks in ((1, MAX_BLOCKS_PER_STAGE + 1), (2, 1), (3, 1), (4, 1)):
+        for block in range(blocks):
+            state[f"layer{stage}.{block}.conv1.weight"] = torch.zeros(0)
+    path = tmp_path / "deep.pth"
+    torch.save(state, path)
+    error = str(resnext_flax.inspect_checkpoint(path).error)
+    assert f"layer1 holds {MAX_BLOCKS_PER_STAGE + 1} blocks" in error
+    assert "MAX_BLOCKS_PER_STAGE" in error and "0 trunk key(s)" not in error
+
+
 def test_limits_leave_room_for_every_variant():
     widest = max(spec.block_width(512) for spec in VARIANTS.values())
     deepest = max(max(spec.layers) for spec in VARIANTS.values())
