@@ -22,7 +22,13 @@ import resnext_flax
 from resnext_flax import cli
 from resnext_flax.metadata import MAX_IMAGE_SIZE, Preprocessing
 from resnext_flax.models.resnet import MAX_CLASSES
-from resnext_flax.models.variants import MAX_BLOCK_WIDTH, MAX_BLOCKS_PER_STAGE, VARIANTS, ModelSpec
+from resnext_flax.models.variants import (
+    MAX_BLOCK_WIDTH,
+    MAX_BLOCKS,
+    MAX_BLOCKS_PER_STAGE,
+    VARIANTS,
+    ModelSpec,
+)
 from resnext_flax.weights import limits
 from resnext_flax.weights.checkpoint import CheckpointError
 from resnext_flax.weights.files import WeightFileError
@@ -87,6 +93,8 @@ def test_many_blocks_backed_by_zero_size_tensors_are_refused_before_building(
 @pytest.mark.parametrize(("changes", "field", "phrase"), [
     ({"spec": json.dumps({**SPEC, "layers": [MAX_BLOCKS_PER_STAGE + 1, 2, 2, 2]})}, "spec",
      "MAX_BLOCKS_PER_STAGE"),
+    ({"spec": json.dumps({**SPEC, "layers": [MAX_BLOCKS_PER_STAGE, MAX_BLOCKS_PER_STAGE, 1, 1]})},
+     "spec", "(MAX_BLOCKS)"),
     ({"spec": json.dumps({**SPEC, "groups": 0})}, "spec", "groups must be a positive int"),
     ({"spec": json.dumps({"block": "bottleneck", "layers": [1, 1, 1, 1], "groups": 10**6,
                           "width_per_group": 4})}, "spec", "MAX_BLOCK_WIDTH"),
@@ -140,14 +148,17 @@ def test_state_dict_with_too_many_blocks_names_the_bound(tmp_path):
 def test_limits_leave_room_for_every_variant():
     widest = max(spec.block_width(512) for spec in VARIANTS.values())
     deepest = max(max(spec.layers) for spec in VARIANTS.values())
-    # room for deeper relatives of the table's (ResNet-269's 48 blocks) and wider ones
+    # room for deeper relatives of the table's (ResNet-269: 3-30-48-8) and wider ones
     assert max(deepest, 48) <= MAX_BLOCKS_PER_STAGE and 4 * widest <= MAX_BLOCK_WIDTH
+    assert max(sum(spec.layers) for spec in VARIANTS.values()) * 2 <= MAX_BLOCKS
+    assert sum((3, 30, 48, 8)) <= MAX_BLOCKS
     largest = max(sum(math.prod(s) for s in expected_shapes(spec, 1000).values())
                   for spec in VARIANTS.values())
     assert 2 * 8 * largest <= limits.MAX_ZIP_MEMBER_BYTES  # float64, with headroom
-    at_the_limit = ModelSpec("bottleneck", (MAX_BLOCKS_PER_STAGE,) * 4)
+    rest = MAX_BLOCKS - MAX_BLOCKS_PER_STAGE - 2
+    at_the_limit = ModelSpec("bottleneck", (1, rest, MAX_BLOCKS_PER_STAGE, 1))
     keys = len(expected_shapes(at_the_limit, 1000))
-    assert 2 * keys <= limits.MAX_SAFETENSORS_TENSORS
+    assert 5 * keys <= limits.MAX_SAFETENSORS_TENSORS
 
 
 # ---- converted-checkpoint headers: preprocessing ----------------------------------------------

@@ -17,6 +17,10 @@ BlockKind = Literal["basic", "bottleneck"]
 #: the bound leaves room for deeper relatives (ResNet-200/269: 36 and 48) while keeping what a
 #: file's header can make the library build, and XLA compile, bounded.
 MAX_BLOCKS_PER_STAGE = 64
+#: The most blocks all four stages may have together: twice the table's deepest (resnet152's
+#: 50), room for ResNet-200/269 (66 and 89). XLA's compile time grows faster than the block
+#: count, so this keeps the first call of a model a file describes within minutes.
+MAX_BLOCKS = 100
 #: The most channels a block's grouped 3x3 conv may have (the last stage's
 #: ``int(512 * width_per_group / 64) * groups``). The table's widest is 2048 (resnext101_32x8d,
 #: resnext101_64x4d); the bound is four times that.
@@ -54,6 +58,9 @@ class ModelSpec:
                 and all(_positive_int(n) and n <= MAX_BLOCKS_PER_STAGE for n in layers)):
             problems.append(f"layers must be 4 ints from 1 to {MAX_BLOCKS_PER_STAGE} "
                             f"(MAX_BLOCKS_PER_STAGE), got {short_repr(layers)}")
+        elif sum(layers) > MAX_BLOCKS:
+            problems.append(f"layers must add up to at most {MAX_BLOCKS} blocks (MAX_BLOCKS), "
+                            f"got {layers!r}: {sum(layers)}")
         widths = True
         for field in ("groups", "width_per_group"):
             if not _positive_int(getattr(self, field)):

@@ -12,10 +12,10 @@ from __future__ import annotations
 import zipfile
 
 #: The most tensors a ``.safetensors`` file may hold. The table's largest state dict
-#: (resnet152, with ``num_batches_tracked``) has about 930 and the largest architecture
-#: ``models.variants``' limits allow about 5,200; the bound leaves room for two of those (an EMA
-#: or MoCo file). Checked before the file's tensors are read.
-MAX_SAFETENSORS_TENSORS = 20_000
+#: (resnet152, with ``num_batches_tracked``) has about 930 and the deepest architecture
+#: ``models.variants``' limits allow about 1,850; the bound leaves room for five of those (EMA
+#: copies, MoCo's two encoders). Checked before the file's tensors are read.
+MAX_SAFETENSORS_TENSORS = 10_000
 #: The largest ``.safetensors`` header (the JSON after the 8-byte length) read: room for
 #: ``MAX_SAFETENSORS_TENSORS`` entries and a converted checkpoint's class names. Checked on the
 #: length field, before any of the header is parsed.
