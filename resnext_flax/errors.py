@@ -110,6 +110,13 @@ def render(text: Any, fix: Callable[[Fix], str]) -> str:
     return text.render(fix) if isinstance(text, Message) else str(text)
 
 
+def short_repr(value: Any, limit: int = 80) -> str:
+    """`value`'s repr cut to about `limit` characters, for messages about a file's values (a
+    hostile header's field may be megabytes long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def join(separator: str, items: Any) -> Message:
     """``separator.join(items)`` that keeps the fixes of :class:`Message` items."""
     parts: list[str | Fix] = []

@@ -16,12 +16,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.resources
+import math
 from typing import Any
 
+from resnext_flax.errors import short_repr
 from resnext_flax.models.variants import ModelSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: The largest ``resize_size``/``crop_size`` a :class:`Preprocessing` may ask for: eight times
+#: the largest torchvision's weights use (600), and a 4096x4096 float32 batch row is already
+#: 200 MB; a larger size in a file's header would allocate gigabytes per image.
+MAX_IMAGE_SIZE = 4096
 
 #: torchvision's ``InterpolationMode`` values (all map onto a Pillow resampling filter).
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
@@ -44,18 +51,28 @@ class Preprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        if self.resize_size < 1 or self.crop_size < 1:
+        for field in ("mean", "std"):  # lists (JSON arrays) are accepted as tuples
+            if isinstance(getattr(self, field), list):
+                object.__setattr__(self, field, tuple(getattr(self, field)))
+        for field in ("resize_size", "crop_size"):
+            size = getattr(self, field)
+            if not (isinstance(size, int) and not isinstance(size, bool)
+                    and 1 <= size <= MAX_IMAGE_SIZE):
+                raise ValueError(f"{field} must be an int from 1 to {MAX_IMAGE_SIZE} "
+                                 f"(MAX_IMAGE_SIZE), got {short_repr(size)}")
+        if not isinstance(self.interpolation, str) or self.interpolation not in INTERPOLATIONS:
             raise ValueError(
-                f"resize_size and crop_size must be positive, got {self.resize_size} and "
-                f"{self.crop_size}"
-            )
-        if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(
-                f"unknown interpolation {self.interpolation!r}; expected one of "
+                f"unknown interpolation {short_repr(self.interpolation)}; expected one of "
                 f"{', '.join(INTERPOLATIONS)}"
             )
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"mean and std need 3 values, std > 0; got {self.mean}, {self.std}")
+        if not isinstance(self.antialias, bool):
+            raise ValueError(f"antialias must be true or false, got {short_repr(self.antialias)}")
+        for field in ("mean", "std"):
+            values = getattr(self, field)
+            if not (isinstance(values, tuple) and len(values) == 3 and all(
+                    _finite_number(v) and (field == "mean" or v > 0) for v in values)):
+                raise ValueError(f"{field} must be 3 finite numbers{', > 0' * (field == 'std')}"
+                                 f", got {short_repr(values)}")
 
     def to_json(self) -> dict[str, Any]:
         """The fields as JSON values (a converted checkpoint's header)."""
@@ -67,6 +84,11 @@ class Preprocessing:
         if not isinstance(data, dict):
             raise TypeError(f"expected a JSON object, got {type(data).__name__}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _finite_number(value: object) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def _package_lines(name: str) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ import resnext_flax
 from resnext_flax import cli
 from resnext_flax.cli.common import render_error
 from resnext_flax.models.variants import VARIANTS, ModelSpec
-from resnext_flax.weights.files import UntrustedPickleError
+from resnext_flax.weights.files import UntrustedPickleError, WeightFileError
 from resnext_flax.weights.loading import load_model_with_report
 from resnext_flax.weights.resolve import CheckpointLayoutError
 from resnext_flax.weights.torch_port import StateDictMismatchError, expected_shapes
@@ -301,6 +301,30 @@ def test_transformers_config_that_is_not_torchvision_is_refused(tmp_path):
         resnext_flax.load_model(tmp_path / "r26")
     spec = ModelSpec("bottleneck", (2, 2, 2, 2))
     assert resnext_flax.inspect_checkpoint(tmp_path / "r26").problems == (f"{spec} {refusal}",)
+
+
+@pytest.mark.parametrize(("config", "phrase"), [
+    ({"depths": 5}, "field 'depths' must be a list of block counts, got 5"),
+    ({"depths": ["2", 2, 2, 2]}, "field 'depths'"),
+])
+def test_transformers_config_fields_of_the_wrong_type_are_one_error(tmp_path, config, phrase):
+    hf = transformers_resnet("basic", [2, 2, 2, 2], [64, 128, 256, 512], headless=False,
+                             seed=42)
+    hf.save_pretrained(tmp_path)
+    stored = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**stored, **config}))
+    with pytest.raises(CheckpointLayoutError, match=phrase):
+        resnext_flax.load_model(tmp_path)
+    assert phrase.split(" must")[0] in str(resnext_flax.inspect_checkpoint(tmp_path).error)
+
+
+def test_transformers_config_nested_too_deeply_is_one_error(tmp_path):
+    hf = transformers_resnet("basic", [2, 2, 2, 2], [64, 128, 256, 512], headless=False,
+                             seed=42)
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(WeightFileError, match="nested too deeply"):
+        resnext_flax.load_model(tmp_path)
 
 
 # ---- pickles -----------------------------------------------------------------------------------

@@ -9,9 +9,22 @@ import dataclasses
 from types import MappingProxyType
 from typing import Literal
 
-from resnext_flax.errors import UnknownModelError
+from resnext_flax.errors import UnknownModelError, short_repr
 
 BlockKind = Literal["basic", "bottleneck"]
+
+#: The most blocks one stage may have. The table's deepest stage has 36 (resnet152's layer3);
+#: the bound leaves room for deeper relatives (ResNet-200/269: 36 and 48) while keeping what a
+#: file's header can make the library build, and XLA compile, bounded.
+MAX_BLOCKS_PER_STAGE = 64
+#: The most blocks all four stages may have together: twice the table's deepest (resnet152's
+#: 50), room for ResNet-200/269 (66 and 89). XLA's compile time grows faster than the block
+#: count, so this keeps the first call of a model a file describes within minutes.
+MAX_BLOCKS = 100
+#: The most channels a block's grouped 3x3 conv may have (the last stage's
+#: ``int(512 * width_per_group / 64) * groups``). The table's widest is 2048 (resnext101_32x8d,
+#: resnext101_64x4d); the bound is four times that.
+MAX_BLOCK_WIDTH = 8192
 
 
 def _positive_int(value: object) -> bool:
@@ -42,11 +55,24 @@ class ModelSpec:
             problems.append(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
         layers = self.layers
         if not (isinstance(layers, tuple) and len(layers) == 4
-                and all(_positive_int(n) for n in layers)):
-            problems.append(f"layers must be 4 positive ints, got {layers!r}")
+                and all(_positive_int(n) and n <= MAX_BLOCKS_PER_STAGE for n in layers)):
+            problems.append(f"layers must be 4 ints from 1 to {MAX_BLOCKS_PER_STAGE} "
+                            f"(MAX_BLOCKS_PER_STAGE), got {short_repr(layers)}")
+        elif sum(layers) > MAX_BLOCKS:
+            problems.append(f"layers must add up to at most {MAX_BLOCKS} blocks (MAX_BLOCKS), "
+                            f"got {layers!r}: {sum(layers)}")
+        widths = True
         for field in ("groups", "width_per_group"):
             if not _positive_int(getattr(self, field)):
-                problems.append(f"{field} must be a positive int, got {getattr(self, field)!r}")
+                problems.append(f"{field} must be a positive int, got "
+                                f"{short_repr(getattr(self, field))}")
+                widths = False
+        widest = self.groups * self.width_per_group * 512 // 64 if widths else 0  # exact ints
+        if widest > MAX_BLOCK_WIDTH:
+            problems.append(f"groups={short_repr(self.groups)} with width_per_group="
+                            f"{short_repr(self.width_per_group)} makes the last stage's grouped "
+                            f"conv {short_repr(widest)} channels wide, above {MAX_BLOCK_WIDTH} "
+                            "(MAX_BLOCK_WIDTH)")
         if self.block == "basic" and (self.groups, self.width_per_group) != (1, 64):
             problems.append("a 'basic' block needs groups=1 and width_per_group=64")
         if problems:

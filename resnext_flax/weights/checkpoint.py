@@ -8,10 +8,12 @@ framework reads; orbax is the tool for training state (see ``docs/training.md``)
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import jax
@@ -21,7 +23,7 @@ from flax import nnx
 
 from resnext_flax.errors import WeightsError
 from resnext_flax.metadata import Preprocessing, PretrainedCfg, pretrained_cfg
-from resnext_flax.models.resnet import ResNet
+from resnext_flax.models.resnet import ResNet, check_num_classes
 from resnext_flax.models.variants import ModelSpec, find_variant
 from resnext_flax.nn.init import abstract_model
 from resnext_flax.weights.files import (
@@ -151,26 +153,39 @@ def header_labels(
 ) -> tuple[tuple[str, ...] | None, Preprocessing | None]:
     """(class names, preprocessing) of a converted checkpoint's header. Class names are under
     ``classes``; files written by earlier converters have them under ``class_names``."""
-    def field(key: str) -> Any:
-        try:
-            return json.loads(meta[key]) if key in meta else None
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path!r}: header field {key!r} is not JSON "
-                                  f"({err})") from None
-
-    classes = field("classes")
-    classes = field("class_names") if classes is None else classes
-    preprocessing = field("preprocessing")
+    key = "classes" if "classes" in meta else "class_names"
+    classes = _header_json(meta, key, path)
+    preprocessing = _header_json(meta, "preprocessing", path)
     try:
         if classes is not None:
             classes = tuple(_check_classes(classes, int(meta.get("num_classes", -1)),
                                             f"reading {path!r}"))
+    except (TypeError, ValueError) as err:
+        raise _header_error(path, key, str(err)) from None
+    try:
         if preprocessing is not None:
             preprocessing = Preprocessing.from_json(preprocessing)
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path!r}: malformed class names or preprocessing "
-                              f"in the header: {err}") from None
+        raise _header_error(path, "preprocessing", str(err)) from None
     return classes, preprocessing
+
+
+def _header_error(path: str, field: str, why: str) -> CheckpointError:
+    return CheckpointError(f"{path!r}: malformed converted-checkpoint header, "
+                           f"field {field!r}: {why}")
+
+
+def _header_json(meta: Mapping[str, str], key: str, path: str) -> Any:
+    """A header field's JSON value (None if absent); nesting too deep for the parser is
+    malformed like any other bad JSON."""
+    if key not in meta:
+        return None
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as err:
+        raise _header_error(path, key, f"not JSON ({err})") from None
+    except RecursionError:
+        raise _header_error(path, key, "JSON nested too deeply") from None
 
 
 def load_checkpoint(
@@ -192,26 +207,20 @@ def model_from_converted(
 ) -> ResNet:
     """The model a converted checkpoint (read by ``read_weight_file``) describes, filled."""
     path, tensors = weight_file.path, weight_file.content
-    spec, num_classes = _architecture(weight_file.metadata, tensors, path)
+    spec, num_classes = check_converted(weight_file)
     model = abstract_model(
         lambda rngs: ResNet(spec, num_classes=num_classes, dtype=dtype, param_dtype=param_dtype,
                             rngs=rngs)
     )
     variables = _flat_variables(model)
-    report = compare_shapes({k: tuple(v.get_value().shape) for k, v in variables.items()},
-                            {k: tuple(v.shape) for k, v in tensors.items()},
-                            f"its header records {spec} with num_classes={num_classes}")
-    if not report.ok:
-        raise CheckpointError(report.format(repr(path)))
-    bad = sorted(k for k in variables if not jnp.issubdtype(tensors[k].dtype, jnp.floating))
-    if bad:
-        raise CheckpointError(f"{path!r}: tensors must be floating point; not so for "
-                              + ", ".join(f"{k} ({tensors[k].dtype})" for k in bad))
-    warn_non_finite({k: tensors[k] for k in variables}, repr(path))
     classes, preprocessing = header_labels(weight_file.metadata, path)
     # Cast on the host and transfer once: a cast on the device compiles a program per shape.
-    values = jax.device_put([np.asarray(tensors[key], dtype=var.get_value().dtype)
-                             for key, var in variables.items()])
+    # Finiteness is checked after the cast: float64 values beyond float32's range become Inf.
+    with np.errstate(over="ignore"):  # overflow is reported by warn_non_finite, by key
+        arrays = {key: np.asarray(tensors[key], dtype=var.get_value().dtype)
+                  for key, var in variables.items()}
+    warn_non_finite(arrays, repr(path))
+    values = jax.device_put(list(arrays.values()))
     for var, value in zip(variables.values(), values, strict=True):
         var.set_value(value)
     model.eval()
@@ -225,40 +234,71 @@ def model_from_converted(
     return model
 
 
+def check_converted(weight_file: WeightFile) -> tuple[ModelSpec, int]:
+    """The architecture and class count of a converted checkpoint (read by
+    ``read_weight_file``), after every check a load makes short of building the model: the
+    header (architecture within ``models.variants``' limits, ``num_classes`` up to
+    ``MAX_CLASSES``, class names, preprocessing), and every tensor's key, shape and floating
+    dtype against that architecture. CheckpointError naming the file and the field otherwise.
+    ``resnext-flax inspect`` runs it too, so it fails exactly where a load would."""
+    path, tensors = weight_file.path, weight_file.content
+    spec, num_classes = _architecture(weight_file.metadata, tensors, path)
+    expected = _converted_shapes(spec, num_classes)
+    report = compare_shapes(expected, {k: tuple(v.shape) for k, v in tensors.items()},
+                            f"its header records {spec} with num_classes={num_classes}")
+    if not report.ok:
+        raise CheckpointError(report.format(repr(path)))
+    bad = sorted(k for k in expected if not jnp.issubdtype(tensors[k].dtype, jnp.floating))
+    if bad:
+        raise CheckpointError(f"{path!r}: tensors must be floating point; not so for "
+                              + ", ".join(f"{k} ({tensors[k].dtype})" for k in bad))
+    header_labels(weight_file.metadata, path)
+    return spec, num_classes
+
+
+@functools.lru_cache(maxsize=16)
+def _converted_shapes(spec: ModelSpec, num_classes: int) -> Mapping[str, tuple[int, ...]]:
+    """The key -> shape table a converted checkpoint of `spec` holds (NNX paths), read off an
+    abstract model (nothing is allocated)."""
+    model = abstract_model(lambda rngs: ResNet(spec, num_classes=num_classes, rngs=rngs))
+    return MappingProxyType({k: tuple(v.get_value().shape)
+                             for k, v in _flat_variables(model).items()})
+
+
 def _architecture(
     meta: Mapping[str, str], tensors: Mapping[str, Any], path: str
 ) -> tuple[ModelSpec, int]:
-    """The header's architecture, validated against the tensors before anything is built (a
-    header claiming thousands of blocks must not make the loader build them)."""
-    def fail(field: str, why: str) -> CheckpointError:
-        return CheckpointError(f"{path!r}: malformed converted-checkpoint header, "
-                               f"field {field!r}: {why}")
-
+    """The header's architecture, validated against the limits of ``models.variants``
+    (``MAX_BLOCKS_PER_STAGE``, ``MAX_BLOCK_WIDTH``) and ``MAX_CLASSES``, and against the
+    number of tensors, before anything is built (a header claiming thousands of blocks must not
+    make the loader build them)."""
     if "spec" not in meta:
-        raise fail("spec", "missing")
-    try:
-        data = json.loads(meta["spec"])
-    except json.JSONDecodeError as err:
-        raise fail("spec", f"not JSON ({err})") from None
+        raise _header_error(path, "spec", "missing")
+    data = _header_json(meta, "spec", path)
     if not isinstance(data, dict):
-        raise fail("spec", f"expected a JSON object, got {type(data).__name__}")
+        raise _header_error(path, "spec", f"expected a JSON object, got {type(data).__name__}")
     fields = {"block", "layers", "groups", "width_per_group"}
     unknown, absent = sorted(set(data) - fields), sorted(fields - set(data))
     if unknown or absent:
-        raise fail("spec", f"expected the fields {sorted(fields)}; unknown {unknown}, "
-                           f"missing {absent}")
+        raise _header_error(path, "spec", f"expected the fields {sorted(fields)}; unknown "
+                                          f"{unknown[:10]}, missing {absent}")
     try:
         layers = data["layers"]
         spec = ModelSpec(data["block"], tuple(layers) if isinstance(layers, list) else layers,
                          data["groups"], data["width_per_group"])
     except (TypeError, ValueError) as err:
-        raise fail("spec", str(err)) from None
+        raise _header_error(path, "spec", str(err)) from None
     raw = meta.get("num_classes", "")
-    if not re.fullmatch(r"\d+", raw):
-        raise fail("num_classes", f"expected a non-negative integer, got {raw!r}")
+    if not re.fullmatch(r"\d{1,20}", raw):
+        raise _header_error(path, "num_classes",
+                            f"expected a non-negative integer, got {raw[:40]!r}")
+    try:
+        check_num_classes(int(raw))
+    except ValueError as err:
+        raise _header_error(path, "num_classes", str(err)) from None
     if sum(spec.layers) > len(tensors):  # every block holds tensors: checked before building
-        raise fail("spec", f"records {sum(spec.layers)} blocks, but the file holds only "
-                           f"{len(tensors)} tensors")
+        raise _header_error(path, "spec", f"records {sum(spec.layers)} blocks, but the file "
+                                          f"holds only {len(tensors)} tensors")
     return spec, int(raw)
 
 

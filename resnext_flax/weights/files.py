@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 from resnext_flax.errors import Fix, Message, WeightFileNotFoundError, WeightsError
+from resnext_flax.weights import limits
 
 if TYPE_CHECKING:  # numpy is imported where arrays are made: `resnext-flax list` needs none
     import numpy as np
@@ -105,6 +106,12 @@ def _check_readable(path: str) -> None:
         raise OSError(err.errno, f"cannot read {path!r}: {err.strerror}") from err
 
 
+def _refuse(problem: str | None) -> None:
+    """Raise a WeightFileError for a file that exceeds a bound of ``weights.limits``."""
+    if problem:
+        raise WeightFileError(problem)
+
+
 def describe_file(path: str) -> str:
     """What a file looks like, from its size and first bytes, for error messages."""
     try:
@@ -132,6 +139,7 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
 
     path = os.fspath(path)
     _check_readable(path)
+    _refuse(limits.safetensors_header_problem(path))
     try:
         with safe_open(path, framework="numpy") as f:
             return dict(f.metadata() or {})
@@ -177,6 +185,8 @@ def _read_hf_config(path: str) -> dict[str, Any] | None:
             data = json.load(f)
     except (OSError, ValueError) as err:
         raise WeightFileError(f"could not read {config!r} as JSON: {err}") from err
+    except RecursionError:
+        raise WeightFileError(f"could not read {config!r} as JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise WeightFileError(f"{config!r} holds a {type(data).__name__}, not a JSON object")
     return data
@@ -190,6 +200,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 
     try:
         with safe_open(path, framework="numpy") as f:
+            _refuse(limits.tensor_count_problem(path, len(f.keys())))
             tensors = {key: None if f.get_slice(key).get_dtype() == "BF16" else
                        f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (no dict)
         missing = [key for key, value in tensors.items() if value is None]
@@ -220,6 +231,7 @@ def _read_bfloat16(path: str, keys: list[str]) -> dict[str, np.ndarray]:
 
 
 def _read_torch_file(path: str, trust_pickle: bool = False) -> Any:
+    _refuse(limits.zip_members_problem(path))
     try:
         import torch
     except ImportError as err:  # pragma: no cover - depends on the environment

@@ -19,12 +19,16 @@ import jax
 import numpy as np
 from flax import nnx
 
-from resnext_flax.errors import WeightsError
+from resnext_flax.errors import Message, WeightsError
 from resnext_flax.metadata import PretrainedCfg
 from resnext_flax.models.resnet import ResNet
-from resnext_flax.models.variants import VARIANTS, find_variant, get_spec
+from resnext_flax.models.variants import VARIANTS, ModelSpec, find_variant, get_spec
 from resnext_flax.nn.init import abstract_model
-from resnext_flax.weights.checkpoint import header_labels, model_from_converted
+from resnext_flax.weights.checkpoint import (
+    check_converted,
+    header_labels,
+    model_from_converted,
+)
 from resnext_flax.weights.files import WeightFile, WeightFileError, read_weight_file
 from resnext_flax.weights.foreign.report import CheckpointLayoutError, CheckpointReport
 from resnext_flax.weights.foreign.resolve import resolve_checkpoint, suggest_fix
@@ -71,7 +75,7 @@ def inspect_checkpoint(
         return resolve_checkpoint(source, options=options, name=name, source="the state dict")
     weight_file = _read(source, trust_pickle)
     if weight_file.kind == "converted":
-        return _converted_report(weight_file, options)
+        return _converted_report(weight_file, options, name)
     return resolve_checkpoint(weight_file.content, options=options, name=name,
                               source=repr(weight_file.path), config=weight_file.config)
 
@@ -82,15 +86,21 @@ def _read(source: str | os.PathLike | WeightFile, trust_pickle: bool) -> WeightF
     return read_weight_file(source, trust_pickle=trust_pickle)
 
 
-def _converted_report(weight_file: WeightFile, options: CheckpointOptions) -> CheckpointReport:
-    """A converted checkpoint holds one model under NNX names; only `num_classes` applies."""
+def _converted_report(weight_file: WeightFile, options: CheckpointOptions,
+                      name: str | None) -> CheckpointReport:
+    """A converted checkpoint holds one model under NNX names; only `num_classes` applies.
+    The file is checked as a load checks it (``check_converted``); where that fails, the
+    report's `error` says why."""
     source = repr(weight_file.path)
     if options.prefix is not None or options.ema or options.key is not None:
         raise WeightsError(f"{source} is a converted resnext_flax checkpoint holding one model; "
                            "prefix, ema and key apply to PyTorch files")
     meta = weight_file.metadata
-    stored = int(meta.get("num_classes", "0") or 0)
-    spec = VARIANTS.get(meta.get("model", ""))
+    try:
+        spec, stored = check_converted(weight_file)
+        _check_name(weight_file.path, spec, name)
+    except WeightsError as err:
+        return CheckpointReport(source, CONVERTED_LAYOUT, (), (), None, Message(str(err)))
     head = Head("linear", stored) if stored else Head("none")
     chosen = Candidate((), "", "torchvision", spec, head, (), (), dict(weight_file.content), {})
     wanted = stored if options.num_classes is None else options.num_classes
@@ -126,15 +136,20 @@ def load_model_with_report(
 
 def _load_converted(weight_file: WeightFile, name: str | None, options: CheckpointOptions,
                     dtype: Any) -> tuple[ResNet, CheckpointReport]:
-    report = _converted_report(weight_file, options)
+    spec, _ = check_converted(weight_file)  # the file's own errors, before any report
+    _check_name(weight_file.path, spec, name)
+    report = _converted_report(weight_file, options, name)
     model = model_from_converted(weight_file, dtype=dtype)
-    held = find_variant(model.spec)
-    if name is not None and held != name:
-        raise WeightsError(f"{weight_file.path!r} holds a {held or model.spec} checkpoint, "
-                           f"not {name}")
     if report.num_classes != model.num_classes:
         model.reset_classifier(report.num_classes)  # the record follows (with_head)
     return model, report
+
+
+def _check_name(path: str, spec: ModelSpec, name: str | None) -> None:
+    """A WeightsError unless a converted checkpoint of `spec` is the model `name` asked for."""
+    held = find_variant(spec)
+    if name is not None and held != name:
+        raise WeightsError(f"{path!r} holds a {held or spec} checkpoint, not {name}")
 
 
 def _build(report: CheckpointReport, name: str | None, dtype: Any, path: str | None) -> ResNet:
@@ -247,14 +262,17 @@ def load_torch_state_dict(
     variables = torch_variables(model)
     arrays = {key: to_numpy(key, sd[key]) for key in variables
               if key in sd and key not in skip}  # every dtype checked before any write
-    warn_non_finite(arrays, "the state dict")
     targets = [(key, leaf, var) for key, (leaf, var) in variables.items() if key in arrays]
     # Relayout and cast on the host, into a copy (the device array must not alias the torch
     # tensor's memory, which torch could later change in place), then one transfer: on the
-    # device each would compile a program per shape.
-    values = jax.device_put([np.array(from_torch_layout(leaf, arrays[key]),
-                                      dtype=var.get_value().dtype, order="C")
-                             for key, leaf, var in targets])
+    # device each would compile a program per shape. Finiteness is checked after the cast:
+    # float64 values beyond float32's range become Inf.
+    with np.errstate(over="ignore"):  # overflow is reported by warn_non_finite, by key
+        cast = {key: np.array(from_torch_layout(leaf, arrays[key]),
+                              dtype=var.get_value().dtype, order="C")
+                for key, leaf, var in targets}
+    warn_non_finite(cast, "the state dict")
+    values = jax.device_put(list(cast.values()))
     for (_, _, var), value in zip(targets, values, strict=True):
         var.set_value(value)
     if isinstance(model, ResNet):

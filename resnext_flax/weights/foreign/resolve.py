@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from resnext_flax.errors import Fix, Message, join
+from resnext_flax.errors import Fix, Message, join, short_repr
 from resnext_flax.models.variants import VARIANTS, ModelSpec
 from resnext_flax.weights.foreign.names import KEY_STYLES
 from resnext_flax.weights.foreign.report import CheckpointReport
@@ -202,16 +202,22 @@ def _check_transformers_config(
     expected = {"model_type": "resnet", "num_channels": 3, "embedding_size": 64,
                 "hidden_act": "relu", "downsample_in_first_stage": False,
                 "downsample_in_bottleneck": False}
-    wrong = [f"{k}={config.get(k, v)!r} (torchvision: {v!r})" for k, v in expected.items()
-             if config.get(k, v) != v]
+    wrong = [f"{k}={short_repr(config.get(k, v))} (torchvision: {v!r})"
+             for k, v in expected.items() if config.get(k, v) != v]
+    depths = config.get("depths")
+    if depths is not None and not (isinstance(depths, list) and all(
+            isinstance(n, int) and not isinstance(n, bool) for n in depths)):
+        return (f"its config.json field 'depths' must be a list of block counts, got "
+                f"{short_repr(depths)}"), None
     spec = chosen.spec
     if spec is not None:
         layer_type = config.get("layer_type", "bottleneck")
         if layer_type != spec.block:
-            wrong.append(f"layer_type={layer_type!r} but the weights hold {spec.block} blocks")
-        depths = config.get("depths")
+            wrong.append(f"layer_type={short_repr(layer_type)} but the weights hold "
+                         f"{spec.block} blocks")
         if depths is not None and tuple(depths) != spec.layers:
-            wrong.append(f"depths={list(depths)} but the weights hold {list(spec.layers)}")
+            wrong.append(f"depths={short_repr(depths)} but the weights hold "
+                         f"{list(spec.layers)}")
     if wrong:
         return ("its config.json describes a network this library does not implement: "
                 + "; ".join(wrong)), None

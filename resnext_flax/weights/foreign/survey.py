@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from resnext_flax.models.variants import ModelSpec, find_variant
+from resnext_flax.models.variants import MAX_BLOCKS_PER_STAGE, ModelSpec, find_variant
 from resnext_flax.weights.foreign.names import (
     TRUNK_CHILDREN,
     rename_sequential,
@@ -99,6 +99,7 @@ class Candidate:
     mismatched: tuple[str, ...]
     state_dict: dict[str, Any] = dataclasses.field(repr=False, compare=False)
     original_keys: dict[str, str] = dataclasses.field(repr=False, compare=False)
+    problem: str = ""  # why no architecture could be built from its keys, where known
 
     @property
     def complete(self) -> bool:
@@ -114,7 +115,9 @@ class Candidate:
 
     def label(self) -> str:
         state = arch_phrase(self.spec)
-        if not self.complete:
+        if self.problem:
+            state += f" ({self.problem})"
+        if not self.complete and (self.missing or self.mismatched or not self.problem):
             absent = self.missing + self.mismatched
             state += f", incomplete: {len(absent)} trunk key(s) missing or mis-shaped " \
                      f"({', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''})"
@@ -193,8 +196,20 @@ def candidates(container: tuple[str, ...], tensors: dict[str, Any]) -> list[Cand
                             if not any(k.startswith(part + ".") for k in sub))
         style = styles.get(prefix + "conv1.weight", "torchvision")
         found.append(Candidate(container, prefix, style, spec, _classify_head(sub), missing,
-                               mismatched, sub, {k: originals[k] for k in sub}))
+                               mismatched, sub, {k: originals[k] for k in sub},
+                               "" if spec is not None else _depth_problem(sub)))
     return found
+
+
+def _depth_problem(sub: Mapping[str, Any]) -> str:
+    """Why keys naming more blocks than a stage may hold (``MAX_BLOCKS_PER_STAGE``) describe
+    no architecture; empty otherwise."""
+    for stage in range(1, 5):
+        blocks = {m.group(1) for k in sub if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
+        if len(blocks) > MAX_BLOCKS_PER_STAGE:
+            return (f"layer{stage} holds {len(blocks)} blocks, above {MAX_BLOCKS_PER_STAGE} "
+                    "(MAX_BLOCKS_PER_STAGE)")
+    return ""
 
 
 def _spec(sub: Mapping[str, Any]) -> ModelSpec | None:
