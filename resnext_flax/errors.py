@@ -46,6 +46,12 @@ class DatasetError(ResnextFlaxError, ValueError):
     or folder and what is wrong with it."""
 
 
+class TrainingError(ResnextFlaxError, ValueError):
+    """A fine-tuning run that cannot go on as asked: its output directory holds a run with
+    other settings or data, its loss became NaN or infinite, or the weights about to be
+    written hold NaN or Inf."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Fix:
     """Options that would make a call succeed: ``(keyword, value)`` pairs of the loader's

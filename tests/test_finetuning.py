@@ -93,7 +93,8 @@ def test_a_finished_run_resumes_to_itself_and_other_settings_are_refused(run, ca
                     np.asarray(result.state.params["fc"]["kernel"]), strict=True):
         np.testing.assert_array_equal(a, b)
     assert cli.main(["finetune", *argv[:-1], "--lr", "0.01"]) == 1
-    assert "holds a run with other settings (config:" in capsys.readouterr().err
+    assert "holds a run with other settings (lr: 0.002 -> 0.01): rerun with its settings" in (
+        capsys.readouterr().err)
 
 
 def test_options_before_any_work(tmp_path):
