@@ -115,6 +115,10 @@ def test_options_before_any_work(tmp_path):
         initial_model(FinetuneConfig(model="resnet18", weights=str(tmp_path / "x.pth")), 2)
     with pytest.raises(ValueError, match="optimizer must be"):
         FinetuneConfig(model="resnet18", optimizer="adam")
+    with pytest.raises(ValueError, match="epochs must be an integer, got nan"):
+        FinetuneConfig(model="resnet18", epochs=float("nan"))
+    with pytest.raises(ValueError, match=r"momentum must be a finite number in \[0, 1\)"):
+        FinetuneConfig(model="resnet18", momentum=-0.1)
     (tmp_path / "one" / "only").mkdir(parents=True)
     learnable_folder(tmp_path / "one" / "only", 1)
     with pytest.raises(datasets.DatasetError, match="needs at least 2 classes"):
