@@ -7,7 +7,8 @@ Resuming is exact because everything a step depends on is either in the checkpoi
 BatchNorm statistics, optimizer state, step, the data loader's position, the running epoch
 totals) or a pure function of the settings (batch ``k`` of the Grain pipeline depends only on
 the seed and ``k``; the learning-rate schedule only on the step), and XLA's CPU programs are
-deterministic. A checkpoint directory written with other settings is refused.
+deterministic. A checkpoint directory written with other settings or other data is refused
+(more epochs only when asked: ``extend``).
 """
 
 from __future__ import annotations
