@@ -164,6 +164,12 @@ def test_an_interrupt_inside_a_step_saves_the_batches_consumed_and_resumes(
     with pytest.raises(KeyboardInterrupt):
         finetune(root / "train", config, tmp_path / "out", progress=False)
     monkeypatch.undo()
+    [saved] = [path for path in (tmp_path / "out" / "checkpoints" / "2" / "data").rglob("*")
+               if path.is_file() and "position" in path.read_text(errors="replace")]
+    assert json.loads(saved.read_text()) == {"position": 2}
+    # Checkpoints written before this was fixed also counted the batch drawn for the step
+    # that never finished; they resume at the same place.
+    saved.write_text(json.dumps({"position": 3}))
     resumed = finetune(root / "train", config, tmp_path / "out", progress=False)
     _same_state(resumed.state, result.state)
     timeless = [{k: v for k, v in h.items() if k != "images_per_second"}
