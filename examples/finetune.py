@@ -82,7 +82,8 @@ def run(argv: list[str] | None = None) -> FinetuneResult | None:
 
     try:
         return finetune(args.train, commands.config_from_args(args), args.output_dir,
-                        val=args.val_dir, progress=not args.no_progress, on_step=stop)
+                        val=args.val_dir, progress=not args.no_progress, on_step=stop,
+                        extend=args.extend)
     except StopRun:
         return None
 

@@ -36,7 +36,7 @@ class Augmentation:
         low, high = self.scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
-        if not 0 < self.ratio[0] <= self.ratio[1]:
+        if not 0 < self.ratio[0] <= self.ratio[1] < math.inf:
             raise ValueError(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
         if not 0 <= self.hflip <= 1:
             raise ValueError(f"hflip is a probability, got {self.hflip}")

@@ -52,6 +52,12 @@ class OutputPathError(ResnextFlaxError, ValueError):
     folder is missing or not writable. Raised before any work is done."""
 
 
+class TrainingError(ResnextFlaxError, ValueError):
+    """A fine-tuning run that cannot go on as asked: its output directory holds a run with
+    other settings or data, its loss became NaN or infinite, or the weights about to be
+    written hold NaN or Inf."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Fix:
     """Options that would make a call succeed: ``(keyword, value)`` pairs of the loader's

@@ -7,7 +7,8 @@ Resuming is exact because everything a step depends on is either in the checkpoi
 BatchNorm statistics, optimizer state, step, the data loader's position, the running epoch
 totals) or a pure function of the settings (batch ``k`` of the Grain pipeline depends only on
 the seed and ``k``; the learning-rate schedule only on the step), and XLA's CPU programs are
-deterministic. A checkpoint directory written with other settings is refused.
+deterministic. A checkpoint directory written with other settings or other data is refused
+(more epochs only when asked: ``extend``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -90,13 +92,16 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        for name in ("epochs", "batch_size", "keep_checkpoints", "save_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         for name in ("epochs", "batch_size", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
-            raise ValueError("lr must be positive, weight_decay and warmup_epochs >= 0")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        training.check_hyperparameters(
+            lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+            warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing)
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0, got {self.save_every}")
 
@@ -189,11 +194,6 @@ def _checkpoint_manager(directory: str, keep: int) -> Any:
         item_names=("state", "data", "run"))
 
 
-def _arrays(state: TrainState) -> dict[str, Any]:
-    return {"params": state.params, "batch_stats": state.batch_stats,
-            "opt_state": state.opt_state, "step": state.step}
-
-
 def finetune(
     train: str | os.PathLike | ImageDataset,
     config: FinetuneConfig,
@@ -206,6 +206,7 @@ def finetune(
     cache_dir: str | os.PathLike | None = None,
     on_step: Callable[[int, dict[str, jax.Array]], None] | None = None,
     log: Callable[[str], None] | None = None,
+    extend: bool = False,
 ) -> FinetuneResult:
     """Fine-tune `config.model` on a folder or list file; resume if `output_dir` holds a run.
 
@@ -242,21 +243,31 @@ def finetune(
     best_path = os.path.join(output_dir, "best.safetensors")
     manager = _checkpoint_manager(os.path.join(output_dir, "checkpoints"),
                                   config.keep_checkpoints)
+    data = {"train": bookkeeping.data_fingerprint(train_ds),
+            "val": None if val_ds is None else bookkeeping.data_fingerprint(val_ds)}
     run = {"config": config.fingerprint(), "classes": list(train_ds.classes),
-           "train_images": len(train_ds), "history": [],
+           "train_images": len(train_ds), "data": data, "history": [],
            "epoch": bookkeeping.EpochTotals().to_json(), "best": None}
-    state, run = _resume(manager, state, batches, run, say)
+    state, run = bookkeeping.resume(manager, state, batches, run, say, extend=extend)
     totals = bookkeeping.EpochTotals.from_json(run["epoch"])
+    watch = bookkeeping.LossWatch(per_epoch)
     primary = jax.process_index() == 0
 
-    def save() -> None:
+    def save() -> int:
+        """Checkpoint the steps completed; returns that step (0: nothing to save)."""
         import orbax.checkpoint as ocp
 
+        watch.flush()
+        done = int(state.step)
         run["epoch"] = totals.to_json()
-        if manager.latest_step() != int(state.step):
-            manager.save(int(state.step), force=True, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_arrays(state)),
-                data=ocp.args.JsonSave(batches.get_state()), run=ocp.args.JsonSave(run)))
+        if done and manager.latest_step() != done:
+            bookkeeping.check_finite(bookkeeping.arrays(state), f"checkpoint {done}")
+            # The loader may have drawn the batch of a step that never finished: the data
+            # consumed is one batch per completed step.
+            manager.save(done, force=True, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(bookkeeping.arrays(state)),
+                data=ocp.args.JsonSave({"position": done}), run=ocp.args.JsonSave(run)))
+        return done
 
     skipped = SkipReport(train_ds)
     timer = bookkeeping.Throughput()
@@ -274,10 +285,11 @@ def finetune(
                 with first_step:
                     state, metrics = step_fn(state, images, labels)
                 first_step = contextlib.nullcontext()
+                step = batches.position
+                watch.add(step, metrics["loss"])
                 totals.add(metrics)
                 skipped.add(batch)
                 timer.step(state, config.batch_size)
-                step = batches.position
                 bar.update(1)
                 if on_step is not None:
                     on_step(step, metrics)
@@ -286,6 +298,7 @@ def finetune(
                     bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
                                     acc1=f"{accuracy:.1f}", img_s=f"{timer.rate():.0f}")
                 if step % per_epoch == 0:
+                    watch.flush()  # no validation, export or checkpoint of a diverged state
                     entry = totals.entry(step // per_epoch, step, config.batch_size)
                     entry.update(images_per_second=timer.rate(), skipped=skipped.count)
                     if val_ds is not None:
@@ -309,12 +322,14 @@ def finetune(
                 elif config.save_every and step % config.save_every == 0:
                     save()
     except KeyboardInterrupt:
-        save()
+        done = save()
         manager.wait_until_finished()
-        say(f"interrupted: saved step {int(state.step)} in {output_dir}; rerun to resume")
+        say(f"interrupted: saved step {done} in {output_dir}; rerun to resume" if done else
+            "interrupted before the first step finished: nothing to save")
         raise
     finally:
         bar.close()
+    watch.flush()
     manager.wait_until_finished()
     if primary:
         atomic_write(os.path.join(output_dir, "history.json"),
@@ -336,6 +351,7 @@ def _validate(state: TrainState, val_ds: ImageDataset, preprocessing: Preprocess
 def _export(state: TrainState, path: str, classes: tuple[str, ...],
             preprocessing: Preprocessing, config: FinetuneConfig, entry: dict[str, Any]
             ) -> None:
+    bookkeeping.check_finite({"params": state.params, "batch_stats": state.batch_stats}, path)
     model = state.model()
     model.pretrained_cfg = finetuned_cfg(config, classes, preprocessing, path)
     metadata = {"finetuned_from": str(config.weights), "epoch": str(entry["epoch"])}
@@ -356,30 +372,6 @@ def finetuned_cfg(config: FinetuneConfig, classes: tuple[str, ...],
 def _write_json(path: str, value: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=2)
-
-
-def _resume(manager: Any, state: TrainState, batches: Any, run: dict[str, Any],
-            say: Callable[[str], None]) -> tuple[TrainState, dict[str, Any]]:
-    """Restore the latest checkpoint, if any, after checking it was written by this run."""
-    import orbax.checkpoint as ocp
-
-    step = manager.latest_step()
-    if step is None:
-        return state, run
-    saved = manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
-    for key in ("config", "classes", "train_images"):
-        if saved[key] != run[key]:
-            raise ValueError(
-                f"{manager.directory} holds a run with other settings ({key}: "
-                f"{saved[key]!r}, now {run[key]!r}); use another output directory")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(state))
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-    batches.set_state(restored["data"])
-    if batches.position != step:
-        raise ValueError(f"checkpoint {step} holds loader position {batches.position}")
-    say(f"resumed from step {step}")
-    return state.replace(**restored["state"]), saved
 
 
 def finetune_summary(result: FinetuneResult) -> str:

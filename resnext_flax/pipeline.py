@@ -29,6 +29,7 @@ import inspect
 import math
 import os
 import sys
+import warnings
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,13 @@ from resnext_flax.metadata import Preprocessing
 from resnext_flax.preprocess import load_image, preprocess_image
 
 Batch = dict[str, np.ndarray]
+
+#: Memory a decoding worker process holds besides its batches: an interpreter with NumPy,
+#: Pillow, Grain and this package imported.
+WORKER_BASE_BYTES = 256 * 2**20
+#: The share of the machine's available memory that decoding workers may take; the rest is
+#: left to the model, its compiled programs and the training state.
+WORKER_MEMORY_SHARE = 0.5
 
 #: How many consecutive unreadable files a training slot may skip before the run stops with
 #: an error (a storage failure, not a few bad files).
@@ -78,6 +86,63 @@ class LoaderOptions:
     def __post_init__(self) -> None:
         if self.num_workers < 0 or self.num_threads < 0 or self.prefetch < 1:
             raise ValueError(f"invalid loader options {self}")
+
+
+class WorkerCapWarning(UserWarning):
+    """More decoding workers were asked for than the machine can run or hold."""
+
+
+def _cpu_count() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _available_memory() -> int | None:
+    """Bytes that can still be allocated without swapping (Linux's ``MemAvailable``,
+    within a cgroup's limit), or None where unknown."""
+    found = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            found += [int(line.split()[1]) * 1024 for line in f
+                      if line.startswith("MemAvailable:")]
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+            if limit != "max":
+                found.append(max(int(limit) - int(f.read()), 0))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def fit_workers(options: LoaderOptions, batch_shape: tuple[int, ...]) -> LoaderOptions:
+    """`options` with ``num_workers`` capped by what the machine can run and hold: one worker
+    per CPU (decoding is CPU-bound), and workers that each hold ``prefetch`` batches of
+    float32 `batch_shape` in shared memory, plus the one they are filling and
+    :data:`WORKER_BASE_BYTES`, within :data:`WORKER_MEMORY_SHARE` of the available memory.
+    A cap is reported with a :class:`WorkerCapWarning` that says why."""
+    if not options.num_workers:
+        return options
+    batch_bytes = 4 * math.prod(batch_shape)
+    per_worker = WORKER_BASE_BYTES + (options.prefetch + 1) * batch_bytes
+    cpus, memory = _cpu_count(), _available_memory()
+    by_memory = (options.num_workers if memory is None
+                 else int(WORKER_MEMORY_SHARE * memory // per_worker))
+    cap = min(cpus, by_memory)
+    if options.num_workers <= cap:
+        return options
+    shape = "x".join(map(str, batch_shape))
+    room = "" if memory is None else (
+        f", and {WORKER_MEMORY_SHARE:.0%} of its {memory / 2**30:.1f} GiB of available "
+        f"memory holds {by_memory} workers of {per_worker / 2**20:.0f} MiB each "
+        f"({options.prefetch + 1} float32 batches of {shape} and "
+        f"{WORKER_BASE_BYTES // 2**20} MiB)")
+    warnings.warn(f"using {cap} decoding workers, not the {options.num_workers} asked for: "
+                  f"this machine has {cpus} CPUs{room}", WorkerCapWarning, stacklevel=3)
+    return dataclasses.replace(options, num_workers=cap)
 
 
 def _decode(path: str) -> Any:
@@ -170,6 +235,10 @@ class BatchLoader:
             self._iterator = iter(self._open(self.position))
         batch = next(self._iterator)
         self.position += 1
+        if self.options.num_workers:
+            # Out of the workers' shared memory, which then goes back at once: a batch the
+            # caller still holds at exit would otherwise outlive Grain's cleanup.
+            batch = {key: np.array(value) for key, value in batch.items()}
         return batch
 
     def _open(self, position: int) -> Any:
@@ -198,10 +267,13 @@ class BatchLoader:
         self.position = position
 
     def close(self) -> None:
-        """Stop Grain's worker processes and threads (reopened on the next batch)."""
-        if self._iterator is not None and hasattr(self._iterator, "close"):
-            self._iterator.close()
-        self._iterator = None
+        """Stop Grain's worker processes and threads (reopened on the next batch), and free
+        the shared memory of the batches they had prefetched before returning."""
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None and hasattr(iterator, "close"):
+            iterator.close()
+            del iterator
+            _release_shared_memory()
 
     def __enter__(self) -> BatchLoader:
         return self
@@ -245,6 +317,26 @@ def _check_main_guard() -> None:
         "\"__main__\":' (each worker runs the script again), or use num_workers=0")
 
 
+def _release_shared_memory() -> None:
+    """Free now the shared memory of batches dropped by a closed Grain iterator.
+
+    Grain unlinks a batch's shared memory when the array is garbage-collected, on a
+    background thread. Left to chance, an exit soon after (Ctrl-C, SIGTERM) finds arrays
+    still alive while the interpreter tears down (``Exception ignored in ... __del__``) and
+    segments never unlinked (the resource tracker's "leaked shared_memory objects").
+    """
+    import gc
+
+    gc.collect()
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    except ImportError:  # pragma: no cover - another Grain layout: nothing to wait for
+        return
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:  # one thread, first in first out: done once a no-op has run
+        pool.apply_async(int).wait()
+
+
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
         import jax
@@ -282,7 +374,8 @@ def eval_loader(
     steps = math.ceil(len(dataset) / batch_size)
     source = grain.MapDataset.range(steps * batch_size)[index::count]
     batches = source.map(_EvalRecord(dataset, config)).batch(local)
-    return BatchLoader(batches, steps, options or LoaderOptions())
+    shape = (local, config.crop_size, config.crop_size, 3)
+    return BatchLoader(batches, steps, fit_workers(options or LoaderOptions(), shape))
 
 
 def train_loader(
@@ -315,7 +408,9 @@ def train_loader(
     order = grain.MapDataset.range(len(dataset)).shuffle(seed=seed)[:steps * batch_size]
     records = order.repeat(epochs).random_map(
         _TrainRecord(dataset, config, augmentation or Augmentation()), seed=seed)
-    return BatchLoader(records[index::count].batch(local), steps, options or LoaderOptions())
+    shape = (local, config.crop_size, config.crop_size, 3)
+    return BatchLoader(records[index::count].batch(local), steps,
+                       fit_workers(options or LoaderOptions(), shape))
 
 
 @dataclasses.dataclass

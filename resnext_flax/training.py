@@ -9,6 +9,7 @@ model is rebuilt inside the trace with ``nnx.merge``, so everything the library'
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -114,14 +115,63 @@ def sgd(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The finite numbers a hyperparameter may take: from `low` to `high` (None: unbounded),
+    each end included unless marked open."""
+
+    low: float
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        below = self.high is None or (value < self.high if self.open_high else
+                                      value <= self.high)
+        return math.isfinite(value) and above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.open_low else '>='} {self.low:g}"
+        return (f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}"
+                f"{')' if self.open_high else ']'}")
+
+
+#: A learning rate (optimizer argument): 0 is a valid "no update" building block.
+LEARNING_RATE_BOUNDS = Bounds(0.0)
+#: A fine-tuning run's peak learning rate: at 0 the run would train nothing.
+PEAK_LR_BOUNDS = Bounds(0.0, open_low=True)
+#: Weight decay and warm-up length (epochs): any finite amount, none below 0.
+NON_NEGATIVE_BOUNDS = Bounds(0.0)
+#: SGD momentum: at 1 and above the velocity never decays (the update diverges).
+MOMENTUM_BOUNDS = Bounds(0.0, 1.0, open_high=True)
+#: Label smoothing: at 1 the targets are uniform and carry no label.
+LABEL_SMOOTHING_BOUNDS = Bounds(0.0, 1.0, open_high=True)
+
+#: Each hyperparameter's bounds, by the name its callers use for it.
+HYPERPARAMETER_BOUNDS: dict[str, Bounds] = {
+    "learning_rate": LEARNING_RATE_BOUNDS,
+    "lr": PEAK_LR_BOUNDS,
+    "weight_decay": NON_NEGATIVE_BOUNDS,
+    "warmup_epochs": NON_NEGATIVE_BOUNDS,
+    "momentum": MOMENTUM_BOUNDS,
+    "label_smoothing": LABEL_SMOOTHING_BOUNDS,
+}
+
+
 def check_hyperparameters(**values: Any) -> None:
-    """Numbers (schedules pass through) must be finite and not negative: a NaN or negative
-    learning rate trains silently wrong."""
+    """The one check every entry point (optimizers, loss, train steps, fine-tuning, the
+    command line) runs on its hyperparameters, by name (:data:`HYPERPARAMETER_BOUNDS`): a NaN,
+    infinite or out-of-range value trains silently wrong, so it is a ``ValueError`` naming
+    the field, the value and the bounds. Schedules (callables) pass through."""
     for name, value in values.items():
         if callable(value):
             continue
-        if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        bounds = HYPERPARAMETER_BOUNDS[name]
+        number = isinstance(value, int | float | np.number) and not isinstance(value, bool)
+        if not number or not bounds.holds(float(value)):
+            raise ValueError(f"{name} must be a finite number {bounds}, got {value!r}")
 
 
 def cross_entropy(
@@ -129,6 +179,7 @@ def cross_entropy(
 ) -> jax.Array:
     """Mean softmax cross-entropy in float32 (float64 for float64 logits); smoothing as torch's
     ``CrossEntropyLoss`` (``(1 - eps) * one_hot + eps / num_classes``)."""
+    check_hyperparameters(label_smoothing=label_smoothing)
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
     if label_smoothing:
@@ -195,6 +246,7 @@ def train_step_fn(
     those of the global batch (BatchNorm needs the same `axis_name`, see
     :func:`resnext_flax.parallel.with_batchnorm_axis`).
     """
+    check_hyperparameters(label_smoothing=label_smoothing)
 
     def step(state: TrainState, images: jax.Array, labels: jax.Array):
         check_labels(images, labels)

@@ -6,17 +6,22 @@ equality is tested through examples/finetune.py (tests/test_finetune.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch_reference
 from folder_helpers import learnable_folder
 from pretrained_helpers import save_torchvision_file
 
-from resnext_flax import cli, datasets, evaluation, from_pretrained, parallel
+from resnext_flax import cli, datasets, evaluation, finetuning, from_pretrained, parallel
 from resnext_flax.cli import finetune as commands
+from resnext_flax.errors import TrainingError
 from resnext_flax.finetuning import FinetuneConfig, finetune, initial_model
 from resnext_flax.weights.checkpoint import read_checkpoint_labels
 
@@ -93,7 +98,8 @@ def test_a_finished_run_resumes_to_itself_and_other_settings_are_refused(run, ca
                     np.asarray(result.state.params["fc"]["kernel"]), strict=True):
         np.testing.assert_array_equal(a, b)
     assert cli.main(["finetune", *argv[:-1], "--lr", "0.01"]) == 1
-    assert "holds a run with other settings (config:" in capsys.readouterr().err
+    assert "holds a run with other settings (lr: 0.002 -> 0.01): rerun with its settings" in (
+        capsys.readouterr().err)
 
 
 def test_options_before_any_work(tmp_path):
@@ -109,8 +115,163 @@ def test_options_before_any_work(tmp_path):
         initial_model(FinetuneConfig(model="resnet18", weights=str(tmp_path / "x.pth")), 2)
     with pytest.raises(ValueError, match="optimizer must be"):
         FinetuneConfig(model="resnet18", optimizer="adam")
+    with pytest.raises(ValueError, match="epochs must be an integer, got nan"):
+        FinetuneConfig(model="resnet18", epochs=float("nan"))
+    with pytest.raises(ValueError, match=r"momentum must be a finite number in \[0, 1\)"):
+        FinetuneConfig(model="resnet18", momentum=-0.1)
     (tmp_path / "one" / "only").mkdir(parents=True)
     learnable_folder(tmp_path / "one" / "only", 1)
     with pytest.raises(datasets.DatasetError, match="needs at least 2 classes"):
         finetune(datasets.ImageDataset(("a.png",), np.zeros(1), ("only",), "x"),
                  FinetuneConfig(model="resnet18"), tmp_path / "o", progress=False)
+
+
+def _same_state(a, b):
+    for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state, a.step)),
+                    jax.tree.leaves((b.params, b.batch_stats, b.opt_state, b.step)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _step_that(monkeypatch, act):
+    """Fine-tuning's train step, with `act(call, state, metrics)` run around its calls
+    (counted from 1); the real step is the one already compiled for the run fixture."""
+    real = finetuning._train_step
+    calls = []
+
+    def wrapped(mesh, label_smoothing):
+        step = real(mesh, label_smoothing)
+
+        def run(state, images, labels):
+            calls.append(None)
+            return act(len(calls), step, state, images, labels)
+
+        return run
+
+    monkeypatch.setattr(finetuning, "_train_step", wrapped)
+
+
+def test_an_interrupt_inside_a_step_saves_the_batches_consumed_and_resumes(
+        run, tmp_path, monkeypatch):
+    root, _, config, result = run
+
+    def interrupt_third(call, step, state, images, labels):
+        if call == 3:  # batch 3 was drawn, its update never happens (as in a first compile)
+            raise KeyboardInterrupt
+        return step(state, images, labels)
+
+    _step_that(monkeypatch, interrupt_third)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(root / "train", config, tmp_path / "out", progress=False)
+    monkeypatch.undo()
+    [saved] = [path for path in (tmp_path / "out" / "checkpoints" / "2" / "data").rglob("*")
+               if path.is_file() and "position" in path.read_text(errors="replace")]
+    assert json.loads(saved.read_text()) == {"position": 2}
+    # Checkpoints written before this was fixed also counted the batch drawn for the step
+    # that never finished; they resume at the same place.
+    saved.write_text(json.dumps({"position": 3}))
+    resumed = finetune(root / "train", config, tmp_path / "out", progress=False)
+    _same_state(resumed.state, result.state)
+    timeless = [{k: v for k, v in h.items() if k != "images_per_second"}
+                for h in (*resumed.history, *result.history)]
+    assert timeless[:4] == timeless[4:]
+
+
+def test_an_interrupt_before_any_step_saves_nothing(run, tmp_path, monkeypatch):
+    root, _, config, _ = run
+
+    def interrupt(call, step, state, images, labels):
+        raise KeyboardInterrupt
+
+    _step_that(monkeypatch, interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(root / "train", config, tmp_path / "out", progress=False)
+    assert not list((tmp_path / "out" / "checkpoints").iterdir())
+
+
+def test_a_non_finite_loss_stops_the_run_and_nothing_is_written(run, tmp_path, monkeypatch):
+    root, _, config, result = run
+
+    def diverge_at_five(call, step, state, images, labels):
+        state, metrics = step(state, images, labels)
+        if call >= 5:
+            params = jax.tree.map(lambda x: x * jnp.nan, state.params)
+            state = state.replace(params=params)
+            metrics = {**metrics, "loss": jnp.float32(jnp.nan)}
+        return state, metrics
+
+    _step_that(monkeypatch, diverge_at_five)
+    with pytest.raises(TrainingError, match=r"the training loss became nan at step 5 \(epoch "
+                                            r"1, step 5 of 9\).*lower the learning rate"):
+        finetune(root / "train", dataclasses.replace(config, save_every=5), tmp_path / "out",
+                 progress=False)
+    assert not (tmp_path / "out" / "best.safetensors").exists()
+    assert not list((tmp_path / "out" / "checkpoints").iterdir())
+    # The export itself refuses NaN weights.
+    state = result.state
+    bad = state.replace(params={**state.params, "fc": {**state.params["fc"], "bias": jnp.full(
+        state.params["fc"]["bias"].shape, jnp.inf)}})
+    target = tmp_path / "best.safetensors"
+    with pytest.raises(TrainingError, match=r"refusing to write .*best.safetensors: NaN or Inf "
+                                            r"in params.fc.bias$"):
+        finetuning._export(bad, str(target), CLASSES, result.preprocessing, config,
+                           {"epoch": 1})
+    assert not target.exists()
+
+
+def test_a_run_resumes_only_on_its_own_data(run, tmp_path):
+    root, _, config, result = run
+    # The same files elsewhere resume (paths are compared relative to the folder).
+    shutil.copytree(root / "train", tmp_path / "moved")
+    again = finetune(tmp_path / "moved", config, root / "out", progress=False)
+    assert int(again.state.step) == int(result.state.step)
+    # Other images under the same class names (and as many) do not.
+    learnable_folder(tmp_path / "other", 30, seed=7)
+    with pytest.raises(TrainingError, match=r"holds a run with other settings \(data.train: "
+                                            r"\"[0-9a-f]{8}"):
+        finetune(tmp_path / "other", config, root / "out", progress=False)
+
+
+def test_more_epochs_need_extend_and_rebuild_the_schedule(run, tmp_path, capsys):
+    root, argv, config, result = run
+    shutil.copytree(root / "out", tmp_path / "out")
+    argv = [*argv[:argv.index("--output-dir")], "--output-dir", str(tmp_path / "out")]
+    assert cli.main(["finetune", *argv, "--no-progress", "--epochs", "5"]) == 1
+    assert capsys.readouterr().err.strip().endswith(
+        "holds a run with other settings (epochs: 4 -> 5): to train it on to 5 epochs pass "
+        "extend=True (--extend), or use another output directory")
+    assert cli.main(["finetune", *argv, "--no-progress", "--epochs", "3", "--extend"]) == 1
+    assert "(epochs: 4 -> 3): rerun with its settings" in capsys.readouterr().err
+    longer = dataclasses.replace(config, epochs=5)
+    extended = finetune(root / "train", longer, tmp_path / "out", progress=False, extend=True)
+    assert int(extended.state.step) == 5 * 9 and len(extended.history) == 5
+    assert extended.history[:4] == result.history
+    # The schedule was rebuilt for 45 steps: the 4-epoch one is 0 from step 36 on, and would
+    # have left the weights as they were.
+    assert float(optax.warmup_cosine_decay_schedule(0.0, config.lr, 4, 36)(36)) == 0
+    assert not np.array_equal(np.asarray(extended.state.params["fc"]["kernel"]),
+                              np.asarray(result.state.params["fc"]["kernel"]))
+    # Extended, the run now is a 5-epoch run: it resumes without extend, and only so.
+    assert int(finetune(root / "train", longer, tmp_path / "out",
+                        progress=False).state.step) == 45
+    with pytest.raises(TrainingError, match=r"\(epochs: 5 -> 4\)"):
+        finetune(root / "train", config, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--lr", "nan"], "lr must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "lr must be a finite number > 0, got inf"),
+    (["--lr", "0"], "lr must be a finite number > 0, got 0.0"),
+    (["--momentum", "1"], r"momentum must be a finite number in [0, 1), got 1.0"),
+    (["--weight-decay", "nan"], "weight_decay must be a finite number >= 0, got nan"),
+    (["--warmup-epochs", "inf"], "warmup_epochs must be a finite number >= 0, got inf"),
+    (["--warmup-epochs", "nan"], "warmup_epochs must be a finite number >= 0, got nan"),
+    (["--label-smoothing", "1"], r"label_smoothing must be a finite number in [0, 1), got 1.0"),
+])
+def test_bad_hyperparameters_are_one_line_errors(flags, message, tmp_path, capsys):
+    learnable_folder(tmp_path / "train", 2)
+    argv = ["finetune", str(tmp_path / "train"), "--model", "resnet18", "--weights", "none",
+            "--output-dir", str(tmp_path / "out"), "--no-progress", *flags]
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err == f"resnext-flax: error: {message}\n"
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ batch, padding and unreadable files are flagged, never fatal."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -156,3 +157,93 @@ def test_loader_errors(folder):
                               process_count=1)
     with pytest.raises(ValueError, match="multiple of the process count"):
         pipeline.eval_loader(ds, CONFIG, 7, process_index=0, process_count=2)
+
+
+def test_augmentation_rejects_non_finite_settings():
+    for bad in ({"scale": (float("nan"), 1.0)}, {"ratio": (0.75, float("inf"))},
+                {"hflip": float("nan")}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Augmentation(**bad)
+
+
+def test_more_epochs_keep_the_batches_of_the_first(folder):
+    """What extending a fine-tuning run relies on: batch k does not depend on the epochs."""
+    ds, _ = folder
+    with _train(ds) as three:
+        short = list(three)
+    longer = pipeline.train_loader(ds, CONFIG, 4, epochs=5, seed=5, process_index=0,
+                                   process_count=1)
+    with longer:
+        assert all(_same(a, next(longer)) for a in short)
+
+
+def test_workers_are_capped_by_cpus_and_memory(folder, monkeypatch):
+    ds, _ = folder
+    monkeypatch.setattr(pipeline, "_cpu_count", lambda: 2)
+    monkeypatch.setattr(pipeline, "_available_memory", lambda: 64 * 2**30)
+    asked = pipeline.LoaderOptions(num_workers=8)
+    with pytest.warns(pipeline.WorkerCapWarning, match=r"using 2 decoding workers, not the 8 "
+                                                       r"asked for: this machine has 2 CPUs"):
+        loader = pipeline.train_loader(ds, CONFIG, 4, epochs=1, seed=0, options=asked,
+                                       process_index=0, process_count=1)
+    assert loader.options.num_workers == 2
+    # Each worker holds prefetch + 1 batches and WORKER_BASE_BYTES; half the memory is theirs.
+    batch = 4 * 8 * CONFIG.crop_size ** 2 * 3 * 4
+    per_worker = pipeline.WORKER_BASE_BYTES + 3 * batch
+    monkeypatch.setattr(pipeline, "_available_memory", lambda: 3 * per_worker)
+    with pytest.warns(pipeline.WorkerCapWarning, match=r"holds 1 workers"):
+        loader = pipeline.eval_loader(ds, CONFIG, 32, options=asked, process_index=0,
+                                      process_count=1)
+    assert loader.options.num_workers == 1
+    monkeypatch.setattr(pipeline, "_cpu_count", lambda: 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader = pipeline.eval_loader(ds, CONFIG, 32, process_index=0, process_count=1,
+                                      options=pipeline.LoaderOptions(num_workers=1))
+    assert loader.options.num_workers == 1
+
+
+_TERMINATED_LOADER = """
+import sys, time
+from resnext_flax import datasets, pipeline
+from resnext_flax.metadata import Preprocessing
+from resnext_flax.weights.files import sigterm_as_interrupt
+
+if __name__ == "__main__":
+    ds = datasets.image_folder(sys.argv[1])
+    loader = pipeline.train_loader(ds, Preprocessing(resize_size=36, crop_size=32), 4,
+                                   epochs=100, seed=0,
+                                   options=pipeline.LoaderOptions(num_workers=2))
+    try:
+        with sigterm_as_interrupt(), loader:
+            for i, batch in enumerate(loader):
+                if i == 2:
+                    print("ready", flush=True)
+                time.sleep(0.2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+"""
+
+
+def test_sigterm_with_workers_shuts_down_quietly(folder, tmp_path):
+    """Grain's workers stop, and no batch in shared memory outlives them: no "Exception
+    ignored" at exit, no leaked shared memory."""
+    import signal
+    import subprocess
+    import sys
+
+    from limits import CHILD_TIMEOUT
+
+    ds, _ = folder
+    script = tmp_path / "loop.py"
+    script.write_text(_TERMINATED_LOADER)
+    child = subprocess.Popen([sys.executable, str(script), ds.root], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=CHILD_TIMEOUT)
+    finally:
+        child.kill()
+    assert child.returncode == 130, err
+    assert "Exception ignored" not in err and "leaked" not in err, err

@@ -284,3 +284,32 @@ def test_bfloat16_train_step_keeps_float32_state():
     assert np.isfinite(float(metrics["loss"]))
     for tree in (new.params, new.batch_stats, new.opt_state):
         assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(tree))
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: training.sgd(0.1, momentum=1.0), r"momentum must be a finite number in \[0, 1\), "
+                                              r"got 1.0"),
+    (lambda: training.sgd(0.1, momentum=-0.5), r"momentum .* got -0.5"),
+    (lambda: training.sgd(0.1, momentum=NAN), r"momentum .* got nan"),
+    (lambda: training.sgd(0.1, weight_decay=INF), r"weight_decay must be a finite number >= 0, "
+                                                  r"got inf"),
+    (lambda: training.sgd(0.1, weight_decay=-1e-4), r"weight_decay .* got -0.0001"),
+    (lambda: training.train_step_fn(label_smoothing=1.0),
+     r"label_smoothing must be a finite number in \[0, 1\), got 1.0"),
+    (lambda: training.make_train_step(label_smoothing=NAN), r"label_smoothing .* got nan"),
+    (lambda: training.cross_entropy(jnp.zeros((2, 3)), jnp.array([0, 1]),
+                                    label_smoothing=-0.1), r"label_smoothing .* got -0.1"),
+])
+def test_hyperparameters_are_checked_by_every_entry(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_the_parallel_step_checks_its_label_smoothing():
+    from resnext_flax import parallel
+
+    with pytest.raises(ValueError, match=r"label_smoothing .* got inf"):
+        parallel.make_parallel_train_step(parallel.data_mesh(), label_smoothing=INF)

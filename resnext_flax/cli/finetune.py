@@ -75,10 +75,13 @@ def _add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hflip", type=float, help="horizontal flip probability (default: 0.5)")
     p.add_argument("--save-every", type=int, metavar="STEPS",
                    help="also checkpoint every N steps (default: 0, each epoch only)")
+    p.add_argument("--extend", action="store_true",
+                   help="let the run in --output-dir go on to more --epochs (its warm-up and "
+                        "cosine schedule are rebuilt for the new total)")
     add_loader_arguments(p)
     # A start file's options (--prefix...) are `convert`'s: a fix naming them is spelled as
     # that command, whose output the run then starts from.
-    p.set_defaults(fix_keywords=frozenset({"name"}))
+    p.set_defaults(fix_keywords=frozenset({"name", "extend"}))
 
 
 #: Options passed to FinetuneConfig under their own names, when given.
@@ -128,7 +131,8 @@ def run(args: argparse.Namespace) -> str:
     check_output_dir(args)
     result = finetune(args.train, config_from_args(args), args.output_dir, val=args.val_dir,
                       loader=LoaderOptions(args.workers, args.threads),
-                      progress=not args.no_progress, cache_dir=args.cache_dir)
+                      progress=not args.no_progress, cache_dir=args.cache_dir,
+                      extend=args.extend)
     return finetune_summary(result) + (
         f"\npredict with: resnext-flax predict IMAGE --model {args.model} --checkpoint "
         f"{os.path.join(args.output_dir, 'best.safetensors')}")
