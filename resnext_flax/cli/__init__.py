@@ -71,6 +71,16 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _exit_now(code: int) -> None:
+    """End the process without interpreter teardown. Every cleanup has run by now (temporary
+    files removed, a fine-tuning run saved and its checkpoint writes waited for); an
+    interrupted XLA compilation can leave compiler threads behind that crash the teardown
+    (exit status 139 instead of the interrupt's)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``resnext-flax``; returns the exit status: 1 on a reported error, 130
     after Ctrl-C, 143 after SIGTERM (one line on stderr each, no traceback)."""
@@ -89,7 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         how = "terminated" if isinstance(err, Terminated) else "interrupted"
         print(f"resnext-flax: {how}{getattr(args, 'interrupted', '')}", file=sys.stderr)
-        return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
+        code = EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
+        if argv is None:  # the program itself, not a caller of main()
+            _exit_now(code)
+        return code
     try:
         print(output, flush=True)
     except BrokenPipeError:  # the reader went away, e.g. `resnext-flax list | head`
