@@ -40,6 +40,7 @@ from resnext_flax.evaluation import evaluate
 from resnext_flax.metadata import Preprocessing, PretrainedCfg, pretrained_cfg
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import get_spec
+from resnext_flax.outputs import check_finetune_output
 from resnext_flax.pipeline import LoaderOptions, SkipReport, train_loader
 from resnext_flax.training import TrainState
 from resnext_flax.weights.checkpoint import save_checkpoint
@@ -219,6 +220,7 @@ def finetune(
     like a crash). Ctrl-C saves a checkpoint and re-raises.
     """
     say = log or (lambda message: print(message, flush=True))
+    check_finetune_output(output_dir, [train, val], config.weights)
     train_ds, val_ds = _datasets(train, val, config)
     mesh = mesh if mesh is not None else parallel.data_mesh()
     if config.batch_size % mesh.size:

@@ -21,6 +21,10 @@ HF_CONFIG = "config.json"
 
 PathLike = str | os.PathLike
 
+#: What a fine-tuning run writes in its output folder
+#: (:func:`resnext_flax.finetuning.finetune`).
+FINETUNE_RUN_FILES = ("best.safetensors", "history.json", "checkpoints")
+
 
 def weight_source_files(source: PathLike) -> list[str]:
     """The files a weight load reads from `source`: a file and, where its name is a Hugging
@@ -154,3 +158,17 @@ def _check_writable_folder(folder: Path, given: str, what: str) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise _fail(what, given, f"cannot be written: the folder {str(folder)!r} is not "
                                  "writable")
+
+
+def check_finetune_output(output_dir: PathLike, data: Iterable[object],
+                          weights: object = None, *, what: str = "output_dir") -> Path:
+    """The guard of a fine-tuning run's folder: not (inside) a data folder, holding no file
+    the run reads where it writes :data:`FINETUNE_RUN_FILES`, and creatable or writable.
+    `data` are the training and validation sources (folders, list files; anything else, such
+    as an in-memory data set, is skipped); `weights` the start weights (a local file counts)."""
+    paths = [os.fspath(d) for d in data if isinstance(d, str | os.PathLike)]
+    read = (weight_source_files(weights) if isinstance(weights, str | os.PathLike)
+            and os.path.exists(weights) else [])
+    return check_output_path(output_dir, [*paths, *read], what=what, directory=True,
+                             writes=FINETUNE_RUN_FILES)
+

@@ -135,3 +135,25 @@ def test_folder_outputs(tmp_path):
     # A new folder beside the data, or the folder that holds it, is fine.
     assert check(tmp_path / "run3", [data, start]) == tmp_path / "run3"
     assert check(tmp_path, [data, start]) == tmp_path
+
+
+def test_the_library_finetune_checks_its_folder_before_any_work(tmp_path, monkeypatch):
+    """`finetune()` itself runs the guard (not only the command): a run folder inside the
+    data, or over its start weights, is refused before the data set is even read."""
+    from resnext_flax import finetuning
+    from resnext_flax.finetuning import FinetuneConfig, finetune
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the data set was read before the output folder was checked")
+
+    monkeypatch.setattr(finetuning, "_datasets", no_work)
+    data = tmp_path / "train"
+    (data / "cats").mkdir(parents=True)
+    with pytest.raises(OutputPathError, match="inside the input folder"):
+        finetune(data, FinetuneConfig(model="resnet18"), data / "run")
+    start = tmp_path / "old" / "best.safetensors"
+    start.parent.mkdir()
+    start.write_bytes(b"weights")
+    with pytest.raises(OutputPathError, match="would receive best.safetensors"):
+        finetune(data, FinetuneConfig(model="resnet18", weights=str(start)), start.parent)
+    assert start.read_bytes() == b"weights"

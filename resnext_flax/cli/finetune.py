@@ -108,19 +108,13 @@ def config_from_args(args: argparse.Namespace) -> Any:
         crop_size=args.crop_size, augmentation=Augmentation(**augmentation), **given)
 
 
-#: What a run writes in its ``--output-dir`` (see :func:`resnext_flax.finetuning.finetune`).
-RUN_FILES = ("best.safetensors", "history.json", "checkpoints")
-
-
 def check_output_dir(args: argparse.Namespace) -> None:
     """Before any work: ``--output-dir`` is not (inside) an input folder, does not hold a
     file the run reads where the run writes, and can be created or written."""
-    from resnext_flax.outputs import check_output_path, weight_source_files
+    from resnext_flax.outputs import check_finetune_output
 
-    start = args.checkpoint or args.weights
-    read = weight_source_files(start) if os.path.exists(start) else []
-    check_output_path(args.output_dir, [args.train, args.val_dir, *read], what="--output-dir",
-                      directory=True, writes=RUN_FILES)
+    check_finetune_output(args.output_dir, [args.train, args.val_dir],
+                          args.checkpoint or args.weights, what="--output-dir")
 
 
 def run(args: argparse.Namespace) -> str:
