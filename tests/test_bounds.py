@@ -149,7 +149,9 @@ def test_limits_leave_room_for_every_variant():
     widest = max(spec.block_width(512) for spec in VARIANTS.values())
     deepest = max(max(spec.layers) for spec in VARIANTS.values())
     # room for deeper relatives of the table's (ResNet-269: 3-30-48-8) and wider ones
+    wsl_32x48d = int(512 * 48 / 64) * 32  # the widest published ResNeXt
     assert max(deepest, 48) <= MAX_BLOCKS_PER_STAGE and 4 * widest <= MAX_BLOCK_WIDTH
+    assert wsl_32x48d <= MAX_BLOCK_WIDTH
     assert max(sum(spec.layers) for spec in VARIANTS.values()) * 2 <= MAX_BLOCKS
     assert sum((3, 30, 48, 8)) <= MAX_BLOCKS
     largest = max(sum(math.prod(s) for s in expected_shapes(spec, 1000).values())
