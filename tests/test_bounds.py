@@ -308,3 +308,16 @@ def test_float64_weights_that_overflow_float32_warn(tmp_path, converted):
     with warnings.catch_warnings():
         warnings.simplefilter("error", NonFiniteWeightsWarning)
         resnext_flax.load_checkpoint(converted)
+
+
+def test_an_oversized_config_json_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    from resnext_flax.weights.files import read_weight_file
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file({"fc.bias": np.zeros(3, np.float32)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text('{"architecture": "resnet18", "pad": "' + "x" * 200
+                                        + '"}')
+    monkeypatch.setattr(limits, "MAX_CONFIG_BYTES", 100)
+    with pytest.raises(WeightFileError, match="MAX_CONFIG_BYTES"):
+        read_weight_file(folder)

@@ -154,6 +154,6 @@ def test_the_library_finetune_checks_its_folder_before_any_work(tmp_path, monkey
     start = tmp_path / "old" / "best.safetensors"
     start.parent.mkdir()
     start.write_bytes(b"weights")
-    with pytest.raises(OutputPathError, match="would receive best.safetensors"):
+    with pytest.raises(OutputPathError, match=r"would receive best\.safetensors"):
         finetune(data, FinetuneConfig(model="resnet18", weights=str(start)), start.parent)
     assert start.read_bytes() == b"weights"

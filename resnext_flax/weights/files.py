@@ -180,6 +180,7 @@ def _read_hf_config(path: str) -> dict[str, Any] | None:
     config = os.path.join(os.path.dirname(path), "config.json")
     if os.path.basename(path) not in HF_WEIGHT_FILES or not os.path.isfile(config):
         return None
+    _refuse(limits.config_size_problem(config))
     try:
         with open(config, encoding="utf-8") as f:
             data = json.load(f)

@@ -9,6 +9,7 @@ builds, and returns what is wrong (naming the file, the field, the value and the
 
 from __future__ import annotations
 
+import os
 import zipfile
 
 #: The most tensors a ``.safetensors`` file may hold. The table's largest state dict
@@ -34,6 +35,19 @@ MAX_ZIP_TOTAL_BYTES = 16 * 2**30
 MAX_ZIP_RATIO = 20
 #: See ``MAX_ZIP_RATIO``.
 ZIP_RATIO_EXEMPT_BYTES = 2**20
+#: The largest Hugging Face ``config.json`` read beside a weight file: a few KB in practice, a
+#: transformers config with 1000 ``id2label`` entries about 50 KB. Checked on the file's size
+#: before it is parsed.
+MAX_CONFIG_BYTES = 16 * 2**20
+
+
+def config_size_problem(path: str) -> str | None:
+    """A ``config.json`` larger than ``MAX_CONFIG_BYTES``, or None."""
+    size = os.path.getsize(path)
+    if size > MAX_CONFIG_BYTES:
+        return (f"{path!r} is {size:,} bytes, more than a model configuration needs "
+                f"({MAX_CONFIG_BYTES:,}: MAX_CONFIG_BYTES)")
+    return None
 
 
 def safetensors_header_problem(path: str) -> str | None:
