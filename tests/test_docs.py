@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -115,7 +116,7 @@ def reader_folder(tmp_path_factory) -> pathlib.Path:
 def stage_reader_folder(root: pathlib.Path) -> pathlib.Path:
     """Fill `root` with what the pages' readers would have, and the library cache."""
     for name, which in (("cat.jpg", 0), ("dog.jpg", 1)):
-        write_image(root / name, photo_crop(which, _rng(which), 120, 300))
+        write_image(root / name, photo_crop(which, np.random.default_rng(which), 120, 300))
     for name, arch, classes in FILES:
         _torch_file(root / name, arch, classes)
     cache = root / "cache"
@@ -136,18 +137,18 @@ def stage_reader_folder(root: pathlib.Path) -> pathlib.Path:
     for i, wnid in enumerate(imagenet_wnids()[:3]):
         for j in range(2):
             write_image(root / USER_PATHS["/data/imagenet/val"] / wnid / f"{j}.jpg",
-                        photo_crop((i + j) % 2, _rng(10 * i + j)))
+                        photo_crop((i + j) % 2, np.random.default_rng(10 * i + j)))
     return root
 
 
-def _rng(seed: int):
-    import numpy as np
+#: Pages whose examples do real work at the sizes they show (ImageNet's batch of 256 with 16
+#: loader processes, a 10-epoch fine-tune of a ResNet-50).
+SLOW_PAGES = ("docs/data.md",)
 
-    return np.random.default_rng(seed)
 
-
-@pytest.mark.parametrize("page", [p for p in PAGES
-                                  if any(b.skip is None for b in page_blocks(p))])
+@pytest.mark.parametrize("page", [
+    pytest.param(p, marks=[pytest.mark.slow] if p in SLOW_PAGES else [])
+    for p in PAGES if any(b.skip is None for b in page_blocks(p))])
 def test_page_runs_as_written(page: str, reader_folder: pathlib.Path):
     done = run_page(page, reader_folder)
     assert done.returncode == 0, (
