@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from resnext_flax.metadata import Preprocessing, PretrainedCfg, class_names, pretrained_cfg
-from resnext_flax.models.folding import optimize_for_inference
+from resnext_flax.models.folding import check_not_optimized, optimize_for_inference
 from resnext_flax.models.functional import CompiledModel, pure_forward
 from resnext_flax.models.programs import ModuleForward, eval_split
 from resnext_flax.models.resnet import FEATURE_NAMES, ResNet, check_input
@@ -291,7 +291,6 @@ def _optimized(model: nnx.Module | CompiledModel, policy: ConvPolicy | None) -> 
     (``optimize_for_inference``'s result) as it is."""
     if isinstance(model, CompiledModel):
         if policy is not None:
-            raise TypeError("this model is already optimized for inference; pass the model it "
-                            "was made from to choose another policy")
+            check_not_optimized(model, "policy=")
         return model.module()
     return model if policy is None else optimize_for_inference(model, policy=policy).module()

@@ -21,6 +21,7 @@ from torchvision.models import get_model_weights
 import resnext_flax
 from resnext_flax import Predictor
 from resnext_flax.metadata import Preprocessing
+from resnext_flax.models.folding import fold_batchnorm, is_folded
 from resnext_flax.models.programs import forward_program
 from resnext_flax.preprocess import preprocess
 
@@ -149,3 +150,19 @@ def test_predictor_takes_an_optimized_model_and_refuses_a_headless_one():
             call()
     with pytest.raises(ValueError, match="headless"):
         resnext_flax.Predictor.from_model(resnext_flax.resnet18(num_classes=0))
+
+
+def test_a_folded_model_is_refused_where_it_cannot_serve(tmp_path):
+    """A folded model has no BatchNorm statistics left: saving it would write a file that no
+    loader reads, and folding it again has nothing to fold; both say so instead."""
+    model = resnext_flax.resnet18(num_classes=4)
+    optimized = resnext_flax.optimize_for_inference(model)
+    with pytest.raises(TypeError, match="already optimized"):
+        fold_batchnorm(optimized)
+    for folded in (optimized, optimized.module(), fold_batchnorm(model)):
+        assert is_folded(folded)
+        with pytest.raises(TypeError, match="save the model it was made from"):
+            resnext_flax.save_checkpoint(folded, tmp_path / "folded.safetensors")
+    assert not (tmp_path / "folded.safetensors").exists()
+    assert not is_folded(model)
+    resnext_flax.save_checkpoint(model, tmp_path / "model.safetensors")

@@ -110,6 +110,15 @@ def fold_conv_bn(conv: Conv, bn: BatchNorm) -> Conv:
 _PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
 
+def check_not_optimized(model: Any, what: str) -> None:
+    """TypeError if `model` is ``optimize_for_inference``'s result, which `what` (a function
+    that starts from an unfolded model) cannot take."""
+    if isinstance(model, CompiledModel):
+        raise TypeError(f"{what}: this model is already optimized for inference (its "
+                        "BatchNorms are folded into its convs); pass the model it was made "
+                        "from, e.g. to choose another policy")
+
+
 def _unfold_structure(model: ResNet) -> list[tuple[Conv, BatchNorm | None]]:
     """Swap every BatchNorm of `model` that follows a conv for an Identity, in place; returns
     every conv with the BatchNorm it had (None: none), for :func:`_fold_convs`."""
@@ -135,12 +144,24 @@ def _unfold_structure(model: ResNet) -> list[tuple[Conv, BatchNorm | None]]:
             if isinstance(conv, Conv)]
 
 
+def is_folded(model: Any) -> bool:
+    """Whether `model` has its BatchNorms folded into its convs: ``optimize_for_inference``'s
+    result, its ``module()``, or ``fold_batchnorm``'s result. Such a model has lost the
+    BatchNorm statistics (they are now part of the kernels and biases): it can predict, but
+    not be trained, unfolded or saved in torchvision's layout."""
+    if isinstance(model, CompiledModel):
+        return True
+    return isinstance(model, ResNet) and not isinstance(model.bn1, BatchNorm)
+
+
 def fold_batchnorm(model: ResNet) -> ResNet:
     """A copy of `model` with every BatchNorm folded into the conv before it (eval-mode
     statistics); `model` itself is not changed. The result is an ordinary ``ResNet`` whose
     outputs equal ``model.eval(); model(x)`` up to float rounding.
     Training-mode behaviour (batch statistics) is gone: fold again after further training.
+    ``optimize_for_inference``'s result is refused (TypeError): there is nothing to fold.
     """
+    check_not_optimized(model, "fold_batchnorm")
     folded = nnx.clone(model)
     _fold_convs(_unfold_structure(folded), prepare=False)
     return folded
@@ -185,9 +206,7 @@ def optimize_for_inference(model: ResNet, *,
     weights once, so parameters written into it afterwards (``nnx.update`` on its
     ``module()``, which shares its arrays) are not seen by them. Optimize the changed model
     again instead."""
-    if isinstance(model, FoldedResNet):
-        raise TypeError("this model is already optimized for inference; pass the model it "
-                        "was made from to choose another policy")
+    check_not_optimized(model, "optimize_for_inference")
     folded = set_conv_policy(nnx.clone(model), policy)
     # Folding and kernel preparation: a few programs per distinct kernel shape.
     _fold_convs(_unfold_structure(folded), prepare=True)

@@ -23,6 +23,7 @@ from flax import nnx
 
 from resnext_flax.errors import WeightsError
 from resnext_flax.metadata import Preprocessing, PretrainedCfg, pretrained_cfg
+from resnext_flax.models.folding import is_folded
 from resnext_flax.models.resnet import ResNet, check_num_classes
 from resnext_flax.models.variants import ModelSpec, find_variant
 from resnext_flax.nn.init import abstract_model
@@ -74,6 +75,12 @@ def save_checkpoint(
     """
     from safetensors.numpy import save
 
+    if is_folded(model):
+        raise TypeError(
+            "save_checkpoint: this model's BatchNorms are folded into its convs "
+            "(optimize_for_inference / fold_batchnorm), and a checkpoint holds torchvision's "
+            "layout with the BatchNorm statistics: save the model it was made from, and fold "
+            "again after loading")
     metadata = dict(metadata or {})
     clash = sorted(set(metadata) & set(RESERVED_KEYS))
     if clash:

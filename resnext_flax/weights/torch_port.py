@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from resnext_flax.errors import Message, WeightsError
+from resnext_flax.models.folding import is_folded
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import ModelSpec, find_variant
 from resnext_flax.nn.init import abstract_model
@@ -166,16 +167,39 @@ def describe(state_dict: Mapping[str, Any]) -> str:
     return f"it looks like {arch_phrase(spec)} with num_classes={num_classes}"
 
 
-def to_torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
-    """The model's weights and BN statistics as a torchvision state dict of numpy arrays.
+def to_torch_state_dict(model: nnx.Module, *, as_torch: bool = False) -> dict[str, Any]:
+    """The model's weights and BN statistics as a torchvision state dict.
 
-    torchvision's ``load_state_dict(..., strict=True)`` accepts it (after
-    ``torch.from_numpy``); ``num_batches_tracked`` is torch's step counter and is omitted.
+    By default the values are numpy arrays (no torch needed), without torch's BatchNorm step
+    counter ``num_batches_tracked``; convert them with ``torch.from_numpy`` before
+    ``load_state_dict``, which takes only tensors. With ``as_torch=True`` (needs torch) the
+    values are ``torch.Tensor`` s and the keys are those of torchvision's own ``state_dict()``,
+    ``num_batches_tracked`` (0) included, so ``load_state_dict(..., strict=True)`` takes the
+    dict as it is. A model whose BatchNorms are folded (``optimize_for_inference``) has no
+    torchvision layout and is refused (TypeError): convert the model it was made from.
     """
-    return {
+    if is_folded(model):
+        raise TypeError("to_torch_state_dict: this model's BatchNorms are folded into its "
+                        "convs (optimize_for_inference / fold_batchnorm), which torchvision's "
+                        "layout cannot hold: convert the model it was made from")
+    arrays = {
         key: np.array(to_torch_layout(leaf, np.asarray(var.get_value())), order="C")
         for key, (leaf, var) in torch_variables(model).items()
     }
+    if not as_torch:
+        return arrays
+    try:
+        import torch
+    except ImportError as err:
+        raise ImportError("to_torch_state_dict(as_torch=True) needs torch: pip install "
+                          "'resnext-flax[torch]', or leave as_torch out for numpy arrays") from err
+    tensors = {}
+    for key in sorted(arrays, key=_torch_order):
+        tensors[key] = torch.from_numpy(arrays[key])
+        if key.endswith(".running_var"):  # torch keeps one step counter per BatchNorm
+            counter = key[:-len("running_var")] + IGNORED_SUFFIXES[0]
+            tensors[counter] = torch.tensor(0, dtype=torch.long)
+    return tensors
 
 
 def to_numpy(key: str, value: Any) -> np.ndarray:
