@@ -141,14 +141,8 @@ def stage_reader_folder(root: pathlib.Path) -> pathlib.Path:
     return root
 
 
-#: Pages whose examples do real work at the sizes they show (ImageNet's batch of 256 with 16
-#: loader processes, a 10-epoch fine-tune of a ResNet-50).
-SLOW_PAGES = ("docs/data.md",)
-
-
-@pytest.mark.parametrize("page", [
-    pytest.param(p, marks=[pytest.mark.slow] if p in SLOW_PAGES else [])
-    for p in PAGES if any(b.skip is None for b in page_blocks(p))])
+@pytest.mark.parametrize("page", [p for p in PAGES
+                                  if any(b.skip is None for b in page_blocks(p))])
 def test_page_runs_as_written(page: str, reader_folder: pathlib.Path):
     done = run_page(page, reader_folder)
     assert done.returncode == 0, (
