@@ -293,7 +293,11 @@ def _check_main_guard() -> None:
     unexpectedly". Whether the script's current top-level line lies inside an ``if`` on
     ``__name__`` decides; anything else (a notebook, ``python -c``, a thread) is let through.
     """
-    script = getattr(sys.modules.get("__main__"), "__file__", None)
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None) or ""
+    if spec_name.endswith(".__main__"):  # `python -m package`: spawn does not run it again
+        return
     frame = inspect.currentframe()
     while frame is not None and not (frame.f_code.co_name == "<module>"
                                      and frame.f_globals.get("__name__") == "__main__"):

@@ -344,3 +344,21 @@ def test_workers_without_a_main_guard_say_to_add_one(tmp_path):
                         r"'if __name__ == \"__main__\":' .*", last), unguarded.stderr
     assert "terminated unexpectedly" not in unguarded.stderr
     assert guarded.returncode == 0 and "2 images" in guarded.stdout, guarded.stderr
+
+
+def test_a_package_main_without_a_guard_starts_workers(tmp_path):
+    """`python -m package` runs ``package/__main__.py``, which spawn never runs again (nor does
+    the `resnext-flax` command's): no guard is needed there, so none is asked for."""
+    rng = np.random.default_rng(9)
+    for name in ("a", "b"):
+        write_image(tmp_path / "data" / name / "x.png", photo_crop(0, rng))
+    package = tmp_path / "tool"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(
+        _SCRIPT.format(guard="", indent="", root=str(tmp_path / "data")))
+    root = pathlib.Path(datasets.__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{tmp_path}"}
+    done = subprocess.run([sys.executable, "-m", "tool"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=CHILD_TIMEOUT)
+    assert done.returncode == 0 and "2 images" in done.stdout, done.stderr
