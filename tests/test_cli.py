@@ -384,7 +384,7 @@ def test_evaluate_json_names_what_was_measured_and_stderr_has_no_warnings(three_
     result = subprocess.run(
         [sys.executable, "-W", "default", "-m", "resnext_flax.cli", "evaluate", str(folder),
          "--checkpoint", str(converted), "--batch-size", "4", "--json", str(out),
-         "--no-progress"], capture_output=True, text=True, timeout=CHILD_TIMEOUT,
+         "--workers", "2", "--no-progress"], capture_output=True, text=True, timeout=CHILD_TIMEOUT,
         env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr
     assert "Warning" not in result.stderr, result.stderr
