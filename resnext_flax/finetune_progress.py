@@ -170,8 +170,11 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
 
 
 def describe(changes: dict[str, tuple[Any, Any]]) -> str:
-    """``"epochs: 10 -> 20, lr: 0.01 -> 0.02"``."""
-    return ", ".join(f"{k}: {_shown(a)} -> {_shown(b)}" for k, (a, b) in changes.items())
+    """``"epochs: 10 -> 20, lr: 0.01 -> 0.02"``; data fingerprints are named, not shown."""
+    return ", ".join(
+        f"{k}: other images (paths, sizes or labels)"
+        if k.startswith("data.") and a is not None and b is not None
+        else f"{k}: {_shown(a)} -> {_shown(b)}" for k, (a, b) in changes.items())
 
 
 def identity(run: dict[str, Any]) -> dict[str, Any]:
@@ -185,6 +188,10 @@ def _check_same_run(directory: str, saved: dict[str, Any], run: dict[str, Any], 
                     extend: bool, say: Callable[[str], None]) -> dict[str, Any]:
     """The saved run record, carried on to `run`'s epochs when `extend` allows it; else a
     :class:`TrainingError` naming what differs and how to go on."""
+    if saved.get("data") is None and run.get("data") is not None:
+        say(f"{directory}: this run's data was not recorded (it was written by an older "
+            "version): resuming without checking that the images are the same")
+        saved["data"] = run["data"]
     changes = differences(identity(saved), identity(run))
     if not changes:
         return saved

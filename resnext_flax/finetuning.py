@@ -255,13 +255,19 @@ def finetune(
     watch = bookkeeping.LossWatch(per_epoch)
     primary = jax.process_index() == 0
 
-    def save() -> int:
-        """Checkpoint the steps completed; returns that step (0: nothing to save)."""
+    def save(replace: bool = False) -> int:
+        """Checkpoint the steps completed; returns that step (0: nothing to save). With
+        `replace`, a checkpoint of the same step (one holding less of the run's record) is
+        rewritten; the one before it stays until then."""
         import orbax.checkpoint as ocp
 
         watch.flush()
         done = int(state.step)
         run["epoch"] = totals.to_json()
+        run["epoch_skipped"] = {"count": skipped.count, "paths": skipped.paths}
+        if done and replace and manager.latest_step() == done:
+            manager.wait_until_finished()
+            manager.delete(done)
         if done and manager.latest_step() != done:
             bookkeeping.check_finite(bookkeeping.arrays(state), f"checkpoint {done}")
             # The loader may have drawn the batch of a step that never finished: the data
@@ -271,7 +277,9 @@ def finetune(
                 data=ocp.args.JsonSave({"position": done}), run=ocp.args.JsonSave(run)))
         return done
 
-    skipped = SkipReport(train_ds)
+    so_far = run.get("epoch_skipped", {})  # the resumed epoch's unreadable files
+    skipped = SkipReport(train_ds, count=int(so_far.get("count", 0)),
+                         paths=list(so_far.get("paths", [])))
     timer = bookkeeping.Throughput()
     bar = tqdm(total=len(batches), initial=batches.position, desc="finetune", unit="step",
                disable=not progress or not primary)
@@ -280,7 +288,34 @@ def finetune(
                                     f"{config.batch_size}", enabled=progress and primary)
     first_validation = report_compilation(f"{config.model}'s validation step",
                                           enabled=progress and primary)
+    def end_epoch(step: int) -> None:
+        """Validate, export an improvement, record the epoch and checkpoint. The epoch enters
+        the history last: a run interrupted before that redoes all of it when resumed."""
+        nonlocal totals, skipped, first_validation
+        watch.flush()  # no validation, export or checkpoint of a diverged state
+        entry = totals.entry(step // per_epoch, step, config.batch_size)
+        entry.update(images_per_second=timer.rate(), skipped=skipped.count)
+        if val_ds is not None:
+            with first_validation:
+                entry.update(_validate(state, val_ds, preprocessing, config, loader, mesh))
+            first_validation = contextlib.nullcontext()
+        say(bookkeeping.epoch_message(entry, config.epochs))
+        if skipped.count:
+            say(f"epoch {entry['epoch']}: "
+                f"{skipped.message('replaced by the next readable image')}")
+        if bookkeeping.is_better(entry, run["best"]):
+            if primary:
+                _export(state, best_path, train_ds.classes, preprocessing, config, entry)
+            run["best"] = {"epoch": entry["epoch"], "acc1": entry.get("val_acc1")}
+        run["history"].append(entry)
+        totals, skipped = bookkeeping.EpochTotals(), SkipReport(train_ds)
+        timer.restart()
+        save(replace=True)
+
     try:
+        done = int(state.step)
+        if done and done % per_epoch == 0 and len(run["history"]) < done // per_epoch:
+            end_epoch(done)  # interrupted between its last step and its checkpoint
         with batches:
             for batch in batches:
                 images, labels = parallel.shard_batch(mesh, batch["image"], batch["label"])
@@ -300,27 +335,7 @@ def finetune(
                     bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
                                     acc1=f"{accuracy:.1f}", img_s=f"{timer.rate():.0f}")
                 if step % per_epoch == 0:
-                    watch.flush()  # no validation, export or checkpoint of a diverged state
-                    entry = totals.entry(step // per_epoch, step, config.batch_size)
-                    entry.update(images_per_second=timer.rate(), skipped=skipped.count)
-                    if val_ds is not None:
-                        with first_validation:
-                            entry.update(_validate(state, val_ds, preprocessing, config,
-                                                   loader, mesh))
-                        first_validation = contextlib.nullcontext()
-                    say(bookkeeping.epoch_message(entry, config.epochs))
-                    if skipped.count:
-                        say(f"epoch {entry['epoch']}: "
-                            f"{skipped.message('replaced by the next readable image')}")
-                    run["history"].append(entry)
-                    totals, skipped = bookkeeping.EpochTotals(), SkipReport(train_ds)
-                    timer.restart()
-                    if bookkeeping.is_better(entry, run["best"]):
-                        run["best"] = {"epoch": entry["epoch"], "acc1": entry.get("val_acc1")}
-                        if primary:
-                            _export(state, best_path, train_ds.classes, preprocessing, config,
-                                    entry)
-                    save()
+                    end_epoch(step)
                 elif config.save_every and step % config.save_every == 0:
                     save()
     except KeyboardInterrupt:

@@ -177,6 +177,30 @@ def test_an_interrupt_inside_a_step_saves_the_batches_consumed_and_resumes(
     assert timeless[:4] == timeless[4:]
 
 
+def test_an_interrupt_at_the_end_of_the_last_epoch_is_finished_by_the_rerun(run, tmp_path):
+    """Ctrl-C after the last step, before its epoch was validated, recorded and exported: the
+    checkpoint holds the step; the rerun does that epoch's end and writes the model."""
+    root, _, config, result = run
+    last = int(result.state.step)
+
+    def interrupt_last(step, metrics):
+        if step == last:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(root / "train", config, tmp_path / "out", progress=False,
+                 on_step=interrupt_last)
+    resumed = finetune(root / "train", config, tmp_path / "out", progress=False)
+    _same_state(resumed.state, result.state)
+    timeless = [{k: v for k, v in h.items() if k != "images_per_second"}
+                for h in (*resumed.history, *result.history)]
+    assert len(resumed.history) == config.epochs and timeless[:4] == timeless[4:]
+    assert (tmp_path / "out" / "best.safetensors").is_file()
+    assert resumed.best_epoch == result.best_epoch
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+
+
 def test_an_interrupt_before_any_step_saves_nothing(run, tmp_path, monkeypatch):
     root, _, config, _ = run
 
@@ -228,8 +252,24 @@ def test_a_run_resumes_only_on_its_own_data(run, tmp_path):
     # Other images under the same class names (and as many) do not.
     learnable_folder(tmp_path / "other", 30, seed=7)
     with pytest.raises(TrainingError, match=r"holds a run with other settings \(data.train: "
-                                            r"\"[0-9a-f]{8}"):
+                                            r"other images \(paths, sizes or labels\)\)"):
         finetune(tmp_path / "other", config, root / "out", progress=False)
+
+
+def test_a_run_saved_without_its_data_fingerprint_still_resumes(run, tmp_path):
+    """Runs written before the data was fingerprinted resume, saying the data is unchecked."""
+    root, _, config, result = run
+    shutil.copytree(root / "out", tmp_path / "out")
+    step = int(result.state.step)
+    [record] = [path for path in (tmp_path / "out" / "checkpoints" / str(step) / "run").rglob("*")
+                if path.is_file() and '"history"' in path.read_text(errors="replace")]
+    saved = json.loads(record.read_text())
+    del saved["data"]
+    record.write_text(json.dumps(saved))
+    said = []
+    again = finetune(root / "train", config, tmp_path / "out", progress=False, log=said.append)
+    assert int(again.state.step) == step
+    assert any("data was not recorded" in line for line in said), said
 
 
 def test_more_epochs_need_extend_and_rebuild_the_schedule(run, tmp_path, capsys):
