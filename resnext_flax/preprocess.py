@@ -96,8 +96,8 @@ def _tag(tags: Any, key: int, default: int) -> int:
 
 def integer_range(image: Image.Image) -> tuple[np.ndarray, int]:
     """(int64 pixels, the largest value its samples can hold) of a mode ``I`` or ``I;16*``
-    image, from what its file declares: 65535 for 16-bit samples (Pillow scales a PGM's
-    ``maxval`` to 16 bits), ``2**bits - 1`` (unsigned) or ``2**(bits - 1) - 1`` (signed) for a
+    image, from what its file declares: 65535 for 16-bit samples, and for mode ``I`` from any
+    file but a TIFF (Pillow scales a PGM's ``maxval`` to 16 bits), ``2**bits - 1`` (unsigned) or ``2**(bits - 1) - 1`` (signed) for a
     TIFF's. Without a file's declaration (an image built in memory) mode ``I`` holds int32, so
     2**31 - 1, as torchvision's ``convert_image_dtype`` takes it."""
     pixels = np.asarray(image)
@@ -110,8 +110,8 @@ def integer_range(image: Image.Image) -> tuple[np.ndarray, int]:
         if bits == 32 and not signed:  # Pillow keeps unsigned 32-bit samples in int32
             pixels = pixels.view(np.uint32)
         return pixels.astype(np.int64), 2 ** (bits - signed) - 1
-    if image.format == "PPM":
-        return pixels.astype(np.int64), 65535
+    if image.format is not None:  # PNG, PGM/PPM...: no other format stores over 16 bits
+        return pixels.astype(np.int64), 65535  # (Pillow before 10.4 opens 16-bit PNGs as I)
     return pixels.astype(np.int64), 2**31 - 1
 
 

@@ -188,6 +188,20 @@ def test_16_bit_png_matches_torchvision_to_8_bits(tmp_path):
     assert np.abs(ours - _torchvision_float(path) * 255).max() <= 0.5 + 1e-3
 
 
+def test_a_16_bit_png_opened_as_mode_i_keeps_its_16_bit_range(tmp_path, monkeypatch):
+    """Pillow before 10.4 opens 16-bit grayscale PNGs as mode I (later versions as I;16),
+    which the project's Pillow floor allows: such an image is 16-bit, not black."""
+    from PIL import PngImagePlugin
+
+    path = tmp_path / "u16.png"
+    Image.fromarray(_ramp(65535, np.uint16)).save(path)
+    monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), ("I", "I;16B"))
+    with Image.open(path) as raw:
+        assert raw.mode == "I"
+    ours = np.asarray(load_image(path))[..., 0]
+    assert ours.min() == 0 and ours.max() == 255 and abs(ours.mean() - 127.5) < 0.5
+
+
 def test_integer_images_use_the_range_their_file_declares(tmp_path):
     """Unsigned 32-bit and signed 16-bit TIFF samples, and 16-bit PGMs (which Pillow opens as
     mode I, scaled to 16 bits): each by its own range. torchvision divides every mode-I image
