@@ -97,9 +97,10 @@ def _tag(tags: Any, key: int, default: int) -> int:
 def integer_range(image: Image.Image) -> tuple[np.ndarray, int]:
     """(int64 pixels, the largest value its samples can hold) of a mode ``I`` or ``I;16*``
     image, from what its file declares: 65535 for 16-bit samples, and for mode ``I`` from any
-    file but a TIFF (Pillow scales a PGM's ``maxval`` to 16 bits), ``2**bits - 1`` (unsigned) or ``2**(bits - 1) - 1`` (signed) for a
-    TIFF's. Without a file's declaration (an image built in memory) mode ``I`` holds int32, so
-    2**31 - 1, as torchvision's ``convert_image_dtype`` takes it."""
+    file but a TIFF (Pillow scales a PGM's ``maxval`` to 16 bits); ``2**bits - 1`` (unsigned)
+    or ``2**(bits - 1) - 1`` (signed) for a TIFF's. Without a file's declaration (an image
+    built in memory) mode ``I`` holds int32, so 2**31 - 1, as torchvision's
+    ``convert_image_dtype`` takes it."""
     pixels = np.asarray(image)
     if image.mode.startswith("I;16"):
         return pixels.astype(np.int64), 65535

@@ -274,12 +274,12 @@ def test_a_killed_writers_debris_goes_on_the_next_cache_hit(tmp_path, pth):
     old = time.time() - 2 * files.STALE_TEMP_SECONDS
 
     def temp(writer: str, target: str = cached.name) -> pathlib.Path:
-        path = cache / f".{target}.{files.TEMP_MARK}{writer}abc123"
+        path = cache / f".{target}.{files.TEMP_MARK}{writer}abc12345"
         path.write_bytes(b"partial")
         return path
 
     def folder(writer: str) -> pathlib.Path:
-        path = cache / f"{DOWNLOAD_FOLDER_PREFIX}{writer}xyz789"
+        path = cache / f"{DOWNLOAD_FOLDER_PREFIX}{writer}xyz78901"
         path.mkdir()
         (path / pth.name).write_bytes(b"partial")
         return path
@@ -299,6 +299,13 @@ def test_a_killed_writers_debris_goes_on_the_next_cache_hit(tmp_path, pth):
     recent = folder("4343+elsewhere.example+")  # an old folder, but written to just now
     os.utime(recent, (old, old))
     kept.append(recent)
+    # Someone else's folder or file that merely starts alike is never ours to delete.
+    for name in (f"{DOWNLOAD_FOLDER_PREFIX}manager", f".x.{files.TEMP_MARK}notes"):
+        foreign = cache / name
+        (foreign.mkdir() if name.startswith(DOWNLOAD_FOLDER_PREFIX) else
+         foreign.write_text("theirs"))
+        os.utime(foreign, (old - 10**6, old - 10**6))
+        kept.append(foreign)
 
     model = resnext_flax.from_pretrained("resnet18", ws, progress=False)  # a hit: no write
     assert model.pretrained_cfg.weights == ws.name
@@ -316,5 +323,10 @@ def test_names_of_temporary_files_carry_the_writer(tmp_path):
 
     files.atomic_write(tmp_path / "out.bin", write)
     assert names[0].startswith(f".out.bin.{files.TEMP_MARK}{files.writer_tag()}")
-    assert files.is_stale_leftover(names[0].split(files.TEMP_MARK)[1], 10**9) is False
-    assert files.is_stale_leftover(f"{dead_pid()}+{files.writer_tag().split('+')[1]}+x", 0)
+    mine = names[0].split(files.TEMP_MARK)[1]
+    assert files.is_stale_leftover(mine, files.LIVE_WRITER_MAX_SECONDS - 1) is False
+    # A live pid that old is another process that reused it.
+    assert files.is_stale_leftover(mine, files.LIVE_WRITER_MAX_SECONDS + 1) is True
+    assert files.is_stale_leftover(f"{dead_pid()}+{files.writer_tag().split('+')[1]}+abcdefgh",
+                                   0)
+    assert files.is_stale_leftover("manager", 10**9) is False  # no name of ours

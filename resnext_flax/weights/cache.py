@@ -110,12 +110,20 @@ def remove_stale_leftovers(directory: Path) -> None:
         try:
             if not entry.is_dir(follow_symlinks=False):
                 continue
-            changed = max([entry.stat(follow_symlinks=False).st_mtime] + [
-                inner.stat(follow_symlinks=False).st_mtime for inner in os.scandir(entry.path)])
+            changed = _newest_change(entry.path)
             if is_stale_leftover(entry.name[len(DOWNLOAD_FOLDER_PREFIX):], now - changed):
                 shutil.rmtree(entry.path, ignore_errors=True)
         except OSError:
             pass
+
+
+def _newest_change(folder: str) -> float:
+    """The latest modification time of `folder` and everything below it."""
+    times = [os.stat(folder, follow_symlinks=False).st_mtime]
+    for parent, names, files in os.walk(folder):
+        times += [os.stat(os.path.join(parent, name), follow_symlinks=False).st_mtime
+                  for name in (*names, *files)]
+    return max(times)
 
 
 def download_folder_prefix() -> str:

@@ -44,6 +44,12 @@ TEMP_MARK = "resnext-flax-tmp-"
 #: A temporary file of ours whose writer cannot be checked (another host, no writer in its
 #: name) is a leftover of a killed process once unchanged this long.
 STALE_TEMP_SECONDS = 15 * 60
+#: A leftover whose writer's pid runs is still stale once unchanged this long: the pid was
+#: reused by another process (no write of this library takes a day).
+LIVE_WRITER_MAX_SECONDS = 24 * 3600
+#: What follows a temporary name's prefix: ``<pid>+<host>+<random>`` (see :func:`writer_tag`;
+#: ``tempfile``'s 8 random characters), or the random part alone, as names had before.
+_TEMP_REST = re.compile(r"(\d+\+[A-Za-z0-9._-]+\+)?[a-z0-9_]{8}")
 
 
 class WeightFileError(WeightsError):
@@ -303,14 +309,18 @@ def writer_tag() -> str:
 
 @functools.cache
 def _host() -> str:
-    """This host's name, with its process-id namespace where it has one: containers that
-    share a host name see each other's cache folders but not each other's processes."""
+    """This host's name, with its boot id and process-id namespace where it has them: machines
+    that share a host name (and a cache over a network file system) differ in boot id, and
+    containers that share a host see each other's cache folders but not each other's
+    processes."""
     host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "unknown"
-    try:
-        namespace = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
+    try:  # two machines' first pid namespaces share an inode number, never a boot id
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            host += "_" + re.sub(r"[^0-9a-f]", "", f.read())[:12]
+        host += "_" + re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
     except OSError:
-        namespace = ""
-    return f"{host}_{namespace}" if namespace else host
+        pass
+    return host
 
 
 def _writer_alive(rest: str) -> bool | None:
@@ -334,11 +344,20 @@ def is_stale_leftover(rest: str, age_seconds: float) -> bool:
     """Whether a temporary file or folder of ours, its name continuing with `rest` after its
     prefix and last changed `age_seconds` ago, is a killed writer's leftover: its writer is a
     dead process of this host, or, where liveness cannot be told, it is older than
-    ``STALE_TEMP_SECONDS``. A live writer's file is never stale."""
+    ``STALE_TEMP_SECONDS``. A live writer's file is stale only after
+    ``LIVE_WRITER_MAX_SECONDS`` (its pid reused); a name this library does not make, never."""
+    if not is_temporary_name(rest):
+        return False
     alive = _writer_alive(rest)
     if alive is not None:
-        return not alive
+        return not alive or age_seconds > LIVE_WRITER_MAX_SECONDS
     return age_seconds > STALE_TEMP_SECONDS
+
+
+def is_temporary_name(rest: str) -> bool:
+    """Whether `rest`, what follows a temporary name's prefix, is one this library makes: a
+    file or folder of someone else's that merely starts alike is never deleted."""
+    return _TEMP_REST.fullmatch(rest) is not None
 
 
 def remove_stale_temp_files(directory: str | os.PathLike, target: str | None = None) -> None:
