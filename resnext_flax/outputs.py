@@ -67,12 +67,23 @@ def check_output_path(
     """
     given = os.fspath(output)
     path = Path(os.path.abspath(given))
+    _check_parent_as_written(given, what)
     files = [os.fspath(p) for p in inputs if p is not None]
     if directory:
         _check_folder_output(given, path, files, what, tuple(writes))
     else:
         _check_file_output(given, path, files, what)
     return path
+
+
+def _check_parent_as_written(given: str, what: str) -> None:
+    """The parent folder as the system resolves it, one component at a time: ``missing/..``
+    names no folder there, though the text normalizes to an existing one."""
+    trimmed = given.rstrip(os.sep) or given
+    parent = os.path.dirname(trimmed) or os.curdir
+    if not os.path.lexists(trimmed) and not os.path.exists(parent):
+        raise _fail(what, given, f"cannot be written: the folder {parent!r} does not exist (it "
+                                 "is not created for you: create it, or fix the path)")
 
 
 def _fail(what: str, given: str, why: str) -> OutputPathError:

@@ -157,3 +157,16 @@ def test_the_library_finetune_checks_its_folder_before_any_work(tmp_path, monkey
     with pytest.raises(OutputPathError, match=r"would receive best\.safetensors"):
         finetune(data, FinetuneConfig(model="resnet18", weights=str(start)), start.parent)
     assert start.read_bytes() == b"weights"
+
+
+def test_a_parent_is_checked_as_the_system_resolves_it(tmp_path):
+    """``missing/../out`` normalizes to an existing folder as text, but no file can be made
+    through a folder that does not exist; a run folder there would be created silently."""
+    for directory in (False, True):
+        with pytest.raises(OutputPathError, match="does not exist"):
+            check_output_path(tmp_path / "missing" / ".." / "out", [], directory=directory)
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "here").mkdir()
+    assert check_output_path(tmp_path / "here" / ".." / "out", []) == tmp_path / "out"
+    assert check_output_path(f"{tmp_path / 'run'}{os.sep}", [], directory=True) == \
+        tmp_path / "run"
