@@ -52,6 +52,10 @@ from resnext_flax.weights.pretrained import from_pretrained
 RANDOM_INIT = (None, "none", "random")
 
 
+#: The largest seed: the input pipeline (Grain) takes 32-bit seeds.
+MAX_SEED = 2**32 - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
     """The settings of a run (all of them are checked again when a run resumes).
@@ -105,6 +109,12 @@ class FinetuneConfig:
             warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing)
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0, got {self.save_every}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be from 0 to {MAX_SEED} (the input pipeline's seed is "
+                             f"32-bit), got {self.seed}")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs:g}) must not exceed epochs "
+                             f"({self.epochs}): the warm-up is part of the schedule")
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change the trajectory (a resumed run must match them)."""

@@ -164,10 +164,13 @@ def check_hyperparameters(**values: Any) -> None:
     """The one check every entry point (optimizers, loss, train steps, fine-tuning, the
     command line) runs on its hyperparameters, by name (:data:`HYPERPARAMETER_BOUNDS`): a NaN,
     infinite or out-of-range value trains silently wrong, so it is a ``ValueError`` naming
-    the field, the value and the bounds. Schedules (callables) pass through."""
+    the field, the value and the bounds. Schedules (callables) and traced values pass
+    through; a concrete scalar array is checked as its number."""
     for name, value in values.items():
-        if callable(value):
-            continue
+        if callable(value) or isinstance(value, jax.core.Tracer):
+            continue  # a schedule, or a value only known when the program runs
+        if isinstance(value, jax.Array | np.ndarray) and value.ndim == 0:
+            value = value.item()
         bounds = HYPERPARAMETER_BOUNDS[name]
         number = isinstance(value, int | float | np.number) and not isinstance(value, bool)
         if not number or not bounds.holds(float(value)):
@@ -182,7 +185,7 @@ def cross_entropy(
     check_hyperparameters(label_smoothing=label_smoothing)
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-    if label_smoothing:
+    if isinstance(label_smoothing, jax.core.Tracer) or label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
     return jnp.mean(optax.softmax_cross_entropy(logits, targets))
 

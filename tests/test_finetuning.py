@@ -307,6 +307,12 @@ def test_more_epochs_need_extend_and_rebuild_the_schedule(run, tmp_path, capsys)
     (["--warmup-epochs", "inf"], "warmup_epochs must be a finite number >= 0, got inf"),
     (["--warmup-epochs", "nan"], "warmup_epochs must be a finite number >= 0, got nan"),
     (["--label-smoothing", "1"], r"label_smoothing must be a finite number in [0, 1), got 1.0"),
+    (["--warmup-epochs", "1e308"],
+     "warmup_epochs (1e+308) must not exceed epochs (10): the warm-up is part of the schedule"),
+    (["--seed", "99999999999999999999999"], "seed must be from 0 to 4294967295 (the input "
+     "pipeline's seed is 32-bit), got 99999999999999999999999"),
+    (["--seed", "-1"], "seed must be from 0 to 4294967295 (the input pipeline's seed is "
+     "32-bit), got -1"),
 ])
 def test_bad_hyperparameters_are_one_line_errors(flags, message, tmp_path, capsys):
     learnable_folder(tmp_path / "train", 2)

@@ -313,3 +313,14 @@ def test_the_parallel_step_checks_its_label_smoothing():
 
     with pytest.raises(ValueError, match=r"label_smoothing .* got inf"):
         parallel.make_parallel_train_step(parallel.data_mesh(), label_smoothing=INF)
+
+
+def test_hyperparameters_may_be_scalar_arrays_or_traced():
+    """A concrete scalar array is checked as its number; a traced one passes through."""
+    logits, labels = jnp.zeros((2, 3)), jnp.array([0, 2])
+    assert np.isfinite(float(training.cross_entropy(logits, labels,
+                                                    label_smoothing=jnp.float32(0.1))))
+    with pytest.raises(ValueError, match="label_smoothing must be a finite number"):
+        training.cross_entropy(logits, labels, label_smoothing=jnp.float32(1.5))
+    traced = jax.jit(lambda eps: training.cross_entropy(logits, labels, label_smoothing=eps))
+    assert np.isfinite(float(traced(jnp.float32(0.1))))
