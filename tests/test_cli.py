@@ -406,3 +406,10 @@ def test_python_dash_m_runs_the_command():
                              "resnet18"], capture_output=True, text=True, timeout=CHILD_TIMEOUT)
     assert result.returncode == 0, result.stderr
     assert "IMAGENET1K_V1 (DEFAULT)" in result.stdout
+
+
+def test_predict_with_a_missing_checkpoint_says_the_file_is_missing(tmp_path, capsys):
+    missing = tmp_path / "nothere.safetensors"
+    assert cli.main(["predict", str(tmp_path / "img.png"), "--checkpoint", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"resnext-flax: error: no file or folder at {str(missing)!r} (--checkpoint)\n"

@@ -139,6 +139,11 @@ def model_name(args: argparse.Namespace) -> str:
                          "checkpoint (which records its model)")
     from resnext_flax.weights.files import CONVERTED_FORMAT, read_safetensors_metadata
 
+    if not os.path.exists(path):
+        from resnext_flax.errors import WeightFileNotFoundError
+
+        raise WeightFileNotFoundError(f"no file or folder at {path!r} (--checkpoint)")
+
     meta = (read_safetensors_metadata(path) if os.path.isfile(path)
             and path.endswith(".safetensors") else {})
     name = meta.get("model") if meta.get("format") == CONVERTED_FORMAT else None

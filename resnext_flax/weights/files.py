@@ -441,8 +441,8 @@ def sigterm_as_interrupt(*, then_default: bool = False) -> Iterator[None]:
         if len(received) == 1 or not then_default:  # a library's cleanup is not cut short
             raise KeyboardInterrupt(f"terminated by signal {signum}")
 
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
+    try:  # installed inside: a signal right after it still restores the previous handler
+        signal.signal(signal.SIGTERM, interrupt)
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
