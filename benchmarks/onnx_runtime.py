@@ -12,9 +12,9 @@ intra-op threads, one per graph optimization level in ``--opt-levels``); the jit
 one call each per round, so load from other processes hits all of them alike; medians over
 rounds. Every side's logits are compared with torch eager's (relative error).
 
-``--optimized-graphs DIR`` also writes both exports as ONNX Runtime's optimizer leaves them
-(``SessionOptions.optimized_model_filepath``, at the first optimization level) and records
-each graph's node counts by operator, to see what the optimizer did differently.
+``--optimized-graphs DIR`` also writes every export as ONNX Runtime's optimizer leaves it at
+each level (``SessionOptions.optimized_model_filepath``) and records each graph's node counts
+by operator, to see what the optimizer did differently.
 
 Example (docs/deploy.md's table):
     python benchmarks/onnx_runtime.py --json benchmarks/results/cpu_2core_onnx_runtime.json
@@ -106,12 +106,12 @@ def run_case(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     for level in args.opt_levels:
         for side, model_bytes in exports.items():
             path = None
-            if args.optimized_graphs and level == args.opt_levels[0] and side != "ours_nhwc":
+            if args.optimized_graphs:
                 path = pathlib.Path(args.optimized_graphs) / f"{name}_b{batch}_{side}_{level}.onnx"
                 path.parent.mkdir(parents=True, exist_ok=True)
             sess = session(model_bytes, level, args.threads, path)
             if path is not None:
-                graphs[side] = op_counts(path)
+                graphs.setdefault(level, {})[side] = op_counts(path)
             feed = {sess.get_inputs()[0].name: inputs[side]}
             calls[f"ort_{side}:{level}"] = lambda s=sess, f=feed: s.run(None, f)[0]
     folded = optimize_for_inference(model)
@@ -153,12 +153,11 @@ def print_case(case: dict[str, Any]) -> None:
         print(f"  {key:26s} {r['images_per_s']:8.2f} img/s  median {r['median_s'] * 1e3:8.2f} ms"
               f"  rel err {r['rel_err_vs_torch']:.1e}"
               + ("" if ratio is None else f"  {ratio:.3f}x of ORT on torch's export"))
-    graphs = case["optimized_op_counts"]
-    if graphs:
+    for level, graphs in case["optimized_op_counts"].items():
         ops = sorted(set().union(*graphs.values()))
         differ = {op: {side: g.get(op, 0) for side, g in graphs.items()} for op in ops
                   if len({g.get(op, 0) for g in graphs.values()}) > 1}
-        print(f"  optimized graphs: {differ if differ else 'identical op counts'}")
+        print(f"  optimized graphs ({level}): {differ if differ else 'identical op counts'}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -172,7 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--opt-levels", default="all,extended",
                    help=f"ORT graph optimization levels, from {sorted(OPT_LEVELS)}")
     p.add_argument("--optimized-graphs", metavar="DIR",
-                   help="write the ORT-optimized graphs here and compare their ops")
+                   help="write the ORT-optimized graphs here and compare their operators")
     p.add_argument("--json", metavar="FILE", help="write the results here")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]

@@ -7,9 +7,11 @@ the smallest size every stage of every variant still sees (layer4 at 1x1).
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import importlib.util
+import io
 import sys
 
 import jax.numpy as jnp
@@ -106,6 +108,26 @@ def test_an_optimized_model_exports_the_same_graph(resnext50):
     optimized = resnext_flax.optimize_for_inference(resnext50)
     assert to_onnx(optimized) == to_onnx(resnext50)
     assert not is_folded(resnext50)
+
+
+def _node_signatures(model_bytes: bytes) -> collections.Counter:
+    import onnx
+
+    return collections.Counter(
+        (n.op_type, tuple(sorted((a.name, str(onnx.helper.get_attribute_value(a)))
+                                 for a in n.attribute)))
+        for n in onnx.load_from_string(model_bytes).graph.node)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript exporter
+def test_the_nchw_graph_has_the_nodes_of_torchs_export(resnext50):
+    """Node for node (operator and attributes, in any order) what ``torch.onnx.export`` writes
+    for torchvision's model, which folds BatchNorm too: ONNX Runtime optimizes both alike."""
+    buffer = io.BytesIO()
+    torch.onnx.export(torch_model("resnext50_32x4d", seed=5), (torch.zeros(1, 3, 32, 32),),
+                      buffer, dynamo=False, opset_version=17)
+    assert _node_signatures(to_onnx(resnext50, layout="NCHW")) == _node_signatures(
+        buffer.getvalue())
 
 
 def test_the_graph_holds_standard_ops_symbolic_dims_and_metadata(resnext50):

@@ -36,8 +36,10 @@ MIN_OPSET = 17
 INPUT_NAME = "images"
 # ResNet.stem's max-pool (torch's nn.MaxPool2d(3, 2, 1)): ONNX MaxPool with explicit pads and
 # ceil_mode=0 ignores the padding (as -inf does) and rounds the output size down, as JAX's
-# reduce_window with explicit padding and torch do.
-_STEM_POOL = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 0}
+# reduce_window with explicit padding and torch do. Default attributes are spelled out, as
+# torch.onnx.export spells them, so the two exports' nodes compare equal.
+_STEM_POOL = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 0,
+              "dilations": [1, 1]}
 _BLOCKS = (BasicBlock, Bottleneck, FusedBlock)
 _CONV_NAMES = ("conv1", "conv2", "conv3")
 
@@ -144,7 +146,7 @@ def _head(graph: _Graph, model: ResNet, x: str, output: str) -> str:
     weight = _float32(model.fc.kernel.get_value()).T  # (in, out) -> torch's (out, in)
     return graph.node("Gemm", [flat, graph.weight("fc.weight", np.ascontiguousarray(weight)),
                                graph.weight("fc.bias", _float32(model.fc.bias.get_value()))],
-                      "fc", output, transB=1)
+                      "fc", output, alpha=1.0, beta=1.0, transB=1)
 
 
 def _check_options(layout: str, opset: int, metadata: Mapping[str, str] | None,
