@@ -5,12 +5,15 @@ For each model and batch size: a torchvision model with random weights and rando
 statistics, ported with ``resnext_flax.load_torch_state_dict``; exported by
 ``resnext_flax.export.onnx_graph.to_onnx`` (NCHW input like torch's; ``ours_nhwc`` is the
 library's default NHWC input, one Transpose more) and by ``torch.onnx.export`` (TorchScript
-exporter, ``dynamo=False``, opset 17, dynamic batch; it folds BatchNorm into the convs too);
+exporter, ``dynamo=False``: deprecated but still in torch 2.14, and unlike the dynamo
+exporter it needs no ``onnxscript``; opset 17, dynamic batch; it folds BatchNorm too);
 every ONNX file runs in an ``InferenceSession`` (CPU execution provider, ``--threads``
 intra-op threads, one per graph optimization level in ``--opt-levels``); the jit side is
 ``optimize_for_inference(model)`` called on NHWC images. All sides are timed *interleaved*,
 one call each per round, so load from other processes hits all of them alike; medians over
-rounds. Every side's logits are compared with torch eager's (relative error).
+rounds (each round in a rotated order; ORT's threads do not spin between runs, which would
+take the cores from the side timed next). Every side's logits are compared with torch eager's
+(relative error).
 
 ``--optimized-graphs DIR`` also writes every export as ONNX Runtime's optimizer leaves it at
 each level (``SessionOptions.optimized_model_filepath``) and records each graph's node counts
@@ -76,6 +79,9 @@ def session(model_bytes: bytes, level: str, threads: int,
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle intra-op threads spin after a run by default; interleaved, one session's spinning
+    # threads would take the cores from whichever side runs next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
@@ -126,10 +132,11 @@ def run_case(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
             logits = fn()
         results[key] = {"rel_err_vs_torch": relative_error(logits, reference)}
     times: dict[str, list[float]] = {k: [] for k in calls}
-    for _ in range(args.repeats):
-        for key, fn in calls.items():
+    keys = list(calls)
+    for round_ in range(args.repeats):  # each round starts one side later: no fixed order
+        for key in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:
             t0 = time.perf_counter()
-            fn()
+            calls[key]()
             times[key].append(time.perf_counter() - t0)
     for key, ts in times.items():
         median = statistics.median(ts)
