@@ -157,8 +157,8 @@ def _check_options(layout: str, opset: int, metadata: Mapping[str, str] | None,
             MIN_OPSET <= opset <= newest):
         raise ValueError(f"opset must be an int from {MIN_OPSET} to {newest} (the newest this "
                          f"onnx package knows), got {opset!r}")
-    if metadata is not None and not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in dict(metadata).items()):
+    if metadata is not None and not (isinstance(metadata, Mapping) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise TypeError("metadata must map str keys to str values (serialize others, e.g. "
                         "with json.dumps)")
 
