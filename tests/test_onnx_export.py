@@ -13,6 +13,9 @@ import copy
 import functools
 import importlib.util
 import io
+import json
+import pathlib
+import subprocess
 import sys
 
 import jax.numpy as jnp
@@ -20,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from limits import CHILD_TIMEOUT
 from test_parity import FLOOR_MULTIPLE, RTOL
 from torch_reference import (
     flax_model_from_torch,
@@ -206,3 +210,23 @@ def test_run_onnx_refuses_images_that_do_not_fit(resnext50):
             run_onnx(exported, images)
     with pytest.raises(ValueError, match="threads must be a positive int"):
         run_onnx(exported, np.zeros((1, 32, 32, 3), np.float32), threads=0)
+
+
+def test_the_benchmark_smallest_run_writes_its_json(tmp_path):
+    """``benchmarks/onnx_runtime.py`` at its smallest: every side runs, agrees with torch and
+    is timed; the optimized graphs of our export and torch's have the same operators."""
+    out = tmp_path / "onnx.json"
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "onnx_runtime.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--models", "resnet18", "--batch-sizes", "2", "--size",
+         "33", "--repeats", "1", "--warmup", "1", "--opt-levels", "all", "--threads", "1",
+         "--optimized-graphs", str(tmp_path / "graphs"), "--json", str(out)],
+        capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (case,) = json.loads(out.read_text())["cases"]
+    assert set(case["results"]) == {"ort_ours:all", "ort_ours_nhwc:all", "ort_torch:all",
+                                    "jax_folded"}
+    for side in case["results"].values():
+        assert side["rel_err_vs_torch"] <= 1e-5 and side["median_s"] > 0
+    graphs = case["optimized_op_counts"]["all"]
+    assert graphs["ours"] == graphs["torch"]
