@@ -1,0 +1,242 @@
+"""ONNX export: the BatchNorm-folded module tree written as an ONNX graph, node by node.
+
+A folded ResNet is only convs with a bias, ReLU, residual adds, one max-pool, a global mean and
+a linear head, all of which ONNX has as standard operators (opset >= 17): the graph is emitted
+here from the module tree with the ``onnx`` package's helpers rather than traced through a
+converter, so each conv keeps its exact kernel, padding and groups and the file holds nothing
+but standard operators. Conv + Add + ReLU stay separate nodes: ONNX Runtime's graph optimizer
+fuses them.
+
+``onnx`` and ``onnxruntime`` are optional dependencies (``pip install 'resnext-flax[onnx]'``),
+imported only when a function here is called.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from resnext_flax.models.folding import fold_batchnorm, is_folded
+from resnext_flax.models.functional import CompiledModel
+from resnext_flax.models.fused import FusedBlock
+from resnext_flax.models.resnet import BasicBlock, Bottleneck, ResNet
+from resnext_flax.nn.layers import BatchNorm, Conv, Identity, Linear
+
+INSTALL_HINT = "pip install 'resnext-flax[onnx]'"
+LAYOUTS = ("NHWC", "NCHW")
+#: The oldest opset accepted: every operator used here has had its current form since 13;
+#: 17 is what torchvision's export and current runtimes agree on.
+MIN_OPSET = 17
+INPUT_NAME = "images"
+# ResNet.stem's max-pool (torch's nn.MaxPool2d(3, 2, 1)): ONNX MaxPool with explicit pads and
+# ceil_mode=0 ignores the padding (as -inf does) and rounds the output size down, as JAX's
+# reduce_window with explicit padding and torch do. Default attributes are spelled out, as
+# torch.onnx.export spells them, so the two exports' nodes compare equal.
+_STEM_POOL = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 0,
+              "dilations": [1, 1]}
+_BLOCKS = (BasicBlock, Bottleneck, FusedBlock)
+_CONV_NAMES = ("conv1", "conv2", "conv3")
+
+
+def _require(package: str) -> Any:
+    """The optional `package`, or an ImportError naming the extra that installs it."""
+    try:
+        return importlib.import_module(package)
+    except ImportError as error:
+        raise ImportError(f"ONNX export needs the {package!r} package, which is not installed; "
+                          f"install it with: {INSTALL_HINT}") from error
+
+
+def _folded(model: Any) -> ResNet:
+    """The module tree of `model` with its BatchNorms folded (a copy where folding is
+    needed; `model` is not changed)."""
+    if isinstance(model, CompiledModel):
+        model = model.module()
+    if not isinstance(model, ResNet):
+        raise TypeError(f"to_onnx takes a resnext_flax ResNet or optimize_for_inference's "
+                        f"result, got {type(model).__name__}")
+    if model.dtype not in (None, jnp.float32):
+        raise ValueError(f"ONNX export writes float32 graphs; this model computes in "
+                         f"{jnp.dtype(model.dtype).name}: build or load it with dtype=None "
+                         "(float32) to export it")
+    folded = model if is_folded(model) else fold_batchnorm(model)
+    left = [path for path, m in nnx.iter_graph(folded) if isinstance(m, BatchNorm)]
+    if left:
+        raise ValueError(f"cannot export: BatchNorms left unfolded at {left[:3]}")
+    return folded
+
+
+def _float32(value: Any) -> np.ndarray:
+    return np.asarray(value, dtype=np.float32)
+
+
+class _Graph:
+    """ONNX nodes and initializers in the making, named after the module paths."""
+
+    def __init__(self, onnx: Any):
+        self.helper = onnx.helper
+        self.numpy_helper = onnx.numpy_helper
+        self.nodes: list = []
+        self.initializers: list = []
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(self.numpy_helper.from_array(array, name))
+        return name
+
+    def node(self, op: str, inputs: list[str], name: str, output: str | None = None,
+             **attributes: Any) -> str:
+        """Append one node; returns its output's name (`output`, or the node's name)."""
+        output = output or name
+        self.nodes.append(self.helper.make_node(op, inputs, [output], name=name, **attributes))
+        return output
+
+    def conv(self, conv: Conv, x: str, name: str) -> str:
+        """`conv` with its bias; the kernel goes from the library's HWIO (I = in/groups, as
+        torch and ONNX store it too) to ONNX's OIHW."""
+        kernel = _float32(conv.kernel.get_value())
+        if conv.bias is None:
+            bias = np.zeros(kernel.shape[-1], np.float32)
+        else:
+            bias = _float32(conv.bias.get_value())
+        size = list(kernel.shape[:2])
+        return self.node(
+            "Conv",
+            [x, self.weight(f"{name}.weight", np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))),
+             self.weight(f"{name}.bias", bias)],
+            name, kernel_shape=size, strides=[conv.stride] * 2, pads=[conv.padding] * 4,
+            dilations=[1, 1], group=conv.groups)
+
+    def relu(self, x: str) -> str:
+        return self.node("Relu", [x], f"{x}.relu")
+
+
+def _block(graph: _Graph, block: nnx.Module, x: str, name: str) -> str:
+    """A residual block, basic or bottleneck, folded or fused alike: every conv but the last
+    followed by a ReLU, the last one's output added to the shortcut, then a ReLU."""
+    if not isinstance(block, _BLOCKS):
+        raise TypeError(f"cannot export {name}: a {type(block).__name__}, not a ResNet block")
+    shortcut = x
+    if block.downsample is not None:
+        conv, rest = block.downsample[0], list(block.downsample)[1:]
+        if not isinstance(conv, Conv) or not all(isinstance(m, Identity) for m in rest):
+            raise TypeError(f"cannot export {name}.downsample: expected a folded conv")
+        shortcut = graph.conv(conv, x, f"{name}.downsample.0")
+    *inner, last = (getattr(block, n) for n in _CONV_NAMES if hasattr(block, n))
+    out = x
+    for index, conv in enumerate(inner, start=1):
+        out = graph.relu(graph.conv(conv, out, f"{name}.conv{index}"))
+    out = graph.conv(last, out, f"{name}.conv{len(inner) + 1}")
+    return graph.relu(graph.node("Add", [out, shortcut], f"{name}.add"))
+
+
+def _head(graph: _Graph, model: ResNet, x: str, output: str) -> str:
+    """Global average pool, flatten and the linear classifier (none when headless)."""
+    pooled = graph.node("GlobalAveragePool", [x], "avgpool")
+    if isinstance(model.fc, Identity):
+        return graph.node("Flatten", [pooled], "flatten", output, axis=1)
+    if not isinstance(model.fc, Linear):
+        raise TypeError(f"cannot export fc: a {type(model.fc).__name__}, not Linear")
+    flat = graph.node("Flatten", [pooled], "flatten", axis=1)
+    weight = _float32(model.fc.kernel.get_value()).T  # (in, out) -> torch's (out, in)
+    return graph.node("Gemm", [flat, graph.weight("fc.weight", np.ascontiguousarray(weight)),
+                               graph.weight("fc.bias", _float32(model.fc.bias.get_value()))],
+                      "fc", output, alpha=1.0, beta=1.0, transB=1)
+
+
+def _check_options(layout: str, opset: int, metadata: Mapping[str, str] | None,
+                   newest: int) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(opset, int) or isinstance(opset, bool) or not (
+            MIN_OPSET <= opset <= newest):
+        raise ValueError(f"opset must be an int from {MIN_OPSET} to {newest} (the newest this "
+                         f"onnx package knows), got {opset!r}")
+    if metadata is not None and not (isinstance(metadata, Mapping) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise TypeError("metadata must map str keys to str values (serialize others, e.g. "
+                        "with json.dumps)")
+
+
+def _producer_version() -> str:
+    try:
+        return importlib.metadata.version("resnext-flax")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def to_onnx(model: Any, *, layout: str = "NHWC", opset: int = 17,
+            metadata: Mapping[str, str] | None = None) -> bytes:
+    """`model` (a ``ResNet``, folded or not, or ``optimize_for_inference``'s result) as a
+    serialized ONNX ``ModelProto``, float32, BatchNorm folded into the convs.
+
+    Input ``images``: ``[batch, height, width, 3]`` for ``layout="NHWC"`` (the library's
+    layout; one Transpose to NCHW starts the graph) or ``[batch, 3, height, width]`` for
+    ``"NCHW"`` (torchvision's); batch, height and width are symbolic. Output ``logits``
+    ``[batch, num_classes]``, or ``features`` ``[batch, num_features]`` for a headless model.
+    `metadata` (str to str) goes into the model's ``metadata_props``. The model is checked
+    with ``onnx.checker`` before it is returned. `model` is not changed."""
+    onnx = _require("onnx")
+    _check_options(layout, opset, metadata, onnx.defs.onnx_opset_version())
+    folded = _folded(model)
+    graph = _Graph(onnx)
+    x = INPUT_NAME
+    if layout == "NHWC":
+        x = graph.node("Transpose", [x], "to_nchw", perm=[0, 3, 1, 2])
+    x = graph.relu(graph.conv(folded.conv1, x, "conv1"))
+    x = graph.node("MaxPool", [x], "maxpool", **_STEM_POOL)
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        for index, block in enumerate(getattr(folded, stage)):
+            x = _block(graph, block, x, f"{stage}.{index}")
+    headless = isinstance(folded.fc, Identity)
+    output = "features" if headless else "logits"
+    _head(graph, folded, x, output)
+
+    float32 = onnx.TensorProto.FLOAT
+    dims = ["batch", "height", "width", 3] if layout == "NHWC" else ["batch", 3, "height",
+                                                                     "width"]
+    width = folded.num_features if headless else folded.num_classes
+    proto = onnx.helper.make_model_gen_version(
+        onnx.helper.make_graph(
+            graph.nodes, "resnext_flax", [onnx.helper.make_tensor_value_info(
+                INPUT_NAME, float32, dims)],
+            [onnx.helper.make_tensor_value_info(output, float32, ["batch", width])],
+            initializer=graph.initializers),
+        opset_imports=[onnx.helper.make_opsetid("", opset)],
+        producer_name="resnext-flax", producer_version=_producer_version())
+    if metadata:
+        onnx.helper.set_model_props(proto, dict(metadata))
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString()
+
+
+def run_onnx(model_bytes: bytes, images: np.ndarray, *, threads: int | None = None
+             ) -> np.ndarray:
+    """`images` (float32, in the layout the model was exported with) through the serialized
+    ONNX model in ONNX Runtime's CPU execution provider, all graph optimizations on; returns
+    the first output. `threads`: intra-op threads (None: ONNX Runtime's default). One session
+    per call: for a serving loop keep an ``onnxruntime.InferenceSession`` yourself."""
+    ort = _require("onnxruntime")
+    images = np.asarray(images)
+    if images.ndim != 4 or not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"images must be a 4-D floating-point array, got shape "
+                         f"{images.shape} of dtype {images.dtype}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    expected = session.get_inputs()[0]
+    static = [(axis, size) for axis, size in enumerate(expected.shape) if isinstance(size, int)]
+    if any(images.shape[axis] != size for axis, size in static):
+        raise ValueError(f"images of shape {images.shape} do not fit the model's input "
+                         f"{expected.name} {expected.shape} (check the layout it was exported "
+                         "with)")
+    return session.run(None, {expected.name: np.ascontiguousarray(images, np.float32)})[0]

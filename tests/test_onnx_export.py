@@ -1,0 +1,232 @@
+"""ONNX export (``resnext_flax.export.onnx_graph``): every variant's graph, run in ONNX Runtime,
+against the model it came from and against torchvision's model on the same weights.
+
+Reference models have random weights and randomized BatchNorm statistics; images are small
+and of odd sizes (33x41: odd at the stem, the pool and two stages, where a padding or rounding
+difference would show).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import functools
+import importlib.util
+import io
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from limits import CHILD_TIMEOUT
+from test_parity import FLOOR_MULTIPLE, RTOL
+from torch_reference import (
+    flax_model_from_torch,
+    random_images,
+    relative_error,
+    to_nchw,
+    torch_model,
+)
+
+import resnext_flax
+from resnext_flax.export.onnx_graph import LAYOUTS, run_onnx, to_onnx
+from resnext_flax.models.folding import is_folded
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None,
+    reason="needs the onnx extra: pip install 'resnext-flax[onnx]'")
+
+SIZE = (33, 41)
+BATCHES = (1, 3)
+# Against the model it was exported from (max|a - b| / max|b|, float32): the issue's bound.
+MAX_RELATIVE = 1e-5
+
+
+def max_relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def as_layout(images: np.ndarray, layout: str) -> np.ndarray:
+    return images if layout == "NHWC" else np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+
+
+class Case:
+    """A torchvision model, the library's model on its weights and both ONNX layouts."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.torch = torch_model(name, seed=len(name))
+        self.flax = flax_model_from_torch(name, self.torch)
+        self.images = random_images(max(BATCHES), *SIZE, seed=3)
+        self.onnx = {layout: to_onnx(self.flax, layout=layout) for layout in LAYOUTS}
+
+    @functools.cache  # noqa: B019 - one Case per module-scoped fixture
+    def logits(self, batch: int) -> np.ndarray:
+        """The (unfolded, eval-mode) model's logits."""
+        return np.asarray(self.flax(self.images[:batch]))
+
+
+@pytest.fixture(scope="module", params=resnext_flax.list_models())
+def case(request) -> Case:
+    return Case(request.param)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_onnx_matches_the_model_at_batch_1_and_3(case: Case, layout: str):
+    for batch in BATCHES:
+        actual = run_onnx(case.onnx[layout], as_layout(case.images[:batch], layout), threads=1)
+        expected = case.logits(batch)
+        assert actual.shape == expected.shape == (batch, case.flax.num_classes)
+        err = max_relative_error(actual, expected)
+        assert err <= MAX_RELATIVE, f"{layout} batch {batch}: relative error {err:.2e}"
+
+
+def test_onnx_matches_torchvision(case: Case):
+    """The NCHW graph against torchvision's own model, under test_parity's bound (1e-5, or
+    10x torch float32's own error against float64 where that is larger)."""
+    x = to_nchw(case.images)
+    with torch.no_grad():
+        expected = case.torch(x).numpy()
+        exact = copy.deepcopy(case.torch).double()(x.double())
+    bound = max(RTOL, FLOOR_MULTIPLE * relative_error(expected, exact.numpy()))
+    actual = run_onnx(case.onnx["NCHW"], x.numpy(), threads=1)
+    err = relative_error(actual, expected)
+    assert err <= bound, f"relative error {err:.2e} > {bound:.1e}"
+    np.testing.assert_array_equal(actual.argmax(-1), expected.argmax(-1))
+
+
+@pytest.fixture(scope="module")
+def resnext50() -> resnext_flax.ResNet:
+    return flax_model_from_torch("resnext50_32x4d", torch_model("resnext50_32x4d", seed=5))
+
+
+def test_an_optimized_model_exports_the_same_graph(resnext50):
+    """``optimize_for_inference``'s result (fused blocks, prepared kernels) exports the same
+    weights as the model it came from; the model itself stays unfolded."""
+    optimized = resnext_flax.optimize_for_inference(resnext50)
+    assert to_onnx(optimized) == to_onnx(resnext50)
+    assert not is_folded(resnext50)
+
+
+def _node_signatures(model_bytes: bytes) -> collections.Counter:
+    import onnx
+
+    return collections.Counter(
+        (n.op_type, tuple(sorted((a.name, str(onnx.helper.get_attribute_value(a)))
+                                 for a in n.attribute)))
+        for n in onnx.load_from_string(model_bytes).graph.node)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript exporter
+def test_the_nchw_graph_has_the_nodes_of_torchs_export(resnext50):
+    """Node for node (operator and attributes, in any order) what ``torch.onnx.export`` writes
+    for torchvision's model, which folds BatchNorm too: ONNX Runtime optimizes both alike."""
+    buffer = io.BytesIO()
+    torch.onnx.export(torch_model("resnext50_32x4d", seed=5), (torch.zeros(1, 3, 32, 32),),
+                      buffer, dynamo=False, opset_version=17)
+    assert _node_signatures(to_onnx(resnext50, layout="NCHW")) == _node_signatures(
+        buffer.getvalue())
+
+
+def test_the_graph_holds_standard_ops_symbolic_dims_and_metadata(resnext50):
+    import onnx
+
+    proto = onnx.load_from_string(to_onnx(resnext50, metadata={"classes": "a,b", "x": "1"}))
+    assert {n.op_type for n in proto.graph.node} == {
+        "Transpose", "Conv", "Relu", "MaxPool", "Add", "GlobalAveragePool", "Flatten", "Gemm"}
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    (images,), (logits,) = proto.graph.input, proto.graph.output
+    assert (images.name, logits.name) == ("images", "logits")
+    assert [d.dim_param or d.dim_value for d in images.type.tensor_type.shape.dim] == [
+        "batch", "height", "width", 3]
+    assert [d.dim_param or d.dim_value for d in logits.type.tensor_type.shape.dim] == [
+        "batch", 1000]
+    grouped = {a.i for n in proto.graph.node for a in n.attribute if a.name == "group"}
+    assert grouped == {1, 32}
+    assert {p.key: p.value for p in proto.metadata_props} == {"classes": "a,b", "x": "1"}
+
+
+def test_a_headless_model_exports_its_features():
+    model = flax_model_from_torch("resnet18", torch_model("resnet18", seed=7))
+    model.reset_classifier(0)
+    images = random_images(2, 40, 48, seed=4)
+    exported = to_onnx(model)
+    actual = run_onnx(exported, images)
+    expected = np.asarray(model(images))
+    assert actual.shape == expected.shape == (2, 512)
+    assert max_relative_error(actual, expected) <= MAX_RELATIVE
+    import onnx
+
+    assert onnx.load_from_string(exported).graph.output[0].name == "features"
+
+
+@pytest.mark.parametrize("package, call", [
+    ("onnx", lambda: to_onnx(None)),
+    ("onnxruntime", lambda: run_onnx(b"", np.zeros((1, 8, 8, 3), np.float32))),
+])
+def test_a_missing_dependency_names_the_extra(monkeypatch, package, call):
+    monkeypatch.setitem(sys.modules, package, None)  # makes `import package` fail
+    with pytest.raises(ImportError, match=r"pip install 'resnext-flax\[onnx\]'"):
+        call()
+
+
+@pytest.fixture(scope="module")
+def abstract_resnet18() -> resnext_flax.ResNet:
+    return nnx.eval_shape(lambda: resnext_flax.create_model("resnet18", num_classes=3))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"layout": "NCWH"}, ValueError, "layout must be one of"),
+    ({"opset": 13}, ValueError, "opset must be an int from 17"),
+    ({"opset": 10_000}, ValueError, "opset must be an int from 17"),
+    ({"metadata": {"epochs": 3}}, TypeError, "str keys to str values"),
+])
+def test_bad_export_options_are_refused(abstract_resnet18, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        to_onnx(abstract_resnet18, **kwargs)
+
+
+def test_only_float32_models_and_resnets_export():
+    bf16 = nnx.eval_shape(lambda: resnext_flax.create_model("resnet18", dtype=jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"float32 graphs.*bfloat16.*dtype=None"):
+        to_onnx(bf16)
+    with pytest.raises(TypeError, match="takes a resnext_flax ResNet"):
+        to_onnx({"conv1": np.zeros(3)})
+
+
+def test_run_onnx_refuses_images_that_do_not_fit(resnext50):
+    exported = to_onnx(resnext50)
+    for images, match in [(np.zeros((1, 32, 32, 3), np.int32), "floating-point"),
+                          (np.zeros((32, 32, 3), np.float32), "4-D"),
+                          (np.zeros((1, 3, 32, 32), np.float32), "check the layout")]:
+        with pytest.raises(ValueError, match=match):
+            run_onnx(exported, images)
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        run_onnx(exported, np.zeros((1, 32, 32, 3), np.float32), threads=0)
+
+
+def test_the_benchmark_smallest_run_writes_its_json(tmp_path):
+    """``benchmarks/onnx_runtime.py`` at its smallest: every side runs, agrees with torch and
+    is timed; the optimized graphs of our export and torch's have the same operators."""
+    out = tmp_path / "onnx.json"
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "onnx_runtime.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--models", "resnet18", "--batch-sizes", "2", "--size",
+         "33", "--repeats", "1", "--warmup", "1", "--opt-levels", "all", "--threads", "1",
+         "--optimized-graphs", str(tmp_path / "graphs"), "--json", str(out)],
+        capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (case,) = json.loads(out.read_text())["cases"]
+    assert set(case["results"]) == {"ort_ours:all", "ort_ours_nhwc:all", "ort_torch:all",
+                                    "jax_folded"}
+    for side in case["results"].values():
+        assert side["rel_err_vs_torch"] <= 1e-5 and side["median_s"] > 0
+    graphs = case["optimized_op_counts"]["all"]
+    assert graphs["ours"] == graphs["torch"]
