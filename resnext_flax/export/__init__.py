@@ -18,7 +18,14 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from resnext_flax.errors import ExportError, UnknownModelError, WeightFileNotFoundError
+from resnext_flax.errors import (
+    ExportError,
+    Fix,
+    Message,
+    Placeholder,
+    UnknownModelError,
+    WeightFileNotFoundError,
+)
 from resnext_flax.export.metadata import export_record, input_signature, sidecar_metadata
 from resnext_flax.models.variants import VARIANTS
 from resnext_flax.outputs import check_output_path, weight_source_files
@@ -41,9 +48,10 @@ def output_format(output: str | os.PathLike, format: str | None = None) -> str:
     named = FORMATS.get(suffix)
     if format is None:
         if named is None:
-            raise ExportError(f"cannot tell the format from {os.fspath(output)!r}: name the "
-                              f"file {' or '.join('*' + s for s in FORMATS)}, or pass "
-                              f"format= one of {', '.join(FORMATS.values())}")
+            raise ExportError(Message(
+                f"cannot tell the format from {os.fspath(output)!r}: name the file "
+                f"{' or '.join('*' + s for s in FORMATS)}, or pass ",
+                Fix.of(format=Placeholder("|".join(FORMATS.values())))))
         return named
     if format not in FORMATS.values():
         raise ExportError(f"unknown export format {format!r}; expected one of "
