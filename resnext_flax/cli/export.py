@@ -43,9 +43,9 @@ def add_parser(commands: Any) -> None:
                    help="skip running the artifact on a probe batch against the model")
     p.add_argument("--probe-size", type=int, default=224, metavar="PX",
                    help="height and width of the random probe batch (default: 224)")
-    p.add_argument("--probe-batch", type=int, default=2, metavar="N",
-                   help="images in the probe batch; batch sizes 1 and 3 are checked too "
-                        "(default: 2)")
+    p.add_argument("--probe-batch", type=int, default=3, metavar="N",
+                   help="images in the probe batch; its first image alone and its first 3 "
+                        "are checked too (default: 3)")
     p.add_argument("--tolerance", type=float, default=1e-5,
                    help="largest accepted relative error, max|artifact - model| / max|model| "
                         "(default: 1e-05)")

@@ -134,7 +134,7 @@ def export(
     name: str | None = None,
     platforms: Sequence[str] | None = None,
     verify: bool = True,
-    probe_shape: tuple[int, int, int] = (2, 224, 224),
+    probe_shape: tuple[int, int, int] = (3, 224, 224),
     tolerance: float = 1e-5,
     symbolic_size: bool = True,
     onnx_layout: str = "NHWC",
