@@ -10,6 +10,7 @@ smallest size at which every stage still has more than one pixel.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib.util
 import json
@@ -61,6 +62,7 @@ def _torch_logits(reference: torch.nn.Module, images: np.ndarray) -> tuple[np.nd
     return logits, max(RTOL, FLOOR_MULTIPLE * l2_relative_error(logits, exact))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", resnext_flax.list_models())
 def test_stablehlo_matches_the_model_and_torchvision(name, tmp_path):
     reference, pth = _torch_file(name, tmp_path)
@@ -283,3 +285,25 @@ def test_the_command_checks_its_outputs_before_importing_jax(resnet18, tmp_path)
                                 capture_output=True, text=True, timeout=CHILD_TIMEOUT)
         assert result.returncode == 1, result.stderr
         assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_the_command_help_says_every_default():
+    parser = cli.parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    export_parser = sub.choices["export"]
+    text = " ".join(export_parser.format_help().split())
+    for action in export_parser._actions:
+        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            continue
+        assert f"(default: {action.default})" in text, action.option_strings
+
+
+@pytest.mark.parametrize(("source", "error", "match"), [
+    ("resnet19", "UnknownModelError", "neither a file nor a model name"),
+    ("weights/r18.pth", "WeightFileNotFoundError", "no file or folder 'weights/r18.pth'"),
+])
+def test_a_source_that_is_neither_a_file_nor_a_model_is_named(source, error, match, tmp_path):
+    from resnext_flax import errors
+
+    with pytest.raises(getattr(errors, error), match=match):
+        export(source, tmp_path / "m.stablehlo")
