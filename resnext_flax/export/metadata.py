@@ -8,6 +8,7 @@ expect and the input it must feed.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 from collections.abc import Sequence
@@ -20,6 +21,13 @@ from resnext_flax.models.variants import find_variant
 FORMAT_VERSION = "resnext-flax-export/1"
 #: The input's name in both formats (an ONNX graph input, the sidecar's signature).
 INPUT_NAME = "images"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("resnext-flax")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def input_signature(shape: Sequence[int | str], *, layout: str = "NHWC") -> dict[str, Any]:
@@ -52,8 +60,6 @@ def export_record(
     class names and preprocessing where the model knows them (None where not: nothing is
     invented), input and output signatures, the platforms a StableHLO artifact was lowered
     for, and the file or name it was exported from."""
-    from resnext_flax import __version__
-
     cfg = pretrained_cfg(model)
     names = class_names(model)
     preprocessing = None if cfg is None or cfg.preprocessing is None else (
@@ -70,7 +76,7 @@ def export_record(
         "preprocessing": preprocessing,
         "input": input_signature(input_shape, layout=layout),
         "output": output_signature(model),
-        "producer": f"resnext-flax {__version__}",
+        "producer": f"resnext-flax {_version()}",
     }
     if platforms is not None:
         record["platforms"] = list(platforms)
