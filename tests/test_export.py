@@ -307,3 +307,17 @@ def test_a_source_that_is_neither_a_file_nor_a_model_is_named(source, error, mat
 
     with pytest.raises(getattr(errors, error), match=match):
         export(source, tmp_path / "m.stablehlo")
+
+
+def test_an_optimized_model_exports_without_its_kernel_calls(resnet18, tmp_path):
+    """``optimize_for_inference``'s result (whose convs may run the compiled kernel) exports
+    on XLA's own convs, and matches the model it was made from."""
+    _, _, model = resnet18
+    output = tmp_path / "opt.stablehlo"
+    report = export(resnext_flax.optimize_for_inference(model), output, platforms=("cpu",),
+                    probe_shape=(1, *SIZE))
+    assert all(e <= MODEL_TOLERANCE for e in report.relative_errors.values())
+    exported = jax.export.deserialize(output.read_bytes())
+    assert not custom_call_targets(exported) & set(kernel.TARGETS)
+    images = random_images(2, *SIZE, seed=4)
+    assert relative_error(run_stablehlo(exported, images), model(images)) <= MODEL_TOLERANCE
