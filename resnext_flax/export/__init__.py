@@ -18,26 +18,22 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from resnext_flax.errors import (
-    ExportError,
-    Fix,
-    Message,
-    Placeholder,
-    UnknownModelError,
-    WeightFileNotFoundError,
-)
+from resnext_flax.errors import ExportError, Fix, Message, Placeholder
 from resnext_flax.export.metadata import export_record, input_signature, sidecar_metadata
-from resnext_flax.models.variants import VARIANTS
-from resnext_flax.outputs import check_output_path, weight_source_files
+from resnext_flax.export.sources import check_float32, load_source, source_files
+from resnext_flax.export.verify import (
+    CHECKED_BATCHES,
+    relative_error,
+    verification_device,
+    verify_artifact,
+)
+from resnext_flax.outputs import check_output_path
 
 #: Output suffix -> format.
 FORMATS = {".stablehlo": "stablehlo", ".onnx": "onnx"}
 #: StableHLO's default platforms: one artifact for CPU and NVIDIA GPUs.
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 ONNX_LAYOUTS = ("NHWC", "NCHW")
-#: Verification runs the artifact at these batch sizes besides the probe batch's: a symbolic
-#: batch dimension must give the same rows at every size.
-CHECKED_BATCHES = (1, 3)
 INSTALL_ONNX = "pip install 'resnext-flax[onnx]'"
 
 
@@ -110,20 +106,6 @@ class ExportReport:
         return "\n".join(lines)
 
 
-def relative_error(actual: Any, expected: Any) -> float:
-    """``max|actual - expected| / max|expected|`` in float64 (the absolute error where the
-    expected values are all zero)."""
-    import numpy as np
-
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    if actual.shape != expected.shape:
-        return math.inf
-    scale = np.abs(expected).max(initial=0.0)
-    diff = np.abs(actual - expected).max(initial=0.0)
-    return float(diff / scale if scale > 0 else diff)
-
-
 def export(
     source: Any,
     output: str | os.PathLike,
@@ -178,10 +160,10 @@ def export(
         _require_onnx(verify)
     say = _progress(progress)
     say(f"loading {source if isinstance(source, str | os.PathLike) else 'the model'}")
-    model = _load(source, weights=weights, checkpoint=checkpoint, name=name, prefix=prefix,
+    model = load_source(source, weights=weights, checkpoint=checkpoint, name=name, prefix=prefix,
                   ema=ema, key=key, num_classes=num_classes, trust_pickle=trust_pickle,
                   cache_dir=cache_dir, progress=progress)
-    _check_float32(model)
+    check_float32(model)
     label = None if not isinstance(source, str | os.PathLike) else source
     if format == "stablehlo":
         return _export_stablehlo(model, output, platforms=platforms, verify=verify,
@@ -241,112 +223,12 @@ def _require_onnx(verify: bool) -> None:
                           f"{INSTALL_ONNX}")
 
 
-def _is_model(source: Any) -> bool:
-    from resnext_flax.models.functional import CompiledModel
-    from resnext_flax.models.resnet import ResNet
-
-    return isinstance(source, ResNet | CompiledModel)
-
-
-def source_files(source: Any, weights: Any = None, checkpoint: Any = None) -> list[str]:
-    """The local files an export of `source` reads (what its outputs must not be)."""
-    paths = [p for p in (source, weights, checkpoint)
-             if isinstance(p, str | os.PathLike) and os.path.exists(p)]
-    return [f for path in paths for f in weight_source_files(path)]
-
-
-def _load(source: Any, *, weights: Any, checkpoint: Any, name: str | None, cache_dir: Any,
-          progress: bool, **options: Any) -> Any:
-    """The model `source` stands for (see :func:`export`)."""
-    given = {k: v for k, v in options.items() if v is not None and v is not False}
-    if _is_model(source):
-        if weights is not None or checkpoint is not None or name is not None or given:
-            raise ValueError("weights, checkpoint, name and the load options apply to a model "
-                             "name or a file, not to a model object")
-        return source
-    if not isinstance(source, str | os.PathLike):
-        raise TypeError(f"source must be a ResNet, a model name or a path, got "
-                        f"{type(source).__name__}")
-    if os.path.exists(source):
-        if weights is not None or checkpoint is not None:
-            raise ValueError("weights and checkpoint apply to a model name; the file "
-                             f"{os.fspath(source)!r} is the weights")
-        from resnext_flax.weights.loading import load_model
-
-        return load_model(source, name, **options)
-    if source in VARIANTS:
-        if name is not None and name != source:
-            raise ValueError(f"name={name!r} differs from the model name {source!r}")
-        from resnext_flax.weights.pretrained import from_pretrained
-
-        return from_pretrained(source, "DEFAULT" if weights is None else weights,
-                               checkpoint=checkpoint, cache_dir=cache_dir, progress=progress,
-                               **options)
-    if os.sep in os.fspath(source) or os.path.splitext(os.fspath(source))[1]:
-        raise WeightFileNotFoundError(f"no file or folder {os.fspath(source)!r}")
-    raise UnknownModelError(f"{source!r} is neither a file nor a model name; models: "
-                            f"{', '.join(VARIANTS)}")
-
-
-def _check_float32(model: Any) -> None:
-    """ExportError unless `model` computes and stores float32."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from resnext_flax.models.functional import CompiledModel
-
-    module = model.module() if isinstance(model, CompiledModel) else model
-    dtypes = {jnp.dtype(leaf.dtype).name for leaf in jax.tree.leaves(nnx.state(module, nnx.Param))}
-    compute = None if module.dtype is None else jnp.dtype(module.dtype).name
-    if compute not in (None, "float32") or dtypes - {"float32"}:
-        what = compute if compute not in (None, "float32") else ", ".join(sorted(dtypes))
-        raise ExportError(f"export writes float32 programs only; this model computes or "
-                          f"stores {what}: build or load it without dtype= (float32)")
-
-
 def _progress(enabled: bool) -> Callable[[str], None]:
     def say(message: str) -> None:
         if enabled:
             print(f"resnext-flax: {message}", file=sys.stderr, flush=True)
 
     return say
-
-
-def _reference(model: Any, images: Any) -> Any:
-    """The model's outputs (eval mode, float32 at 'highest' precision) on `images`."""
-    import jax
-    import numpy as np
-
-    from resnext_flax.models.functional import CompiledModel, pure_forward
-
-    with jax.default_matmul_precision("highest"):
-        if isinstance(model, CompiledModel):
-            return np.asarray(model(images))
-        forward, variables = pure_forward(model)
-        return np.asarray(jax.jit(forward)(variables, images))
-
-
-def verify_artifact(run: Callable[[Any], Any], model: Any, probe_shape: tuple[int, int, int],
-                    tolerance: float, what: str) -> dict[int, float]:
-    """`run` (the artifact, NHWC images in) against the model on random images at the probe
-    batch size and :data:`CHECKED_BATCHES`; batch size -> relative error. ExportError where
-    one exceeds `tolerance`."""
-    import numpy as np
-
-    batch, height, width = probe_shape
-    sizes = sorted({batch, *CHECKED_BATCHES})
-    images = np.random.default_rng(0).standard_normal((max(sizes), height, width, 3))
-    images = images.astype(np.float32)
-    expected = _reference(model, images)
-    errors = {n: relative_error(run(images[:n]), expected[:n]) for n in sizes}
-    failed = {n: e for n, e in errors.items() if not e <= tolerance}
-    if failed:
-        worst = next(iter(failed))
-        raise ExportError(f"the {what} does not match the model: relative error "
-                          f"{errors[worst]:.3e} at batch {worst} ({height}x{width}), tolerance "
-                          f"{tolerance:g}; nothing written")
-    return errors
 
 
 def _module(model: Any) -> Any:
@@ -384,7 +266,7 @@ def _export_stablehlo(model: Any, output: str | os.PathLike, *, platforms: tuple
     serialized = exported.serialize()
     errors = {}
     if verify:
-        device = _verification_device(platforms)
+        device = verification_device(platforms)
         say(f"verifying on {device.platform} at batch sizes "
             f"{sorted({probe_shape[0], *CHECKED_BATCHES})}")
         loaded = jax.export.deserialize(serialized)
@@ -400,20 +282,6 @@ def _export_stablehlo(model: Any, output: str | os.PathLike, *, platforms: tuple
     _write_bytes(sidecar, (json.dumps(record, indent=1) + "\n").encode())
     return ExportReport("stablehlo", os.fspath(output), len(serialized), errors, platforms,
                         input_signature(shape), sidecar)
-
-
-def _verification_device(platforms: Sequence[str]) -> Any:
-    """A device to run the artifact on: the CPU where it was exported for the CPU, else the
-    first device of another of its platforms that this process has."""
-    import jax
-
-    for platform in sorted(platforms, key=lambda p: p != "cpu"):
-        try:
-            return jax.devices(platform)[0]
-        except RuntimeError:
-            continue
-    raise ExportError(f"cannot verify: this process has no device for {', '.join(platforms)}; "
-                      "export with verify=False (--no-verify) or add cpu to the platforms")
 
 
 def _export_onnx(model: Any, output: str | os.PathLike, *, layout: str, verify: bool,
@@ -445,5 +313,6 @@ def _export_onnx(model: Any, output: str | os.PathLike, *, layout: str, verify: 
         shape, layout=layout))
 
 
-__all__ = ["ExportReport", "export", "export_record", "output_format", "relative_error",
-           "sidecar_metadata", "verify_artifact"]
+__all__ = ["CHECKED_BATCHES", "ExportReport", "check_outputs", "export", "export_record",
+           "output_format", "relative_error", "sidecar_metadata", "sidecar_path", "source_files",
+           "verify_artifact"]
