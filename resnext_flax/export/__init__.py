@@ -141,7 +141,8 @@ def export(
     - `format`: ``"stablehlo"`` or ``"onnx"``; None: from `output`'s suffix.
     - `platforms`: StableHLO only: what to lower for (default ``("cpu", "cuda")``).
     - `symbolic_size`: StableHLO only: height and width symbolic (True) or fixed at the
-      weights' crop size (224 where they record none). Batch is always symbolic.
+      weights' crop size (224 where they record none; the probe then takes that size). Batch
+      is always symbolic.
     - `onnx_layout`: ONNX only: the input's layout, ``"NHWC"`` (the library's) or ``"NCHW"``.
     - `verify`: run the artifact on random images of `probe_shape` (batch, height, width)
       and at batch sizes 1 and 3, and raise :class:`ExportError` (nothing written) where its
@@ -160,9 +161,9 @@ def export(
         _require_onnx(verify)
     say = _progress(progress)
     say(f"loading {source if isinstance(source, str | os.PathLike) else 'the model'}")
-    model = load_source(source, weights=weights, checkpoint=checkpoint, name=name, prefix=prefix,
-                  ema=ema, key=key, num_classes=num_classes, trust_pickle=trust_pickle,
-                  cache_dir=cache_dir, progress=progress)
+    model = load_source(source, weights=weights, checkpoint=checkpoint, name=name,
+                        prefix=prefix, ema=ema, key=key, num_classes=num_classes,
+                        trust_pickle=trust_pickle, cache_dir=cache_dir, progress=progress)
     check_float32(model)
     label = None if not isinstance(source, str | os.PathLike) else source
     if format == "stablehlo":
