@@ -58,6 +58,11 @@ class TrainingError(ResnextFlaxError, ValueError):
     written hold NaN or Inf."""
 
 
+class ExportError(ResnextFlaxError, ValueError):
+    """A model that cannot be exported as asked: a dtype or platform the artifact cannot
+    hold, or an artifact whose outputs do not match the model's (nothing is written then)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Fix:
     """Options that would make a call succeed: ``(keyword, value)`` pairs of the loader's

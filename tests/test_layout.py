@@ -36,7 +36,7 @@ LAYERS = {
     "resnext_flax.evaluation": 7,
     "resnext_flax.finetuning": 7,
     "resnext_flax.finetune_progress": 7,
-    "resnext_flax.export.onnx_graph": 7,
+    "resnext_flax.export": 7,
     "resnext_flax.cli": 8,
     "resnext_flax": 9,
 }

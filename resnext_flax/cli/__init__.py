@@ -1,7 +1,8 @@
 """The ``resnext-flax`` command: one module per subcommand (``predict``, ``list``,
-``inspect``, ``evaluate``, ``finetune``, ``convert``), each with ``add_parser`` and a ``run``
-that returns what is printed. argparse (stdlib) keeps the command free of extra dependencies;
-the subcommands import the library inside ``run``, so ``--help`` and ``list`` start fast.
+``inspect``, ``evaluate``, ``finetune``, ``convert``, ``export``), each with ``add_parser`` and
+a ``run`` that returns what is printed. argparse (stdlib) keeps the command free of extra
+dependencies; the subcommands import the library inside ``run``, so ``--help`` and ``list``
+start fast.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from resnext_flax.cli import convert, evaluate, finetune, inspect, listing, predict
+from resnext_flax.cli import convert, evaluate, export, finetune, inspect, listing, predict
 from resnext_flax.cli.common import (
     add_checkpoint_options,
     checkpoint_options,
@@ -24,7 +25,7 @@ from resnext_flax.cli.common import (
 from resnext_flax.errors import ResnextFlaxError
 
 #: The subcommands, in the order ``--help`` lists them.
-SUBCOMMANDS = (predict, listing, inspect, evaluate, finetune, convert)
+SUBCOMMANDS = (predict, listing, inspect, evaluate, finetune, convert, export)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,0 +1,319 @@
+"""Export a model for deployment without this library: StableHLO (``jax.export``) or ONNX.
+
+:func:`export` takes any model the library builds or loads (a model object, a variant name
+with its weights, a weight file or converted checkpoint), folds its BatchNorms, writes the
+artifact atomically, and first checks it: the artifact is run on a probe batch and its
+outputs compared with the model's (``docs/deploy.md``). Nothing here imports JAX at module
+level, so the command line checks its output path before any work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from resnext_flax.errors import ExportError, Fix, Message, Placeholder
+from resnext_flax.export.metadata import export_record, input_signature, sidecar_metadata
+from resnext_flax.export.sources import check_float32, load_source, source_files
+from resnext_flax.export.verify import (
+    CHECKED_BATCHES,
+    relative_error,
+    verification_device,
+    verify_artifact,
+)
+from resnext_flax.outputs import check_output_path
+
+#: Output suffix -> format.
+FORMATS = {".stablehlo": "stablehlo", ".onnx": "onnx"}
+#: StableHLO's default platforms: one artifact for CPU and NVIDIA GPUs.
+DEFAULT_PLATFORMS = ("cpu", "cuda")
+ONNX_LAYOUTS = ("NHWC", "NCHW")
+INSTALL_ONNX = "pip install 'resnext-flax[onnx]'"
+
+
+def output_format(output: str | os.PathLike, format: str | None = None) -> str:
+    """The format to write: `format`, or the one `output`'s suffix names; ExportError where
+    neither names one, or where they disagree."""
+    suffix = os.path.splitext(os.fspath(output))[1].lower()
+    named = FORMATS.get(suffix)
+    if format is None:
+        if named is None:
+            raise ExportError(Message(
+                f"cannot tell the format from {os.fspath(output)!r}: name the file "
+                f"{' or '.join('*' + s for s in FORMATS)}, or pass ",
+                Fix.of(format=Placeholder("|".join(FORMATS.values())))))
+        return named
+    if format not in FORMATS.values():
+        raise ExportError(f"unknown export format {format!r}; expected one of "
+                          f"{', '.join(FORMATS.values())}")
+    if named is not None and named != format:
+        raise ExportError(f"{os.fspath(output)!r} names the {named} format, not {format}")
+    return format
+
+
+def sidecar_path(output: str | os.PathLike) -> str:
+    """Where a StableHLO artifact's record goes: ``<output>.json``."""
+    return os.fspath(output) + ".json"
+
+
+def check_outputs(output: str | os.PathLike, format: str, inputs: Sequence[str]) -> None:
+    """Every file the export writes, checked against what it reads before any work."""
+    check_output_path(output, inputs, what="the output")
+    if format == "stablehlo":
+        check_output_path(sidecar_path(output), inputs, what="the output's sidecar")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export` wrote and how it was checked.
+
+    - `relative_errors`: batch size -> ``max|artifact - model| / max|model|`` on the probe
+      images (empty without verification).
+    - `platforms`: what a StableHLO artifact was lowered for (empty for ONNX).
+    - `input_signature`: the input's name, shape (symbolic dimensions named), dtype, layout.
+    - `sidecar`: the JSON record beside a StableHLO artifact (None for ONNX: its record is in
+      the file's ``metadata_props``).
+    """
+
+    format: str
+    path: str
+    size: int
+    relative_errors: Mapping[int, float]
+    platforms: tuple[str, ...]
+    input_signature: Mapping[str, Any]
+    sidecar: str | None = None
+
+    def __str__(self) -> str:
+        shape = ", ".join(str(d) for d in self.input_signature["shape"])
+        lines = [f"wrote {self.path} ({self.format}, {self.size / 2**20:.1f} MiB)",
+                 f"input: {self.input_signature['name']}, float32 ({shape}), "
+                 f"{self.input_signature['layout']}"]
+        if self.platforms:
+            lines.append(f"platforms: {', '.join(self.platforms)}")
+        if self.relative_errors:
+            errors = ", ".join(f"batch {n}: {e:.2e}" for n, e in self.relative_errors.items())
+            lines.append(f"verified against the model, relative error {errors}")
+        else:
+            lines.append("not verified")
+        if self.sidecar:
+            lines.append(f"wrote {self.sidecar} (class names, preprocessing, input)")
+        return "\n".join(lines)
+
+
+def export(
+    source: Any,
+    output: str | os.PathLike,
+    *,
+    format: str | None = None,
+    weights: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    name: str | None = None,
+    platforms: Sequence[str] | None = None,
+    verify: bool = True,
+    probe_shape: tuple[int, int, int] = (3, 224, 224),
+    tolerance: float = 1e-5,
+    symbolic_size: bool = True,
+    onnx_layout: str = "NHWC",
+    dtype: Any = None,
+    prefix: str | None = None,
+    ema: bool = False,
+    key: str | None = None,
+    num_classes: int | None = None,
+    trust_pickle: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> ExportReport:
+    """Write `source` as a StableHLO or ONNX artifact at `output`, verified.
+
+    **Arguments:**
+    - `source`: a ``ResNet`` (or ``optimize_for_inference``'s result); a model name, whose
+      `weights` (a tag, default ``"DEFAULT"``, or a local file) or `checkpoint` are loaded as
+      ``from_pretrained`` loads them; or a weight file or folder (``.pth``, ``.safetensors``,
+      converted or fine-tuned checkpoint, Hugging Face folder), loaded as ``load_model`` loads
+      it, with `name` (checked against the file), `prefix`, `ema`, `key`, `num_classes`,
+      `trust_pickle`.
+    - `format`: ``"stablehlo"`` or ``"onnx"``; None: from `output`'s suffix.
+    - `platforms`: StableHLO only: what to lower for (default ``("cpu", "cuda")``).
+    - `symbolic_size`: StableHLO only: height and width symbolic (True) or fixed at the
+      weights' crop size (224 where they record none; the probe then takes that size). Batch
+      is always symbolic.
+    - `onnx_layout`: ONNX only: the input's layout, ``"NHWC"`` (the library's) or ``"NCHW"``.
+    - `verify`: run the artifact on random images of `probe_shape` (batch, height, width)
+      and at batch sizes 1 and 3, and raise :class:`ExportError` (nothing written) where its
+      relative error to the model exceeds `tolerance`.
+    - `dtype`: only float32 (None) is exported: the artifact is a float32 program.
+
+    The outputs (`output` and, for StableHLO, its ``.json`` record) are checked before
+    anything is read and written atomically. Returns an :class:`ExportReport`.
+    """
+    format = output_format(output, format)
+    platforms = _check_format_options(format, platforms, symbolic_size, onnx_layout, dtype)
+    _check_probe(probe_shape, tolerance)
+    inputs = source_files(source, weights, checkpoint)
+    check_outputs(output, format, inputs)
+    if format == "onnx":
+        _require_onnx(verify)
+    say = _progress(progress)
+    say(f"loading {source if isinstance(source, str | os.PathLike) else 'the model'}")
+    model = load_source(source, weights=weights, checkpoint=checkpoint, name=name,
+                        prefix=prefix, ema=ema, key=key, num_classes=num_classes,
+                        trust_pickle=trust_pickle, cache_dir=cache_dir, progress=progress)
+    check_float32(model)
+    label = None if not isinstance(source, str | os.PathLike) else source
+    if format == "stablehlo":
+        return _export_stablehlo(model, output, platforms=platforms, verify=verify,
+                                 probe_shape=probe_shape, tolerance=tolerance,
+                                 symbolic_size=symbolic_size, source=label, say=say)
+    return _export_onnx(model, output, layout=onnx_layout, verify=verify,
+                        probe_shape=probe_shape, tolerance=tolerance, source=label, say=say)
+
+
+def _check_format_options(format: str, platforms: Sequence[str] | None, symbolic_size: bool,
+                          onnx_layout: str, dtype: Any) -> tuple[str, ...]:
+    if dtype is not None:
+        import numpy as np
+
+        with contextlib.suppress(TypeError):  # a name numpy does not know stays as given
+            dtype = np.dtype(dtype).name
+        if dtype != "float32":
+            raise ExportError(f"export writes float32 programs only, not {dtype}: leave dtype "
+                              "unset (the weights' float32)")
+    if onnx_layout not in ONNX_LAYOUTS:
+        raise ExportError(f"onnx_layout must be one of {', '.join(ONNX_LAYOUTS)}, got "
+                          f"{onnx_layout!r}")
+    if format == "onnx":
+        if platforms is not None:
+            raise ExportError("platforms apply to StableHLO; an ONNX file runs wherever its "
+                              "runtime does")
+        if not symbolic_size:
+            raise ExportError("an ONNX graph's height and width are always symbolic; "
+                              "symbolic_size=False applies to StableHLO")
+        return ()
+    if onnx_layout != "NHWC":
+        raise ExportError("a StableHLO artifact takes NHWC images (the library's layout); "
+                          "onnx_layout applies to ONNX")
+    from resnext_flax.export.stablehlo import check_platforms
+
+    return check_platforms(DEFAULT_PLATFORMS if platforms is None else platforms)
+
+
+def _check_probe(probe_shape: Sequence[int], tolerance: float) -> None:
+    if len(probe_shape) != 3 or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in probe_shape):
+        raise ValueError(f"probe_shape must be three positive integers (batch, height, width), "
+                         f"got {tuple(probe_shape)}")
+    if not (isinstance(tolerance, int | float) and math.isfinite(tolerance) and tolerance > 0):
+        raise ValueError(f"the tolerance must be a positive finite number, got {tolerance!r}")
+
+
+def _require_onnx(verify: bool) -> None:
+    """ImportError naming the extra where a package the ONNX export needs is missing (before
+    any work)."""
+    import importlib.util
+
+    needed = ["onnx", "onnxruntime"] if verify else ["onnx"]
+    missing = [p for p in needed if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ImportError(f"ONNX export needs {' and '.join(missing)}, not installed: "
+                          f"{INSTALL_ONNX}")
+
+
+def _progress(enabled: bool) -> Callable[[str], None]:
+    def say(message: str) -> None:
+        if enabled:
+            print(f"resnext-flax: {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def _module(model: Any) -> Any:
+    from resnext_flax.models.functional import CompiledModel
+
+    return model.module() if isinstance(model, CompiledModel) else model
+
+
+def _write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    from resnext_flax.weights.files import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write)
+
+
+def _export_stablehlo(model: Any, output: str | os.PathLike, *, platforms: tuple[str, ...],
+                      verify: bool, probe_shape: tuple[int, int, int], tolerance: float,
+                      symbolic_size: bool, source: Any, say: Callable[[str], None]
+                      ) -> ExportReport:
+    import jax
+
+    from resnext_flax.export.stablehlo import export_stablehlo, input_shape, run_stablehlo
+
+    size = None
+    if not symbolic_size:
+        cfg = getattr(_module(model), "pretrained_cfg", None)
+        crop = 224 if cfg is None or cfg.preprocessing is None else cfg.preprocessing.crop_size
+        size = (crop, crop)
+        probe_shape = (probe_shape[0], *size)
+    say(f"exporting StableHLO for {', '.join(platforms)}")
+    exported = export_stablehlo(model, platforms=platforms, size=size)
+    serialized = exported.serialize()
+    errors = {}
+    if verify:
+        device = verification_device(platforms)
+        say(f"verifying on {device.platform} at batch sizes "
+            f"{sorted({probe_shape[0], *CHECKED_BATCHES})}")
+        loaded = jax.export.deserialize(serialized)
+        errors = verify_artifact(lambda x: run_stablehlo(loaded, x, device), model,
+                                 probe_shape, tolerance, "exported StableHLO program")
+    shape = input_shape(size)
+    record = export_record(_module(model), format="stablehlo", input_shape=shape,
+                           platforms=platforms, source=source)
+    record["jax"] = {"version": jax.__version__,
+                     "calling_convention_version": exported.calling_convention_version}
+    _write_bytes(output, serialized)
+    sidecar = sidecar_path(output)
+    _write_bytes(sidecar, (json.dumps(record, indent=1) + "\n").encode())
+    return ExportReport("stablehlo", os.fspath(output), len(serialized), errors, platforms,
+                        input_signature(shape), sidecar)
+
+
+def _export_onnx(model: Any, output: str | os.PathLike, *, layout: str, verify: bool,
+                 probe_shape: tuple[int, int, int], tolerance: float, source: Any,
+                 say: Callable[[str], None]) -> ExportReport:
+    try:
+        from resnext_flax.export.onnx_graph import run_onnx, to_onnx
+    except ImportError as err:
+        if "onnx_graph" not in str(err):
+            raise
+        raise ImportError("ONNX export is not part of this installation of resnext-flax"
+                          ) from err
+    shape = ("batch", "height", "width", 3) if layout == "NHWC" else ("batch", 3, "height",
+                                                                        "width")
+    metadata = sidecar_metadata(_module(model), format="onnx", input_shape=shape,
+                                layout=layout, source=source)
+    say(f"exporting ONNX ({layout} input)")
+    data = to_onnx(model, layout=layout, metadata=metadata)
+    errors = {}
+    if verify:
+        say("verifying in ONNX Runtime (CPU)")
+
+        def run(images: Any) -> Any:
+            return run_onnx(data, images if layout == "NHWC" else images.transpose(0, 3, 1, 2))
+
+        errors = verify_artifact(run, model, probe_shape, tolerance, "ONNX graph")
+    _write_bytes(output, data)
+    return ExportReport("onnx", os.fspath(output), len(data), errors, (), input_signature(
+        shape, layout=layout))
+
+
+__all__ = ["CHECKED_BATCHES", "ExportReport", "check_outputs", "export", "export_record",
+           "output_format", "relative_error", "sidecar_metadata", "sidecar_path", "source_files",
+           "verify_artifact"]

@@ -127,7 +127,7 @@ def check_input(x: jax.Array, in_channels: int = 3, *, hint: str = "") -> None:
         problem = f"got shape {shape} with {shape[-1]} channels last"
         if shape[1] == in_channels:
             problem += "; this looks like NCHW, transpose it with x.transpose(0, 2, 3, 1)"
-    elif min(shape[:3]) < 1:
+    elif any(n < 1 for n in shape[:3]):  # each alone: decidable for symbolic dims too
         problem = f"got shape {shape}: N, H and W must be at least 1"
     elif dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         problem = (f"got dtype {dtype}; convert images with resnext_flax preprocessing or "

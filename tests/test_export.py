@@ -1,0 +1,323 @@
+"""Export (``resnext_flax.export``, ``resnext-flax export``): the StableHLO artifact of every
+variant computes the model's logits and torchvision's, at batch sizes 1 and 3 from one
+artifact, holds no custom call of the library's kernel, and loads in a process where only JAX
+can be imported; bad requests fail before anything is written.
+
+Weights are random torchvision weights with randomized BatchNorm statistics, written as a
+``.pth`` file and loaded through the library as a user's file would be; images are 32x32, the
+smallest size at which every stage still has more than one pixel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from limits import CHILD_TIMEOUT
+from torch_reference import random_images, to_nchw, torch_model
+from torch_reference import relative_error as l2_relative_error
+
+import resnext_flax
+from resnext_flax import cli
+from resnext_flax.errors import ExportError, OutputPathError
+from resnext_flax.export import export, relative_error
+from resnext_flax.export.stablehlo import custom_call_targets, export_stablehlo, run_stablehlo
+from resnext_flax.nn.lowering import kernel
+
+SIZE = (32, 32)
+# The parity tests' bound against torchvision (tests/test_parity.py): 1e-5, or 10x torch
+# float32's own error against torch float64 on the same input where that floor is larger.
+RTOL = 1e-5
+FLOOR_MULTIPLE = 10.0
+# The library's forward pass against the artifact: the same model, other conv lowerings.
+MODEL_TOLERANCE = 1e-5
+
+HAS_ONNX = importlib.util.find_spec("resnext_flax.export.onnx_graph") is not None
+
+
+def _torch_file(name: str, folder, *, num_classes: int = 10) -> tuple[torch.nn.Module, str]:
+    reference = torch_model(name, seed=len(name), num_classes=num_classes)
+    path = os.path.join(folder, f"{name}.pth")
+    torch.save(reference.state_dict(), path)
+    return reference, path
+
+
+def _torch_logits(reference: torch.nn.Module, images: np.ndarray) -> tuple[np.ndarray, float]:
+    """torchvision's logits and the bound for a comparison with them (see RTOL)."""
+    with torch.no_grad():
+        logits = reference(to_nchw(images)).numpy()
+        exact = copy.deepcopy(reference).double()(to_nchw(images).double()).numpy()
+    return logits, max(RTOL, FLOOR_MULTIPLE * l2_relative_error(logits, exact))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", resnext_flax.list_models())
+def test_stablehlo_matches_the_model_and_torchvision(name, tmp_path):
+    reference, pth = _torch_file(name, tmp_path)
+    output = tmp_path / f"{name}.stablehlo"
+    report = export(pth, output, verify=False)
+    assert report.relative_errors == {} and report.platforms == ("cpu", "cuda")
+    exported = jax.export.deserialize(output.read_bytes())
+    assert not custom_call_targets(exported) & set(kernel.TARGETS)
+    images = random_images(3, *SIZE, seed=1)
+    expected = np.asarray(resnext_flax.load_model(pth)(images))
+    torch_logits, bound = _torch_logits(reference, images)
+    for batch in (1, 3):
+        actual = run_stablehlo(exported, images[:batch])
+        assert actual.shape == (batch, 10)
+        assert relative_error(actual, expected[:batch]) <= MODEL_TOLERANCE
+        err = l2_relative_error(actual, torch_logits[:batch])
+        assert err <= bound, f"batch {batch}: {err:.2e} > {bound:.1e}"
+        np.testing.assert_array_equal(actual.argmax(-1), torch_logits[:batch].argmax(-1))
+
+
+@pytest.fixture(scope="module")
+def resnet18(tmp_path_factory):
+    """A 10-class ResNet-18 as a torchvision file, and the library's model of it."""
+    folder = tmp_path_factory.mktemp("r18")
+    reference, pth = _torch_file("resnet18", folder)
+    return reference, pth, resnext_flax.load_model(pth)
+
+
+def test_export_verifies_and_writes_the_record_beside_the_artifact(resnet18, tmp_path):
+    _, pth, _ = resnet18
+    output = tmp_path / "r18.stablehlo"
+    report = export(pth, output, probe_shape=(2, *SIZE))
+    assert sorted(report.relative_errors) == [1, 2, 3]
+    assert all(0 <= e <= MODEL_TOLERANCE for e in report.relative_errors.values())
+    assert report.size == output.stat().st_size and report.sidecar == f"{output}.json"
+    record = json.loads(pathlib.Path(report.sidecar).read_text())
+    assert record["format_version"] == "resnext-flax-export/1"
+    assert record["format"] == "stablehlo"
+    assert record["model"] == "resnet18" and record["num_classes"] == 10
+    assert record["source"] == "resnet18.pth" and record["platforms"] == ["cpu", "cuda"]
+    assert record["input"]["shape"] == ["batch", "height", "width", 3]
+    assert record["input"]["layout"] == "NHWC" and record["output"]["shape"] == ["batch", 10]
+    assert record["jax"]["version"] == jax.__version__
+    assert "relative error batch 1:" in str(report)
+
+
+def test_the_record_carries_the_weights_class_names_and_preprocessing(tmp_path):
+    """A model that knows its classes and transform hands them to the artifact's record; a
+    fixed size is the weights' crop size."""
+    from resnext_flax.metadata import Preprocessing, PretrainedCfg
+
+    model = resnext_flax.resnet18(num_classes=3)
+    model.eval()
+    model.pretrained_cfg = PretrainedCfg("resnet18", model.spec, 3, class_names=("a", "b", "c"),
+                                         preprocessing=Preprocessing(resize_size=40,
+                                                                     crop_size=32))
+    report = export(model, tmp_path / "m.stablehlo", symbolic_size=False, probe_shape=(1, 8, 8))
+    record = json.loads(pathlib.Path(report.sidecar).read_text())
+    assert record["class_names"] == ["a", "b", "c"]
+    assert record["preprocessing"]["crop_size"] == 32
+    assert record["input"]["shape"] == ["batch", 32, 32, 3] == list(report.input_signature[
+        "shape"])
+    exported = jax.export.deserialize((tmp_path / "m.stablehlo").read_bytes())
+    with pytest.raises(Exception, match="shape"):
+        run_stablehlo(exported, random_images(1, 40, 40))
+
+
+def test_the_artifact_runs_where_only_jax_can_be_imported(resnet18, tmp_path):
+    """The three lines of docs/deploy.md, in a child that cannot import the library, Flax,
+    optax or torch."""
+    _, pth, model = resnet18
+    output = tmp_path / "r18.stablehlo"
+    export(pth, output, verify=False)
+    images = random_images(2, 45, 37, seed=3)
+    np.save(tmp_path / "images.npy", images)
+    code = textwrap.dedent("""
+        import sys
+
+        BLOCKED = {"resnext_flax", "flax", "optax", "torch", "torchvision"}
+
+        class Blocker:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"{name} is blocked")
+
+        sys.meta_path.insert(0, Blocker())
+        import jax
+        import numpy as np
+
+        images = np.load(sys.argv[2])
+        exported = jax.export.deserialize(open(sys.argv[1], "rb").read())
+        logits = exported.call(images)
+        np.save(sys.argv[3], np.asarray(logits))
+        print(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(output), str(tmp_path / "images.npy"),
+         str(tmp_path / "logits.npy")], capture_output=True, text=True, timeout=CHILD_TIMEOUT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    expected = np.asarray(model(images))
+    assert relative_error(np.load(tmp_path / "logits.npy"), expected) <= MODEL_TOLERANCE
+
+
+def test_the_kernel_check_can_fail():
+    """The same model under the automatic policy lowers to the kernel's custom calls (where
+    the kernel loaded): what the portable program must not contain is really looked for."""
+    if not kernel.available():
+        pytest.skip("the compiled CPU kernel is not loaded here")
+    model = resnext_flax.resnet18(num_classes=3)
+    model.eval()
+    graphdef, state = nnx.split(resnext_flax.optimize_for_inference(model).module())
+    text = jax.jit(lambda x: nnx.merge(graphdef, state)(x)).lower(
+        jax.ShapeDtypeStruct((1, 56, 56, 3), np.float32)).as_text()
+    assert any(target in text for target in kernel.TARGETS)
+    portable = export_stablehlo(model, platforms=("cpu",))
+    assert not custom_call_targets(portable) & set(kernel.TARGETS)
+
+
+def test_a_failed_verification_writes_nothing(resnet18, tmp_path, monkeypatch):
+    from resnext_flax.export import verify
+
+    _, pth, _ = resnet18
+    real = verify.reference
+    monkeypatch.setattr(verify, "reference", lambda m, x: real(m, x) * 1.01)
+    output = tmp_path / "r18.stablehlo"
+    with pytest.raises(ExportError, match=r"relative error .* tolerance 1e-05; nothing written"):
+        export(pth, output, probe_shape=(1, *SIZE))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"dtype": "float16"}, ExportError, "float32 programs only, not float16"),
+    ({"format": "tflite"}, ExportError, "unknown export format 'tflite'"),
+    ({"format": "onnx"}, ExportError, "names the stablehlo format, not onnx"),
+    ({"platforms": ("cpu", "metal")}, ExportError, "platforms must be distinct names"),
+    ({"onnx_layout": "NCHW"}, ExportError, "StableHLO artifact takes NHWC"),
+    ({"probe_shape": (0, 32, 32)}, ValueError, "probe_shape must be three positive"),
+    ({"tolerance": float("nan")}, ValueError, "tolerance must be a positive finite"),
+])
+def test_bad_requests_fail_before_any_work(kwargs, error, match, tmp_path):
+    with pytest.raises(error, match=match):
+        export("no-such-model", tmp_path / "m.stablehlo", **kwargs)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_model_in_bfloat16_is_refused(tmp_path):
+    model = resnext_flax.resnet18(num_classes=3, dtype=jax.numpy.bfloat16)
+    with pytest.raises(ExportError, match="float32 programs only; this model computes or stores "
+                                          "bfloat16"):
+        export(model, tmp_path / "m.stablehlo")
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_output_suffix_that_names_no_format_is_refused(tmp_path):
+    with pytest.raises(ExportError, match=r"cannot tell the format from .*m\.bin.* "
+                                          r"format=stablehlo\|onnx"):
+        export("resnet18", tmp_path / "m.bin")
+
+
+def test_the_output_or_its_record_may_not_be_an_input(resnet18, tmp_path):
+    _, pth, _ = resnet18
+    with pytest.raises(OutputPathError, match="is the input file"):
+        export(pth, pth, format="stablehlo")
+    record_named = tmp_path / "w.stablehlo.json"
+    record_named.write_bytes(pathlib.Path(pth).read_bytes())
+    with pytest.raises(OutputPathError, match="the output's sidecar"):
+        export(str(record_named), tmp_path / "w.stablehlo")
+    assert sorted(os.listdir(tmp_path)) == ["w.stablehlo.json"]
+
+
+def test_a_missing_onnx_package_names_the_extra(resnet18, tmp_path, monkeypatch):
+    _, pth, _ = resnet18
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(ImportError, match=r"onnxruntime, not installed: pip install "
+                                          r"'resnext-flax\[onnx\]'"):
+        export(pth, tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="resnext_flax.export.onnx_graph is not in this tree")
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_onnx_export_is_verified_and_carries_the_record(resnet18, tmp_path, layout):
+    import onnx
+
+    _, pth, _ = resnet18
+    output = tmp_path / "r18.onnx"
+    report = export(pth, output, onnx_layout=layout, probe_shape=(2, *SIZE))
+    assert sorted(report.relative_errors) == [1, 2, 3] and report.platforms == ()
+    assert all(e <= MODEL_TOLERANCE for e in report.relative_errors.values())
+    props = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
+    assert props["format"] == "onnx" and props["model"] == "resnet18"
+    assert json.loads(props["input"])["layout"] == layout
+    assert not os.path.exists(f"{output}.json")
+
+
+def test_the_command_writes_a_verified_artifact(resnet18, tmp_path, capsys):
+    _, pth, _ = resnet18
+    output = tmp_path / "r18.stablehlo"
+    status = cli.main(["export", pth, "--output", str(output), "--probe-size", "32",
+                       "--platforms", "cpu", "--no-progress"])
+    out = capsys.readouterr()
+    assert status == 0, out.err
+    assert f"wrote {output} (stablehlo," in out.out and "platforms: cpu\n" in out.out
+    assert "relative error batch 1:" in out.out and f"wrote {output}.json" in out.out
+    assert json.loads(pathlib.Path(f"{output}.json").read_text())["platforms"] == ["cpu"]
+
+
+def test_the_command_checks_its_outputs_before_importing_jax(resnet18, tmp_path):
+    _, pth, _ = resnet18
+    code = ("import sys\nfrom resnext_flax import cli\nstatus = cli.main(sys.argv[1:])\n"
+            "assert 'jax' not in sys.modules, 'imported JAX'\nsys.exit(status)")
+    for output, message in [([pth, "--format", "stablehlo"], "is the input file"),
+                            ([str(tmp_path / "m.bin")], "--format stablehlo|onnx"),
+                            ([str(tmp_path / "missing" / "m.onnx")], "folder")]:
+        result = subprocess.run([sys.executable, "-c", code, "export", pth, "--output", *output],
+                                capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+        assert result.returncode == 1, result.stderr
+        assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_the_command_help_says_every_default():
+    parser = cli.parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    export_parser = sub.choices["export"]
+    text = " ".join(export_parser.format_help().split())
+    for action in export_parser._actions:
+        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            continue
+        assert f"(default: {action.default})" in text, action.option_strings
+
+
+@pytest.mark.parametrize(("source", "error", "match"), [
+    ("resnet19", "UnknownModelError", "neither a file nor a model name"),
+    ("weights/r18.pth", "WeightFileNotFoundError", "no file or folder 'weights/r18.pth'"),
+])
+def test_a_source_that_is_neither_a_file_nor_a_model_is_named(source, error, match, tmp_path):
+    from resnext_flax import errors
+
+    with pytest.raises(getattr(errors, error), match=match):
+        export(source, tmp_path / "m.stablehlo")
+
+
+def test_an_optimized_model_exports_without_its_kernel_calls(resnet18, tmp_path):
+    """``optimize_for_inference``'s result (whose convs may run the compiled kernel) exports
+    on XLA's own convs, and matches the model it was made from."""
+    _, _, model = resnet18
+    output = tmp_path / "opt.stablehlo"
+    report = export(resnext_flax.optimize_for_inference(model), output, platforms=("cpu",),
+                    probe_shape=(1, *SIZE))
+    assert all(e <= MODEL_TOLERANCE for e in report.relative_errors.values())
+    exported = jax.export.deserialize(output.read_bytes())
+    assert not custom_call_targets(exported) & set(kernel.TARGETS)
+    images = random_images(2, *SIZE, seed=4)
+    assert relative_error(run_stablehlo(exported, images), model(images)) <= MODEL_TOLERANCE
