@@ -49,8 +49,8 @@ _EXPORTS = {
 
 _SUBMODULES = frozenset({
     "augment", "builders", "cli", "compilation", "datasets", "errors", "evaluation",
-    "finetuning", "inference", "metadata", "models", "nn", "parallel", "pipeline", "preprocess",
-    "training", "weights",
+    "export", "finetuning", "inference", "metadata", "models", "nn", "parallel", "pipeline",
+    "preprocess", "training", "weights",
 })
 
 __all__ = [
