@@ -257,9 +257,9 @@ def test_endless_download_stops_at_the_expected_size(tmp_path, monkeypatch):
 
 def test_stale_temporary_files_are_cleaned_and_fresh_ones_kept(tmp_path):
     target = tmp_path / "model.safetensors"
-    stale = tmp_path / f".model.safetensors.{files.TEMP_MARK}old"
-    fresh = tmp_path / f".model.safetensors.{files.TEMP_MARK}new"
-    other = tmp_path / f".other.safetensors.{files.TEMP_MARK}old"
+    stale = tmp_path / f".model.safetensors.{files.TEMP_MARK}old12345"
+    fresh = tmp_path / f".model.safetensors.{files.TEMP_MARK}new12345"
+    other = tmp_path / f".other.safetensors.{files.TEMP_MARK}old12345"
     for path in (stale, fresh, other):
         path.write_bytes(b"partial")
     old = time.time() - 2 * files.STALE_TEMP_SECONDS

@@ -243,6 +243,8 @@ def test_evaluate_json_that_cannot_be_written_fails_before_any_work(three_classe
     folder, _, converted = three_classes
     if where == "read-only":
         if os.geteuid() == 0:
+            # Permission bits do not bind root, so no folder is unwritable to it; the guard's
+            # other refusals (missing, file) are asserted by the other two cases.
             pytest.skip("root writes into read-only folders; 'missing' and 'file' cover it")
         parent = tmp_path / "locked"
         parent.mkdir(mode=0o500)
