@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import importlib.util
 import json
 import os
-import pathlib
 import subprocess
 import sys
 import textwrap
@@ -33,8 +31,13 @@ from torch_reference import relative_error as l2_relative_error
 import resnext_flax
 from resnext_flax import cli
 from resnext_flax.errors import ExportError, OutputPathError
-from resnext_flax.export import export, relative_error
-from resnext_flax.export.stablehlo import custom_call_targets, export_stablehlo, run_stablehlo
+from resnext_flax.export import export, metadata_props, relative_error
+from resnext_flax.export.stablehlo import (
+    custom_call_targets,
+    export_stablehlo,
+    read_stablehlo,
+    run_stablehlo,
+)
 from resnext_flax.nn.lowering import kernel
 
 SIZE = (32, 32)
@@ -63,33 +66,22 @@ def _torch_logits(reference: torch.nn.Module, images: np.ndarray) -> tuple[np.nd
     return logits, max(RTOL, FLOOR_MULTIPLE * l2_relative_error(logits, exact))
 
 
-@pytest.fixture
-def _free_programs():
-    """An exported program holds the model's weights as constants, and JAX keeps every program
-    it compiled: ten variants' would add up to gigabytes in one test process."""
-    yield
-    jax.clear_caches()
-    gc.collect()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", resnext_flax.list_models())
-@pytest.mark.usefixtures("_free_programs")
 def test_stablehlo_matches_the_model_and_torchvision(name, tmp_path):
     reference, pth = _torch_file(name, tmp_path)
     images = random_images(3, *SIZE, seed=1)
     expected = np.asarray(resnext_flax.load_model(pth)(images))
     torch_logits, bound = _torch_logits(reference, images)
-    del reference  # the largest variants' references and programs need not coexist
-    jax.clear_caches()
-    gc.collect()
+    del reference  # the largest variants' reference and artifact need not coexist
     output = tmp_path / f"{name}.stablehlo"
     report = export(pth, output, verify=False)
     assert report.relative_errors == {} and report.platforms == ("cpu", "cuda")
-    exported = jax.export.deserialize(output.read_bytes())
+    exported, weights, _ = read_stablehlo(output)
     assert not custom_call_targets(exported) & set(kernel.TARGETS)
+    weights = jax.device_put(weights, jax.devices("cpu")[0])
     for batch in (1, 3):
-        actual = run_stablehlo(exported, images[:batch])
+        actual = run_stablehlo(exported, weights, images[:batch])
         assert actual.shape == (batch, 10)
         assert relative_error(actual, expected[:batch]) <= MODEL_TOLERANCE
         err = l2_relative_error(actual, torch_logits[:batch])
@@ -105,14 +97,21 @@ def resnet18(tmp_path_factory):
     return reference, pth, resnext_flax.load_model(pth)
 
 
-def test_export_verifies_and_writes_the_record_beside_the_artifact(resnet18, tmp_path):
+def test_export_verifies_and_writes_the_record_inside_the_artifact(resnet18, tmp_path):
     _, pth, _ = resnet18
     output = tmp_path / "r18.stablehlo"
     report = export(pth, output, probe_shape=(2, *SIZE))
     assert sorted(report.relative_errors) == [1, 2, 3]
     assert all(0 <= e <= MODEL_TOLERANCE for e in report.relative_errors.values())
-    assert report.size == output.stat().st_size and report.sidecar == f"{output}.json"
-    record = json.loads(pathlib.Path(report.sidecar).read_text())
+    assert report.size == output.stat().st_size and os.listdir(tmp_path) == ["r18.stablehlo"]
+    _, weights, record = read_stablehlo(output)
+    assert record == report.record
+    assert weights["weights/fc.kernel"].shape == (512, 10)
+    convs_and_fc = [k for k in torch.load(pth) if k.endswith("weight") and ".bn" not in k
+                    and "downsample.1" not in k and not k.startswith("bn1")]
+    assert sorted(k for k in weights if k.endswith(".kernel")) == sorted(
+        "weights/" + k.removesuffix(".weight")
+        + ".kernel" for k in convs_and_fc)  # one folded kernel per conv, no BatchNorm left
     assert record["format_version"] == "resnext-flax-export/1"
     assert record["format"] == "stablehlo"
     assert record["model"] == "resnet18" and record["num_classes"] == 10
@@ -134,14 +133,13 @@ def test_the_record_carries_the_weights_class_names_and_preprocessing(tmp_path):
                                          preprocessing=Preprocessing(resize_size=40,
                                                                      crop_size=32))
     report = export(model, tmp_path / "m.stablehlo", symbolic_size=False, probe_shape=(1, 8, 8))
-    record = json.loads(pathlib.Path(report.sidecar).read_text())
+    exported, weights, record = read_stablehlo(tmp_path / "m.stablehlo")
     assert record["class_names"] == ["a", "b", "c"]
     assert record["preprocessing"]["crop_size"] == 32
     assert record["input"]["shape"] == ["batch", 32, 32, 3] == list(report.input_signature[
         "shape"])
-    exported = jax.export.deserialize((tmp_path / "m.stablehlo").read_bytes())
     with pytest.raises(Exception, match="shape"):
-        run_stablehlo(exported, random_images(1, 40, 40))
+        run_stablehlo(exported, weights, random_images(1, 40, 40))
 
 
 def test_the_artifact_runs_where_only_jax_can_be_imported(resnet18, tmp_path):
@@ -167,8 +165,10 @@ def test_the_artifact_runs_where_only_jax_can_be_imported(resnet18, tmp_path):
         import numpy as np
 
         images = np.load(sys.argv[2])
-        exported = jax.export.deserialize(open(sys.argv[1], "rb").read())
-        logits = exported.call(images)
+        with np.load(sys.argv[1]) as artifact:
+            exported = jax.export.deserialize(artifact["program.stablehlo"])
+            weights = {k: artifact[k] for k in artifact.files if k.startswith("weights/")}
+        logits = exported.call(weights, images)
         np.save(sys.argv[3], np.asarray(logits))
         print(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
     """)
@@ -193,7 +193,7 @@ def test_the_kernel_check_can_fail():
     text = jax.jit(lambda x: nnx.merge(graphdef, state)(x)).lower(
         jax.ShapeDtypeStruct((1, 56, 56, 3), np.float32)).as_text()
     assert any(target in text for target in kernel.TARGETS)
-    portable = export_stablehlo(model, platforms=("cpu",))
+    portable, _ = export_stablehlo(model, platforms=("cpu",))
     assert not custom_call_targets(portable) & set(kernel.TARGETS)
 
 
@@ -238,15 +238,15 @@ def test_an_output_suffix_that_names_no_format_is_refused(tmp_path):
         export("resnet18", tmp_path / "m.bin")
 
 
-def test_the_output_or_its_record_may_not_be_an_input(resnet18, tmp_path):
+def test_the_output_may_not_be_an_input(resnet18, tmp_path):
     _, pth, _ = resnet18
     with pytest.raises(OutputPathError, match="is the input file"):
         export(pth, pth, format="stablehlo")
-    record_named = tmp_path / "w.stablehlo.json"
-    record_named.write_bytes(pathlib.Path(pth).read_bytes())
-    with pytest.raises(OutputPathError, match="the output's sidecar"):
-        export(str(record_named), tmp_path / "w.stablehlo")
-    assert sorted(os.listdir(tmp_path)) == ["w.stablehlo.json"]
+    linked = tmp_path / "w.onnx"
+    os.link(pth, linked)
+    with pytest.raises(OutputPathError, match="is the input file"):
+        export(pth, linked)
+    assert os.listdir(tmp_path) == ["w.onnx"]
 
 
 def test_a_missing_onnx_package_names_the_extra(resnet18, tmp_path, monkeypatch):
@@ -273,7 +273,7 @@ def test_onnx_export_is_verified_and_carries_the_record(resnet18, tmp_path, layo
     props = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
     assert props["format"] == "onnx" and props["model"] == "resnet18"
     assert json.loads(props["input"])["layout"] == layout
-    assert not os.path.exists(f"{output}.json")
+    assert json.loads(props["class_names"]) is None and props == metadata_props(report.record)
 
 
 def test_the_command_writes_a_verified_artifact(resnet18, tmp_path, capsys):
@@ -284,8 +284,8 @@ def test_the_command_writes_a_verified_artifact(resnet18, tmp_path, capsys):
     out = capsys.readouterr()
     assert status == 0, out.err
     assert f"wrote {output} (stablehlo," in out.out and "platforms: cpu\n" in out.out
-    assert "relative error batch 1:" in out.out and f"wrote {output}.json" in out.out
-    assert json.loads(pathlib.Path(f"{output}.json").read_text())["platforms"] == ["cpu"]
+    assert "relative error batch 1:" in out.out
+    assert read_stablehlo(output)[2]["platforms"] == ["cpu"]
 
 
 def test_the_command_checks_its_outputs_before_importing_jax(resnet18, tmp_path):
@@ -331,7 +331,8 @@ def test_an_optimized_model_exports_without_its_kernel_calls(resnet18, tmp_path)
     report = export(resnext_flax.optimize_for_inference(model), output, platforms=("cpu",),
                     probe_shape=(1, *SIZE))
     assert all(e <= MODEL_TOLERANCE for e in report.relative_errors.values())
-    exported = jax.export.deserialize(output.read_bytes())
+    exported, weights, _ = read_stablehlo(output)
     assert not custom_call_targets(exported) & set(kernel.TARGETS)
     images = random_images(2, *SIZE, seed=4)
-    assert relative_error(run_stablehlo(exported, images), model(images)) <= MODEL_TOLERANCE
+    assert relative_error(run_stablehlo(exported, weights, images), model(images)
+                          ) <= MODEL_TOLERANCE

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import functools
 import importlib.util
 import io
 import json
@@ -58,19 +57,33 @@ def as_layout(images: np.ndarray, layout: str) -> np.ndarray:
 
 
 class Case:
-    """A torchvision model, the library's model on its weights and both ONNX layouts."""
+    """One variant: torchvision's logits (and their float32 floor), the library's model's
+    logits on the same weights, and both ONNX layouts of that model.
+
+    Only the results are kept: the models are dropped once built and run, since a
+    module-scoped case of the largest variants would otherwise hold them through every test.
+    """
 
     def __init__(self, name: str):
         self.name = name
-        self.torch = torch_model(name, seed=len(name))
-        self.flax = flax_model_from_torch(name, self.torch)
         self.images = random_images(max(BATCHES), *SIZE, seed=3)
-        self.onnx = {layout: to_onnx(self.flax, layout=layout) for layout in LAYOUTS}
+        reference = torch_model(name, seed=len(name))
+        self.torch_logits, self.torch_bound = _torch_logits(reference, self.images)
+        model = flax_model_from_torch(name, reference)
+        del reference
+        self.num_classes = model.num_classes
+        self.logits = {n: np.asarray(model(self.images[:n])) for n in BATCHES}
+        self.onnx = {layout: to_onnx(model, layout=layout) for layout in LAYOUTS}
 
-    @functools.cache  # noqa: B019 - one Case per module-scoped fixture
-    def logits(self, batch: int) -> np.ndarray:
-        """The (unfolded, eval-mode) model's logits."""
-        return np.asarray(self.flax(self.images[:batch]))
+
+def _torch_logits(reference: torch.nn.Module, images: np.ndarray) -> tuple[np.ndarray, float]:
+    """torchvision's logits on `images`, and test_parity's bound for a comparison with them
+    (1e-5, or 10x torch float32's own error against float64 where that is larger)."""
+    x = to_nchw(images)
+    with torch.no_grad():
+        expected = reference(x).numpy()
+        exact = copy.deepcopy(reference).double()(x.double()).numpy()
+    return expected, max(RTOL, FLOOR_MULTIPLE * relative_error(expected, exact))
 
 
 @pytest.fixture(scope="module", params=resnext_flax.list_models())
@@ -82,24 +95,18 @@ def case(request) -> Case:
 def test_onnx_matches_the_model_at_batch_1_and_3(case: Case, layout: str):
     for batch in BATCHES:
         actual = run_onnx(case.onnx[layout], as_layout(case.images[:batch], layout), threads=1)
-        expected = case.logits(batch)
-        assert actual.shape == expected.shape == (batch, case.flax.num_classes)
+        expected = case.logits[batch]
+        assert actual.shape == expected.shape == (batch, case.num_classes)
         err = max_relative_error(actual, expected)
         assert err <= MAX_RELATIVE, f"{layout} batch {batch}: relative error {err:.2e}"
 
 
 def test_onnx_matches_torchvision(case: Case):
-    """The NCHW graph against torchvision's own model, under test_parity's bound (1e-5, or
-    10x torch float32's own error against float64 where that is larger)."""
-    x = to_nchw(case.images)
-    with torch.no_grad():
-        expected = case.torch(x).numpy()
-        exact = copy.deepcopy(case.torch).double()(x.double())
-    bound = max(RTOL, FLOOR_MULTIPLE * relative_error(expected, exact.numpy()))
-    actual = run_onnx(case.onnx["NCHW"], x.numpy(), threads=1)
-    err = relative_error(actual, expected)
-    assert err <= bound, f"relative error {err:.2e} > {bound:.1e}"
-    np.testing.assert_array_equal(actual.argmax(-1), expected.argmax(-1))
+    """The NCHW graph against torchvision's own model, under test_parity's bound."""
+    actual = run_onnx(case.onnx["NCHW"], to_nchw(case.images).numpy(), threads=1)
+    err = relative_error(actual, case.torch_logits)
+    assert err <= case.torch_bound, f"relative error {err:.2e} > {case.torch_bound:.1e}"
+    np.testing.assert_array_equal(actual.argmax(-1), case.torch_logits.argmax(-1))
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ def add_parser(commands: Any) -> None:
                    help="a model name (with --weights) or a .pth/.safetensors/converted "
                         "checkpoint or Hugging Face folder")
     p.add_argument("--output", "-o", required=True, metavar="PATH",
-                   help="file to write: *.stablehlo (plus PATH.json, its record) or *.onnx")
+                   help="file to write: *.stablehlo (a zip of the program, its weights and "
+                        "its record) or *.onnx")
     p.add_argument("--model", choices=list(VARIANTS), metavar="NAME",
                    help="architecture of a SOURCE file (default: inferred from it)")
     p.add_argument("--weights", metavar="TAG|PATH",
@@ -68,8 +69,8 @@ def check(args: argparse.Namespace) -> None:
     """The format and every output file, before anything is imported or read."""
     from resnext_flax.export import check_outputs, output_format, source_files
 
-    fmt = output_format(args.output, args.format)
-    check_outputs(args.output, fmt, source_files(args.source, args.weights))
+    output_format(args.output, args.format)
+    check_outputs(args.output, source_files(args.source, args.weights))
 
 
 def run(args: argparse.Namespace) -> str:

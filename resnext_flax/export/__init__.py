@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -19,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from resnext_flax.errors import ExportError, Fix, Message, Placeholder
-from resnext_flax.export.metadata import export_record, input_signature, sidecar_metadata
+from resnext_flax.export.metadata import export_record, input_signature, metadata_props
 from resnext_flax.export.sources import check_float32, load_source, source_files
 from resnext_flax.export.verify import (
     CHECKED_BATCHES,
@@ -57,16 +56,9 @@ def output_format(output: str | os.PathLike, format: str | None = None) -> str:
     return format
 
 
-def sidecar_path(output: str | os.PathLike) -> str:
-    """Where a StableHLO artifact's record goes: ``<output>.json``."""
-    return os.fspath(output) + ".json"
-
-
-def check_outputs(output: str | os.PathLike, format: str, inputs: Sequence[str]) -> None:
-    """Every file the export writes, checked against what it reads before any work."""
+def check_outputs(output: str | os.PathLike, inputs: Sequence[str]) -> None:
+    """The file the export writes, checked against what it reads before any work."""
     check_output_path(output, inputs, what="the output")
-    if format == "stablehlo":
-        check_output_path(sidecar_path(output), inputs, what="the output's sidecar")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +69,8 @@ class ExportReport:
       images (empty without verification).
     - `platforms`: what a StableHLO artifact was lowered for (empty for ONNX).
     - `input_signature`: the input's name, shape (symbolic dimensions named), dtype, layout.
-    - `sidecar`: the JSON record beside a StableHLO artifact (None for ONNX: its record is in
-      the file's ``metadata_props``).
+    - `record`: what the artifact says about itself (class names, preprocessing, input and
+      output), stored in it: ``record.json`` in a StableHLO zip, ``metadata_props`` in ONNX.
     """
 
     format: str
@@ -87,7 +79,7 @@ class ExportReport:
     relative_errors: Mapping[int, float]
     platforms: tuple[str, ...]
     input_signature: Mapping[str, Any]
-    sidecar: str | None = None
+    record: Mapping[str, Any]
 
     def __str__(self) -> str:
         shape = ", ".join(str(d) for d in self.input_signature["shape"])
@@ -101,8 +93,6 @@ class ExportReport:
             lines.append(f"verified against the model, relative error {errors}")
         else:
             lines.append("not verified")
-        if self.sidecar:
-            lines.append(f"wrote {self.sidecar} (class names, preprocessing, input)")
         return "\n".join(lines)
 
 
@@ -149,14 +139,14 @@ def export(
       relative error to the model exceeds `tolerance`.
     - `dtype`: only float32 (None) is exported: the artifact is a float32 program.
 
-    The outputs (`output` and, for StableHLO, its ``.json`` record) are checked before
-    anything is read and written atomically. Returns an :class:`ExportReport`.
+    `output` is checked before anything is read, and written atomically. Returns an
+    :class:`ExportReport`.
     """
     format = output_format(output, format)
     platforms = _check_format_options(format, platforms, symbolic_size, onnx_layout, dtype)
     _check_probe(probe_shape, tolerance)
     inputs = source_files(source, weights, checkpoint)
-    check_outputs(output, format, inputs)
+    check_outputs(output, inputs)
     if format == "onnx":
         _require_onnx(verify)
     say = _progress(progress)
@@ -254,7 +244,13 @@ def _export_stablehlo(model: Any, output: str | os.PathLike, *, platforms: tuple
                       ) -> ExportReport:
     import jax
 
-    from resnext_flax.export.stablehlo import export_stablehlo, input_shape, run_stablehlo
+    from resnext_flax.export.stablehlo import (
+        export_stablehlo,
+        input_shape,
+        run_stablehlo,
+        write_stablehlo,
+    )
+    from resnext_flax.weights.files import atomic_write
 
     size = None
     if not symbolic_size:
@@ -263,7 +259,7 @@ def _export_stablehlo(model: Any, output: str | os.PathLike, *, platforms: tuple
         size = (crop, crop)
         probe_shape = (probe_shape[0], *size)
     say(f"exporting StableHLO for {', '.join(platforms)}")
-    exported = export_stablehlo(model, platforms=platforms, size=size)
+    exported, weights = export_stablehlo(model, platforms=platforms, size=size)
     serialized = exported.serialize()
     errors = {}
     if verify:
@@ -271,18 +267,18 @@ def _export_stablehlo(model: Any, output: str | os.PathLike, *, platforms: tuple
         say(f"verifying on {device.platform} at batch sizes "
             f"{sorted({probe_shape[0], *CHECKED_BATCHES})}")
         loaded = jax.export.deserialize(serialized)
-        errors = verify_artifact(lambda x: run_stablehlo(loaded, x, device), model,
+        placed = jax.device_put(weights, device)
+        errors = verify_artifact(lambda x: run_stablehlo(loaded, placed, x, device), model,
                                  probe_shape, tolerance, "exported StableHLO program")
+        del placed
     shape = input_shape(size)
     record = export_record(_module(model), format="stablehlo", input_shape=shape,
                            platforms=platforms, source=source)
     record["jax"] = {"version": jax.__version__,
                      "calling_convention_version": exported.calling_convention_version}
-    _write_bytes(output, serialized)
-    sidecar = sidecar_path(output)
-    _write_bytes(sidecar, (json.dumps(record, indent=1) + "\n").encode())
-    return ExportReport("stablehlo", os.fspath(output), len(serialized), errors, platforms,
-                        input_signature(shape), sidecar)
+    atomic_write(output, lambda tmp: write_stablehlo(tmp, serialized, weights, record))
+    return ExportReport("stablehlo", os.fspath(output), os.path.getsize(output), errors,
+                        platforms, input_signature(shape), record)
 
 
 def _export_onnx(model: Any, output: str | os.PathLike, *, layout: str, verify: bool,
@@ -297,10 +293,10 @@ def _export_onnx(model: Any, output: str | os.PathLike, *, layout: str, verify: 
                           ) from err
     shape = ("batch", "height", "width", 3) if layout == "NHWC" else ("batch", 3, "height",
                                                                         "width")
-    metadata = sidecar_metadata(_module(model), format="onnx", input_shape=shape,
-                                layout=layout, source=source)
+    record = export_record(_module(model), format="onnx", input_shape=shape, layout=layout,
+                           source=source)
     say(f"exporting ONNX ({layout} input)")
-    data = to_onnx(model, layout=layout, metadata=metadata)
+    data = to_onnx(model, layout=layout, metadata=metadata_props(record))
     errors = {}
     if verify:
         say("verifying in ONNX Runtime (CPU)")
@@ -311,9 +307,9 @@ def _export_onnx(model: Any, output: str | os.PathLike, *, layout: str, verify: 
         errors = verify_artifact(run, model, probe_shape, tolerance, "ONNX graph")
     _write_bytes(output, data)
     return ExportReport("onnx", os.fspath(output), len(data), errors, (), input_signature(
-        shape, layout=layout))
+        shape, layout=layout), record)
 
 
 __all__ = ["CHECKED_BATCHES", "ExportReport", "check_outputs", "export", "export_record",
-           "output_format", "relative_error", "sidecar_metadata", "sidecar_path", "source_files",
+           "metadata_props", "output_format", "relative_error", "source_files",
            "verify_artifact"]

@@ -1,7 +1,7 @@
 """What an exported model says about itself: one record for both formats.
 
-The StableHLO artifact carries it in a JSON file beside it (``<output>.json``); the ONNX file
-carries it in its ``metadata_props`` (string values, JSON where a value is structured). Either
+The StableHLO artifact carries it as ``record.json`` inside its zip; the ONNX file carries it
+in its ``metadata_props`` (string values, JSON where a value is structured). Either
 way a runtime without this library finds the class names, the preprocessing the weights
 expect and the input it must feed.
 """
@@ -19,7 +19,7 @@ from resnext_flax.models.variants import find_variant
 
 #: Names and versions the record's layout: a reader checks it before trusting the fields.
 FORMAT_VERSION = "resnext-flax-export/1"
-#: The input's name in both formats (an ONNX graph input, the sidecar's signature).
+#: The input's name in both formats (an ONNX graph input, the record's signature).
 INPUT_NAME = "images"
 
 
@@ -83,8 +83,8 @@ def export_record(
     return record
 
 
-def sidecar_metadata(model: Any, **record: Any) -> dict[str, str]:
-    """:func:`export_record` as string values (ONNX ``metadata_props``): strings as they are,
-    everything else (lists, objects, numbers, null) as JSON."""
+def metadata_props(record: dict[str, Any]) -> dict[str, str]:
+    """`record` as string values (ONNX ``metadata_props``): strings as they are, everything
+    else (lists, objects, numbers, null) as JSON."""
     return {key: value if isinstance(value, str) else json.dumps(value)
-            for key, value in export_record(model, **record).items()}
+            for key, value in record.items()}

@@ -1,20 +1,31 @@
-"""StableHLO export: the BatchNorm-folded inference function serialized by ``jax.export``.
+"""StableHLO export: the BatchNorm-folded inference function serialized by ``jax.export``,
+packed with its weights and record in one file.
 
 The program is the folded model under ``XLA_POLICY`` (XLA's own convolutions, no custom call
-of the library's compiled CPU kernel), so it runs wherever JAX runs, without this library:
+of the library's compiled CPU kernel), so it runs wherever JAX runs, without this library.
+The file is an uncompressed zip that ``numpy.load`` reads:
 
-    import jax
-    exported = jax.export.deserialize(open("model.stablehlo", "rb").read())
-    logits = exported.call(images)  # float32 NHWC, normalized
+    import jax, numpy as np
+    with np.load("model.stablehlo") as artifact:
+        exported = jax.export.deserialize(artifact["program.stablehlo"])
+        weights = {k: artifact[k] for k in artifact.files if k.startswith("weights/")}
+    logits = exported.call(weights, images)  # float32 NHWC, normalized
 
-The weights are constants inside the program; the batch dimension is symbolic, and so are
-height and width unless a fixed size is asked for. Convolutions and matmuls are traced at
-'highest' precision: an accelerator then computes float32 (no TF32), as the CPU does.
+The weights are the program's first argument, not constants inside it: a program holding
+hundreds of megabytes of constants takes XLA many times longer to compile for each new input
+shape, needs several copies of them in memory, and cannot be serialized at all past
+``jax.export``'s 2 GiB flatbuffer limit. The batch dimension is symbolic, and so are height
+and width unless a fixed size is asked for. Convolutions and matmuls are traced at 'highest'
+precision: an accelerator then computes float32 (no TF32), as the CPU does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+import re
+import zipfile
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -33,6 +44,11 @@ from resnext_flax.nn.policy import XLA_POLICY
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 #: The symbolic input dimensions (the same names as the ONNX graph's).
 SYMBOLIC_DIMS = ("batch", "height", "width")
+#: The members of the artifact's zip: the serialized program, the record, and one ``.npy``
+#: per weight under ``weights/`` (the program's first argument is the dict of those names).
+PROGRAM_MEMBER = "program.stablehlo"
+RECORD_MEMBER = "record.json"
+WEIGHTS_PREFIX = "weights/"
 
 
 def portable_module(model: ResNet | CompiledModel) -> nnx.Module:
@@ -62,36 +78,83 @@ def input_shape(size: tuple[int, int] | None) -> tuple[int | str, ...]:
     return (batch, height, width, 3) if size is None else (batch, *size, 3)
 
 
+def _weight_name(path: tuple[Any, ...]) -> str:
+    name = jax.tree_util.keystr(path, simple=True, separator=".")
+    return WEIGHTS_PREFIX + name.removesuffix(".value")
+
+
 def export_stablehlo(model: ResNet | CompiledModel, *, platforms: Sequence[str] = ("cpu",
                                                                                     "cuda"),
-                     size: tuple[int, int] | None = None) -> jax.export.Exported:
+                     size: tuple[int, int] | None = None
+                     ) -> tuple[jax.export.Exported, dict[str, np.ndarray]]:
     """The folded forward pass of `model` (logits, or features for a headless model) as a
-    ``jax.export.Exported`` for `platforms`, input float32 NHWC of :func:`input_shape`."""
+    ``jax.export.Exported`` for `platforms`, called as ``exported.call(weights, images)``
+    with images float32 NHWC of :func:`input_shape`, and its `weights` (name -> array, the
+    names the artifact's zip gives them)."""
     module = portable_module(model)
     graphdef, state = nnx.split(module)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    names = [_weight_name(path) for path, _ in leaves]
+    weights = {name: np.asarray(leaf) for name, (_, leaf) in zip(names, leaves, strict=True)}
+    del state, leaves
 
-    def forward(images: jax.Array) -> jax.Array:
+    def forward(weights: dict[str, jax.Array], images: jax.Array) -> jax.Array:
+        state = jax.tree_util.tree_unflatten(treedef, [weights[n] for n in names])
         return apply(graphdef, state, images)
 
     spec = ", ".join(str(d) for d in input_shape(size))
     images = jax.ShapeDtypeStruct(jax.export.symbolic_shape(spec), jnp.float32)
+    weight_specs = {n: jax.ShapeDtypeStruct(w.shape, w.dtype) for n, w in weights.items()}
     with jax.default_matmul_precision("highest"):
-        return jax.export.export(jax.jit(forward), platforms=check_platforms(platforms))(images)
+        exported = jax.export.export(jax.jit(forward), platforms=check_platforms(platforms))(
+            weight_specs, images)
+    return exported, weights
+
+
+def write_stablehlo(path: str | os.PathLike, program: bytes | bytearray,
+                    weights: Mapping[str, np.ndarray], record: Mapping[str, Any]) -> None:
+    """The artifact's zip at `path` (the caller makes it atomic): stored, since float weights
+    barely compress and a reader then copies them without inflating; ZIP64, so models past
+    4 GiB fit."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        archive.writestr(PROGRAM_MEMBER, bytes(program))
+        archive.writestr(RECORD_MEMBER, json.dumps(record, indent=1) + "\n")
+        for name, array in weights.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.ascontiguousarray(array),
+                                          allow_pickle=False)
+
+
+def read_stablehlo(path: str | os.PathLike
+                   ) -> tuple[jax.export.Exported, dict[str, np.ndarray], dict[str, Any]]:
+    """The program, weights and record of an artifact written by :func:`write_stablehlo`, as
+    a deployment reads them (``numpy.load``, no pickles)."""
+    try:
+        with np.load(path, allow_pickle=False) as artifact:
+            missing = {PROGRAM_MEMBER, RECORD_MEMBER} - set(artifact.files)
+            if missing:
+                raise ExportError(f"{os.fspath(path)!r} is not a resnext-flax StableHLO "
+                                  f"artifact: it has no {', '.join(sorted(missing))}")
+            exported = jax.export.deserialize(bytearray(artifact[PROGRAM_MEMBER]))
+            weights = {k: artifact[k] for k in artifact.files if k.startswith(WEIGHTS_PREFIX)}
+            record = json.loads(artifact[RECORD_MEMBER])
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise ExportError(f"cannot read the StableHLO artifact {os.fspath(path)!r}: {err}"
+                          ) from err
+    return exported, weights, record
 
 
 def custom_call_targets(exported: jax.export.Exported) -> set[str]:
     """The custom-call targets the exported program names (JAX's own shape checks
     included)."""
-    import re
-
     return set(re.findall(r"custom_call @([\w.]+)", exported.mlir_module()))
 
 
-def run_stablehlo(artifact: bytes | bytearray | jax.export.Exported, images: np.ndarray,
+def run_stablehlo(exported: jax.export.Exported, weights: Mapping[str, Any], images: Any,
                   device: Any = None) -> np.ndarray:
-    """The artifact (serialized, or deserialized once for several calls) run on `images` on
-    `device` (default: the first CPU), as a deployment runs it."""
-    if not isinstance(artifact, jax.export.Exported):
-        artifact = jax.export.deserialize(bytearray(artifact))
+    """The program run on `images` on `device` (default: the first CPU), as a deployment runs
+    it (place `weights` on the device once with ``jax.device_put`` for several calls)."""
     device = device or jax.devices("cpu")[0]
-    return np.asarray(artifact.call(jax.device_put(np.asarray(images, np.float32), device)))
+    weights = jax.device_put(dict(weights), device)
+    images = jax.device_put(np.asarray(images, np.float32), device)
+    return np.asarray(exported.call(weights, images))
