@@ -143,8 +143,8 @@ def test_the_record_carries_the_weights_class_names_and_preprocessing(tmp_path):
 
 
 def test_the_artifact_runs_where_only_jax_can_be_imported(resnet18, tmp_path):
-    """The three lines of docs/deploy.md, in a child that cannot import the library, Flax,
-    optax or torch."""
+    """docs/deploy.md's loading lines, in a child that cannot import the library, Flax, optax
+    or torch."""
     _, pth, model = resnet18
     output = tmp_path / "r18.stablehlo"
     export(pth, output, verify=False)
@@ -161,14 +161,19 @@ def test_the_artifact_runs_where_only_jax_can_be_imported(resnet18, tmp_path):
                     raise ImportError(f"{name} is blocked")
 
         sys.meta_path.insert(0, Blocker())
+        import json
+
         import jax
         import numpy as np
 
         images = np.load(sys.argv[2])
         with np.load(sys.argv[1]) as artifact:
-            exported = jax.export.deserialize(artifact["program.stablehlo"])
+            program = jax.export.deserialize(artifact["program.stablehlo"])
             weights = {k: artifact[k] for k in artifact.files if k.startswith("weights/")}
-        logits = exported.call(weights, images)
+            record = json.loads(artifact["record.json"])
+        assert record["model"] == "resnet18", record
+        weights = jax.device_put(weights)
+        logits = program.call(weights, images)
         np.save(sys.argv[3], np.asarray(logits))
         print(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
     """)
