@@ -200,6 +200,17 @@ def test_bad_export_options_are_refused(abstract_resnet18, kwargs, error, match)
         to_onnx(abstract_resnet18, **kwargs)
 
 
+def test_weights_past_one_files_limit_are_refused_before_any_graph(monkeypatch):
+    from resnext_flax.export import onnx_graph
+
+    model = resnext_flax.resnet18(num_classes=3)
+    to_onnx(model)  # fits under the real limit
+    monkeypatch.setattr(onnx_graph, "MAX_ONNX_WEIGHT_BYTES", 2**20)
+    with pytest.raises(ValueError, match=r"folded weights are 0\.04 GiB; one ONNX file holds at "
+                                         r"most 0\.00 GiB .* export it to StableHLO instead"):
+        to_onnx(model)
+
+
 def test_only_float32_models_and_resnets_export():
     bf16 = nnx.eval_shape(lambda: resnext_flax.create_model("resnet18", dtype=jnp.bfloat16))
     with pytest.raises(ValueError, match=r"float32 graphs.*bfloat16.*dtype=None"):

@@ -18,6 +18,7 @@ import importlib.metadata
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -163,6 +164,20 @@ def _check_options(layout: str, opset: int, metadata: Mapping[str, str] | None,
                         "with json.dumps)")
 
 
+#: A protobuf message, and so a single-file ONNX model, cannot exceed 2 GiB; the margin leaves
+#: room for the graph around the weights.
+MAX_ONNX_WEIGHT_BYTES = 2**31 - 2**24
+
+
+def _check_size(folded: Any) -> None:
+    """ValueError before any graph is built where the weights cannot fit one ONNX file."""
+    size = sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(folded)))
+    if size > MAX_ONNX_WEIGHT_BYTES:
+        raise ValueError(f"this model's folded weights are {size / 2**30:.2f} GiB; one ONNX "
+                         f"file holds at most {MAX_ONNX_WEIGHT_BYTES / 2**30:.2f} GiB (protobuf's "
+                         "2 GiB limit): export it to StableHLO instead")
+
+
 def _producer_version() -> str:
     try:
         return importlib.metadata.version("resnext-flax")
@@ -184,6 +199,7 @@ def to_onnx(model: Any, *, layout: str = "NHWC", opset: int = 17,
     onnx = _require("onnx")
     _check_options(layout, opset, metadata, onnx.defs.onnx_opset_version())
     folded = _folded(model)
+    _check_size(folded)
     graph = _Graph(onnx)
     x = INPUT_NAME
     if layout == "NHWC":
