@@ -4,7 +4,9 @@ same torchvision model, and vs this library's own jit path, in one process.
 For each model and batch size: a torchvision model with random weights and random BatchNorm
 statistics, ported with ``resnext_flax.load_torch_state_dict``; exported by
 ``resnext_flax.export.onnx_graph.to_onnx`` (NCHW input like torch's; ``ours_nhwc`` is the
-library's default NHWC input, one Transpose more) and by ``torch.onnx.export`` (TorchScript
+library's default NHWC input, one Transpose more; ``ours_fixed`` has a fixed height and width,
+as torch's file has: every export but that one and torch's leaves them symbolic) and by
+``torch.onnx.export`` (TorchScript
 exporter, ``dynamo=False``: deprecated but still in torch 2.14, and unlike the dynamo
 exporter it needs no ``onnxscript``; opset 17, dynamic batch; it folds BatchNorm too);
 every ONNX file runs in an ``InferenceSession`` (CPU execution provider, ``--threads``
@@ -100,12 +102,14 @@ def run_case(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     nhwc = random_images(batch, args.size, args.size, seed=0)
     nchw = to_nchw(nhwc)
     t0 = time.perf_counter()
-    exports = {"ours": to_onnx(model, layout="NCHW"), "ours_nhwc": to_onnx(model)}
+    exports = {"ours": to_onnx(model, layout="NCHW"), "ours_nhwc": to_onnx(model),
+               "ours_fixed": to_onnx(model, layout="NCHW", size=(args.size, args.size))}
     export_s = {"ours": time.perf_counter() - t0}
     t0 = time.perf_counter()
     exports["torch"] = torch_onnx(tmodel, args.size)
     export_s["torch"] = time.perf_counter() - t0
-    inputs = {"ours": nchw.numpy(), "ours_nhwc": nhwc, "torch": nchw.numpy()}
+    inputs = {"ours": nchw.numpy(), "ours_nhwc": nhwc, "ours_fixed": nchw.numpy(),
+              "torch": nchw.numpy()}
 
     calls: dict[str, Callable[[], np.ndarray]] = {}
     graphs: dict[str, dict[str, int]] = {}
@@ -143,7 +147,7 @@ def run_case(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
         results[key] |= {"median_s": median, "images_per_s": batch / median, "times_s": ts}
     for level in args.opt_levels:
         torch_speed = results[f"ort_torch:{level}"]["images_per_s"]
-        for side in ("ours", "ours_nhwc"):
+        for side in ("ours", "ours_nhwc", "ours_fixed"):
             entry = results[f"ort_{side}:{level}"]
             entry["speed_vs_ort_torch"] = entry["images_per_s"] / torch_speed
     return {"model": name, "batch": batch, "size": args.size, "export_s": export_s,

@@ -122,9 +122,9 @@ def test_export_verifies_and_writes_the_record_inside_the_artifact(resnet18, tmp
     assert "relative error batch 1:" in str(report)
 
 
-def test_the_record_carries_the_weights_class_names_and_preprocessing(tmp_path):
-    """A model that knows its classes and transform hands them to the artifact's record; a
-    fixed size is the weights' crop size."""
+@pytest.fixture
+def resnet18_with_cfg():
+    """A 3-class ResNet-18 that knows its class names and its 32-pixel crop."""
     from resnext_flax.metadata import Preprocessing, PretrainedCfg
 
     model = resnext_flax.resnet18(num_classes=3)
@@ -132,6 +132,14 @@ def test_the_record_carries_the_weights_class_names_and_preprocessing(tmp_path):
     model.pretrained_cfg = PretrainedCfg("resnet18", model.spec, 3, class_names=("a", "b", "c"),
                                          preprocessing=Preprocessing(resize_size=40,
                                                                      crop_size=32))
+    return model
+
+
+def test_the_record_carries_the_weights_class_names_and_preprocessing(resnet18_with_cfg,
+                                                                       tmp_path):
+    """A model that knows its classes and transform hands them to the artifact's record; a
+    fixed size is the weights' crop size."""
+    model = resnet18_with_cfg
     report = export(model, tmp_path / "m.stablehlo", symbolic_size=False, probe_shape=(1, 8, 8))
     exported, weights, record = read_stablehlo(tmp_path / "m.stablehlo")
     assert record["class_names"] == ["a", "b", "c"]
@@ -278,7 +286,20 @@ def test_onnx_export_is_verified_and_carries_the_record(resnet18, tmp_path, layo
     props = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
     assert props["format"] == "onnx" and props["model"] == "resnet18"
     assert json.loads(props["input"])["layout"] == layout
+    assert json.loads(props["input"])["shape"][0] == "batch"
     assert json.loads(props["class_names"]) is None and props == metadata_props(report.record)
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="resnext_flax.export.onnx_graph is not in this tree")
+def test_a_fixed_size_onnx_export_takes_the_crop_size(resnet18_with_cfg, tmp_path):
+    import onnx
+
+    report = export(resnet18_with_cfg, tmp_path / "m.onnx", symbolic_size=False,
+                    onnx_layout="NCHW", probe_shape=(1, 8, 8))
+    (images,) = onnx.load(str(tmp_path / "m.onnx")).graph.input
+    assert [d.dim_param or d.dim_value for d in images.type.tensor_type.shape.dim] == [
+        "batch", 3, 32, 32] == report.input_signature["shape"]
+    assert sorted(report.relative_errors) == [1, 3]
 
 
 def test_the_command_writes_a_verified_artifact(resnet18, tmp_path, capsys):
@@ -341,3 +362,30 @@ def test_an_optimized_model_exports_without_its_kernel_calls(resnet18, tmp_path)
     images = random_images(2, *SIZE, seed=4)
     assert relative_error(run_stablehlo(exported, weights, images), model(images)
                           ) <= MODEL_TOLERANCE
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="resnext_flax.export.onnx_graph is not in this tree")
+def test_a_checkpoint_with_classes_exports_them_from_the_command(tmp_path, capsys):
+    """A saved checkpoint (as ``finetune`` writes one) carries its class names and
+    preprocessing into both formats' records."""
+    import onnx
+
+    from resnext_flax.metadata import Preprocessing
+
+    model = resnext_flax.resnet18(num_classes=3)
+    model.eval()
+    checkpoint = tmp_path / "best.safetensors"
+    resnext_flax.save_checkpoint(model, checkpoint, classes=["cat", "dog", "owl"],
+                                 preprocessing=Preprocessing(resize_size=40, crop_size=32))
+    for output in (tmp_path / "m.onnx", tmp_path / "m.stablehlo"):
+        status = cli.main(["export", str(checkpoint), "--output", str(output), "--probe-size",
+                           "32", "--probe-batch", "1", "--no-progress"])
+        assert status == 0, capsys.readouterr().err
+        if output.suffix == ".onnx":
+            props = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
+            record = {k: json.loads(v) if k in ("class_names", "preprocessing") else v
+                      for k, v in props.items()}
+        else:
+            record = read_stablehlo(output)[2]
+        assert record["class_names"] == ["cat", "dog", "owl"], output
+        assert record["preprocessing"]["crop_size"] == 32 and record["source"] == checkpoint.name

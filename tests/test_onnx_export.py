@@ -142,6 +142,30 @@ def test_the_nchw_graph_has_the_nodes_of_torchs_export(resnext50):
         buffer.getvalue())
 
 
+def _optimized_ops(model_bytes: bytes, folder: pathlib.Path, name: str) -> collections.Counter:
+    """The graph as ONNX Runtime's optimizer leaves it (all levels), counted by operator."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(folder / f"{name}.onnx")
+    ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(options.optimized_model_filepath).graph
+    return collections.Counter(f"{n.domain}:{n.op_type}" for n in graph.node)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript exporter
+def test_a_fixed_size_graph_optimizes_as_torchs_export(resnext50, tmp_path):
+    """With height and width fixed, as in torch's file, ONNX Runtime's optimizer turns both
+    graphs into the same operators (every residual Add and ReLU fused into a conv)."""
+    buffer = io.BytesIO()
+    torch.onnx.export(torch_model("resnext50_32x4d", seed=5), (torch.zeros(1, 3, 64, 64),),
+                      buffer, dynamo=False, opset_version=17)
+    ours = _optimized_ops(to_onnx(resnext50, layout="NCHW", size=(64, 64)), tmp_path, "ours")
+    assert ours == _optimized_ops(buffer.getvalue(), tmp_path, "torch")
+    assert ours[":Add"] == ours[":Relu"] == 0
+
+
 def test_the_graph_holds_standard_ops_symbolic_dims_and_metadata(resnext50):
     import onnx
 
@@ -194,6 +218,8 @@ def abstract_resnet18() -> resnext_flax.ResNet:
     ({"opset": 13}, ValueError, "opset must be an int from 17"),
     ({"opset": 10_000}, ValueError, "opset must be an int from 17"),
     ({"metadata": {"epochs": 3}}, TypeError, "str keys to str values"),
+    ({"size": (224,)}, ValueError, "two positive ints"),
+    ({"size": (0, 224)}, ValueError, "two positive ints"),
 ])
 def test_bad_export_options_are_refused(abstract_resnet18, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -242,8 +268,8 @@ def test_the_benchmark_smallest_run_writes_its_json(tmp_path):
         capture_output=True, text=True, timeout=CHILD_TIMEOUT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (case,) = json.loads(out.read_text())["cases"]
-    assert set(case["results"]) == {"ort_ours:all", "ort_ours_nhwc:all", "ort_torch:all",
-                                    "jax_folded"}
+    assert set(case["results"]) == {"ort_ours:all", "ort_ours_nhwc:all", "ort_ours_fixed:all",
+                                    "ort_torch:all", "jax_folded"}
     for side in case["results"].values():
         assert side["rel_err_vs_torch"] <= 1e-5 and side["median_s"] > 0
     graphs = case["optimized_op_counts"]["all"]

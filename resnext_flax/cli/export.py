@@ -35,8 +35,8 @@ def add_parser(commands: Any) -> None:
                    help="StableHLO: comma-separated platforms to lower for, among cpu, cuda, "
                         "rocm, tpu (default: cpu,cuda)")
     p.add_argument("--fixed-size", action="store_true",
-                   help="StableHLO: fix height and width at the weights' crop size instead "
-                        "of leaving them symbolic")
+                   help="fix height and width at the weights' crop size instead of leaving "
+                        "them symbolic (ONNX Runtime then fuses more)")
     p.add_argument("--onnx-layout", choices=("nhwc", "nchw"), default="nhwc",
                    help="ONNX: input layout, nhwc (the library's) or nchw (torchvision's) "
                         "(default: nhwc)")

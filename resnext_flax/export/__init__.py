@@ -130,9 +130,8 @@ def export(
       `trust_pickle`.
     - `format`: ``"stablehlo"`` or ``"onnx"``; None: from `output`'s suffix.
     - `platforms`: StableHLO only: what to lower for (default ``("cpu", "cuda")``).
-    - `symbolic_size`: StableHLO only: height and width symbolic (True) or fixed at the
-      weights' crop size (224 where they record none; the probe then takes that size). Batch
-      is always symbolic.
+    - `symbolic_size`: height and width symbolic (True) or fixed at the weights' crop size
+      (224 where they record none; the probe then takes that size). Batch is always symbolic.
     - `onnx_layout`: ONNX only: the input's layout, ``"NHWC"`` (the library's) or ``"NCHW"``.
     - `verify`: run the artifact on random images of `probe_shape` (batch, height, width)
       and at batch sizes 1 and 3, and raise :class:`ExportError` (nothing written) where its
@@ -143,7 +142,7 @@ def export(
     :class:`ExportReport`.
     """
     format = output_format(output, format)
-    platforms = _check_format_options(format, platforms, symbolic_size, onnx_layout, dtype)
+    platforms = _check_format_options(format, platforms, onnx_layout, dtype)
     _check_probe(probe_shape, tolerance)
     inputs = source_files(source, weights, checkpoint)
     check_outputs(output, inputs)
@@ -156,16 +155,27 @@ def export(
                         trust_pickle=trust_pickle, cache_dir=cache_dir, progress=progress)
     check_float32(model)
     label = None if not isinstance(source, str | os.PathLike) else source
+    size = None if symbolic_size else _crop_size(model)
+    if size is not None:
+        probe_shape = (probe_shape[0], *size)
     if format == "stablehlo":
         return _export_stablehlo(model, output, platforms=platforms, verify=verify,
-                                 probe_shape=probe_shape, tolerance=tolerance,
-                                 symbolic_size=symbolic_size, source=label, say=say)
+                                 probe_shape=probe_shape, tolerance=tolerance, size=size,
+                                 source=label, say=say)
     return _export_onnx(model, output, layout=onnx_layout, verify=verify,
-                        probe_shape=probe_shape, tolerance=tolerance, source=label, say=say)
+                        probe_shape=probe_shape, tolerance=tolerance, size=size, source=label,
+                        say=say)
 
 
-def _check_format_options(format: str, platforms: Sequence[str] | None, symbolic_size: bool,
-                          onnx_layout: str, dtype: Any) -> tuple[str, ...]:
+def _crop_size(model: Any) -> tuple[int, int]:
+    """The fixed input size: the weights' crop size, 224 where they record none."""
+    cfg = getattr(_module(model), "pretrained_cfg", None)
+    crop = 224 if cfg is None or cfg.preprocessing is None else cfg.preprocessing.crop_size
+    return crop, crop
+
+
+def _check_format_options(format: str, platforms: Sequence[str] | None, onnx_layout: str,
+                          dtype: Any) -> tuple[str, ...]:
     if dtype is not None:
         import numpy as np
 
@@ -181,9 +191,6 @@ def _check_format_options(format: str, platforms: Sequence[str] | None, symbolic
         if platforms is not None:
             raise ExportError("platforms apply to StableHLO; an ONNX file runs wherever its "
                               "runtime does")
-        if not symbolic_size:
-            raise ExportError("an ONNX graph's height and width are always symbolic; "
-                              "symbolic_size=False applies to StableHLO")
         return ()
     if onnx_layout != "NHWC":
         raise ExportError("a StableHLO artifact takes NHWC images (the library's layout); "
@@ -240,7 +247,7 @@ def _write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def _export_stablehlo(model: Any, output: str | os.PathLike, *, platforms: tuple[str, ...],
                       verify: bool, probe_shape: tuple[int, int, int], tolerance: float,
-                      symbolic_size: bool, source: Any, say: Callable[[str], None]
+                      size: tuple[int, int] | None, source: Any, say: Callable[[str], None]
                       ) -> ExportReport:
     import jax
 
@@ -252,12 +259,6 @@ def _export_stablehlo(model: Any, output: str | os.PathLike, *, platforms: tuple
     )
     from resnext_flax.weights.files import atomic_write
 
-    size = None
-    if not symbolic_size:
-        cfg = getattr(_module(model), "pretrained_cfg", None)
-        crop = 224 if cfg is None or cfg.preprocessing is None else cfg.preprocessing.crop_size
-        size = (crop, crop)
-        probe_shape = (probe_shape[0], *size)
     say(f"exporting StableHLO for {', '.join(platforms)}")
     exported, weights = export_stablehlo(model, platforms=platforms, size=size)
     serialized = exported.serialize()
@@ -282,8 +283,9 @@ def _export_stablehlo(model: Any, output: str | os.PathLike, *, platforms: tuple
 
 
 def _export_onnx(model: Any, output: str | os.PathLike, *, layout: str, verify: bool,
-                 probe_shape: tuple[int, int, int], tolerance: float, source: Any,
-                 say: Callable[[str], None]) -> ExportReport:
+                 probe_shape: tuple[int, int, int], tolerance: float,
+                 size: tuple[int, int] | None, source: Any, say: Callable[[str], None]
+                 ) -> ExportReport:
     try:
         from resnext_flax.export.onnx_graph import run_onnx, to_onnx
     except ImportError as err:
@@ -291,12 +293,12 @@ def _export_onnx(model: Any, output: str | os.PathLike, *, layout: str, verify: 
             raise
         raise ImportError("ONNX export is not part of this installation of resnext-flax"
                           ) from err
-    shape = ("batch", "height", "width", 3) if layout == "NHWC" else ("batch", 3, "height",
-                                                                        "width")
+    height, width = ("height", "width") if size is None else size
+    shape = ("batch", height, width, 3) if layout == "NHWC" else ("batch", 3, height, width)
     record = export_record(_module(model), format="onnx", input_shape=shape, layout=layout,
                            source=source)
     say(f"exporting ONNX ({layout} input)")
-    data = to_onnx(model, layout=layout, metadata=metadata_props(record))
+    data = to_onnx(model, layout=layout, metadata=metadata_props(record), size=size)
     errors = {}
     if verify:
         say("verifying in ONNX Runtime (CPU)")

@@ -178,6 +178,16 @@ def _check_size(folded: Any) -> None:
                          "2 GiB limit): export it to StableHLO instead")
 
 
+def _check_size_option(size: tuple[int, int] | None) -> tuple[int | str, int | str]:
+    if size is None:
+        return "height", "width"
+    if not (isinstance(size, tuple | list) and len(size) == 2 and all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in size)):
+        raise ValueError(f"size must be None (symbolic) or two positive ints (height, width), "
+                         f"got {size!r}")
+    return int(size[0]), int(size[1])
+
+
 def _producer_version() -> str:
     try:
         return importlib.metadata.version("resnext-flax")
@@ -186,18 +196,21 @@ def _producer_version() -> str:
 
 
 def to_onnx(model: Any, *, layout: str = "NHWC", opset: int = 17,
-            metadata: Mapping[str, str] | None = None) -> bytes:
+            metadata: Mapping[str, str] | None = None,
+            size: tuple[int, int] | None = None) -> bytes:
     """`model` (a ``ResNet``, folded or not, or ``optimize_for_inference``'s result) as a
     serialized ONNX ``ModelProto``, float32, BatchNorm folded into the convs.
 
     Input ``images``: ``[batch, height, width, 3]`` for ``layout="NHWC"`` (the library's
     layout; one Transpose to NCHW starts the graph) or ``[batch, 3, height, width]`` for
-    ``"NCHW"`` (torchvision's); batch, height and width are symbolic. Output ``logits``
+    ``"NCHW"`` (torchvision's); batch is symbolic, and so are height and width unless `size`
+    fixes them (which lets ONNX Runtime fuse more: docs/deploy.md). Output ``logits``
     ``[batch, num_classes]``, or ``features`` ``[batch, num_features]`` for a headless model.
     `metadata` (str to str) goes into the model's ``metadata_props``. The model is checked
     with ``onnx.checker`` before it is returned. `model` is not changed."""
     onnx = _require("onnx")
     _check_options(layout, opset, metadata, onnx.defs.onnx_opset_version())
+    height, width = _check_size_option(size)
     folded = _folded(model)
     _check_size(folded)
     graph = _Graph(onnx)
@@ -214,8 +227,7 @@ def to_onnx(model: Any, *, layout: str = "NHWC", opset: int = 17,
     _head(graph, folded, x, output)
 
     float32 = onnx.TensorProto.FLOAT
-    dims = ["batch", "height", "width", 3] if layout == "NHWC" else ["batch", 3, "height",
-                                                                     "width"]
+    dims = ["batch", height, width, 3] if layout == "NHWC" else ["batch", 3, height, width]
     width = folded.num_features if headless else folded.num_classes
     proto = onnx.helper.make_model_gen_version(
         onnx.helper.make_graph(
