@@ -77,25 +77,56 @@ def _float32(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
+Dim = int | str
+
+
+def _strided(size: Dim, kernel: int, stride: int, padding: int) -> Dim:
+    """A conv's or pool's output size along one axis (floor mode), as a number or, for a
+    symbolic input, a name that equal sizes share: ``floor((h + 2p - k) / 2) + 1`` with
+    ``2p - k == -1`` (every stride-2 conv and pool of a ResNet) is ``ceil(h/2)``, and twice
+    that is ``ceil(h/4)``. ONNX Runtime's optimizer fuses a residual Add only where it can
+    tell both inputs have one shape; these names tell it."""
+    if isinstance(size, int):
+        return (size + 2 * padding - kernel) // stride + 1
+    if stride == 1 and 2 * padding - kernel + 1 == 0:
+        return size
+    if stride == 2 and 2 * padding - kernel == -1:
+        base, _, divisor = size.removeprefix("ceil(").removesuffix(")").partition("/")
+        if size.startswith("ceil("):
+            return f"ceil({base}/{int(divisor) * 2})"
+        return f"ceil({size}/2)"
+    return f"floor(({size} + {2 * padding - kernel}) / {stride}) + 1"
+
+
 class _Graph:
-    """ONNX nodes and initializers in the making, named after the module paths."""
+    """ONNX nodes and initializers in the making, named after the module paths, with every
+    intermediate tensor's NCHW shape (symbolic dimensions named) for the graph's
+    ``value_info``."""
 
     def __init__(self, onnx: Any):
         self.helper = onnx.helper
         self.numpy_helper = onnx.numpy_helper
         self.nodes: list = []
         self.initializers: list = []
+        self.shapes: dict[str, list[Dim]] = {}
 
     def weight(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(self.numpy_helper.from_array(array, name))
         return name
 
     def node(self, op: str, inputs: list[str], name: str, output: str | None = None,
-             **attributes: Any) -> str:
-        """Append one node; returns its output's name (`output`, or the node's name)."""
+             shape: list[Dim] | None = None, **attributes: Any) -> str:
+        """Append one node; returns its output's name (`output`, or the node's name), whose
+        shape is `shape` (default: its first input's)."""
         output = output or name
         self.nodes.append(self.helper.make_node(op, inputs, [output], name=name, **attributes))
+        self.shapes[output] = list(self.shapes[inputs[0]] if shape is None else shape)
         return output
+
+    def value_info(self, float32: int, skip: set[str]) -> list:
+        """Every tensor's shape but those of `skip` (the graph's inputs and outputs)."""
+        return [self.helper.make_tensor_value_info(name, float32, shape)
+                for name, shape in self.shapes.items() if name not in skip]
 
     def conv(self, conv: Conv, x: str, name: str) -> str:
         """`conv` with its bias; the kernel goes from the library's HWIO (I = in/groups, as
@@ -106,12 +137,15 @@ class _Graph:
         else:
             bias = _float32(conv.bias.get_value())
         size = list(kernel.shape[:2])
+        batch, _, height, width = self.shapes[x]
+        shape = [batch, kernel.shape[-1], *(_strided(d, k, conv.stride, conv.padding)
+                                            for d, k in zip((height, width), size, strict=True))]
         return self.node(
             "Conv",
             [x, self.weight(f"{name}.weight", np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))),
              self.weight(f"{name}.bias", bias)],
-            name, kernel_shape=size, strides=[conv.stride] * 2, pads=[conv.padding] * 4,
-            dilations=[1, 1], group=conv.groups)
+            name, shape=shape, kernel_shape=size, strides=[conv.stride] * 2,
+            pads=[conv.padding] * 4, dilations=[1, 1], group=conv.groups)
 
     def relu(self, x: str) -> str:
         return self.node("Relu", [x], f"{x}.relu")
@@ -138,16 +172,19 @@ def _block(graph: _Graph, block: nnx.Module, x: str, name: str) -> str:
 
 def _head(graph: _Graph, model: ResNet, x: str, output: str) -> str:
     """Global average pool, flatten and the linear classifier (none when headless)."""
-    pooled = graph.node("GlobalAveragePool", [x], "avgpool")
+    batch, channels = graph.shapes[x][:2]
+    pooled = graph.node("GlobalAveragePool", [x], "avgpool", shape=[batch, channels, 1, 1])
     if isinstance(model.fc, Identity):
-        return graph.node("Flatten", [pooled], "flatten", output, axis=1)
+        return graph.node("Flatten", [pooled], "flatten", output, shape=[batch, channels],
+                          axis=1)
     if not isinstance(model.fc, Linear):
         raise TypeError(f"cannot export fc: a {type(model.fc).__name__}, not Linear")
-    flat = graph.node("Flatten", [pooled], "flatten", axis=1)
+    flat = graph.node("Flatten", [pooled], "flatten", shape=[batch, channels], axis=1)
     weight = _float32(model.fc.kernel.get_value()).T  # (in, out) -> torch's (out, in)
     return graph.node("Gemm", [flat, graph.weight("fc.weight", np.ascontiguousarray(weight)),
                                graph.weight("fc.bias", _float32(model.fc.bias.get_value()))],
-                      "fc", output, alpha=1.0, beta=1.0, transB=1)
+                      "fc", output, shape=[batch, weight.shape[0]], alpha=1.0, beta=1.0,
+                      transB=1)
 
 
 def _check_options(layout: str, opset: int, metadata: Mapping[str, str] | None,
@@ -215,10 +252,14 @@ def to_onnx(model: Any, *, layout: str = "NHWC", opset: int = 17,
     _check_size(folded)
     graph = _Graph(onnx)
     x = INPUT_NAME
+    nchw: list[Dim] = ["batch", 3, height, width]
+    graph.shapes[x] = nchw if layout == "NCHW" else ["batch", height, width, 3]
     if layout == "NHWC":
-        x = graph.node("Transpose", [x], "to_nchw", perm=[0, 3, 1, 2])
+        x = graph.node("Transpose", [x], "to_nchw", shape=nchw, perm=[0, 3, 1, 2])
     x = graph.relu(graph.conv(folded.conv1, x, "conv1"))
-    x = graph.node("MaxPool", [x], "maxpool", **_STEM_POOL)
+    batch, channels, *spatial = graph.shapes[x]
+    x = graph.node("MaxPool", [x], "maxpool", shape=[batch, channels, *(
+        _strided(d, 3, 2, 1) for d in spatial)], **_STEM_POOL)
     for stage in ("layer1", "layer2", "layer3", "layer4"):
         for index, block in enumerate(getattr(folded, stage)):
             x = _block(graph, block, x, f"{stage}.{index}")
@@ -227,14 +268,13 @@ def to_onnx(model: Any, *, layout: str = "NHWC", opset: int = 17,
     _head(graph, folded, x, output)
 
     float32 = onnx.TensorProto.FLOAT
-    dims = ["batch", height, width, 3] if layout == "NHWC" else ["batch", 3, height, width]
-    width = folded.num_features if headless else folded.num_classes
     proto = onnx.helper.make_model_gen_version(
         onnx.helper.make_graph(
             graph.nodes, "resnext_flax", [onnx.helper.make_tensor_value_info(
-                INPUT_NAME, float32, dims)],
-            [onnx.helper.make_tensor_value_info(output, float32, ["batch", width])],
-            initializer=graph.initializers),
+                INPUT_NAME, float32, graph.shapes[INPUT_NAME])],
+            [onnx.helper.make_tensor_value_info(output, float32, graph.shapes[output])],
+            initializer=graph.initializers,
+            value_info=graph.value_info(float32, {INPUT_NAME, output})),
         opset_imports=[onnx.helper.make_opsetid("", opset)],
         producer_name="resnext-flax", producer_version=_producer_version())
     if metadata:
