@@ -5,7 +5,9 @@ For each model and batch size: a torchvision model with random weights and rando
 statistics, ported with ``resnext_flax.load_torch_state_dict``; exported by
 ``resnext_flax.export.onnx_graph.to_onnx`` (NCHW input like torch's; ``ours_nhwc`` is the
 library's default NHWC input, one Transpose more; ``ours_fixed`` has a fixed height and width,
-as torch's file has: every export but that one and torch's leaves them symbolic) and by
+as torch's file has: every export but that one and torch's leaves them symbolic;
+``ours_pinned`` is ``ours`` in a session that fixes them,
+``add_free_dimension_override_by_name``) and by
 ``torch.onnx.export`` (TorchScript
 exporter, ``dynamo=False``: deprecated but still in torch 2.14, and unlike the dynamo
 exporter it needs no ``onnxscript``; opset 17, dynamic batch; it folds BatchNorm too);
@@ -75,8 +77,11 @@ def torch_onnx(model: torch.nn.Module, size: int) -> bytes:
 
 
 def session(model_bytes: bytes, level: str, threads: int,
-            optimized_path: pathlib.Path | None = None) -> ort.InferenceSession:
+            optimized_path: pathlib.Path | None = None,
+            pinned: dict[str, int] | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    for dim, value in (pinned or {}).items():  # a symbolic dimension fixed for the session
+        options.add_free_dimension_override_by_name(dim, value)
     options.graph_optimization_level = OPT_LEVELS[level]
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -109,8 +114,9 @@ def run_case(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     exports["torch"] = torch_onnx(tmodel, args.size)
     export_s["torch"] = time.perf_counter() - t0
+    exports["ours_pinned"] = exports["ours"]
     inputs = {"ours": nchw.numpy(), "ours_nhwc": nhwc, "ours_fixed": nchw.numpy(),
-              "torch": nchw.numpy()}
+              "ours_pinned": nchw.numpy(), "torch": nchw.numpy()}
 
     calls: dict[str, Callable[[], np.ndarray]] = {}
     graphs: dict[str, dict[str, int]] = {}
@@ -120,7 +126,8 @@ def run_case(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
             if args.optimized_graphs:
                 path = pathlib.Path(args.optimized_graphs) / f"{name}_b{batch}_{side}_{level}.onnx"
                 path.parent.mkdir(parents=True, exist_ok=True)
-            sess = session(model_bytes, level, args.threads, path)
+            pinned = {"height": args.size, "width": args.size} if side == "ours_pinned" else None
+            sess = session(model_bytes, level, args.threads, path, pinned)
             if path is not None:
                 graphs.setdefault(level, {})[side] = op_counts(path)
             feed = {sess.get_inputs()[0].name: inputs[side]}
@@ -148,7 +155,7 @@ def run_case(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
         results[key] |= {"median_s": median, "images_per_s": batch / median, "times_s": ts}
     for level in args.opt_levels:
         torch_speed = results[f"ort_torch:{level}"]["images_per_s"]
-        for side in ("ours", "ours_nhwc", "ours_fixed"):
+        for side in ("ours", "ours_nhwc", "ours_fixed", "ours_pinned"):
             entry = results[f"ort_{side}:{level}"]
             entry["speed_vs_ort_torch"] = entry["images_per_s"] / torch_speed
     return {"model": name, "batch": batch, "size": args.size, "export_s": export_s,

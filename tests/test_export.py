@@ -4,8 +4,9 @@ artifact, holds no custom call of the library's kernel, and loads in a process w
 can be imported; bad requests fail before anything is written.
 
 Weights are random torchvision weights with randomized BatchNorm statistics, written as a
-``.pth`` file and loaded through the library as a user's file would be; images are 32x32, the
-smallest size at which every stage still has more than one pixel.
+``.pth`` file and loaded through the library as a user's file would be; images are 33x33, the
+smallest size at which the last stage's maps are 2x2 (every tap of its 3x3 convs meets a real
+pixel).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from resnext_flax.export.stablehlo import (
 )
 from resnext_flax.nn.lowering import kernel
 
-SIZE = (32, 32)
+SIZE = (33, 33)
 # The parity tests' bound against torchvision (tests/test_parity.py): 1e-5, or 10x torch
 # float32's own error against torch float64 on the same input where that floor is larger.
 RTOL = 1e-5
@@ -100,7 +101,7 @@ def resnet18(tmp_path_factory):
 def test_export_verifies_and_writes_the_record_inside_the_artifact(resnet18, tmp_path):
     _, pth, _ = resnet18
     output = tmp_path / "r18.stablehlo"
-    report = export(pth, output, probe_shape=(2, *SIZE))
+    report = export(pth, output, probe_batch=2, probe_size=SIZE[0])
     assert sorted(report.relative_errors) == [1, 2, 3]
     assert all(0 <= e <= MODEL_TOLERANCE for e in report.relative_errors.values())
     assert report.size == output.stat().st_size and os.listdir(tmp_path) == ["r18.stablehlo"]
@@ -140,7 +141,7 @@ def test_the_record_carries_the_weights_class_names_and_preprocessing(resnet18_w
     """A model that knows its classes and transform hands them to the artifact's record; a
     fixed size is the weights' crop size."""
     model = resnet18_with_cfg
-    report = export(model, tmp_path / "m.stablehlo", symbolic_size=False, probe_shape=(1, 8, 8))
+    report = export(model, tmp_path / "m.stablehlo", fixed_size="crop", probe_batch=1)
     exported, weights, record = read_stablehlo(tmp_path / "m.stablehlo")
     assert record["class_names"] == ["a", "b", "c"]
     assert record["preprocessing"]["crop_size"] == 32
@@ -218,7 +219,7 @@ def test_a_failed_verification_writes_nothing(resnet18, tmp_path, monkeypatch):
     monkeypatch.setattr(verify, "reference", lambda m, x: real(m, x) * 1.01)
     output = tmp_path / "r18.stablehlo"
     with pytest.raises(ExportError, match=r"relative error .* tolerance 1e-05; nothing written"):
-        export(pth, output, probe_shape=(1, *SIZE))
+        export(pth, output, probe_batch=1, probe_size=SIZE[0])
     assert os.listdir(tmp_path) == []
 
 
@@ -228,7 +229,11 @@ def test_a_failed_verification_writes_nothing(resnet18, tmp_path, monkeypatch):
     ({"format": "onnx"}, ExportError, "names the stablehlo format, not onnx"),
     ({"platforms": ("cpu", "metal")}, ExportError, "platforms must be distinct names"),
     ({"onnx_layout": "NCHW"}, ExportError, "StableHLO artifact takes NHWC"),
-    ({"probe_shape": (0, 32, 32)}, ValueError, "probe_shape must be three positive"),
+    ({"probe_batch": 0}, ValueError, "probe_batch must be a positive int"),
+    ({"probe_size": 32}, ValueError, r"probe_size must be an int from 33 \(where every conv"),
+    ({"probe_size": 64, "fixed_size": 64}, ValueError, "probed at its own size"),
+    ({"fixed_size": (0, 224)}, ValueError, "fixed_size must be None, 'crop', or a size"),
+    ({"num_classes": 7}, ExportError, "another head would be untrained"),
     ({"tolerance": float("nan")}, ValueError, "tolerance must be a positive finite"),
 ])
 def test_bad_requests_fail_before_any_work(kwargs, error, match, tmp_path):
@@ -280,7 +285,7 @@ def test_onnx_export_is_verified_and_carries_the_record(resnet18, tmp_path, layo
 
     _, pth, _ = resnet18
     output = tmp_path / "r18.onnx"
-    report = export(pth, output, onnx_layout=layout, probe_shape=(2, *SIZE))
+    report = export(pth, output, onnx_layout=layout, probe_batch=2, probe_size=SIZE[0])
     assert sorted(report.relative_errors) == [1, 2, 3] and report.platforms == ()
     assert all(e <= MODEL_TOLERANCE for e in report.relative_errors.values())
     props = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
@@ -294,8 +299,8 @@ def test_onnx_export_is_verified_and_carries_the_record(resnet18, tmp_path, layo
 def test_a_fixed_size_onnx_export_takes_the_crop_size(resnet18_with_cfg, tmp_path):
     import onnx
 
-    report = export(resnet18_with_cfg, tmp_path / "m.onnx", symbolic_size=False,
-                    onnx_layout="NCHW", probe_shape=(1, 8, 8))
+    report = export(resnet18_with_cfg, tmp_path / "m.onnx", fixed_size="crop",
+                    onnx_layout="NCHW", probe_batch=1)
     (images,) = onnx.load(str(tmp_path / "m.onnx")).graph.input
     assert [d.dim_param or d.dim_value for d in images.type.tensor_type.shape.dim] == [
         "batch", 3, 32, 32] == report.input_signature["shape"]
@@ -305,7 +310,7 @@ def test_a_fixed_size_onnx_export_takes_the_crop_size(resnet18_with_cfg, tmp_pat
 def test_the_command_writes_a_verified_artifact(resnet18, tmp_path, capsys):
     _, pth, _ = resnet18
     output = tmp_path / "r18.stablehlo"
-    status = cli.main(["export", pth, "--output", str(output), "--probe-size", "32",
+    status = cli.main(["export", pth, "--output", str(output), "--probe-size", "33",
                        "--platforms", "cpu", "--no-progress"])
     out = capsys.readouterr()
     assert status == 0, out.err
@@ -355,7 +360,7 @@ def test_an_optimized_model_exports_without_its_kernel_calls(resnet18, tmp_path)
     _, _, model = resnet18
     output = tmp_path / "opt.stablehlo"
     report = export(resnext_flax.optimize_for_inference(model), output, platforms=("cpu",),
-                    probe_shape=(1, *SIZE))
+                    probe_batch=1, probe_size=SIZE[0])
     assert all(e <= MODEL_TOLERANCE for e in report.relative_errors.values())
     exported, weights, _ = read_stablehlo(output)
     assert not custom_call_targets(exported) & set(kernel.TARGETS)
@@ -379,7 +384,7 @@ def test_a_checkpoint_with_classes_exports_them_from_the_command(tmp_path, capsy
                                  preprocessing=Preprocessing(resize_size=40, crop_size=32))
     for output in (tmp_path / "m.onnx", tmp_path / "m.stablehlo"):
         status = cli.main(["export", str(checkpoint), "--output", str(output), "--probe-size",
-                           "32", "--probe-batch", "1", "--no-progress"])
+                           "33", "--probe-batch", "1", "--no-progress"])
         assert status == 0, capsys.readouterr().err
         if output.suffix == ".onnx":
             props = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
@@ -389,3 +394,80 @@ def test_a_checkpoint_with_classes_exports_them_from_the_command(tmp_path, capsy
             record = read_stablehlo(output)[2]
         assert record["class_names"] == ["cat", "dog", "owl"], output
         assert record["preprocessing"]["crop_size"] == 32 and record["source"] == checkpoint.name
+
+
+def test_options_of_the_other_format_are_refused(tmp_path):
+    with pytest.raises(ExportError, match="platforms apply to StableHLO"):
+        export("resnet18", tmp_path / "m.onnx", platforms=("cpu",))
+    status = subprocess.run(
+        [sys.executable, "-m", "resnext_flax", "export", "resnet18", "--output",
+         str(tmp_path / "m.onnx"), "--platforms", "tpu"], capture_output=True, text=True,
+        timeout=CHILD_TIMEOUT)
+    assert status.returncode == 1 and "platforms apply to StableHLO" in status.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_crop_size_the_weights_do_not_record_is_asked_for(tmp_path):
+    model = resnext_flax.resnet18(num_classes=3)
+    with pytest.raises(ExportError, match=r"record no crop size; name the size: "
+                                          r"fixed_size=224"):
+        export(model, tmp_path / "m.stablehlo", fixed_size="crop")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("damage", ["empty", "text", "foreign program", "weight missing",
+                                    "other record"])
+def test_reading_a_damaged_artifact_names_the_file(resnet18_with_cfg, tmp_path, damage):
+    import zipfile
+
+    from resnext_flax.export.stablehlo import write_stablehlo
+
+    good = tmp_path / "good.stablehlo"
+    export(resnet18_with_cfg, good, platforms=("cpu",), verify=False)
+    bad = tmp_path / "bad.stablehlo"
+    if damage in ("empty", "text"):
+        bad.write_text("" if damage == "empty" else "not a zip")
+    else:
+        exported, weights, record = read_stablehlo(good)
+        program = exported.serialize()
+        if damage == "foreign program":
+            program = b"\x07" * 64
+        elif damage == "weight missing":
+            del weights["weights/fc.bias"]
+        else:
+            record["format_version"] = "someone-else/3"
+        write_stablehlo(bad, program, weights, record)
+        assert zipfile.is_zipfile(bad)
+    expected = {"empty": "is not a resnext-flax StableHLO artifact",
+                "text": "is not a resnext-flax StableHLO artifact",
+                "foreign program": "cannot read the StableHLO artifact",
+                "weight missing": r"the weights are not the program's \(missing "
+                                  r"\['weights/fc.bias'\]",
+                "other record": "record format 'someone-else/3', expected"}[damage]
+    with pytest.raises(ExportError, match=expected) as info:
+        read_stablehlo(bad)
+    assert "bad.stablehlo" in str(info.value)
+
+
+def test_a_model_name_is_the_model_beside_a_folder_of_that_name(resnet18, tmp_path,
+                                                                   monkeypatch):
+    """A run folder named after its model does not hide the model name; the record names
+    the weight file the model was loaded with."""
+    _, pth, _ = resnet18
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "resnet18").mkdir()
+    report = export("resnet18", "m.stablehlo", weights=pth, platforms=("cpu",),
+                    probe_batch=1, probe_size=SIZE[0])
+    assert report.record["model"] == "resnet18"
+    assert report.record["source"] == os.path.basename(pth)
+
+
+def test_the_cached_weight_set_a_name_loads_is_an_input(tmp_path):
+    from resnext_flax.weights.cache import cached_checkpoint_path
+    from resnext_flax.weights.catalog import get_weight_set
+
+    cached = cached_checkpoint_path(get_weight_set("resnet18", "DEFAULT"), tmp_path)
+    cached.write_bytes(b"stands for the converted weights")
+    with pytest.raises(OutputPathError, match="is the input file"):
+        export("resnet18", cached, format="onnx", cache_dir=tmp_path)
+    assert cached.read_bytes() == b"stands for the converted weights"

@@ -277,7 +277,7 @@ def test_the_benchmark_smallest_run_writes_its_json(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (case,) = json.loads(out.read_text())["cases"]
     assert set(case["results"]) == {"ort_ours:all", "ort_ours_nhwc:all", "ort_ours_fixed:all",
-                                    "ort_torch:all", "jax_folded"}
+                                    "ort_ours_pinned:all", "ort_torch:all", "jax_folded"}
     for side in case["results"].values():
         assert side["rel_err_vs_torch"] <= 1e-5 and side["median_s"] > 0
     graphs = case["optimized_op_counts"]["all"]

@@ -31,22 +31,23 @@ def add_parser(commands: Any) -> None:
                         "file (default: DEFAULT)")
     p.add_argument("--format", choices=("stablehlo", "onnx"),
                    help="format to write (default: from the output's suffix)")
-    p.add_argument("--platforms", default="cpu,cuda", metavar="LIST",
+    p.add_argument("--platforms", metavar="LIST",
                    help="StableHLO: comma-separated platforms to lower for, among cpu, cuda, "
                         "rocm, tpu (default: cpu,cuda)")
-    p.add_argument("--fixed-size", action="store_true",
-                   help="fix height and width at the weights' crop size instead of leaving "
-                        "them symbolic (ONNX Runtime then fuses more)")
+    p.add_argument("--fixed-size", nargs="?", const="crop", type=_fixed_size, metavar="PX",
+                   help="fix height and width at PX, or without PX at the crop size the "
+                        "weights record, instead of leaving them symbolic")
     p.add_argument("--onnx-layout", choices=("nhwc", "nchw"), default="nhwc",
                    help="ONNX: input layout, nhwc (the library's) or nchw (torchvision's) "
                         "(default: nhwc)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip running the artifact on a probe batch against the model")
-    p.add_argument("--probe-size", type=int, default=224, metavar="PX",
-                   help="height and width of the random probe batch (default: 224)")
+    p.add_argument("--probe-size", type=int, metavar="PX",
+                   help="height and width of the random probe images, at least 33 "
+                        "(default: 224; a --fixed-size artifact: its size)")
     p.add_argument("--probe-batch", type=int, default=3, metavar="N",
-                   help="images in the probe batch; its first image alone and its first 3 "
-                        "are checked too (default: 3)")
+                   help="random probe images; the artifact also runs on the first one and "
+                        "the first 3 (default: 3)")
     p.add_argument("--tolerance", type=float, default=1e-5,
                    help="largest accepted relative error, max|artifact - model| / max|model| "
                         "(default: 1e-05)")
@@ -56,11 +57,19 @@ def add_parser(commands: Any) -> None:
     p.set_defaults(run=run, check=check, interrupted="; nothing written")
 
 
-def _platforms(args: argparse.Namespace) -> tuple[str, ...] | None:
-    """``--platforms`` for StableHLO; None for ONNX (an ONNX file has none)."""
-    from resnext_flax.export import output_format
+def _fixed_size(text: str) -> int | str:
+    if text == "crop":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a size in pixels, got {text!r}") from None
 
-    if output_format(args.output, args.format) == "onnx":
+
+def _platforms(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """``--platforms`` as given (None: the format's default; the export refuses it for
+    ONNX)."""
+    if args.platforms is None:
         return None
     return tuple(p.strip() for p in args.platforms.split(",") if p.strip())
 
@@ -70,7 +79,7 @@ def check(args: argparse.Namespace) -> None:
     from resnext_flax.export import check_outputs, output_format, source_files
 
     output_format(args.output, args.format)
-    check_outputs(args.output, source_files(args.source, args.weights))
+    check_outputs(args.output, source_files(args.source, args.weights, None, args.cache_dir))
 
 
 def run(args: argparse.Namespace) -> str:
@@ -80,8 +89,8 @@ def run(args: argparse.Namespace) -> str:
     report = export(
         args.source, args.output, format=args.format, weights=args.weights, name=args.model,
         platforms=_platforms(args), verify=not args.no_verify,
-        probe_shape=(args.probe_batch, args.probe_size, args.probe_size),
-        tolerance=args.tolerance, symbolic_size=not args.fixed_size,
+        probe_batch=args.probe_batch, probe_size=args.probe_size,
+        tolerance=args.tolerance, fixed_size=args.fixed_size,
         onnx_layout=args.onnx_layout.upper(), cache_dir=args.cache_dir,
         progress=not args.no_progress, **checkpoint_options(args))
     return str(report)

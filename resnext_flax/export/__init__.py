@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -19,13 +20,19 @@ from typing import Any
 
 from resnext_flax.errors import ExportError, Fix, Message, Placeholder
 from resnext_flax.export.metadata import export_record, input_signature, metadata_props
-from resnext_flax.export.sources import check_float32, load_source, source_files
+from resnext_flax.export.sources import (
+    check_float32,
+    load_source,
+    source_files,
+    source_label,
+)
 from resnext_flax.export.verify import (
     CHECKED_BATCHES,
     relative_error,
-    verification_device,
+    verification_devices,
     verify_artifact,
 )
+from resnext_flax.metadata import MAX_IMAGE_SIZE
 from resnext_flax.outputs import check_output_path
 
 #: Output suffix -> format.
@@ -69,6 +76,9 @@ class ExportReport:
       images (empty without verification).
     - `platforms`: what a StableHLO artifact was lowered for (empty for ONNX).
     - `input_signature`: the input's name, shape (symbolic dimensions named), dtype, layout.
+    - `verified_on`: where the artifact ran for the check (each platform of a StableHLO
+      program this process has a device of; ONNX Runtime's CPU provider for ONNX), and
+      `probe_size` the images' (height, width).
     - `record`: what the artifact says about itself (class names, preprocessing, input and
       output), stored in it: ``record.json`` in a StableHLO zip, ``metadata_props`` in ONNX.
     """
@@ -80,6 +90,8 @@ class ExportReport:
     platforms: tuple[str, ...]
     input_signature: Mapping[str, Any]
     record: Mapping[str, Any]
+    verified_on: tuple[str, ...] = ()
+    probe_size: tuple[int, int] | None = None
 
     def __str__(self) -> str:
         shape = ", ".join(str(d) for d in self.input_signature["shape"])
@@ -90,7 +102,9 @@ class ExportReport:
             lines.append(f"platforms: {', '.join(self.platforms)}")
         if self.relative_errors:
             errors = ", ".join(f"batch {n}: {e:.2e}" for n, e in self.relative_errors.items())
-            lines.append(f"verified against the model, relative error {errors}")
+            height, width = self.probe_size or ("?", "?")
+            lines.append(f"verified against the model on {', '.join(self.verified_on)}, "
+                         f"{height}x{width} images, relative error {errors}")
         else:
             lines.append("not verified")
         return "\n".join(lines)
@@ -106,9 +120,10 @@ def export(
     name: str | None = None,
     platforms: Sequence[str] | None = None,
     verify: bool = True,
-    probe_shape: tuple[int, int, int] = (3, 224, 224),
+    probe_batch: int = 3,
+    probe_size: int | None = None,
     tolerance: float = 1e-5,
-    symbolic_size: bool = True,
+    fixed_size: int | tuple[int, int] | str | None = None,
     onnx_layout: str = "NHWC",
     dtype: Any = None,
     prefix: str | None = None,
@@ -126,15 +141,20 @@ def export(
       `weights` (a tag, default ``"DEFAULT"``, or a local file) or `checkpoint` are loaded as
       ``from_pretrained`` loads them; or a weight file or folder (``.pth``, ``.safetensors``,
       converted or fine-tuned checkpoint, Hugging Face folder), loaded as ``load_model`` loads
-      it, with `name` (checked against the file), `prefix`, `ema`, `key`, `num_classes`,
-      `trust_pickle`.
+      it, with `name` (checked against the file), `prefix`, `ema`, `key`, `trust_pickle`. A
+      string that names a model is the model even where a file of that name exists (write
+      ``./resnet18`` for the file). `num_classes` may only be 0 (export the features): any
+      other head than the weights' own would be untrained.
     - `format`: ``"stablehlo"`` or ``"onnx"``; None: from `output`'s suffix.
     - `platforms`: StableHLO only: what to lower for (default ``("cpu", "cuda")``).
-    - `symbolic_size`: height and width symbolic (True) or fixed at the weights' crop size
-      (224 where they record none; the probe then takes that size). Batch is always symbolic.
+    - `fixed_size`: None: height and width symbolic (any image size); an int or (height,
+      width): fixed at that size; ``"crop"``: fixed at the crop size the weights record.
+      Batch is always symbolic.
     - `onnx_layout`: ONNX only: the input's layout, ``"NHWC"`` (the library's) or ``"NCHW"``.
-    - `verify`: run the artifact on random images of `probe_shape` (batch, height, width)
-      and at batch sizes 1 and 3, and raise :class:`ExportError` (nothing written) where its
+    - `verify`: run the artifact on `probe_batch` random images of `probe_size` pixels a side
+      (default 224, at least :data:`MIN_PROBE_SIZE`; a fixed-size artifact is probed at its
+      size) and on their first 1 and 3, on every platform it was lowered for that this
+      process has a device of, and raise :class:`ExportError` (nothing written) where its
       relative error to the model exceeds `tolerance`.
     - `dtype`: only float32 (None) is exported: the artifact is a float32 program.
 
@@ -143,8 +163,13 @@ def export(
     """
     format = output_format(output, format)
     platforms = _check_format_options(format, platforms, onnx_layout, dtype)
-    _check_probe(probe_shape, tolerance)
-    inputs = source_files(source, weights, checkpoint)
+    size = _check_fixed_size(fixed_size)
+    _check_probe(probe_batch, probe_size, tolerance, size)
+    if num_classes not in (None, 0):
+        raise ExportError(f"num_classes={num_classes!r}: an export writes the weights' own "
+                          "head (leave num_classes unset) or none (num_classes=0, features); "
+                          "another head would be untrained")
+    inputs = source_files(source, weights, checkpoint, cache_dir)
     check_outputs(output, inputs)
     if format == "onnx":
         _require_onnx(verify)
@@ -154,10 +179,10 @@ def export(
                         prefix=prefix, ema=ema, key=key, num_classes=num_classes,
                         trust_pickle=trust_pickle, cache_dir=cache_dir, progress=progress)
     check_float32(model)
-    label = None if not isinstance(source, str | os.PathLike) else source
-    size = None if symbolic_size else _crop_size(model)
-    if size is not None:
-        probe_shape = (probe_shape[0], *size)
+    if size == "crop":
+        size = _crop_size(model)
+    probe_shape = (probe_batch, *((probe_size or 224,) * 2 if size is None else size))
+    label = source_label(source, weights, checkpoint)
     if format == "stablehlo":
         return _export_stablehlo(model, output, platforms=platforms, verify=verify,
                                  probe_shape=probe_shape, tolerance=tolerance, size=size,
@@ -168,10 +193,24 @@ def export(
 
 
 def _crop_size(model: Any) -> tuple[int, int]:
-    """The fixed input size: the weights' crop size, 224 where they record none."""
+    """The crop size the weights record; ExportError where they record none."""
     cfg = getattr(_module(model), "pretrained_cfg", None)
-    crop = 224 if cfg is None or cfg.preprocessing is None else cfg.preprocessing.crop_size
-    return crop, crop
+    if cfg is None or cfg.preprocessing is None:
+        raise ExportError(Message("fixed_size='crop': these weights record no crop size; "
+                                  "name the size: ", Fix.of(fixed_size=224)))
+    return cfg.preprocessing.crop_size, cfg.preprocessing.crop_size
+
+
+def _check_fixed_size(fixed_size: Any) -> tuple[int, int] | str | None:
+    if fixed_size is None or fixed_size == "crop":
+        return fixed_size
+    sizes = (fixed_size, fixed_size) if isinstance(fixed_size, int) else fixed_size
+    if not (isinstance(sizes, tuple | list) and len(sizes) == 2 and all(
+            isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_IMAGE_SIZE
+            for n in sizes)):
+        raise ValueError(f"fixed_size must be None, 'crop', or a size from 1 to "
+                         f"{MAX_IMAGE_SIZE} (an int, or (height, width)), got {fixed_size!r}")
+    return int(sizes[0]), int(sizes[1])
 
 
 def _check_format_options(format: str, platforms: Sequence[str] | None, onnx_layout: str,
@@ -200,11 +239,25 @@ def _check_format_options(format: str, platforms: Sequence[str] | None, onnx_lay
     return check_platforms(DEFAULT_PLATFORMS if platforms is None else platforms)
 
 
-def _check_probe(probe_shape: Sequence[int], tolerance: float) -> None:
-    if len(probe_shape) != 3 or not all(
-            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in probe_shape):
-        raise ValueError(f"probe_shape must be three positive integers (batch, height, width), "
-                         f"got {tuple(probe_shape)}")
+#: The smallest probe side for a symbolic-size artifact: from 33 pixels up, the last stage's
+#: maps are 2x2, where every tap of a 3x3 conv meets real pixels. On smaller images most taps
+#: read only padding, and a wrong kernel layout could pass the comparison.
+MIN_PROBE_SIZE = 33
+
+
+def _check_probe(batch: int, size: int | None, tolerance: float,
+                 fixed_size: tuple[int, int] | str | None) -> None:
+    if not (isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1):
+        raise ValueError(f"probe_batch must be a positive int, got {batch!r}")
+    if size is not None:
+        if fixed_size is not None:
+            raise ValueError("probe_size: a fixed-size artifact is probed at its own size; "
+                             "leave probe_size unset")
+        if not (isinstance(size, int) and not isinstance(size, bool)
+                and MIN_PROBE_SIZE <= size <= MAX_IMAGE_SIZE):
+            raise ValueError(f"probe_size must be an int from {MIN_PROBE_SIZE} (where every "
+                             f"conv's whole kernel takes part in the comparison) to "
+                             f"{MAX_IMAGE_SIZE}, got {size!r}")
     if not (isinstance(tolerance, int | float) and math.isfinite(tolerance) and tolerance > 0):
         raise ValueError(f"the tolerance must be a positive finite number, got {tolerance!r}")
 
@@ -262,24 +315,30 @@ def _export_stablehlo(model: Any, output: str | os.PathLike, *, platforms: tuple
     say(f"exporting StableHLO for {', '.join(platforms)}")
     exported, weights = export_stablehlo(model, platforms=platforms, size=size)
     serialized = exported.serialize()
-    errors = {}
+    errors: dict[int, float] = {}
+    verified_on: list[str] = []
     if verify:
-        device = verification_device(platforms)
-        say(f"verifying on {device.platform} at batch sizes "
-            f"{sorted({probe_shape[0], *CHECKED_BATCHES})}")
         loaded = jax.export.deserialize(serialized)
-        placed = jax.device_put(weights, device)
-        errors = verify_artifact(lambda x: run_stablehlo(loaded, placed, x, device), model,
-                                 probe_shape, tolerance, "exported StableHLO program")
-        del placed
+        for device in verification_devices(platforms):
+            say(f"verifying on {device.platform} at batch sizes "
+                f"{sorted({probe_shape[0], *CHECKED_BATCHES})}")
+            placed = jax.device_put(weights, device)
+            found = verify_artifact(lambda x, d=device, w=placed: run_stablehlo(loaded, w, x, d),
+                                    model, probe_shape, tolerance,
+                                    f"exported StableHLO program on {device.platform}")
+            errors = {n: max(e, errors.get(n, 0.0)) for n, e in found.items()}
+            verified_on.append(device.platform)
+            del placed
     shape = input_shape(size)
     record = export_record(_module(model), format="stablehlo", input_shape=shape,
                            platforms=platforms, source=source)
     record["jax"] = {"version": jax.__version__,
                      "calling_convention_version": exported.calling_convention_version}
+    record = json.loads(json.dumps(record))  # the report's record is the one stored
     atomic_write(output, lambda tmp: write_stablehlo(tmp, serialized, weights, record))
     return ExportReport("stablehlo", os.fspath(output), os.path.getsize(output), errors,
-                        platforms, input_signature(shape), record)
+                        platforms, input_signature(shape), record, tuple(verified_on),
+                        probe_shape[1:] if verify else None)
 
 
 def _export_onnx(model: Any, output: str | os.PathLike, *, layout: str, verify: bool,
@@ -309,7 +368,8 @@ def _export_onnx(model: Any, output: str | os.PathLike, *, layout: str, verify: 
         errors = verify_artifact(run, model, probe_shape, tolerance, "ONNX graph")
     _write_bytes(output, data)
     return ExportReport("onnx", os.fspath(output), len(data), errors, (), input_signature(
-        shape, layout=layout), record)
+        shape, layout=layout), json.loads(json.dumps(record)),
+        ("onnxruntime cpu",) if verify else (), probe_shape[1:] if verify else None)
 
 
 __all__ = ["CHECKED_BATCHES", "ExportReport", "check_outputs", "export", "export_record",

@@ -18,11 +18,54 @@ def _is_model(source: Any) -> bool:
     return isinstance(source, ResNet | CompiledModel)
 
 
-def source_files(source: Any, weights: Any = None, checkpoint: Any = None) -> list[str]:
-    """The local files an export of `source` reads (what its outputs must not be)."""
-    paths = [p for p in (source, weights, checkpoint)
-             if isinstance(p, str | os.PathLike) and os.path.exists(p)]
+def _is_model_name(source: Any) -> bool:
+    """A string naming a variant is the model, even where a file of that name exists here
+    (``./resnet18`` names the file)."""
+    return isinstance(source, str) and source in VARIANTS
+
+
+def source_files(source: Any, weights: Any = None, checkpoint: Any = None,
+                 cache_dir: Any = None) -> list[str]:
+    """The local files an export of `source` reads (what its output must not be), the
+    converted checkpoint in the cache included where a model name's weight set is read from
+    it."""
+    paths = [p for p in (weights, checkpoint) if isinstance(p, str | os.PathLike)
+             and os.path.exists(p)]
+    if _is_model_name(source):
+        cached = _cached_weight_file(source, weights, checkpoint, cache_dir)
+        paths += [] if cached is None else [cached]
+    elif isinstance(source, str | os.PathLike) and os.path.exists(source):
+        paths.append(source)
     return [f for path in paths for f in weight_source_files(path)]
+
+
+def _cached_weight_file(name: str, weights: Any, checkpoint: Any, cache_dir: Any) -> str | None:
+    """Where the cache holds (or would hold) the converted weight set a model name loads;
+    None where a local file is loaded instead, or the weight set is unknown (the load then
+    names the problem). Read without JAX: the command checks its output before importing
+    it."""
+    from resnext_flax.weights.cache import cached_checkpoint_path
+    from resnext_flax.weights.catalog import resolve_weights
+
+    if checkpoint is not None or isinstance(weights, os.PathLike):
+        return None
+    if isinstance(weights, str) and (os.sep in weights or os.path.splitext(weights)[1]):
+        return None
+    try:
+        weight_set = resolve_weights(name, "DEFAULT" if weights is None else weights)
+    except (ValueError, TypeError, KeyError):
+        return None
+    return os.fspath(cached_checkpoint_path(weight_set, cache_dir))
+
+
+def source_label(source: Any, weights: Any, checkpoint: Any) -> str | None:
+    """What the record names as the export's source: the file the weights came from (a
+    local `weights` or `checkpoint` file, or the `source` file), or the model name."""
+    for path in (checkpoint, weights, source):
+        if isinstance(path, str | os.PathLike) and not _is_model_name(path) and (
+                os.path.exists(path)):
+            return os.fspath(path)
+    return source if isinstance(source, str) else None
 
 
 def load_source(source: Any, *, weights: Any, checkpoint: Any, name: str | None, cache_dir: Any,
@@ -37,7 +80,7 @@ def load_source(source: Any, *, weights: Any, checkpoint: Any, name: str | None,
     if not isinstance(source, str | os.PathLike):
         raise TypeError(f"source must be a ResNet, a model name or a path, got "
                         f"{type(source).__name__}")
-    if os.path.exists(source):
+    if not _is_model_name(source) and os.path.exists(source):
         if weights is not None or checkpoint is not None:
             raise ValueError("weights and checkpoint apply to a model name; the file "
                              f"{os.fspath(source)!r} is the weights")

@@ -128,20 +128,44 @@ def write_stablehlo(path: str | os.PathLike, program: bytes | bytearray,
 def read_stablehlo(path: str | os.PathLike
                    ) -> tuple[jax.export.Exported, dict[str, np.ndarray], dict[str, Any]]:
     """The program, weights and record of an artifact written by :func:`write_stablehlo`, as
-    a deployment reads them (``numpy.load``, no pickles)."""
+    a deployment reads them (``numpy.load``, no pickles); ExportError naming the file where it
+    is not one, or its weights are not the program's."""
+    from resnext_flax.export.metadata import FORMAT_VERSION
+
+    where = os.fspath(path)
+    if not zipfile.is_zipfile(path):
+        raise ExportError(f"{where!r} is not a resnext-flax StableHLO artifact (a zip)")
     try:
         with np.load(path, allow_pickle=False) as artifact:
             missing = {PROGRAM_MEMBER, RECORD_MEMBER} - set(artifact.files)
             if missing:
-                raise ExportError(f"{os.fspath(path)!r} is not a resnext-flax StableHLO "
-                                  f"artifact: it has no {', '.join(sorted(missing))}")
+                raise ExportError(f"{where!r} is not a resnext-flax StableHLO artifact: it "
+                                  f"has no {', '.join(sorted(missing))}")
+            record = json.loads(artifact[RECORD_MEMBER])
+            if not isinstance(record, dict) or record.get("format_version") != FORMAT_VERSION:
+                found = record.get("format_version") if isinstance(record, dict) else None
+                raise ExportError(f"{where!r}: record format {found!r}, expected "
+                                  f"{FORMAT_VERSION!r}")
             exported = jax.export.deserialize(bytearray(artifact[PROGRAM_MEMBER]))
             weights = {k: artifact[k] for k in artifact.files if k.startswith(WEIGHTS_PREFIX)}
-            record = json.loads(artifact[RECORD_MEMBER])
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise ExportError(f"cannot read the StableHLO artifact {os.fspath(path)!r}: {err}"
-                          ) from err
+    except ExportError:
+        raise
+    except Exception as err:  # a damaged member fails in numpy, json or the flatbuffer reader
+        raise ExportError(f"cannot read the StableHLO artifact {where!r}: "
+                          f"{type(err).__name__}: {err}") from err
+    expected = _argument_names(exported)
+    if expected is not None and set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ExportError(f"{where!r}: the weights are not the program's (missing "
+                          f"{missing[:3]}, unexpected {extra[:3]})")
     return exported, weights, record
+
+
+def _argument_names(exported: jax.export.Exported) -> set[str] | None:
+    """The weight names the program's first argument takes (None where it takes no dict)."""
+    (args, _kwargs) = jax.tree_util.tree_unflatten(exported.in_tree, [0] * exported.in_tree
+                                                   .num_leaves)
+    return set(args[0]) if args and isinstance(args[0], dict) else None
 
 
 def custom_call_targets(exported: jax.export.Exported) -> set[str]:

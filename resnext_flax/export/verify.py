@@ -64,15 +64,19 @@ def verify_artifact(run: Callable[[Any], Any], model: Any, probe_shape: tuple[in
     return errors
 
 
-def verification_device(platforms: Sequence[str]) -> Any:
-    """A device to run the artifact on: the CPU where it was exported for the CPU, else the
-    first device of another of its platforms that this process has."""
+def verification_devices(platforms: Sequence[str]) -> list[Any]:
+    """One device of each of `platforms` this process has (the CPU first): the artifact is
+    checked on each, since each platform has its own lowering of the program."""
     import jax
 
+    devices = []
     for platform in sorted(platforms, key=lambda p: p != "cpu"):
         try:
-            return jax.devices(platform)[0]
+            devices.append(jax.devices(platform)[0])
         except RuntimeError:
             continue
-    raise ExportError(f"cannot verify: this process has no device for {', '.join(platforms)}; "
-                      "export with verify=False (--no-verify) or add cpu to the platforms")
+    if not devices:
+        raise ExportError(f"cannot verify: this process has no device for "
+                          f"{', '.join(platforms)}; export with verify=False (--no-verify) or "
+                          "add cpu to the platforms")
+    return devices
