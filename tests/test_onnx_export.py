@@ -1,15 +1,11 @@
-"""ONNX export (``resnext_flax.export.onnx_graph``): every variant's graph, run in ONNX Runtime,
-against the model it came from and against torchvision's model on the same weights.
-
-Reference models have random weights and randomized BatchNorm statistics; images are small
-and of odd sizes (33x41: odd at the stem, the pool and two stages, where a padding or rounding
-difference would show).
+"""ONNX export (``resnext_flax.export.onnx_graph``): the graph's nodes, shapes and metadata, how
+ONNX Runtime optimizes it, bad options and missing packages, and the benchmark script.
+Every variant's graph against the model and torchvision: tests/test_export_variants.py.
 """
 
 from __future__ import annotations
 
 import collections
-import copy
 import importlib.util
 import io
 import json
@@ -23,25 +19,20 @@ import pytest
 import torch
 from flax import nnx
 from limits import CHILD_TIMEOUT
-from test_parity import FLOOR_MULTIPLE, RTOL
 from torch_reference import (
     flax_model_from_torch,
     random_images,
-    relative_error,
-    to_nchw,
     torch_model,
 )
 
 import resnext_flax
-from resnext_flax.export.onnx_graph import LAYOUTS, run_onnx, to_onnx
+from resnext_flax.export.onnx_graph import run_onnx, to_onnx
 from resnext_flax.models.folding import is_folded
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None,
     reason="needs the onnx extra: pip install 'resnext-flax[onnx]'")
 
-SIZE = (33, 41)
-BATCHES = (1, 3)
 # Against the model it was exported from (max|a - b| / max|b|, float32): the issue's bound.
 MAX_RELATIVE = 1e-5
 
@@ -50,63 +41,6 @@ def max_relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     actual = np.asarray(actual, np.float64)
     expected = np.asarray(expected, np.float64)
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
-
-
-def as_layout(images: np.ndarray, layout: str) -> np.ndarray:
-    return images if layout == "NHWC" else np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-
-
-class Case:
-    """One variant: torchvision's logits (and their float32 floor), the library's model's
-    logits on the same weights, and both ONNX layouts of that model.
-
-    Only the results are kept: the models are dropped once built and run, since a
-    module-scoped case of the largest variants would otherwise hold them through every test.
-    """
-
-    def __init__(self, name: str):
-        self.name = name
-        self.images = random_images(max(BATCHES), *SIZE, seed=3)
-        reference = torch_model(name, seed=len(name))
-        self.torch_logits, self.torch_bound = _torch_logits(reference, self.images)
-        model = flax_model_from_torch(name, reference)
-        del reference
-        self.num_classes = model.num_classes
-        self.logits = {n: np.asarray(model(self.images[:n])) for n in BATCHES}
-        self.onnx = {layout: to_onnx(model, layout=layout) for layout in LAYOUTS}
-
-
-def _torch_logits(reference: torch.nn.Module, images: np.ndarray) -> tuple[np.ndarray, float]:
-    """torchvision's logits on `images`, and test_parity's bound for a comparison with them
-    (1e-5, or 10x torch float32's own error against float64 where that is larger)."""
-    x = to_nchw(images)
-    with torch.no_grad():
-        expected = reference(x).numpy()
-        exact = copy.deepcopy(reference).double()(x.double()).numpy()
-    return expected, max(RTOL, FLOOR_MULTIPLE * relative_error(expected, exact))
-
-
-@pytest.fixture(scope="module", params=resnext_flax.list_models())
-def case(request) -> Case:
-    return Case(request.param)
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_onnx_matches_the_model_at_batch_1_and_3(case: Case, layout: str):
-    for batch in BATCHES:
-        actual = run_onnx(case.onnx[layout], as_layout(case.images[:batch], layout), threads=1)
-        expected = case.logits[batch]
-        assert actual.shape == expected.shape == (batch, case.num_classes)
-        err = max_relative_error(actual, expected)
-        assert err <= MAX_RELATIVE, f"{layout} batch {batch}: relative error {err:.2e}"
-
-
-def test_onnx_matches_torchvision(case: Case):
-    """The NCHW graph against torchvision's own model, under test_parity's bound."""
-    actual = run_onnx(case.onnx["NCHW"], to_nchw(case.images).numpy(), threads=1)
-    err = relative_error(actual, case.torch_logits)
-    assert err <= case.torch_bound, f"relative error {err:.2e} > {case.torch_bound:.1e}"
-    np.testing.assert_array_equal(actual.argmax(-1), case.torch_logits.argmax(-1))
 
 
 @pytest.fixture(scope="module")

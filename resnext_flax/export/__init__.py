@@ -346,7 +346,7 @@ def _export_onnx(model: Any, output: str | os.PathLike, *, layout: str, verify: 
                  size: tuple[int, int] | None, source: Any, say: Callable[[str], None]
                  ) -> ExportReport:
     try:
-        from resnext_flax.export.onnx_graph import run_onnx, to_onnx
+        from resnext_flax.export.onnx_graph import onnx_session, run_onnx, to_onnx
     except ImportError as err:
         if "onnx_graph" not in str(err):
             raise
@@ -361,9 +361,11 @@ def _export_onnx(model: Any, output: str | os.PathLike, *, layout: str, verify: 
     errors = {}
     if verify:
         say("verifying in ONNX Runtime (CPU)")
+        session = onnx_session(data)
 
         def run(images: Any) -> Any:
-            return run_onnx(data, images if layout == "NHWC" else images.transpose(0, 3, 1, 2))
+            return run_onnx(session, images if layout == "NHWC" else images.transpose(0, 3, 1,
+                                                                                       2))
 
         errors = verify_artifact(run, model, probe_shape, tolerance, "ONNX graph")
     _write_bytes(output, data)

@@ -283,24 +283,31 @@ def to_onnx(model: Any, *, layout: str = "NHWC", opset: int = 17,
     return proto.SerializeToString()
 
 
-def run_onnx(model_bytes: bytes, images: np.ndarray, *, threads: int | None = None
-             ) -> np.ndarray:
-    """`images` (float32, in the layout the model was exported with) through the serialized
-    ONNX model in ONNX Runtime's CPU execution provider, all graph optimizations on; returns
-    the first output. `threads`: intra-op threads (None: ONNX Runtime's default). One session
-    per call: for a serving loop keep an ``onnxruntime.InferenceSession`` yourself."""
+def onnx_session(model_bytes: bytes, *, threads: int | None = None) -> Any:
+    """An ``onnxruntime.InferenceSession`` of the serialized model in the CPU execution
+    provider, all graph optimizations on (creating it is what optimizes the graph: keep it
+    for several runs). `threads`: intra-op threads (None: ONNX Runtime's default)."""
     ort = _require("onnxruntime")
-    images = np.asarray(images)
-    if images.ndim != 4 or not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"images must be a 4-D floating-point array, got shape "
-                         f"{images.shape} of dtype {images.dtype}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is not None:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(model: bytes | Any, images: np.ndarray, *, threads: int | None = None
+             ) -> np.ndarray:
+    """`images` (float32, in the layout the model was exported with) through `model`, a
+    serialized ONNX model (run in a new :func:`onnx_session`) or a session; returns the first
+    output."""
+    images = np.asarray(images)
+    if images.ndim != 4 or not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"images must be a 4-D floating-point array, got shape "
+                         f"{images.shape} of dtype {images.dtype}")
+    session = onnx_session(model, threads=threads) if isinstance(model, bytes | bytearray) else (
+        model)
     expected = session.get_inputs()[0]
     static = [(axis, size) for axis, size in enumerate(expected.shape) if isinstance(size, int)]
     if any(images.shape[axis] != size for axis, size in static):
