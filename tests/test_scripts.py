@@ -1,14 +1,17 @@
 """The scripts cannot rot: the accelerator script's CPU dry run goes through every step,
-the start-up benchmark runs its smallest jobs."""
+the start-up benchmark runs its smallest jobs, the FMA peak its shortest runs."""
 
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import platform
+import shutil
 import subprocess
 import sys
 
+import pytest
 from limits import CHILD_TIMEOUT
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -55,3 +58,26 @@ def test_startup_benchmark_rejects_an_unknown_job():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--jobs",
                              "import,imprt"], capture_output=True, text=True)
     assert result.returncode != 0 and "unknown jobs ['imprt']" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the FMA loops")
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                    reason="the FMA loops are x86 AVX2 / AVX-512 code")
+def test_fma_peak_shortest_run_writes_positive_rates(tmp_path):
+    out = tmp_path / "fma.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fma_peak.py"),
+                             "--threads", "1,2", "--seconds", "0.01", "--repeats", "1",
+                             "--json", str(out)], capture_output=True, text=True,
+                            timeout=CHILD_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    widths = data["widths_measured"]
+    assert widths[0] == 256 and set(widths) <= {256, 512}
+    assert (512 in widths) == data["machine"]["avx512f"]
+    assert [(r["bits"], r["threads"]) for r in data["rows"]] == [
+        (bits, n) for bits in widths for n in (1, 2)]
+    for row in data["rows"]:
+        assert row["gflops"] > 0 and len(row["runs_gflops"]) == 1 and row["iters_per_thread"] > 0
+    assert data["peak_gflops"] == max(r["gflops"] for r in data["rows"])
+    assert set(data["ratio_512_over_256"]) == ({"1", "2"} if 512 in widths else set())
+    assert data["machine"]["cpu_model"] and "--seconds" in data["command"]
