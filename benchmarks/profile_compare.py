@@ -18,9 +18,10 @@ For one torchvision model (random weights and BatchNorm statistics) at one batch
 
 Times are milliseconds per call, the mean over ``--calls`` profiled calls after ``--warmup``
 calls (the first profiled call of each side is dropped too). Thunks that run concurrently (a
-block's downsample beside its first conv) both count in full, so a side's sum can exceed its
-wall time. The wall times (medians of ``--repeats`` calls without a profiler, the two sides
-interleaved) are printed beside the sums. FLOPs count 2 per multiply-add of each conv and of
+block's downsample beside its first conv) share the time they overlap, so the library's sum is
+the time any thunk ran (each thunk's whole span is in the JSON too). The wall times (medians
+of ``--repeats`` calls without a profiler, the two sides interleaved) are printed beside the
+sums. FLOPs count 2 per multiply-add of each conv and of
 the classifier; GFLOP/s per row are against ``--peak-gflops`` where given (``fma_peak.py``).
 
 Example (the docs/performance.md tables):
@@ -35,6 +36,7 @@ import collections
 import datetime
 import glob
 import gzip
+import itertools
 import json
 import os
 import pathlib
@@ -170,10 +172,9 @@ def thunk_layers(hlo_text: str) -> dict[str, str]:
             continue
         sources = [o for o in operands if o in weights]
         activation = [o for o in operands if o not in weights and not o.startswith("constant")]
-        if sources and not activation:  # a bitcast or copy of weights: still weights
-            weights[name] = set().union(*(weights[o] for o in sources))
-            continue
         owners = set().union(*(weights[o] for o in sources)) if sources else set()
+        if sources and not activation:  # computed from weights alone (a slice of a kernel)
+            weights[name] = owners
         if owners:  # a layer's kernel beats a bias; the main path beats the downsample
             label[name] = min(owners, key=lambda mh: (mh[1] == "bias", "downsample" in mh[0],
                                                       mh[0]))[0]
@@ -189,11 +190,29 @@ def thunk_layers(hlo_text: str) -> dict[str, str]:
         for operand in operands:
             consumers[operand].append(name)
     for name, line, _ in reversed(instructions):
-        if name in weights or " parameter(" in line or name in label:
+        if " parameter(" in line or name in label:
             continue
         owner = next((label[c] for c in consumers[name] if c in label), None)
         label[name] = owner if owner is not None else "other"
     return label
+
+
+def shared_time(spans: list[tuple[float, float, str]]) -> dict[str, float]:
+    """Each span's time, a stretch that k spans share counting 1/k to each: concurrent thunks
+    split the time they overlap, and the sum is the time anything ran."""
+    edges = sorted({t for start, end, _ in spans for t in (start, end)})
+    out: dict[str, float] = collections.defaultdict(float)
+    ordered = sorted(spans)
+    active: list[tuple[float, float, str]] = []
+    i = 0
+    for left, right in itertools.pairwise(edges):
+        while i < len(ordered) and ordered[i][0] <= left:
+            active.append(ordered[i])
+            i += 1
+        active = [s for s in active if s[1] > left]
+        for _, _, name in active:
+            out[name] += (right - left) / len(active)
+    return out
 
 
 def library_profile(folded: Any, images: jax.Array, calls: int, warmup: int) -> dict[str, Any]:
@@ -215,15 +234,23 @@ def library_profile(folded: Any, images: jax.Array, calls: int, warmup: int) -> 
             events = json.load(f)["traceEvents"]
     thunks = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
     runs = sorted({e["args"]["run_id"] for e in thunks}, key=int)[1:]  # the first is warm-up
-    kept = [e for e in thunks if e["args"]["run_id"] in runs]
-    by_layer: dict[str, float] = collections.defaultdict(float)
     by_thunk: dict[str, float] = collections.defaultdict(float)
-    for e in kept:
-        by_thunk[e["args"]["hlo_op"]] += e["dur"] / 1e3 / len(runs)
+    raw: dict[str, float] = collections.defaultdict(float)
+    for run in runs:
+        spans = [(e["ts"], e["ts"] + e["dur"], e["args"]["hlo_op"]) for e in thunks
+                 if e["args"]["run_id"] == run]
+        for thunk, us in shared_time(spans).items():
+            by_thunk[thunk] += us / 1e3 / len(runs)
+        for start, end, thunk in spans:
+            raw[thunk] += (end - start) / 1e3 / len(runs)
+    by_layer: dict[str, float] = collections.defaultdict(float)
+    raw_layer: dict[str, float] = collections.defaultdict(float)
     for thunk, ms in by_thunk.items():
         by_layer[layers.get(thunk, "unmapped")] += ms
-    return {"ms": dict(by_layer), "thunks": {t: {"ms": ms, "layer": layers.get(t, "unmapped")}
-                                             for t, ms in by_thunk.items()},
+        raw_layer[layers.get(thunk, "unmapped")] += raw[thunk]
+    return {"ms": dict(by_layer), "ms_overlapping": dict(raw_layer),
+            "thunks": {t: {"ms": ms, "ms_overlapping": raw[t], "layer": layers.get(t, "unmapped")}
+                       for t, ms in by_thunk.items()},
             "calls": len(runs), "wall_ms_profiled": statistics.mean(walls[1:]),
             "fn": lambda: compiled(folded, images).block_until_ready()}
 
@@ -311,6 +338,9 @@ def join(layers: dict[str, dict[str, Any]], lib: dict[str, float], onnx: dict[st
                 rows.append({"layer": name, "stage": stage, "kind": RELAYOUT if "/" in name
                              else name, "flops": 0, "output": None, "library_ms": 0.0,
                              "ort_ms": 0.0} | {side: ms})
+
+    order = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+    rows.sort(key=lambda r: order.index(r["stage"]) if r["stage"] in order else len(order))
 
     def summed(key_fn) -> list[dict[str, Any]]:
         groups: dict[Any, dict[str, Any]] = {}
@@ -432,7 +462,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "wall_ms_profiled": {"library": lib["wall_ms_profiled"],
                                    "ort": onnx["wall_ms_profiled"]},
               "profiled_calls": {"library": lib["calls"], "ort": onnx["calls"]},
-              **joined, "library_thunks": lib["thunks"], "ort_nodes": onnx["nodes"]}
+              **joined, "library_ms_overlapping_by_layer": lib["ms_overlapping"],
+              "library_thunks": lib["thunks"], "ort_nodes": onnx["nodes"]}
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     return record

@@ -118,3 +118,5 @@ def test_profile_compare_smallest_run_charges_every_layer_on_both_sides(tmp_path
     assert total["library_peak_fraction"] > 0 and total["ort_peak_fraction"] > 0
     for side in ("library", "ort"):
         assert data["wall_ms"][side]["median"] > 0
+    # concurrent thunks share the time they overlap: the sum is at most the call's wall time
+    assert total["library_ms"] <= data["wall_ms_profiled"]["library"]
