@@ -78,8 +78,14 @@ def torch_onnx(model: torch.nn.Module, size: int) -> bytes:
 
 def session(model_bytes: bytes, level: str, threads: int,
             optimized_path: pathlib.Path | None = None,
-            pinned: dict[str, int] | None = None) -> ort.InferenceSession:
+            pinned: dict[str, int] | None = None,
+            profile_prefix: str | None = None) -> ort.InferenceSession:
+    """A CPU session; ``profile_prefix`` turns on ORT's profiler (``end_profiling()`` writes
+    its JSON, named from the prefix)."""
     options = ort.SessionOptions()
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     for dim, value in (pinned or {}).items():  # a symbolic dimension fixed for the session
         options.add_free_dimension_override_by_name(dim, value)
     options.graph_optimization_level = OPT_LEVELS[level]

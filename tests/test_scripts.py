@@ -1,14 +1,19 @@
 """The scripts cannot rot: the accelerator script's CPU dry run goes through every step,
-the start-up benchmark runs its smallest jobs."""
+the start-up benchmark runs its smallest jobs, the FMA peak its shortest runs, the
+library-vs-ONNX Runtime profile its smallest model."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
+import platform
+import shutil
 import subprocess
 import sys
 
+import pytest
 from limits import CHILD_TIMEOUT
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -55,3 +60,63 @@ def test_startup_benchmark_rejects_an_unknown_job():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--jobs",
                              "import,imprt"], capture_output=True, text=True)
     assert result.returncode != 0 and "unknown jobs ['imprt']" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the FMA loops")
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                    reason="the FMA loops are x86 AVX2 / AVX-512 code")
+def test_fma_peak_shortest_run_writes_positive_rates(tmp_path):
+    out = tmp_path / "fma.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fma_peak.py"),
+                             "--threads", "1,2", "--seconds", "0.01", "--repeats", "1",
+                             "--json", str(out)], capture_output=True, text=True,
+                            timeout=CHILD_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    widths = data["widths_measured"]
+    assert widths[0] == 256 and set(widths) <= {256, 512}
+    assert (512 in widths) == data["machine"]["avx512f"]
+    assert [(r["bits"], r["threads"]) for r in data["rows"]] == [
+        (bits, n) for bits in widths for n in (1, 2)]
+    for row in data["rows"]:
+        assert row["gflops"] > 0 and len(row["runs_gflops"]) == 1 and row["iters_per_thread"] > 0
+    assert data["peak_gflops"] == max(r["gflops"] for r in data["rows"])
+    assert set(data["ratio_512_over_256"]) == ({"1", "2"} if 512 in widths else set())
+    assert data["machine"]["cpu_model"] and "--seconds" in data["command"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None
+                    or importlib.util.find_spec("onnx") is None,
+                    reason="needs the onnx extra: pip install 'resnext-flax[onnx]'")
+def test_profile_compare_smallest_run_charges_every_layer_on_both_sides(tmp_path):
+    out = tmp_path / "profile.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_compare.py"),
+                             "--model", "resnet18", "--batch", "1", "--size", "64", "--calls",
+                             "1", "--repeats", "1", "--warmup", "1", "--peak-gflops", "100",
+                             "--json", str(out)], capture_output=True, text=True,
+                            timeout=CHILD_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| stage | kind |" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["rel_err_vs_torch"]["library"] <= 1e-5
+    assert data["rel_err_vs_torch"]["ort"] <= 1e-5
+    layers = {row["layer"]: row for row in data["layers"]}
+    convs = [name for name in layers if name == "conv1" or ".conv" in name
+             or "downsample" in name]
+    assert len(convs) == 20  # resnet18: the stem, 16 block convs, 3 downsamples
+    for name in [*convs, "maxpool", "fc"]:
+        row = layers[name]
+        assert row["library_ms"] > 0 and row["ort_ms"] > 0, name
+        assert (row["flops"] > 0) == (name != "maxpool"), name
+    assert "unmapped" not in layers and "other" not in layers  # every thunk has a layer
+    assert [s["stage"] for s in data["stages"]] == ["stem", "layer1", "layer2", "layer3",
+                                                    "layer4", "head"]
+    total = data["total"]
+    for side in ("library_ms", "ort_ms"):
+        assert abs(sum(s[side] for s in data["stages"]) - total[side]) < 1e-9
+    assert total["flops"] == sum(layers[n]["flops"] for n in convs) + layers["fc"]["flops"]
+    assert total["library_peak_fraction"] > 0 and total["ort_peak_fraction"] > 0
+    for side in ("library", "ort"):
+        assert data["wall_ms"][side]["median"] > 0
+    # concurrent thunks share the time they overlap: the sum is at most the call's wall time
+    assert total["library_ms"] <= data["wall_ms_profiled"]["library"]
