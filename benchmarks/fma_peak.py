@@ -36,6 +36,8 @@ import threading
 import time
 from typing import Any
 
+from startup import lscpu  # the sibling script's lscpu reading (same folder)
+
 ACCUMULATORS = 12
 
 _LOOP = """
@@ -139,16 +141,8 @@ def calibrate(fn: Any, seconds: float) -> int:
 
 def cpu_info() -> dict[str, Any]:
     """lscpu's model name and flags (all of them, and the vector ones as booleans)."""
-    model, flags, mhz = platform.processor(), [], None
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "Model name":
-                model = value.strip()
-            elif key.strip() == "Flags":
-                flags = value.split()
-    except OSError:
-        pass
+    model, flags = lscpu()
+    mhz = None
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("cpu MHz"):

@@ -264,19 +264,25 @@ def format_row(row: dict[str, Any]) -> str:
 HEADER = f"{'job':32s} {'library s':>9s} {'torchvision s':>12s} {'ratio':>6s}"
 
 
-def machine(cpus: list[int]) -> dict[str, Any]:
-    """The CPU (lscpu's model name, AVX2 / AVX-512), thread settings and package versions."""
-    flags: set[str] = set()
-    model = platform.processor()
+def lscpu() -> tuple[str, list[str]]:
+    """lscpu's model name and CPU flags (the platform's processor name and none where lscpu
+    is missing)."""
+    model, flags = platform.processor(), []
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "Model name":
                 model = value.strip()
             elif key.strip() == "Flags":
-                flags = set(value.split())
+                flags = value.split()
     except OSError:
         pass
+    return model, flags
+
+
+def machine(cpus: list[int]) -> dict[str, Any]:
+    """The CPU (lscpu's model name, AVX2 / AVX-512), thread settings and package versions."""
+    model, flags = lscpu()
     versions = {}
     for package in ("jax", "jaxlib", "flax", "torch", "torchvision", "numpy"):
         try:
