@@ -19,6 +19,7 @@ import pytest
 import torch
 from flax import nnx
 from limits import CHILD_TIMEOUT
+from test_export_variants import MAX_RELATIVE, max_relative_error
 from torch_reference import (
     flax_model_from_torch,
     random_images,
@@ -32,15 +33,6 @@ from resnext_flax.models.folding import is_folded
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None,
     reason="needs the onnx extra: pip install 'resnext-flax[onnx]'")
-
-# Against the model it was exported from (max|a - b| / max|b|, float32): the bound.
-MAX_RELATIVE = 1e-5
-
-
-def max_relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
 @pytest.fixture(scope="module")

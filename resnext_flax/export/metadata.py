@@ -23,7 +23,8 @@ FORMAT_VERSION = "resnext-flax-export/1"
 INPUT_NAME = "images"
 
 
-def _version() -> str:
+def producer_version() -> str:
+    """The installed resnext-flax's version ("unknown" from a source tree)."""
     try:
         return importlib.metadata.version("resnext-flax")
     except importlib.metadata.PackageNotFoundError:
@@ -76,7 +77,7 @@ def export_record(
         "preprocessing": preprocessing,
         "input": input_signature(input_shape, layout=layout),
         "output": output_signature(model),
-        "producer": f"resnext-flax {_version()}",
+        "producer": f"resnext-flax {producer_version()}",
     }
     if platforms is not None:
         record["platforms"] = list(platforms)

@@ -14,7 +14,6 @@ imported only when a function here is called.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from resnext_flax.export.metadata import producer_version
 from resnext_flax.models.folding import fold_batchnorm, is_folded
 from resnext_flax.models.functional import CompiledModel
 from resnext_flax.models.fused import FusedBlock
@@ -225,13 +225,6 @@ def _check_size_option(size: tuple[int, int] | None) -> tuple[int | str, int | s
     return int(size[0]), int(size[1])
 
 
-def _producer_version() -> str:
-    try:
-        return importlib.metadata.version("resnext-flax")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def to_onnx(model: Any, *, layout: str = "NHWC", opset: int = 17,
             metadata: Mapping[str, str] | None = None,
             size: tuple[int, int] | None = None) -> bytes:
@@ -276,7 +269,7 @@ def to_onnx(model: Any, *, layout: str = "NHWC", opset: int = 17,
             initializer=graph.initializers,
             value_info=graph.value_info(float32, {INPUT_NAME, output})),
         opset_imports=[onnx.helper.make_opsetid("", opset)],
-        producer_name="resnext-flax", producer_version=_producer_version())
+        producer_name="resnext-flax", producer_version=producer_version())
     if metadata:
         onnx.helper.set_model_props(proto, dict(metadata))
     onnx.checker.check_model(proto, full_check=True)
