@@ -78,7 +78,12 @@ inline Form ChooseForm(const Shape& s, bool avx2) {
 // pool may be busy, e.g. with the thread that called us), so it cannot deadlock.
 template <typename F>
 void ParallelFor(ffi::ThreadPool* pool, int64_t max_helpers, int64_t items, const F& fn) {
-  int64_t helpers = pool == nullptr ? 0 : std::min<int64_t>(pool->num_threads(), items - 1);
+  // The caller is not one of the pool's threads (XLA runs the program on the thread that
+  // called it), so it plus num_threads - 1 helpers keep one thread per core: one helper more
+  // would make the OS time-slice them, and an item whose thread is descheduled holds up the
+  // whole op until that thread runs again.
+  int64_t helpers =
+      pool == nullptr ? 0 : std::min<int64_t>(pool->num_threads() - 1, items - 1);
   if (max_helpers >= 0) helpers = std::min(helpers, max_helpers);
   if (helpers <= 0) {
     for (int64_t i = 0; i < items; ++i) fn(i);

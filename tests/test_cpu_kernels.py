@@ -163,12 +163,30 @@ POINTWISE = [
     (1, 13, 11, 40, 48, 2),      # odd map, stride 2
     (64, 3, 3, 64, 128, 1),      # batch 64
     (1, 1, 1, 16, 16, 1),        # a single pixel and panel
+    (1, 1, 13, 32, 80, 1),       # 13 rows (a full tile and one row), an odd number of panels
+    (2, 5, 5, 24, 48, 1),        # 50 rows, three panels
 ]
+
+
+@pytest.fixture(params=["default", "avx2"])
+def gemm_form(request):
+    """The GEMM's default form (AVX-512 where the CPU has it), and its AVX2 form, which CPUs
+    without AVX-512 run (on such a CPU both runs take it)."""
+    if request.param == "default":
+        yield request.param
+        return
+    lib = cpu_kernels._load().direct
+    previous = lib.resnext_gemm_set_avx512(0)
+    assert lib.resnext_gemm_set_avx512(0) == 0  # the AVX-512 form is off now
+    try:
+        yield request.param
+    finally:
+        lib.resnext_gemm_set_avx512(previous)
 
 
 @needs_kernels
 @pytest.mark.parametrize("case", POINTWISE, ids=lambda c: "x".join(map(str, c[:5])) + f"-s{c[5]}")
-def test_pointwise_gemm_matches_xla(case):
+def test_pointwise_gemm_matches_xla(case, gemm_form):
     n, h, w, c, cout, s = case
     x, k = _data(n, h, w, c, 1, c, cout, seed=3)
     assert cpu_kernels.supports(x.shape, k.shape, s, 0, 1, x.dtype)
@@ -206,8 +224,9 @@ def test_pointwise_through_ops_differentiates_as_the_matmul():
 @needs_kernels
 @pytest.mark.parametrize("residual, relu", [(False, False), (False, True), (True, True)])
 @pytest.mark.parametrize("case", [(2, 9, 9, 300, 32, 1), (1, 7, 7, 1024, 256, 1),
-                                  (2, 15, 15, 256, 512, 2)], ids=lambda c: f"{c[3]}-{c[4]}-s{c[5]}")
-def test_pointwise_epilogue_is_the_unfused_ops(case, residual, relu):
+                                  (2, 15, 15, 256, 512, 2), (1, 5, 5, 40, 48, 1)],
+                         ids=lambda c: f"{c[3]}-{c[4]}-s{c[5]}")
+def test_pointwise_epilogue_is_the_unfused_ops(case, residual, relu, gemm_form):
     """``lowering.conv_bias_act`` on a 1x1 conv: bias, residual and ReLU applied by the GEMM as it
     writes the output, within the conv's float32 bound of the float64 reference; derivatives
     and a vmapped call are those of the same ops in XLA."""
