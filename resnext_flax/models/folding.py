@@ -22,6 +22,7 @@ from flax import nnx
 from resnext_flax.models.functional import CompiledModel
 from resnext_flax.models.fused import fuse_blocks
 from resnext_flax.models.resnet import ResNet
+from resnext_flax.nn import heap
 from resnext_flax.nn.layers import BatchNorm, Conv, Identity, set_conv_policy
 from resnext_flax.nn.policy import DEFAULT_POLICY, ConvPolicy
 
@@ -205,8 +206,14 @@ def optimize_for_inference(model: ResNet, *,
     The result is for weights that no longer change: the prepared kernels are derived from the
     weights once, so parameters written into it afterwards (``nnx.update`` on its
     ``module()``, which shares its arrays) are not seen by them. Optimize the changed model
-    again instead."""
+    again instead.
+
+    On the CPU it also keeps freed large blocks in glibc's heap for the next call
+    (``nn.heap.keep_freed_memory``: no page faults on fresh activations; the process keeps its
+    peak memory), unless ``RESNEXT_FLAX_MALLOC_DEFAULTS=1``."""
     check_not_optimized(model, "optimize_for_inference")
+    if jax.default_backend() == "cpu":
+        heap.keep_freed_memory()
     folded = set_conv_policy(nnx.clone(model), policy)
     # Folding and kernel preparation: a few programs per distinct kernel shape.
     _fold_convs(_unfold_structure(folded), prepare=True)
