@@ -62,11 +62,20 @@ inline void TapPointers(const Shape& s, const float* x, const float* zero, int64
   }
 }
 
+// Writes 8 output channels (from column `col`) with the epilogue: + bias, then ReLU.
+RESNEXT_AVX2 inline void Store8(float* dst, __m256 v, const Epilogue& ep, int64_t col) {
+  if (ep.bias != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(ep.bias + col));
+  // max(0, v): returns v where it is NaN, as XLA's max does.
+  if (ep.relu) v = _mm256_max_ps(_mm256_setzero_ps(), v);
+  _mm256_storeu_ps(dst, v);
+}
+
 // ---- 4 channels per group: unit u is output (and input) channels [8u, 8u + 8), two groups.
 // Blocked kernel: [unit][tap][c][8].
 template <int P>
 RESNEXT_AVX2 inline void D4Block(const Shape& s, const float* const (&ptr)[9][kMaxP],
-                                 const float* wb, float* y, int64_t q0, int64_t u) {
+                                 const float* wb, float* y, int64_t q0, int64_t u,
+                                 const Epilogue& ep) {
   __m256 acc[P];
   for (int p = 0; p < P; ++p) acc[p] = _mm256_setzero_ps();
   const float* wu = wb + u * (9 * 4 * 8);
@@ -84,7 +93,7 @@ RESNEXT_AVX2 inline void D4Block(const Shape& s, const float* const (&ptr)[9][kM
       acc[p] = _mm256_fmadd_ps(_mm256_permute_ps(xi, 0xFF), w3, acc[p]);
     }
   }
-  for (int p = 0; p < P; ++p) _mm256_storeu_ps(y + (q0 + p) * s.cout + 8 * u, acc[p]);
+  for (int p = 0; p < P; ++p) Store8(y + (q0 + p) * s.cout + 8 * u, acc[p], ep, 8 * u);
 }
 
 // ---- unit a multiple of 8 output channels: a group (unit == dout), or in a dense conv a
@@ -93,7 +102,7 @@ RESNEXT_AVX2 inline void D4Block(const Shape& s, const float* const (&ptr)[9][kM
 template <int P, int V>
 RESNEXT_AVX2 inline void BcastBlock(const Shape& s, const float* const (&ptr)[9][kMaxP],
                                     const float* wb, float* y, int64_t q0, int64_t u,
-                                    int64_t j) {
+                                    int64_t j, const Epilogue& ep) {
   __m256 acc[P][V];
   for (int p = 0; p < P; ++p)
     for (int q = 0; q < V; ++q) acc[p][q] = _mm256_setzero_ps();
@@ -115,17 +124,19 @@ RESNEXT_AVX2 inline void BcastBlock(const Shape& s, const float* const (&ptr)[9]
   }
   for (int p = 0; p < P; ++p)
     for (int q = 0; q < V; ++q)
-      _mm256_storeu_ps(y + (q0 + p) * s.cout + u * unit + 8 * (j + q), acc[p][q]);
+      Store8(y + (q0 + p) * s.cout + u * unit + 8 * (j + q), acc[p][q], ep,
+             u * unit + 8 * (j + q));
 }
 
 template <int P>
 RESNEXT_AVX2 void PixelBlock(const Shape& s, bool d4, const float* x, const float* zero,
-                             const float* wb, float* y, int64_t q0, int64_t u0, int64_t u1) {
+                             const float* wb, float* y, int64_t q0, int64_t u0, int64_t u1,
+                             const Epilogue& ep) {
   const float* ptr[9][kMaxP];
   TapPointers<P>(s, x, zero, q0, ptr);
   for (int64_t u = u0; u < u1; ++u) {
     if (d4) {
-      D4Block<P>(s, ptr, wb, y, q0, u);
+      D4Block<P>(s, ptr, wb, y, q0, u, ep);
       continue;
     }
     const int64_t vectors = s.unit / 8;
@@ -133,33 +144,33 @@ RESNEXT_AVX2 void PixelBlock(const Shape& s, bool d4, const float* x, const floa
     // Pairs of vectors in a 6x16 tile where P <= 6; 8 pixels take one vector at a time (an
     // 8x8 tile), as a 6-wide pair tile would leave two of the eight pixels unwritten.
     if constexpr (P <= 6)
-      for (; j + 2 <= vectors; j += 2) BcastBlock<P, 2>(s, ptr, wb, y, q0, u, j);
-    for (; j < vectors; ++j) BcastBlock<P, 1>(s, ptr, wb, y, q0, u, j);
+      for (; j + 2 <= vectors; j += 2) BcastBlock<P, 2>(s, ptr, wb, y, q0, u, j, ep);
+    for (; j < vectors; ++j) BcastBlock<P, 1>(s, ptr, wb, y, q0, u, j, ep);
   }
 }
 
 // Output pixels [q0, q1) for units [u0, u1).
 RESNEXT_AVX2 void VectorRange(const Shape& s, bool d4, const float* x, const float* zero,
                               const float* wb, float* y, int64_t q0, int64_t q1, int64_t u0,
-                              int64_t u1) {
+                              int64_t u1, const Epilogue& ep) {
   // 6 pixels per block where a unit has a multiple of 16 outputs (a 6x2 register tile), else 8.
   const int P = (!d4 && s.unit % 16 == 0) ? 6 : 8;
   int64_t q = q0;
   if (P == 6) {
-    for (; q + 6 <= q1; q += 6) PixelBlock<6>(s, d4, x, zero, wb, y, q, u0, u1);
+    for (; q + 6 <= q1; q += 6) PixelBlock<6>(s, d4, x, zero, wb, y, q, u0, u1, ep);
   } else {
-    for (; q + 8 <= q1; q += 8) PixelBlock<8>(s, d4, x, zero, wb, y, q, u0, u1);
+    for (; q + 8 <= q1; q += 8) PixelBlock<8>(s, d4, x, zero, wb, y, q, u0, u1, ep);
   }
-  if (q + 4 <= q1) { PixelBlock<4>(s, d4, x, zero, wb, y, q, u0, u1); q += 4; }
-  if (q + 2 <= q1) { PixelBlock<2>(s, d4, x, zero, wb, y, q, u0, u1); q += 2; }
-  if (q < q1) PixelBlock<1>(s, d4, x, zero, wb, y, q, u0, u1);
+  if (q + 4 <= q1) { PixelBlock<4>(s, d4, x, zero, wb, y, q, u0, u1, ep); q += 4; }
+  if (q + 2 <= q1) { PixelBlock<2>(s, d4, x, zero, wb, y, q, u0, u1, ep); q += 2; }
+  if (q < q1) PixelBlock<1>(s, d4, x, zero, wb, y, q, u0, u1, ep);
 }
 
 #endif  // RESNEXT_X86
 
 // Scalar form for any shape: output pixels [q0, q1), units [u0, u1).
 void ScalarRange(const Shape& s, const float* x, const float* wb, float* y, int64_t q0,
-                 int64_t q1, int64_t u0, int64_t u1) {
+                 int64_t q1, int64_t u0, int64_t u1, const Epilogue& ep) {
   const int64_t taps = s.kh * s.kw;
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t n = q / (s.ho * s.wo), oh = (q / s.wo) % s.ho, ow = q % s.wo;
@@ -177,14 +188,18 @@ void ScalarRange(const Shape& s, const float* x, const float* wb, float* y, int6
           for (int64_t c = 0; c < s.d; ++c) acc += xp[c] * wp[c * s.unit];
         }
       }
+      if (ep.bias != nullptr) acc += ep.bias[o];
+      if (ep.relu) acc = acc < 0.f ? 0.f : acc;  // keeps NaN, as XLA's max does
       y[q * s.cout + o] = acc;
     }
   }
 }
 
-ffi::Error DirectConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                      ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding,
-                      int64_t groups, int64_t unit) {
+// The conv into y, then the epilogue (bias, ReLU; no residual) as it is written.
+ffi::Error RunDirectConv(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x,
+                         ffi::Buffer<ffi::F32>& w, ffi::ResultBuffer<ffi::F32>& y,
+                         int64_t stride, int64_t padding, int64_t groups, int64_t unit,
+                         const Epilogue& epilogue) {
   Shape s;
   if (ffi::Error err = ReadShape(x, w, y, stride, padding, groups, unit, s); err.failure())
     return err;
@@ -194,7 +209,7 @@ ffi::Error DirectConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t pixels = s.n * s.ho * s.wo;
 #if RESNEXT_X86
   if (form == Form::kGemm) {
-    GemmConv(&pool, s, x.typed_data(), w.typed_data(), y->typed_data());
+    GemmConv(&pool, s, x.typed_data(), w.typed_data(), y->typed_data(), epilogue);
     return ffi::Error::Success();
   }
 #endif
@@ -223,20 +238,42 @@ ffi::Error DirectConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     if (form != Form::kScalar) {
       thread_local std::vector<float> zero;
       if (zero.size() < static_cast<size_t>(s.c)) zero.assign(s.c, 0.f);
-      VectorRange(s, form == Form::kD4, xp, zero.data(), wp, yp, q0, q1, u0, u1);
+      VectorRange(s, form == Form::kD4, xp, zero.data(), wp, yp, q0, q1, u0, u1, epilogue);
       return;
     }
 #endif
-    ScalarRange(s, xp, wp, yp, q0, q1, u0, u1);
+    ScalarRange(s, xp, wp, yp, q0, q1, u0, u1, epilogue);
   };
   ParallelFor(&pool, g_max_helpers.load(), chunks * blocks, run);
   return ffi::Error::Success();
+}
+
+ffi::Error DirectConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding,
+                      int64_t groups, int64_t unit) {
+  return RunDirectConv(pool, x, w, y, stride, padding, groups, unit, Epilogue{});
+}
+
+// The conv with a folded BatchNorm's bias and a ReLU applied as the output is written
+// (saves XLA a pass over it).
+ffi::Error DirectConvBiasAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> bias,
+                             ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding,
+                             int64_t groups, int64_t unit, bool relu) {
+  const auto bd = bias.dimensions(), yd = y->dimensions();
+  if (bd.size() != 1 || yd.size() != 4 || bd[0] != yd[3])
+    return ffi::Error::InvalidArgument("conv: bias must be (cout,)");
+  Epilogue epilogue;
+  epilogue.bias = bias.typed_data();
+  epilogue.relu = relu;
+  return RunDirectConv(pool, x, w, y, stride, padding, groups, unit, epilogue);
 }
 
 }  // namespace
 }  // namespace resnext
 
 using resnext::DirectConv;
+using resnext::DirectConvBiasAct;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextDirectConv, DirectConv,
                               ffi::Ffi::Bind()
@@ -248,6 +285,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextDirectConv, DirectConv,
                                   .Attr<int64_t>("padding")
                                   .Attr<int64_t>("groups")
                                   .Attr<int64_t>("unit"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextDirectConvBiasAct, DirectConvBiasAct,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("padding")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<int64_t>("unit")
+                                  .Attr<bool>("relu"));
 
 namespace {
 

@@ -272,6 +272,67 @@ def test_pointwise_epilogue_is_the_unfused_ops(case, residual, relu, gemm_form):
 
 
 @needs_kernels
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("case", [(2, 9, 7, 128, 32, 128, 1), (1, 7, 7, 256, 32, 256, 2),
+                                  (2, 6, 5, 64, 1, 64, 1), (1, 9, 9, 64, 1, 128, 2)],
+                         ids=lambda c: f"{c[3]}g{c[4]}-{c[5]}-s{c[6]}")
+def test_direct_epilogue_is_the_unfused_ops(case, relu):
+    """``lowering.conv_bias_act`` on a 3x3 conv the direct kernel runs: bias and ReLU applied as
+    it writes the output, within the conv's float32 bound of the float64 reference;
+    derivatives and a vmapped call are those of the same ops in XLA."""
+    n, h, w, c, g, cout, s = case
+    x, k = _data(n, h, w, c, 3, c // g, cout, seed=9)
+    bias = jnp.asarray(np.random.default_rng(10).standard_normal(cout), jnp.float32)
+
+    def fused(x, k, b):
+        return lowering.conv_bias_act(x, k, b, relu=relu, stride=s, padding=1, groups=g)
+
+    def unfused(x, k, b):
+        return epilogue(lowering.conv2d(x, k, stride=s, padding=1, groups=g,
+                                        policy=ConvPolicy(exclude={"ffi"})), b, None, relu)
+
+    text = jax.jit(fused).lower(x, k, bias).as_text()
+    assert "resnext_flax_direct_conv_bias_act" in text and "maximum" not in text
+    conv_ref = _reference64(x, k, s, 1, g)
+    ref = conv_ref + np.asarray(bias, np.float64)
+    ref = np.maximum(ref, 0.0) if relu else ref
+    floor = max(_floor(x, k, s, 1, g, conv_ref), _rel(jax.jit(unfused)(x, k, bias), ref))
+    assert _rel(jax.jit(fused)(x, k, bias), ref) <= FACTOR * floor
+
+    def grads(conv):
+        return jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(conv(*a))), argnums=(0, 1, 2)))(
+            x, k, bias)
+
+    def ops_unfused(x, k, b):  # the unfused ops through the library's own conv
+        return epilogue(lowering.conv2d(x, k, stride=s, padding=1, groups=g), b, None, relu)
+
+    for a, b in zip(grads(fused), grads(ops_unfused), strict=True):
+        np.testing.assert_array_equal(a, b)
+    xs = jnp.stack([x, -x])
+    np.testing.assert_allclose(jax.jit(jax.vmap(fused, in_axes=(0, None, None)))(xs, k, bias),
+                               jax.vmap(unfused, in_axes=(0, None, None))(xs, k, bias),
+                               rtol=2e-5, atol=2e-5)
+
+
+@needs_kernels
+def test_direct_epilogue_keeps_nan_and_falls_back_on_mismatched_operands():
+    """The fused ReLU keeps NaN as ``jax.nn.relu`` does; a bias of another shape or dtype
+    gives the same ops in XLA."""
+    x, k = _data(1, 5, 5, 64, 3, 64, 64, seed=11)
+    x = x.at[0, 2, 2, :].set(jnp.nan)
+    bias = jnp.linspace(-1.0, 1.0, 64, dtype=jnp.float32)
+    out = lowering.conv_bias_act(x, k, bias, relu=True, padding=1)
+    want = jax.nn.relu(lowering.conv2d(x, k, padding=1) + bias)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
+    assert np.isnan(np.asarray(out)).any()
+    for other in (jnp.ones((1, 64), jnp.float32), bias.astype(jnp.float16)):
+        conv = jax.jit(lambda x, b: lowering.conv_bias_act(x, k, b, relu=True, padding=1))
+        assert "resnext_flax_direct_conv_bias_act" not in conv.lower(x, other).as_text()
+        np.testing.assert_allclose(conv(x, other), jax.nn.relu(
+            lowering.conv2d(x, k, padding=1) + other), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
 def test_pointwise_epilogue_falls_back_on_mismatched_operands():
     """A residual of another shape or dtype, or no bias, is not passed to the kernel: the
     ops then run in XLA (broadcasting as XLA does), never a wrong read."""

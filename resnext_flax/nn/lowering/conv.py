@@ -105,18 +105,24 @@ def conv_bias_act(
     prepared: Mapping[str, Any] | None = None,
 ) -> jax.Array:
     """``relu?(conv2d(x, kernel) + bias + residual)`` (bias, residual optional): a conv with its
-    BatchNorm folded in and what follows it in a residual block. Where the compiled kernel's
-    GEMM runs the conv (1x1 convs) and ``policy.fuse``, it applies bias, residual and ReLU as
-    it writes the output, saving XLA a pass over it; elsewhere the same ops follow the conv in
-    XLA. Derivatives are those of the unfused ops."""
+    BatchNorm folded in and what follows it in a residual block. Where the compiled kernel
+    runs the conv and ``policy.fuse``, it applies what follows as it writes the output, saving
+    XLA a pass over it: bias, residual and ReLU in the GEMM (1x1 convs), bias and ReLU in the
+    direct convs; elsewhere the same ops follow the conv in XLA. Derivatives are those of the
+    unfused ops."""
     prepared = prepared or {}
     name = _lowering(policy, x, kernel, stride, padding, groups, prepared)
-    if (name == "ffi" and policy.fuse and bias is not None and groups == 1 and padding == 0
-            and ffi.pointwise_supports(x.shape, kernel.shape, stride, x.dtype)):
+    if name == "ffi" and policy.fuse and bias is not None:
         direct = _direct(policy, x, kernel, stride, padding, groups, prepared)
-        return ffi.pointwise_conv(x, kernel, bias, residual=residual, relu=relu, stride=stride,
-                                  differentiate_with=direct,
-                                  blocked=prepared.get("ffi"))
+        if (groups == 1 and padding == 0
+                and ffi.pointwise_supports(x.shape, kernel.shape, stride, x.dtype)):
+            return ffi.pointwise_conv(x, kernel, bias, residual=residual, relu=relu,
+                                      stride=stride, differentiate_with=direct,
+                                      blocked=prepared.get("ffi"))
+        if residual is None:
+            return ffi.conv2d_bias_act(x, kernel, bias, relu=relu, stride=stride,
+                                       padding=padding, groups=groups, differentiate_with=direct,
+                                       blocked=prepared.get("ffi"))
     y = _run(name, policy, x, kernel, stride, padding, groups, prepared)
     return epilogue(y, bias, residual, relu)
 

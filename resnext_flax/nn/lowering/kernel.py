@@ -46,8 +46,9 @@ DISABLE_ENV = "RESNEXT_FLAX_DISABLE_CPU_KERNELS"
 _DIRECT_TARGET = "resnext_flax_direct_conv"
 _BOUNDARY_TARGET = "resnext_flax_fusion_boundary"
 _POINTWISE_TARGET = "resnext_flax_pointwise_conv"
+_DIRECT_ACT_TARGET = "resnext_flax_direct_conv_bias_act"
 #: The custom-call targets this module registers (a pure-XLA program contains none of them).
-TARGETS = (_DIRECT_TARGET, _BOUNDARY_TARGET, _POINTWISE_TARGET)
+TARGETS = (_DIRECT_TARGET, _BOUNDARY_TARGET, _POINTWISE_TARGET, _DIRECT_ACT_TARGET)
 _LIBRARY = Path(__file__).resolve().parent / "_cpu_direct.so"
 
 
@@ -88,6 +89,7 @@ def _load_direct() -> _Loaded:
             return _Loaded(None, "this CPU lacks AVX2/FMA", boundary)
         _register(_DIRECT_TARGET, lib, "ResnextDirectConv")
         _register(_POINTWISE_TARGET, lib, "ResnextPointwiseConv")
+        _register(_DIRECT_ACT_TARGET, lib, "ResnextDirectConvBiasAct")
     except (OSError, AttributeError, RuntimeError, ValueError) as err:
         return _Loaded(None, f"cannot load {_LIBRARY.name}: {err}", boundary)
     return _Loaded(lib, None, boundary)
@@ -349,19 +351,50 @@ def pointwise_conv(
     if not fits:
         return epilogue(direct(x, kernel), bias, residual, relu)
     operands = (x, kernel, bias) + (() if residual is None else (residual,))
-    return _pointwise((stride, bool(relu)), direct, _direct_weights(kernel, 1, blocked),
-                      *operands)
+    return _fused(("pointwise", stride, bool(relu)), direct, _direct_weights(kernel, 1, blocked),
+                  *operands)
+
+
+def conv2d_bias_act(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array,
+    *,
+    relu: bool = False,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    differentiate_with: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    blocked: jax.Array | None = None,
+) -> jax.Array:
+    """``relu?(conv2d(x, kernel) + bias)``: a conv with its BatchNorm folded in and the ReLU
+    that follows it, applied by the direct kernel as it writes its output (saves XLA a pass
+    over it). Where the kernel does not run the conv (:func:`supports`), or operands differ in
+    dtype or the bias in shape, the same ops in XLA. Derivatives are those of
+    ``epilogue(differentiate_with(x, kernel), bias)`` (default: XLA's conv); ``blocked`` as in
+    :func:`conv2d`."""
+    direct = differentiate_with or functools.partial(
+        conv_xla, stride=stride, padding=padding, groups=groups)
+    fits = (x.ndim == 4 and supports(x.shape, kernel.shape, stride, padding, groups, x.dtype)
+            and kernel.dtype == jnp.result_type(bias) == x.dtype
+            and jnp.shape(bias) == (kernel.shape[-1],))
+    if not fits:
+        return epilogue(direct(x, kernel), bias, None, relu)
+    return _fused(("direct", stride, padding, groups, bool(relu)), direct,
+                  _direct_weights(kernel, groups, blocked), x, kernel, bias)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _pointwise(config, differentiate_with, weights, x, kernel, bias, *residual):
+def _fused(config, differentiate_with, weights, x, kernel, bias, *residual):
+    """The custom call of `config` (its last entry: relu) on `weights` (derived from `kernel`);
+    derivatives are those of the conv by `differentiate_with` and the epilogue in XLA."""
     del differentiate_with, kernel
-    return _pointwise_call(config)(x, weights, bias, *residual)
+    return _fused_call(config)(x, weights, bias, *residual)
 
 
-@_pointwise.defjvp
-def _pointwise_jvp(config, differentiate_with, primals, tangents):
-    relu = config[1]
+@_fused.defjvp
+def _fused_jvp(config, differentiate_with, primals, tangents):
+    relu = config[-1]
 
     def composed(x, kernel, bias, *residual):
         return epilogue(differentiate_with(x, kernel), bias, residual[0] if residual else None,
@@ -372,16 +405,24 @@ def _pointwise_jvp(config, differentiate_with, primals, tangents):
 
 
 @functools.cache
-def _pointwise_call(config: tuple) -> Callable:
-    """The custom call for one (stride, relu), with or without a residual; under vmap a mapped
-    input (and residual) is folded into the batch."""
-    stride, relu = config
+def _fused_call(config: tuple) -> Callable:
+    """The custom call for one configuration: ("pointwise", stride, relu), the GEMM with or
+    without a residual, or ("direct", stride, padding, groups, relu), the direct conv with its
+    bias. Under vmap a mapped input (and residual) is folded into the batch."""
+    kind, *attrs = config
 
     def call(x, weights, bias, *residual):
-        units, _, _, _, unit = weights.shape
-        out = _out_shape(x, (1, 1, None, units * unit), stride, 0)
-        return jax.ffi.ffi_call(_POINTWISE_TARGET, out, vmap_method="sequential")(
-            x, weights, bias, *residual, stride=np.int64(stride), relu=relu)
+        units, kh, kw, _, unit = weights.shape
+        if kind == "pointwise":
+            stride, relu = attrs
+            out = _out_shape(x, (1, 1, None, units * unit), stride, 0)
+            return jax.ffi.ffi_call(_POINTWISE_TARGET, out, vmap_method="sequential")(
+                x, weights, bias, *residual, stride=np.int64(stride), relu=relu)
+        stride, padding, groups, relu = attrs
+        out = _out_shape(x, (kh, kw, None, units * unit), stride, padding)
+        return jax.ffi.ffi_call(_DIRECT_ACT_TARGET, out, vmap_method="sequential")(
+            x, weights, bias, unit=np.int64(unit), stride=np.int64(stride),
+            padding=np.int64(padding), groups=np.int64(groups), relu=relu)
 
     return _vmapped_with_shared(call, shared=(1, 2))
 
