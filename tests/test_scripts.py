@@ -1,7 +1,8 @@
 """The scripts cannot rot: the accelerator script's CPU dry run goes through every step,
 the start-up benchmark runs its smallest jobs, the FMA peak its shortest runs, the
 library-vs-ONNX Runtime profile its smallest model, the sanitizer build its check (the build and
-its tests under the sanitizers take minutes: run by hand, docs/performance.md)."""
+its tests under the sanitizers take minutes: run by hand, docs/performance.md), the README
+table's generator its errors."""
 
 from __future__ import annotations
 
@@ -156,3 +157,32 @@ def test_sanitizer_script_rejects_an_unknown_option():
     result = subprocess.run(["bash", str(ROOT / "scripts" / "sanitize_kernel.sh"), "--chek"],
                             capture_output=True, text=True, timeout=CHILD_TIMEOUT)
     assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def _readme_table():
+    spec = importlib.util.spec_from_file_location("readme_table",
+                                                  ROOT / "scripts" / "readme_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_table_needs_both_ratios_and_shows_the_peak_only_when_measured():
+    """The full run's table is checked with the benchmark (tests/test_onnx_export.py); here a
+    run without ONNX Runtime fails by name, and one without ``--peak-gflops`` has no peak
+    column."""
+    readme_table = _readme_table()
+    summary = {"library_images_per_s": 12.345, "library_vs_torch_eager": 1.234,
+               "library_vs_ort": 0.876, "peak_fraction": {}}
+    record = {"date": "2026-12-07", "args": {"opt_levels": ["all"], "threads": 2, "repeats": 5},
+              "machine": {"torch": "2.14.1", "onnxruntime": "1.32.0", "cpu_count": 2},
+              "cases": [{"model": "resnet50", "batch": 8, "size": 224, "summary": summary}]}
+    text = readme_table.table([record])
+    assert text.splitlines()[2:] == [
+        "| model | batch | library img/s | vs PyTorch eager | vs ONNX Runtime |",
+        "|---|---|---|---|---|", "| resnet50 | 8 | 12.3 | 1.23 | 0.88 |"]
+    assert "medians of 5" in text and "2 threads" in text
+    del summary["library_vs_ort"]
+    with pytest.raises(ValueError, match=r"run.json: resnet50 batch 8 has no library_vs_ort: "
+                       r"run benchmarks/onnx_runtime.py with --sides jax_folded,torch_eager,"):
+        readme_table.table([record], ["run.json"])
