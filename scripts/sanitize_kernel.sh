@@ -101,7 +101,8 @@ grep -q ' U __ubsan_handle_' <<<"$symbols" \
     || { echo "$OUTPUT has no UndefinedBehaviorSanitizer instrumentation" >&2; exit 1; }
 
 # --- the tests, in the copy, with the runtimes preloaded (Python itself is not instrumented,
-# so the runtimes must be loaded before anything else for ASan to intercept malloc)
+# so the runtimes must be loaded before anything else for ASan to intercept malloc; preloaded,
+# ASan's link-order check holds, and jaxlib and torch need no other option)
 REPORTS="$COPY/sanitizer-reports"
 mkdir -p "$REPORTS"
 export PYTHONPATH="$COPY"
