@@ -192,19 +192,61 @@ def test_run_onnx_refuses_images_that_do_not_fit(resnext50):
 
 def test_the_benchmark_smallest_run_writes_its_json(tmp_path):
     """``benchmarks/onnx_runtime.py`` at its smallest: every side runs, agrees with torch and
-    is timed; the optimized graphs of our export and torch's have the same operators."""
+    is timed; the optimized graphs of our export and torch's have the same operators; the
+    summary has both ratios and every side's GFLOP/s, and the README's table is made from it."""
     out = tmp_path / "onnx.json"
-    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "onnx_runtime.py"
+    root = pathlib.Path(__file__).resolve().parent.parent
     result = subprocess.run(
-        [sys.executable, str(script), "--models", "resnet18", "--batch-sizes", "2", "--size",
-         "33", "--repeats", "1", "--warmup", "1", "--opt-levels", "all", "--threads", "1",
+        [sys.executable, str(root / "benchmarks" / "onnx_runtime.py"), "--models", "resnet18",
+         "--batch-sizes", "2", "--size", "33", "--repeats", "1", "--warmup", "1", "--opt-levels",
+         "all", "--threads", "1", "--peak-gflops", "100",
          "--optimized-graphs", str(tmp_path / "graphs"), "--json", str(out)],
         capture_output=True, text=True, timeout=CHILD_TIMEOUT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (case,) = json.loads(out.read_text())["cases"]
     assert set(case["results"]) == {"ort_ours:all", "ort_ours_nhwc:all", "ort_ours_fixed:all",
-                                    "ort_ours_pinned:all", "ort_torch:all", "jax_folded"}
+                                    "ort_ours_pinned:all", "ort_torch:all", "jax_folded",
+                                    "torch_nchw", "torch_channels_last"}
     for side in case["results"].values():
         assert side["rel_err_vs_torch"] <= 1e-5 and side["median_s"] > 0
     graphs = case["optimized_op_counts"]["all"]
     assert graphs["ours"] == graphs["torch"]
+
+    summary, results = case["summary"], case["results"]
+    assert summary["torch_eager_best"] in ("torch_nchw", "torch_channels_last")
+    assert summary["ort_best"] == "ort_torch:all"
+    library = results["jax_folded"]["images_per_s"]
+    for label in ("torch_eager", "ort"):
+        best = results[summary[f"{label}_best"]]["images_per_s"]
+        assert best == max(results[k]["images_per_s"] for k in results
+                           if k.startswith("torch_" if label == "torch_eager" else "ort_torch"))
+        assert summary[f"library_vs_{label}"] == pytest.approx(library / best)
+    # resnet18 at 33x33: 2 FLOPs per multiply-add of its 20 convs and the classifier
+    assert summary["flops"] == 2 * 2 * (3 * 49 * 64 * 17**2 + 9 * 64 * 64 * 4 * 9**2
+                                        + 9 * 64 * 128 * 5**2 + 9 * 128 * 128 * 3 * 5**2
+                                        + 64 * 128 * 5**2 + 9 * 128 * 256 * 3**2
+                                        + 9 * 256 * 256 * 3 * 3**2 + 128 * 256 * 3**2
+                                        + 9 * 256 * 512 * 2**2 + 9 * 512 * 512 * 3 * 2**2
+                                        + 256 * 512 * 2**2 + 512 * 1000)
+    for key, r in results.items():
+        assert summary["gflops"][key] == pytest.approx(summary["flops"] / r["median_s"] / 1e9)
+        assert summary["peak_fraction"][key] == pytest.approx(summary["gflops"][key] / 100)
+
+    table = subprocess.run([sys.executable, str(root / "scripts" / "readme_table.py"), str(out)],
+                           capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    assert table.returncode == 0, table.stderr
+    assert "| model | batch | library img/s | vs PyTorch eager | vs ONNX Runtime | of FMA " \
+        "peak |" in table.stdout
+    assert (f"| resnet18 | 2 | {library:.1f} | {summary['library_vs_torch_eager']:.2f} | "
+            f"{summary['library_vs_ort']:.2f} | {summary['peak_fraction']['jax_folded']:.0%} |"
+            in table.stdout)
+
+
+def test_the_benchmark_rejects_unknown_sides_and_models():
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "onnx_runtime.py"
+    for flag, value, message in [("--sides", "jax_folded,torch_eagr", "--sides: unknown"),
+                                 ("--models", "resnet18,resnt50", "--models: unknown")]:
+        result = subprocess.run([sys.executable, str(script), flag, value],
+                                capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+        assert result.returncode == 2 and message in result.stderr
+        assert value.split(",")[1] in result.stderr

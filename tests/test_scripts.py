@@ -1,6 +1,8 @@
 """The scripts cannot rot: the accelerator script's CPU dry run goes through every step,
 the start-up benchmark runs its smallest jobs, the FMA peak its shortest runs, the
-library-vs-ONNX Runtime profile its smallest model."""
+library-vs-ONNX Runtime profile its smallest model, the sanitizer build its check (the build and
+its tests under the sanitizers take minutes: run by hand, docs/performance.md), the README
+table's generator its errors."""
 
 from __future__ import annotations
 
@@ -120,3 +122,67 @@ def test_profile_compare_smallest_run_charges_every_layer_on_both_sides(tmp_path
         assert data["wall_ms"][side]["median"] > 0
     # concurrent thunks share the time they overlap: the sum is at most the call's wall time
     assert total["library_ms"] <= data["wall_ms_profiled"]["library"]
+
+
+def _sanitizer_runtime() -> bool:
+    if shutil.which("g++") is None:
+        return False
+    lib = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True,
+                         text=True).stdout.strip()
+    return os.path.isabs(lib) and os.path.exists(lib)
+
+
+@pytest.mark.skipif(not (platform.system() == "Linux" and platform.machine() == "x86_64"),
+                    reason="setup.py declares the compiled kernel on Linux x86-64")
+@pytest.mark.skipif(not _sanitizer_runtime(), reason="no g++ with AddressSanitizer's runtime")
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(),
+                    reason="the script copies the repository's files with git")
+def test_sanitizer_script_check_builds_every_source_file():
+    """``--check`` reads the extension from setup.py as the full run does: every csrc/*.cc
+    must be one of its sources (or the sanitized build would leave that code unchecked), built
+    where the kernel's loader looks for it."""
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "sanitize_kernel.sh"), "--check"],
+                            capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (sources,) = [line for line in result.stdout.splitlines() if line.startswith("sources: ")]
+    expected = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").glob("*.cc")}
+    assert set(sources.split()[1:]) == expected
+    from resnext_flax.nn.lowering import kernel  # setup.py builds where the loader looks
+
+    assert f"output:  {kernel._LIBRARY.relative_to(ROOT).as_posix()}" in result.stdout
+    assert "check passed" in result.stdout
+
+
+def test_sanitizer_script_rejects_an_unknown_option():
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "sanitize_kernel.sh"), "--chek"],
+                            capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def _readme_table():
+    spec = importlib.util.spec_from_file_location("readme_table",
+                                                  ROOT / "scripts" / "readme_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_table_needs_both_ratios_and_shows_the_peak_only_when_measured():
+    """The full run's table is checked with the benchmark (tests/test_onnx_export.py); here a
+    run without ONNX Runtime fails by name, and one without ``--peak-gflops`` has no peak
+    column."""
+    readme_table = _readme_table()
+    summary = {"library_images_per_s": 12.345, "library_vs_torch_eager": 1.234,
+               "library_vs_ort": 0.876, "peak_fraction": {}}
+    record = {"date": "2026-12-07", "args": {"opt_levels": ["all"], "threads": 2, "repeats": 5},
+              "machine": {"torch": "2.14.1", "onnxruntime": "1.32.0", "cpu_count": 2},
+              "cases": [{"model": "resnet50", "batch": 8, "size": 224, "summary": summary}]}
+    text = readme_table.table([record])
+    assert text.splitlines()[2:] == [
+        "| model | batch | library img/s | vs PyTorch eager | vs ONNX Runtime |",
+        "|---|---|---|---|---|", "| resnet50 | 8 | 12.3 | 1.23 | 0.88 |"]
+    assert "medians of 5" in text and "2 threads" in text
+    del summary["library_vs_ort"]
+    with pytest.raises(ValueError, match=r"run.json: resnet50 batch 8 has no library_vs_ort: "
+                       r"run benchmarks/onnx_runtime.py with --sides jax_folded,torch_eager,"):
+        readme_table.table([record], ["run.json"])
