@@ -35,12 +35,13 @@ from flax import nnx
 from resnext_flax import create_model
 from resnext_flax.models.folding import optimize_for_inference
 from resnext_flax.nn.lowering import kernel
-from resnext_flax.nn.ops import conv_xla
+from resnext_flax.nn.ops import conv_xla, epilogue
 
 #: kernel.py's target-name constants and the handler symbol each one names.
 TARGET_SYMBOLS = {"_DIRECT_TARGET": "ResnextDirectConv",
                   "_POINTWISE_TARGET": "ResnextPointwiseConv",
-                  "_BOUNDARY_TARGET": "ResnextFusionBoundary"}
+                  "_BOUNDARY_TARGET": "ResnextFusionBoundary",
+                  "_DIRECT_ACT_TARGET": "ResnextDirectConvBiasAct"}
 
 
 def register(index: int, path: str, helpers: int) -> dict[str, str]:
@@ -49,14 +50,25 @@ def register(index: int, path: str, helpers: int) -> dict[str, str]:
     lib.resnext_direct_conv_set_helpers(helpers)
     targets = {}
     for constant, symbol in TARGET_SYMBOLS.items():
+        if not hasattr(lib, symbol):  # an older build: its programs do without
+            continue
         targets[constant] = f"resnext_flax_kernel_ab_{index}{constant.lower()}"
         jax.ffi.register_ffi_target(targets[constant], jax.ffi.pycapsule(getattr(lib, symbol)),
                                     platform="cpu")
     return targets
 
 
+def _unfused_direct(x, kernel_, bias, *, relu, stride, padding, groups, differentiate_with,
+                    blocked):
+    """The direct conv with its bias and ReLU in XLA (as before the direct epilogue)."""
+    y = kernel.conv2d(x, kernel_, stride=stride, padding=padding, groups=groups,
+                      differentiate_with=differentiate_with, blocked=blocked)
+    return epilogue(y, bias, None, relu)
+
+
 def model_program(targets: dict[str, str], name: str, batch: int, size: int):
-    """The folded model's forward pass compiled against one build's handlers."""
+    """The folded model's forward pass compiled against one build's handlers (a build without
+    the direct convs' epilogue gets their bias and ReLU in XLA)."""
     assert kernel.available(), kernel.unavailable_reasons()
     jax.clear_caches()  # no program traced for another build may be reused
     for constant, target in targets.items():
@@ -65,7 +77,13 @@ def model_program(targets: dict[str, str], name: str, batch: int, size: int):
     folded = optimize_for_inference(model)
     images = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)),
                          jnp.float32)
-    compiled = jax.jit(lambda x: folded(x)).lower(images).compile()
+    fused_direct = kernel.conv2d_bias_act
+    if "_DIRECT_ACT_TARGET" not in targets:
+        kernel.conv2d_bias_act = _unfused_direct
+    try:
+        compiled = jax.jit(lambda x: folded(x)).lower(images).compile()
+    finally:
+        kernel.conv2d_bias_act = fused_direct
     text = compiled.as_text()
     assert targets["_POINTWISE_TARGET"] in text, "the program does not call this build"
     return lambda: compiled(images).block_until_ready()
