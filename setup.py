@@ -46,7 +46,7 @@ def extensions() -> list[Extension]:
     return [
         Extension(
             "resnext_flax.nn.lowering._cpu_direct",
-            ["csrc/direct_conv.cc", "csrc/gemm.cc"],
+            ["csrc/direct_conv.cc", "csrc/gemm.cc", "csrc/stem.cc"],
             extra_compile_args=[*FLAGS, "-isystem", FFI_INCLUDE],
             language="c++",
             optional=True,

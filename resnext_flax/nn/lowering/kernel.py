@@ -46,8 +46,10 @@ DISABLE_ENV = "RESNEXT_FLAX_DISABLE_CPU_KERNELS"
 _DIRECT_TARGET = "resnext_flax_direct_conv"
 _BOUNDARY_TARGET = "resnext_flax_fusion_boundary"
 _POINTWISE_TARGET = "resnext_flax_pointwise_conv"
+STEM_TARGET = "resnext_flax_stem_conv"  # the stem's conv and max-pool (``lowering.stem``)
+POOL_TARGET = "resnext_flax_max_pool"
 #: The custom-call targets this module registers (a pure-XLA program contains none of them).
-TARGETS = (_DIRECT_TARGET, _BOUNDARY_TARGET, _POINTWISE_TARGET)
+TARGETS = (_DIRECT_TARGET, _BOUNDARY_TARGET, _POINTWISE_TARGET, STEM_TARGET, POOL_TARGET)
 _LIBRARY = Path(__file__).resolve().parent / "_cpu_direct.so"
 
 
@@ -88,6 +90,8 @@ def _load_direct() -> _Loaded:
             return _Loaded(None, "this CPU lacks AVX2/FMA", boundary)
         _register(_DIRECT_TARGET, lib, "ResnextDirectConv")
         _register(_POINTWISE_TARGET, lib, "ResnextPointwiseConv")
+        _register(STEM_TARGET, lib, "ResnextStemConv")
+        _register(POOL_TARGET, lib, "ResnextMaxPool")
     except (OSError, AttributeError, RuntimeError, ValueError) as err:
         return _Loaded(None, f"cannot load {_LIBRARY.name}: {err}", boundary)
     return _Loaded(lib, None, boundary)
@@ -207,9 +211,24 @@ def _blocked_shape(kernel_shape: tuple[int, ...], groups: int) -> tuple[int, ...
     return cout // unit, kh, kw, d, unit
 
 
+#: The most input channels of a dense conv that the stem kernel runs (``lowering.stem``).
+STEM_MAX_CHANNELS = 4
+
+
+def stem_shaped(kernel_shape: tuple[int, ...], groups: int) -> bool:
+    """A dense kernel over few input channels, larger than 1x1, with whole 16-channel blocks
+    of outputs (the 7x7 stem conv over RGB): the stem kernel's, in the dense layout."""
+    if len(kernel_shape) != 4:
+        return False
+    kh, kw, d, cout = kernel_shape
+    return (groups == 1 and 1 <= d <= STEM_MAX_CHANNELS and cout % 16 == 0 and cout > 0
+            and (kh, kw) != (1, 1) and kh >= 1 and kw >= 1)
+
+
 def blockable(kernel_shape: tuple[int, ...], groups: int) -> bool:
     """Whether :func:`block_kernel` has a layout for an HWIO kernel of this shape."""
-    return len(kernel_shape) == 4 and _direct_supports(tuple(kernel_shape), groups)
+    return len(kernel_shape) == 4 and (_direct_supports(tuple(kernel_shape), groups)
+                                       or stem_shaped(tuple(kernel_shape), groups))
 
 
 def block_kernel(kernel: jax.Array, groups: int) -> jax.Array | None:
