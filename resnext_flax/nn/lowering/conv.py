@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from resnext_flax.nn.lowering import kernel as ffi
-from resnext_flax.nn.lowering import winograd, xla
+from resnext_flax.nn.lowering import stem, winograd, xla
 from resnext_flax.nn.ops import conv_xla, epilogue
 from resnext_flax.nn.policy import DEFAULT_POLICY, FAST_LOWERINGS, ConvPolicy
 
@@ -59,6 +59,11 @@ def _run(name: str, policy: ConvPolicy, x: jax.Array, kernel: jax.Array, stride:
          padding: int, groups: int, prepared: Mapping[str, Any]) -> jax.Array:
     """The conv in lowering `name`; a form that cannot express the conv gives XLA's own."""
     kh, kw = kernel.shape[:2]
+    if name == "ffi" and stem.supports(x.shape, kernel.shape, stride, padding, groups, x.dtype):
+        return stem.conv(x, kernel, stride=stride, padding=padding,
+                         differentiate_with=_direct(policy, x, kernel, stride, padding, groups,
+                                                    prepared),
+                         blocked=prepared.get("ffi"))
     if name == "ffi":
         return ffi.conv2d(x, kernel, stride=stride, padding=padding, groups=groups,
                           differentiate_with=_direct(policy, x, kernel, stride, padding, groups,
@@ -107,10 +112,17 @@ def conv_bias_act(
     """``relu?(conv2d(x, kernel) + bias + residual)`` (bias, residual optional): a conv with its
     BatchNorm folded in and what follows it in a residual block. Where the compiled kernel's
     GEMM runs the conv (1x1 convs) and ``policy.fuse``, it applies bias, residual and ReLU as
-    it writes the output, saving XLA a pass over it; elsewhere the same ops follow the conv in
-    XLA. Derivatives are those of the unfused ops."""
+    it writes the output, saving XLA a pass over it (bias and ReLU where its stem form runs
+    it); elsewhere the same ops follow the conv in XLA. Derivatives are those of the unfused
+    ops."""
     prepared = prepared or {}
     name = _lowering(policy, x, kernel, stride, padding, groups, prepared)
+    if (name == "ffi" and policy.fuse and bias is not None and residual is None
+            and stem.supports(x.shape, kernel.shape, stride, padding, groups, x.dtype)):
+        return stem.conv(x, kernel, bias, stride=stride, padding=padding, relu=relu,
+                         differentiate_with=_direct(policy, x, kernel, stride, padding, groups,
+                                                    prepared),
+                         blocked=prepared.get("ffi"))
     if (name == "ffi" and policy.fuse and bias is not None and groups == 1 and padding == 0
             and ffi.pointwise_supports(x.shape, kernel.shape, stride, x.dtype)):
         direct = _direct(policy, x, kernel, stride, padding, groups, prepared)
@@ -125,7 +137,8 @@ def kernel_forms(kernel_shape: tuple[int, ...], dtype: Any, *, stride: int = 1, 
                  policy: ConvPolicy = DEFAULT_POLICY,
                  backend: str | None = None) -> tuple[str, ...]:
     """The forms :func:`prepare_kernel` computes for a kernel of this shape and dtype (static:
-    no array is read): "ffi" (the compiled kernel's blocked layout, a pure relayout),
+    no array is read): "ffi" (the compiled kernel's blocked layout, a pure relayout; its stem
+    form's too),
     "winograd" (the transformed tiles)."""
     if len(kernel_shape) != 4 or jnp.dtype(dtype) != jnp.float32:
         return ()

@@ -107,10 +107,13 @@ def _stem_call(config: tuple, with_bias: bool) -> Callable:
 def pool_supports(x_shape: tuple[int, ...], dtype, *, window: int, stride: int,
                   padding: int) -> bool:
     """Whether :func:`max_pool` runs in the kernel: a float32 NHWC input on the CPU with the
-    kernel loaded, a window of at least 1, stride >= 1, padding in [0, window)."""
+    kernel loaded, overlapping windows (stride < window) and padding in [0, window).
+    XLA:CPU computes windows that do not overlap another way, which drops NaN and orders
+    +-0 as it meets them: those stay XLA's, so that the kernel gives XLA's bits wherever it
+    runs."""
     if len(x_shape) != 4 or min(x_shape) < 1:
         return False
-    if window < 1 or stride < 1 or not 0 <= padding < window:
+    if not 1 <= stride < window or not 0 <= padding < window:
         return False
     _, h, w, _ = x_shape
     return min(h, w) + 2 * padding >= window and _usable(dtype)
