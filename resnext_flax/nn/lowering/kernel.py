@@ -6,7 +6,9 @@ convolution vectorized with AVX2/FMA (grouped convs with 4 channels per group, w
 permute lets one 8-wide register serve two groups, or a multiple of 8 output channels per group;
 dense convs with 16 output channels per block of weights), dense 1x1 convs as a GEMM on the same
 blocked weights with a bias/residual/ReLU epilogue, and an identity that XLA cannot fuse (the
-residual :func:`fusion_boundary`). The work runs on XLA's own intra-op thread pool.
+residual :func:`fusion_boundary`); it also registers the stem's conv and max-pool
+(``csrc/stem.cc``), which ``nn.lowering.stem`` calls. The work runs on XLA's own intra-op
+thread pool.
 
 The kernels compute the forward pass only: :func:`conv2d` and :func:`pointwise_conv` are
 ``jax.custom_jvp`` functions whose derivatives are those of XLA's conv (or the function passed
