@@ -80,6 +80,22 @@ def test_conv_keeps_nan():
 
 
 @needs_kernels
+def test_conv_falls_back_on_what_it_cannot_run():
+    """A bias of another shape or dtype, another dtype, or a window larger than the padded
+    input: the same ops in XLA (broadcasting as XLA does), never a wrong read."""
+    x, k, b = _data(1, 12, 12, 3, 7, 7, 16, seed=7)
+    for bias in (jnp.ones((1, 1, 1, 16), jnp.float32), b.astype(jnp.bfloat16), 0.5):
+        conv = jax.jit(lambda x, bias=bias: stem.conv(x, k, bias, stride=2, padding=3, relu=True))
+        assert STEM_CALL not in conv.lower(x).as_text()
+        want = jax.nn.relu(_xla(x, k, 2, 3) + bias)
+        np.testing.assert_allclose(conv(x), want, rtol=1e-5, atol=1e-5)
+    half = jax.jit(lambda x, k: stem.conv(x, k, stride=2, padding=3))
+    assert STEM_CALL not in half.lower(x.astype(jnp.float16), k.astype(jnp.float16)).as_text()
+    assert not stem.supports((1, 3, 3, 3), k.shape, 1, 1, 1, jnp.float32)  # 5x5 < 7x7
+    assert not stem.supports(x.shape, (7, 7, 3, 16), 2, 3, 3, jnp.float32)  # grouped
+
+
+@needs_kernels
 def test_routing():
     """The stem's shapes take the kernel under the automatic policy (fused with bias and ReLU
     in ``conv_bias_act``); others keep their lowering; the pure-XLA policy has no custom call."""
