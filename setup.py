@@ -1,9 +1,10 @@
 """Build of the optional compiled CPU convolution kernel (the rest is in pyproject.toml).
 
 A plain shared object, loaded with ctypes by ``resnext_flax.nn.lowering.kernel`` (no Python C
-API): ``resnext_flax/nn/lowering/_cpu_direct.so`` from ``csrc/`` (the direct convs and the GEMM), the kernels the
-library's CPU convolutions use; it needs only a C++17 compiler and is built on x86-64 (its
-AVX2 code is selected at run time, so it loads on any x86-64 CPU).
+API): ``resnext_flax/nn/lowering/_cpu_direct.so`` from ``csrc/`` (the direct convs, the GEMM,
+the stem), the kernels the library's CPU convolutions use; it needs only a C++17 compiler and
+is built on x86-64 (its AVX2 and AVX-512 code is selected at run time, so it loads on any
+x86-64 CPU).
 
 The extension is optional: if it fails to build (no compiler) pip prints a warning and the
 install still succeeds; the library then runs XLA's convolutions.
@@ -46,7 +47,7 @@ def extensions() -> list[Extension]:
     return [
         Extension(
             "resnext_flax.nn.lowering._cpu_direct",
-            ["csrc/direct_conv.cc", "csrc/gemm.cc"],
+            ["csrc/direct_conv.cc", "csrc/gemm.cc", "csrc/stem.cc"],
             extra_compile_args=[*FLAGS, "-isystem", FFI_INCLUDE],
             language="c++",
             optional=True,

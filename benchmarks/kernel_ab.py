@@ -36,12 +36,14 @@ from resnext_flax import create_model
 from resnext_flax.models.folding import optimize_for_inference
 from resnext_flax.nn.lowering import kernel
 from resnext_flax.nn.ops import conv_xla, epilogue
+from resnext_flax.nn.policy import ConvPolicy
 
 #: kernel.py's target-name constants and the handler symbol each one names.
 TARGET_SYMBOLS = {"_DIRECT_TARGET": "ResnextDirectConv",
                   "_POINTWISE_TARGET": "ResnextPointwiseConv",
                   "_BOUNDARY_TARGET": "ResnextFusionBoundary",
-                  "_DIRECT_ACT_TARGET": "ResnextDirectConvBiasAct"}
+                  "_DIRECT_ACT_TARGET": "ResnextDirectConvBiasAct",
+                  "STEM_TARGET": "ResnextStemConv", "POOL_TARGET": "ResnextMaxPool"}
 
 
 def register(index: int, path: str, helpers: int) -> dict[str, str]:
@@ -68,13 +70,15 @@ def _unfused_direct(x, kernel_, bias, *, relu, stride, padding, groups, differen
 
 def model_program(targets: dict[str, str], name: str, batch: int, size: int):
     """The folded model's forward pass compiled against one build's handlers (a build without
-    the direct convs' epilogue gets their bias and ReLU in XLA)."""
+    the direct convs' epilogue gets their bias and ReLU in XLA; one without the stem form, XLA's
+    stem)."""
     assert kernel.available(), kernel.unavailable_reasons()
     jax.clear_caches()  # no program traced for another build may be reused
     for constant, target in targets.items():
         setattr(kernel, constant, target)
     model = create_model(name, rngs=nnx.Rngs(0))
-    folded = optimize_for_inference(model)
+    # A build without the stem form runs the stem in XLA.
+    folded = optimize_for_inference(model, policy=ConvPolicy(stem="STEM_TARGET" in targets))
     images = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)),
                          jnp.float32)
     fused_direct = kernel.conv2d_bias_act

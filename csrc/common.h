@@ -115,10 +115,14 @@ void ParallelFor(ffi::ThreadPool* pool, int64_t max_helpers, int64_t items, cons
   state->cv.wait(lock, [&] { return state->in_flight.load() == 0; });
 }
 
-inline const bool kAvx2 = CpuHasAvx2Fma();
+// Process state is hidden (bound within this library): inline variables are otherwise unique
+// symbols that the dynamic linker shares between every loaded copy of the library.
+#define RESNEXT_HIDDEN __attribute__((visibility("hidden")))
+
+inline RESNEXT_HIDDEN const bool kAvx2 = CpuHasAvx2Fma();
 
 // Helper threads: -1 = as many as the pool has (default); 0 = run on the calling thread only.
-inline std::atomic<int> g_max_helpers{-1};
+inline RESNEXT_HIDDEN std::atomic<int> g_max_helpers{-1};
 
 // The conv's shape from its operands (x: (n, h, w, c); w: blocked (units, kh, kw, d, unit);
 // y: (n, ho, wo, cout)), checked against the attributes.

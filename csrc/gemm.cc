@@ -255,7 +255,7 @@ bool CpuHasAvx512() {
 
 #if RESNEXT_X86
 // Whether the GEMM takes its AVX-512 form (the CPU has it, and tests have not turned it off).
-std::atomic<bool> g_gemm_avx512{CpuHasAvx512()};
+RESNEXT_HIDDEN std::atomic<bool> g_gemm_avx512{CpuHasAvx512()};
 
 // A 1x1 conv as a GEMM, in items of (a block of rows, a block of columns): at least ~8 items,
 // so that small maps (batch 1, 7x7) still spread over the threads, and at most kGemmMaxNc

@@ -165,7 +165,10 @@ def test_auto_lowering_is_chosen_by_backend_and_shape():
     assert NO_FFI.select((3, 3, 64, 64), backend="cpu") == "winograd"
     assert NO_FFI.select((3, 3, 64, 64), stride=2, backend="cpu") == "xla"
     assert NO_FFI.select((1, 1, 256, 64), backend="cpu") == "matmul"
-    assert AUTO.select((7, 7, 3, 64), stride=2, backend="cpu") == "xla"
+    # The 7x7 stem over RGB: the kernel's stem form, else XLA's conv.
+    assert AUTO.select((7, 7, 3, 64), stride=2, backend="cpu") == (dense_ffi or "xla")
+    assert NO_FFI.select((7, 7, 3, 64), stride=2, backend="cpu") == "xla"
+    assert ConvPolicy(stem=False).select((7, 7, 3, 64), stride=2, backend="cpu") == "xla"
     for backend in ("gpu", "tpu"):
         assert AUTO.select((3, 3, 4, 128), groups=32, backend=backend) == "xla"
         assert AUTO.select((1, 1, 256, 64), backend=backend) == "xla"
@@ -351,11 +354,12 @@ def test_optimized_model_prepares_kernels_once():
     convs = [m for _, m in nnx.iter_graph(folded.module()) if hasattr(m, "prepared_for")]
     prepared = collections.Counter(c.prepared_for for c in convs if c.prepared is not None)
     # The 13 3x3 stride-1 convs get Winograd's tiles; with the compiled kernel, those, the
-    # 3 stride-2 3x3 convs and the 3 1x1 (downsample) convs also get its weight layout.
+    # 3 stride-2 3x3 convs, the 3 1x1 (downsample) convs and the 7x7 stem conv also get its
+    # weight layout.
     if jax.default_backend() != "cpu":
         assert not prepared
     elif cpu_kernel.available():
-        assert prepared == {("ffi", "winograd"): 13, ("ffi",): 6}
+        assert prepared == {("ffi", "winograd"): 13, ("ffi",): 7}
     else:
         assert prepared == {("winograd",): 13}
     x = random_images(1, 64, 64, seed=2)

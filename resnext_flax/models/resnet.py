@@ -251,9 +251,13 @@ class ResNet(nnx.Module):
         return nnx.List(blocks), outplanes
 
     def stem(self, x: jax.Array) -> jax.Array:
-        """conv1 (7x7/2), bn1, ReLU and the 3x3/2 max-pool."""
-        x = jax.nn.relu(self.bn1(self.conv1(x)))
-        return ops.max_pool(x, window=3, stride=2, padding=1)
+        """conv1 (7x7/2), bn1, ReLU and the 3x3/2 max-pool (in the compiled kernel where
+        conv1's policy runs convs there)."""
+        if isinstance(self.bn1, Identity):  # folded: the ReLU goes with conv1's bias, one op
+            x = self.conv1(x, relu=True)
+        else:
+            x = jax.nn.relu(self.bn1(self.conv1(x)))
+        return ops.max_pool_under(self.conv1.policy, x, window=3, stride=2, padding=1)
 
     def forward_features(self, x: jax.Array) -> dict[str, jax.Array]:
         """Every intermediate output, keyed by ``FEATURE_NAMES``.

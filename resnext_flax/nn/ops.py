@@ -51,3 +51,12 @@ def max_pool(x: jax.Array, *, window: int, stride: int, padding: int) -> jax.Arr
         window_strides=(1, stride, stride, 1),
         padding=((0, 0), (padding, padding), (padding, padding), (0, 0)),
     )
+
+
+def max_pool_under(policy, x: jax.Array, *, window: int, stride: int,
+                   padding: int) -> jax.Array:
+    """:func:`max_pool`, run by the compiled CPU kernel where `policy` (the
+    ``nn.policy.ConvPolicy`` of the convs around it) lets it (``policy.pool_kernel``): the
+    same values bit for bit, derivatives those of :func:`max_pool`."""
+    pool = policy.pool_kernel(x.shape, x.dtype, window=window, stride=stride, padding=padding)
+    return (pool or max_pool)(x, window=window, stride=stride, padding=padding)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +51,9 @@ class ConvPolicy:
     - `direct_strided`: dense strided 3x3 convs in the compiled kernel (else XLA's conv).
     - `direct_max_pixels`: dense 3x3 stride-1 convs in the compiled kernel up to this many
       output pixels (batch included; larger maps go to Winograd); 0: none, None: all.
+    - `stem`: dense convs over a few input channels (the 7x7 stem conv over RGB) in the
+      compiled kernel's stem form, and the max-pool after the stem in the kernel (else XLA's
+      conv and ``reduce_window``).
     """
 
     lowering: str = "auto"
@@ -59,6 +62,7 @@ class ConvPolicy:
     gemm_1x1: bool = True
     direct_strided: bool = True
     direct_max_pixels: int | None = 196
+    stem: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.exclude, str) or not isinstance(self.exclude, Iterable):
@@ -73,7 +77,7 @@ class ConvPolicy:
                              "other lowering falls back to")
         if self.lowering in self.exclude:
             raise ValueError(f"lowering {self.lowering!r} is both chosen and excluded")
-        for name in ("fuse", "gemm_1x1", "direct_strided"):
+        for name in ("fuse", "gemm_1x1", "direct_strided", "stem"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         pixels = self.direct_max_pixels
@@ -141,13 +145,15 @@ class ConvPolicy:
             return [*ffi, "matmul"]
         if kh == kw == 3:
             return ffi + (["winograd"] if stride == 1 else [])
-        return []
+        return ffi
 
     def _may_use_kernel(self, kernel_shape: tuple[int, ...], groups: int, stride: int) -> bool:
         """Whether the compiled kernel is a candidate for a kernel shape: it loaded, and for a
         dense conv the rule knobs leave it some inputs."""
         kh, kw = kernel_shape[:2]
-        if groups > 1:
+        if _stem_shaped(kernel_shape, groups):
+            wanted = self.stem
+        elif groups > 1:
             wanted = kh == kw == 3
         elif kh == kw == 1:
             wanted = self.gemm_1x1
@@ -164,8 +170,10 @@ class ConvPolicy:
         3x3 convs on small maps, where Winograd's fewer multiplies do not pay)."""
         if not self._may_use_kernel(kernel_shape, groups, stride):
             return False
-        from resnext_flax.nn.lowering import kernel
+        from resnext_flax.nn.lowering import kernel, stem
 
+        if _stem_shaped(kernel_shape, groups):
+            return stem.supports(x_shape, kernel_shape, stride, padding, groups, dtype)
         if not kernel.supports(x_shape, kernel_shape, stride, padding, groups, dtype):
             return False
         if groups > 1 or kernel_shape[:2] == (1, 1) or stride != 1:
@@ -173,11 +181,33 @@ class ConvPolicy:
         pixels = math.prod(kernel.output_size(x_shape, kernel_shape, stride, padding))
         return self.direct_max_pixels is None or pixels <= self.direct_max_pixels
 
+    def pool_kernel(self, x_shape: tuple[int, ...], dtype, *, window: int, stride: int,
+                    padding: int, backend: str | None = None) -> Callable | None:
+        """The compiled kernel's max-pool (``nn.lowering.stem.max_pool``, the same values as
+        ``ops.max_pool``) where the max-pool after a stem conv of this policy runs in it: on
+        the CPU, where the kernel may run and `stem` is on, for an input it takes; else None."""
+        if (backend or jax.default_backend()) != "cpu" or not (self.uses_kernels and self.stem):
+            return None
+        if not _kernel_loaded():
+            return None
+        from resnext_flax.nn.lowering import stem
+
+        if not stem.pool_supports(x_shape, dtype, window=window, stride=stride, padding=padding):
+            return None
+        return stem.max_pool
+
 
 #: The automatic choice (the default of every ``Conv``).
 DEFAULT_POLICY = ConvPolicy()
 #: XLA's own convolution everywhere: a program without the library's custom calls (export).
 XLA_POLICY = ConvPolicy(lowering="xla")
+
+
+def _stem_shaped(kernel_shape: tuple[int, ...], groups: int) -> bool:
+    """A kernel for the compiled kernel's stem form (which loaded)."""
+    from resnext_flax.nn.lowering import kernel
+
+    return kernel.stem_shaped(tuple(kernel_shape), groups) and kernel.available()
 
 
 def _kernel_loaded() -> bool:

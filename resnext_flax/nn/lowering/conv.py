@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from resnext_flax.nn.lowering import kernel as ffi
-from resnext_flax.nn.lowering import winograd, xla
+from resnext_flax.nn.lowering import stem, winograd, xla
 from resnext_flax.nn.ops import conv_xla, epilogue
 from resnext_flax.nn.policy import DEFAULT_POLICY, FAST_LOWERINGS, ConvPolicy
 
@@ -59,6 +59,11 @@ def _run(name: str, policy: ConvPolicy, x: jax.Array, kernel: jax.Array, stride:
          padding: int, groups: int, prepared: Mapping[str, Any]) -> jax.Array:
     """The conv in lowering `name`; a form that cannot express the conv gives XLA's own."""
     kh, kw = kernel.shape[:2]
+    if name == "ffi" and stem.supports(x.shape, kernel.shape, stride, padding, groups, x.dtype):
+        return stem.conv(x, kernel, stride=stride, padding=padding,
+                         differentiate_with=_direct(policy, x, kernel, stride, padding, groups,
+                                                    prepared),
+                         blocked=prepared.get("ffi"))
     if name == "ffi":
         return ffi.conv2d(x, kernel, stride=stride, padding=padding, groups=groups,
                           differentiate_with=_direct(policy, x, kernel, stride, padding, groups,
@@ -108,12 +113,16 @@ def conv_bias_act(
     BatchNorm folded in and what follows it in a residual block. Where the compiled kernel
     runs the conv and ``policy.fuse``, it applies what follows as it writes the output, saving
     XLA a pass over it: bias, residual and ReLU in the GEMM (1x1 convs), bias and ReLU in the
-    direct convs; elsewhere the same ops follow the conv in XLA. Derivatives are those of the
-    unfused ops."""
+    direct 3x3 convs and the stem form; elsewhere the same ops follow the conv in XLA.
+    Derivatives are those of the unfused ops."""
     prepared = prepared or {}
     name = _lowering(policy, x, kernel, stride, padding, groups, prepared)
     if name == "ffi" and policy.fuse and bias is not None:
         direct = _direct(policy, x, kernel, stride, padding, groups, prepared)
+        if residual is None and stem.supports(x.shape, kernel.shape, stride, padding, groups,
+                                              x.dtype):
+            return stem.conv(x, kernel, bias, stride=stride, padding=padding, relu=relu,
+                             differentiate_with=direct, blocked=prepared.get("ffi"))
         if (groups == 1 and padding == 0
                 and ffi.pointwise_supports(x.shape, kernel.shape, stride, x.dtype)):
             return ffi.pointwise_conv(x, kernel, bias, residual=residual, relu=relu,
@@ -131,7 +140,8 @@ def kernel_forms(kernel_shape: tuple[int, ...], dtype: Any, *, stride: int = 1, 
                  policy: ConvPolicy = DEFAULT_POLICY,
                  backend: str | None = None) -> tuple[str, ...]:
     """The forms :func:`prepare_kernel` computes for a kernel of this shape and dtype (static:
-    no array is read): "ffi" (the compiled kernel's blocked layout, a pure relayout),
+    no array is read): "ffi" (the compiled kernel's blocked layout, a pure relayout; its stem
+    form's too),
     "winograd" (the transformed tiles)."""
     if len(kernel_shape) != 4 or jnp.dtype(dtype) != jnp.float32:
         return ()

@@ -6,7 +6,9 @@ convolution vectorized with AVX2/FMA (grouped convs with 4 channels per group, w
 permute lets one 8-wide register serve two groups, or a multiple of 8 output channels per group;
 dense convs with 16 output channels per block of weights), dense 1x1 convs as a GEMM on the same
 blocked weights with a bias/residual/ReLU epilogue, and an identity that XLA cannot fuse (the
-residual :func:`fusion_boundary`). The work runs on XLA's own intra-op thread pool.
+residual :func:`fusion_boundary`); it also registers the stem's conv and max-pool
+(``csrc/stem.cc``), which ``nn.lowering.stem`` calls. The work runs on XLA's own intra-op
+thread pool.
 
 The kernels compute the forward pass only: :func:`conv2d` and :func:`pointwise_conv` are
 ``jax.custom_jvp`` functions whose derivatives are those of XLA's conv (or the function passed
@@ -47,8 +49,11 @@ _DIRECT_TARGET = "resnext_flax_direct_conv"
 _BOUNDARY_TARGET = "resnext_flax_fusion_boundary"
 _POINTWISE_TARGET = "resnext_flax_pointwise_conv"
 _DIRECT_ACT_TARGET = "resnext_flax_direct_conv_bias_act"
+STEM_TARGET = "resnext_flax_stem_conv"  # the stem's conv and max-pool (``lowering.stem``)
+POOL_TARGET = "resnext_flax_max_pool"
 #: The custom-call targets this module registers (a pure-XLA program contains none of them).
-TARGETS = (_DIRECT_TARGET, _BOUNDARY_TARGET, _POINTWISE_TARGET, _DIRECT_ACT_TARGET)
+TARGETS = (_DIRECT_TARGET, _BOUNDARY_TARGET, _POINTWISE_TARGET, _DIRECT_ACT_TARGET, STEM_TARGET,
+           POOL_TARGET)
 _LIBRARY = Path(__file__).resolve().parent / "_cpu_direct.so"
 
 
@@ -90,6 +95,8 @@ def _load_direct() -> _Loaded:
         _register(_DIRECT_TARGET, lib, "ResnextDirectConv")
         _register(_POINTWISE_TARGET, lib, "ResnextPointwiseConv")
         _register(_DIRECT_ACT_TARGET, lib, "ResnextDirectConvBiasAct")
+        _register(STEM_TARGET, lib, "ResnextStemConv")
+        _register(POOL_TARGET, lib, "ResnextMaxPool")
     except (OSError, AttributeError, RuntimeError, ValueError) as err:
         return _Loaded(None, f"cannot load {_LIBRARY.name}: {err}", boundary)
     return _Loaded(lib, None, boundary)
@@ -209,9 +216,24 @@ def _blocked_shape(kernel_shape: tuple[int, ...], groups: int) -> tuple[int, ...
     return cout // unit, kh, kw, d, unit
 
 
+#: The most input channels of a dense conv that the stem kernel runs (``lowering.stem``).
+STEM_MAX_CHANNELS = 4
+
+
+def stem_shaped(kernel_shape: tuple[int, ...], groups: int) -> bool:
+    """A dense kernel over few input channels, larger than 1x1, with whole 16-channel blocks
+    of outputs (the 7x7 stem conv over RGB): the stem kernel's, in the dense layout."""
+    if len(kernel_shape) != 4:
+        return False
+    kh, kw, d, cout = kernel_shape
+    return (groups == 1 and 1 <= d <= STEM_MAX_CHANNELS and cout % 16 == 0 and cout > 0
+            and (kh, kw) != (1, 1) and kh >= 1 and kw >= 1)
+
+
 def blockable(kernel_shape: tuple[int, ...], groups: int) -> bool:
     """Whether :func:`block_kernel` has a layout for an HWIO kernel of this shape."""
-    return len(kernel_shape) == 4 and _direct_supports(tuple(kernel_shape), groups)
+    return len(kernel_shape) == 4 and (_direct_supports(tuple(kernel_shape), groups)
+                                       or stem_shaped(tuple(kernel_shape), groups))
 
 
 def block_kernel(kernel: jax.Array, groups: int) -> jax.Array | None:
