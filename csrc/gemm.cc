@@ -141,6 +141,22 @@ constexpr int64_t kKc512 = 256, kMc512 = 96;
 
 #define RESNEXT_ROWS12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 
+// Row r, vector v of a tile's output: added to y unless `first`, then the epilogue, stored.
+// Always inlined: an out-of-line call per vector costs as much as a short channel loop.
+__attribute__((always_inline, target("avx512f,avx2,fma"))) inline void Finish512(
+    __m512 acc, float* y, int64_t ldy, int r, int v, bool first, const Epilogue* ep) {
+  float* yr = y + r * ldy + 16 * v;
+  if (!first) acc = _mm512_add_ps(acc, _mm512_loadu_ps(yr));
+  if (ep != nullptr) {
+    if (ep->bias != nullptr) acc = _mm512_add_ps(acc, _mm512_loadu_ps(ep->bias + 16 * v));
+    if (ep->residual != nullptr)
+      acc = _mm512_add_ps(acc, _mm512_loadu_ps(ep->residual + r * ldy + 16 * v));
+    // max(0, acc): returns acc where it is NaN, as XLA's max does.
+    if (ep->relu) acc = _mm512_max_ps(_mm512_setzero_ps(), acc);
+  }
+  _mm512_storeu_ps(yr, acc);
+}
+
 // y[R rows, 16 V columns] (+)= A[rows, k0 : k0 + kc] * B; B is one or two 16-column panels
 // (b0, b1) at channel k0. Adds into y unless `first`; applies `ep` (offset to this tile)
 // unless null.
@@ -181,8 +197,8 @@ RESNEXT_AVX512 void Tile512(int64_t kc, const float* const* rows, int64_t k0, co
   };
 #define RESNEXT_STORE(r)                               \
   if constexpr (r < R) {                               \
-    finish(acc##r##0, r, 0);                           \
-    if constexpr (V > 1) finish(acc##r##1, r, 1);      \
+    Finish512(acc##r##0, y, ldy, r, 0, first, ep);     \
+    if constexpr (V > 1) Finish512(acc##r##1, y, ldy, r, 1, first, ep); \
   }
   RESNEXT_ROWS12(RESNEXT_STORE)
 #undef RESNEXT_STORE
