@@ -182,19 +182,6 @@ RESNEXT_AVX512 void Tile512(int64_t kc, const float* const* rows, int64_t k0, co
     RESNEXT_ROWS12(RESNEXT_STEP)
 #undef RESNEXT_STEP
   }
-  const __m512 zero = _mm512_setzero_ps();
-  auto finish = [&](__m512 acc, int r, int v) RESNEXT_AVX512 {
-    float* yr = y + r * ldy + 16 * v;
-    if (!first) acc = _mm512_add_ps(acc, _mm512_loadu_ps(yr));
-    if (ep != nullptr) {
-      if (ep->bias != nullptr) acc = _mm512_add_ps(acc, _mm512_loadu_ps(ep->bias + 16 * v));
-      if (ep->residual != nullptr)
-        acc = _mm512_add_ps(acc, _mm512_loadu_ps(ep->residual + r * ldy + 16 * v));
-      // max(0, acc): returns acc where it is NaN, as XLA's max does.
-      if (ep->relu) acc = _mm512_max_ps(zero, acc);
-    }
-    _mm512_storeu_ps(yr, acc);
-  };
 #define RESNEXT_STORE(r)                               \
   if constexpr (r < R) {                               \
     Finish512(acc##r##0, y, ldy, r, 0, first, ep);     \
