@@ -3,6 +3,7 @@ the library's images/s and its speed over PyTorch eager and over ONNX Runtime, b
 same run.
 
     python scripts/readme_table.py run.json [more.json ...] > table.md
+    python scripts/readme_table.py --compact run.json   # the README's: a column per model
 
 Several files (one process per model, say) make one table, in the order given. A run must
 have timed the sides ``jax_folded``, ``torch_eager`` and ``torch`` (ONNX Runtime on
@@ -73,13 +74,41 @@ def table(records: list[dict[str, Any]], sources: list[str] | None = None) -> st
     return "\n".join(lines)
 
 
+#: The README's short column names, in its order.
+SHORT = {"resnet18": "r18", "resnet34": "r34", "resnet50": "r50", "resnet101": "r101",
+         "resnet152": "r152", "resnext50_32x4d": "rx50 32x4d", "resnext101_32x8d": "rx101 32x8d",
+         "resnext101_64x4d": "rx101 64x4d", "wide_resnet50_2": "wrn50",
+         "wide_resnet101_2": "wrn101"}
+
+
+def compact_table(records: list[dict[str, Any]], sources: list[str] | None = None) -> str:
+    """The caption and a table with a column per model and, per batch, a row of the speed over
+    PyTorch eager and one over ONNX Runtime."""
+    sources = sources or [""] * len(records)
+    by_case = {(row["model"], row["batch"]): row
+               for record, source in zip(records, sources, strict=True)
+               for row in rows(record, source)}
+    models = list(dict.fromkeys(model for model, _ in by_case))
+    batches = sorted({batch for _, batch in by_case})
+    head = ["batch", "over"] + [SHORT.get(model, model) for model in models]
+    lines = [caption(records), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for batch in batches:
+        for key, name in (("vs_torch_eager", "PyTorch eager"), ("vs_ort", "ONNX Runtime")):
+            cells = [f"{by_case[(m, batch)][key]:.2f}" if (m, batch) in by_case else "-"
+                     for m in models]
+            lines.append("| " + " | ".join([str(batch), name, *cells]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("json", nargs="+", help="benchmarks/onnx_runtime.py --json output(s)")
+    p.add_argument("--compact", action="store_true",
+                   help="a column per model, rows of ratios per batch (the README's layout)")
     args = p.parse_args(argv)
     try:
         records = [json.loads(pathlib.Path(path).read_text()) for path in args.json]
-        text = table(records, args.json)
+        text = (compact_table if args.compact else table)(records, args.json)
     except (OSError, ValueError, KeyError) as err:
         # KeyError: a JSON file from another script (or an older onnx_runtime.py)
         p.error(f"{type(err).__name__}: {err}")

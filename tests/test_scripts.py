@@ -186,3 +186,21 @@ def test_readme_table_needs_both_ratios_and_shows_the_peak_only_when_measured():
     with pytest.raises(ValueError, match=r"run.json: resnet50 batch 8 has no library_vs_ort: "
                        r"run benchmarks/onnx_runtime.py with --sides jax_folded,torch_eager,"):
         readme_table.table([record], ["run.json"])
+
+
+def test_readme_table_compact_has_a_column_per_model_and_two_rows_per_batch():
+    readme_table = _readme_table()
+
+    def case(model, batch, torch_ratio, ort_ratio):
+        return {"model": model, "batch": batch, "size": 224,
+                "summary": {"library_images_per_s": 1.0, "library_vs_torch_eager": torch_ratio,
+                            "library_vs_ort": ort_ratio}}
+
+    record = {"date": "2026-12-07", "args": {"opt_levels": ["all"], "threads": 2, "repeats": 5},
+              "machine": {"torch": "2.14.1", "onnxruntime": "1.32.0", "cpu_count": 2},
+              "cases": [case("resnet18", 1, 1.314, 1.186), case("resnet18", 8, 1.276, 1.25),
+                        case("wide_resnet50_2", 1, 1.47, 1.055)]}
+    assert readme_table.compact_table([record]).splitlines()[2:] == [
+        "| batch | over | r18 | wrn50 |", "|---|---|---|---|",
+        "| 1 | PyTorch eager | 1.31 | 1.47 |", "| 1 | ONNX Runtime | 1.19 | 1.05 |",
+        "| 8 | PyTorch eager | 1.28 | - |", "| 8 | ONNX Runtime | 1.25 | - |"]
