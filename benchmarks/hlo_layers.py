@@ -82,8 +82,8 @@ def thunk_layers(hlo_text: str) -> dict[str, str]:
             continue
         called = re.search(r"calls=%(\S+?),", line)
         body = computations.get(called.group(1), "") if called else ""
-        if "reduce-window(" in body:
-            label[name] = "maxpool"
+        if "reduce-window(" in body or '"resnext_flax_max_pool"' in line + body:
+            label[name] = "maxpool"  # XLA's reduce_window, or the kernel's max-pool
         elif " reduce(" in body or "reduce_sum" in line:
             label[name] = "avgpool"
     consumers: dict[str, list[str]] = collections.defaultdict(list)

@@ -46,10 +46,12 @@ TARGET_SYMBOLS = {"_DIRECT_TARGET": "ResnextDirectConv",
                   "STEM_TARGET": "ResnextStemConv", "POOL_TARGET": "ResnextMaxPool"}
 
 
-def register(index: int, path: str, helpers: int) -> dict[str, str]:
+def register(index: int, path: str, helpers: int, gemm_avx2: bool = False) -> dict[str, str]:
     """Registers one build's handlers under targets of their own: constant -> target."""
     lib = ctypes.CDLL(str(Path(path).resolve()))
     lib.resnext_direct_conv_set_helpers(helpers)
+    if gemm_avx2:
+        lib.resnext_gemm_set_avx512(0)
     targets = {}
     for constant, symbol in TARGET_SYMBOLS.items():
         if not hasattr(lib, symbol):  # an older build: its programs do without
@@ -166,6 +168,8 @@ def main() -> None:
     p.add_argument("--helpers", default="-1",
                    help="helper threads from XLA's pool per build, comma-separated (one value: "
                         "all builds; -1: as many as the pool has; 0: the calling thread only)")
+    p.add_argument("--gemm-avx2", default="",
+                   help="comma-separated indices of builds whose GEMM runs its AVX2 form")
     p.add_argument("--models", default="",
                    help="comma-separated model names: whole optimize_for_inference models")
     p.add_argument("--size", type=int, default=224, help="image size of --models")
@@ -174,7 +178,8 @@ def main() -> None:
     builds = args.builds.split(",")
     helpers = args.helpers.split(",")
     helpers = helpers * len(builds) if len(helpers) == 1 else helpers
-    targets = [register(i, path, int(h)) for i, (path, h) in enumerate(
+    avx2 = {int(i) for i in args.gemm_avx2.split(",") if i}
+    targets = [register(i, path, int(h), i in avx2) for i, (path, h) in enumerate(
         zip(builds, helpers, strict=True))]
     if args.models:
         rows = measure_models(targets, args)

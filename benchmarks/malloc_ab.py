@@ -5,9 +5,12 @@ fresh ``mmap`` pages and unmaps them on free, so every call pays a page fault (a
 kernel's zeroing) per 4 KiB of activations. This script runs the same compiled
 ``optimize_for_inference`` program with glibc's defaults and with large blocks kept in the heap
 (``mallopt``: no mmap, no trimming), switching settings between calls, interleaved, medians after
-warm-up, and counts the minor page faults per call of each.
+warm-up, and counts the minor page faults per call of each. ``--torch`` times torchvision's
+eager model (channels_last, ``inference_mode``) the same way: the settings are process-wide,
+so a program that shares the process with the library gets them too.
 
     python benchmarks/malloc_ab.py --models resnet50,resnext50_32x4d --batch-sizes 1,8
+    python benchmarks/malloc_ab.py --models resnet101 --batch-sizes 8 --torch
 """
 
 from __future__ import annotations
@@ -40,12 +43,32 @@ def apply(libc: ctypes.CDLL, settings: dict[int, int]) -> None:
             raise RuntimeError(f"mallopt({option}, {value}) failed")
 
 
-def run(name: str, batch: int, args, libc: ctypes.CDLL) -> dict:
-    model = create_model(name, rngs=nnx.Rngs(0))
-    folded = optimize_for_inference(model)
-    images = jnp.asarray(np.random.default_rng(0).standard_normal(
-        (batch, args.size, args.size, 3)), jnp.float32)
+def library_call(name: str, batch: int, size: int):
+    folded = optimize_for_inference(create_model(name, rngs=nnx.Rngs(0)))
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)),
+                         jnp.float32)
     compiled = jax.jit(lambda x: folded(x)).lower(images).compile()
+    return lambda: compiled(images).block_until_ready()
+
+
+def torch_call(name: str, batch: int, size: int, threads: int):
+    import torch
+    import torchvision
+
+    torch.set_num_threads(threads)
+    model = getattr(torchvision.models, name)().eval().to(memory_format=torch.channels_last)
+    images = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+
+    def call():
+        with torch.inference_mode():
+            return model(images)
+
+    return call
+
+
+def run(name: str, batch: int, args, libc: ctypes.CDLL) -> dict:
+    call = (torch_call(name, batch, args.size, args.threads) if args.torch
+            else library_call(name, batch, args.size))
     sides = {"glibc_defaults": GLIBC_DEFAULTS, "keep_in_heap": KEEP_IN_HEAP}
     times = {side: [] for side in sides}
     faults = {side: [] for side in sides}
@@ -55,17 +78,18 @@ def run(name: str, batch: int, args, libc: ctypes.CDLL) -> dict:
             apply(libc, sides[side])
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
-            compiled(images).block_until_ready()
+            call()
             elapsed = time.perf_counter() - t0
             if round_ >= args.warmup:
                 times[side].append(elapsed)
                 faults[side].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     apply(libc, GLIBC_DEFAULTS)
     ms = {side: statistics.median(t) * 1e3 for side, t in times.items()}
-    row = {"model": name, "batch": batch, "ms": ms,
+    row = {"model": name, "batch": batch, "side": "torch eager" if args.torch else "library",
+           "ms": ms,
            "minor_faults_per_call": {s: statistics.median(f) for s, f in faults.items()},
            "speedup_keep_in_heap": ms["glibc_defaults"] / ms["keep_in_heap"]}
-    print(f"{name} b{batch}: defaults {ms['glibc_defaults']:.1f} ms "
+    print(f"{row['side']} {name} b{batch}: defaults {ms['glibc_defaults']:.1f} ms "
           f"({row['minor_faults_per_call']['glibc_defaults']:.0f} faults), keep in heap "
           f"{ms['keep_in_heap']:.1f} ms ({row['minor_faults_per_call']['keep_in_heap']:.0f}"
           f" faults): x{row['speedup_keep_in_heap']:.3f}", flush=True)
@@ -79,6 +103,9 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--torch", action="store_true",
+                   help="time torchvision's eager model instead of the library's")
+    p.add_argument("--threads", type=int, default=2, help="torch's intra-op threads")
     p.add_argument("--json", default="")
     args = p.parse_args()
     libc = ctypes.CDLL("libc.so.6")
