@@ -11,6 +11,15 @@ namespace {
 
 #if RESNEXT_X86
 
+// The epilogue of the tile at column `col`, element `offset` of the output (and residual).
+inline Epilogue AtTile(const Epilogue& epilogue, int64_t col, int64_t offset) {
+  Epilogue here;
+  if (epilogue.bias) here.bias = epilogue.bias + col;
+  if (epilogue.residual) here.residual = epilogue.residual + offset;
+  here.relu = epilogue.relu;
+  return here;
+}
+
 // ---- 1x1 convolutions as a packed GEMM: y[pixels, cout] = x[pixels, c] * W[c, cout].
 // W comes blocked as [cout/16][c][16] (the dense layout above with kh = kw = 1), i.e. already
 // packed in 16-column panels, once per model (Python prepares it). A 6x16 register tile
@@ -108,10 +117,7 @@ RESNEXT_AVX2 void GemmBlock(const Shape& s, const float* x, const float* wb, flo
       for (int64_t i = 0; i < rows; i += kGemmRows) {
         const float* api = ap + (i / kGemmRows) * kc * kGemmRows;
         const int64_t offset = (q0 + i) * s.cout + j;
-        Epilogue here;
-        if (epilogue.bias) here.bias = epilogue.bias + j;
-        if (epilogue.residual) here.residual = epilogue.residual + offset;
-        here.relu = epilogue.relu;
+        const Epilogue here = AtTile(epilogue, j, offset);
         const Epilogue* ep = last && any_epilogue ? &here : nullptr;
         float* yt = y + offset;
         switch (std::min<int64_t>(kGemmRows, rows - i)) {
@@ -233,10 +239,7 @@ RESNEXT_AVX512 void GemmBlock512(const Shape& s, const float* x, const float* wb
         const float* b0 = wb + (j / 16) * s.c * 16 + k0 * 16;
         const float* b1 = b0 + s.c * 16;
         const int64_t offset = (q0 + i) * s.cout + j;
-        Epilogue here;
-        if (epilogue.bias) here.bias = epilogue.bias + j;
-        if (epilogue.residual) here.residual = epilogue.residual + offset;
-        here.relu = epilogue.relu;
+        const Epilogue here = AtTile(epilogue, j, offset);
         const Epilogue* ep = last && any_epilogue ? &here : nullptr;
         if (j + 32 <= n0 + nc)
           Tile512Rows<2>(rows_here, kc, row_ptr + i, k0, b0, b1, y + offset, s.cout, k0 == 0, ep);
