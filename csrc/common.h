@@ -61,7 +61,9 @@ inline bool CpuHasAvx2Fma() {
 enum class Form { kD4, kBcast, kGemm, kScalar };
 
 // A dense conv's kernel in blocks of 16 output channels.
-inline bool DenseBlocks(const Shape& s) { return s.groups == 1 && s.unit == 16 && s.dout % 16 == 0; }
+inline bool DenseBlocks(const Shape& s) {
+  return s.groups == 1 && s.unit == 16 && s.dout % 16 == 0;
+}
 
 inline Form ChooseForm(const Shape& s, bool avx2) {
   if (avx2 && s.kh == 1 && s.kw == 1 && s.pad == 0 && DenseBlocks(s)) return Form::kGemm;
@@ -145,13 +147,16 @@ inline ffi::Error ReadShape(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w,
   s.wo = (s.w + 2 * s.pad - s.kw) / s.stride + 1;
   if (yd[0] != s.n || yd[1] != s.ho || yd[2] != s.wo || yd[3] != s.cout)
     return ffi::Error::InvalidArgument("conv: output shape does not match");
+  // No channel to sum over would leave the output unwritten; no output channel, no work.
+  if (s.c == 0 && s.cout > 0)
+    return ffi::Error::InvalidArgument("conv: the input has no channels");
   return ffi::Error::Success();
 }
 
 #if RESNEXT_X86
 // A dense 1x1 conv (Form::kGemm) as a GEMM with its epilogue, on the pool (gemm.cc).
-void GemmConv(ffi::ThreadPool* pool, const Shape& s, const float* x, const float* wb, float* y,
-              const Epilogue& epilogue = {});
+RESNEXT_HIDDEN void GemmConv(ffi::ThreadPool* pool, const Shape& s, const float* x,
+                             const float* wb, float* y, const Epilogue& epilogue = {});
 #endif
 
 }  // namespace resnext

@@ -203,7 +203,7 @@ ffi::Error RunDirectConv(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x,
   Shape s;
   if (ffi::Error err = ReadShape(x, w, y, stride, padding, groups, unit, s); err.failure())
     return err;
-  if (s.ho <= 0 || s.wo <= 0 || s.n == 0) return ffi::Error::Success();
+  if (s.ho <= 0 || s.wo <= 0 || s.n == 0 || s.cout == 0) return ffi::Error::Success();
 
   const Form form = ChooseForm(s, kAvx2);
   const int64_t pixels = s.n * s.ho * s.wo;

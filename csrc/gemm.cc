@@ -324,7 +324,7 @@ ffi::Error PointwiseConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
       return ffi::Error::InvalidArgument("pointwise conv: residual must have the output's shape");
     epilogue.residual = residual->typed_data();
   }
-  if (s.ho <= 0 || s.wo <= 0 || s.n == 0) return ffi::Error::Success();
+  if (s.ho <= 0 || s.wo <= 0 || s.n == 0 || s.cout == 0) return ffi::Error::Success();
 #if RESNEXT_X86
   GemmConv(&pool, s, x.typed_data(), w.typed_data(), y->typed_data(), epilogue);
 #endif

@@ -195,7 +195,7 @@ ffi::Error StemConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     bias = b->typed_data();
   }
   if (!kAvx2) return Unsupported("stem conv");
-  if (s.ho <= 0 || s.wo <= 0 || s.n == 0) return ffi::Error::Success();
+  if (s.ho <= 0 || s.wo <= 0 || s.n == 0 || s.cout == 0) return ffi::Error::Success();
 #if RESNEXT_X86
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();

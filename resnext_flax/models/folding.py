@@ -208,11 +208,12 @@ def optimize_for_inference(model: ResNet, *,
     ``module()``, which shares its arrays) are not seen by them. Optimize the changed model
     again instead.
 
-    On the CPU it also keeps freed large blocks in glibc's heap for the next call
+    On the CPU, under a policy that may run the compiled kernel, it also keeps freed large
+    blocks in glibc's heap for the next call
     (``nn.heap.keep_freed_memory``: no page faults on fresh activations; the process keeps its
     peak memory), unless ``RESNEXT_FLAX_MALLOC_DEFAULTS=1``."""
     check_not_optimized(model, "optimize_for_inference")
-    if jax.default_backend() == "cpu":
+    if jax.default_backend() == "cpu" and policy.uses_kernels:  # not for export's pure XLA
         heap.keep_freed_memory()
     folded = set_conv_policy(nnx.clone(model), policy)
     # Folding and kernel preparation: a few programs per distinct kernel shape.

@@ -57,8 +57,8 @@ def keep_freed_memory() -> bool:
         return False
     for option, value in SETTINGS.items():
         if libc.mallopt(ctypes.c_int(option), ctypes.c_int(value)) != 1:
-            logger.info("mallopt(%d, %d) failed; glibc's malloc settings left as they are",
-                        option, value)
+            logger.info("mallopt(%d, %d) failed; glibc's malloc settings may be partly "
+                        "changed", option, value)
             return False
     logger.info("glibc's mmap and heap trimming turned off: freed buffers are reused by the "
                 "next call (%s=1 leaves them on)", DEFAULTS_ENV)
