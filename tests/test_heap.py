@@ -83,3 +83,18 @@ def test_optimize_for_inference_keeps_freed_memory_on_the_cpu():
         print(faults_of_a_fresh_buffer() < (64 << 20) // 4096 // 100)
     """)
     assert reused == "True"
+
+
+def test_a_pure_xla_preparation_leaves_glibc_defaults():
+    """Export prepares its model under XLA_POLICY (no compiled kernel): the process's malloc
+    settings stay as they were."""
+    (fresh,) = _child("""
+        from flax import nnx
+        from resnext_flax import create_model
+        from resnext_flax.models.folding import optimize_for_inference
+        from resnext_flax.nn.policy import XLA_POLICY
+        optimize_for_inference(create_model("resnet18", rngs=nnx.Rngs(0)), policy=XLA_POLICY)
+        faults_of_a_fresh_buffer()
+        print(faults_of_a_fresh_buffer() > (64 << 20) // 4096 // 2)
+    """)
+    assert fresh == "True"
