@@ -42,6 +42,8 @@ from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import get_spec
 from resnext_flax.outputs import check_finetune_output
 from resnext_flax.pipeline import LoaderOptions, SkipReport, train_loader
+from resnext_flax.run_log import plot_metrics, write_metrics
+from resnext_flax.schedules import Schedule, StepUnit, WarmupMethod
 from resnext_flax.training import TrainState
 from resnext_flax.weights.checkpoint import save_checkpoint
 from resnext_flax.weights.files import atomic_write
@@ -57,38 +59,52 @@ MAX_SEED = 2**32 - 1
 
 
 @dataclasses.dataclass(frozen=True)
-class FinetuneConfig:
+class TrainConfig:
     """The settings of a run (all of them are checked again when a run resumes).
 
     - `model`: architecture name; `weights`: a weight-set tag (``"DEFAULT"``), a local
       ``.pth`` / ``.safetensors`` / converted file, or None for random initialization.
+    - `new_head`: give the model a new, randomly initialized head for the data's classes;
+      None: only when the weights' head has another number of classes.
     - `epochs`, `batch_size` (global, a multiple of the device count), `seed`.
     - `optimizer`: ``"sgd"`` (torch's SGD with momentum) or ``"adamw"``; `lr` is the peak of
-      a linear warm-up over `warmup_epochs` followed by a cosine decay to 0; `weight_decay`
-      applies to conv and linear kernels only (not BatchNorm or biases).
+      a warm-up over `warmup_epochs` (`warmup_method`, from ``lr * warmup_decay``) followed by
+      a cosine decay to `lr_min`, changed every step or, as torchvision's reference does,
+      every epoch (`schedule_unit`). `weight_decay` applies to conv and linear kernels;
+      BatchNorm parameters get `norm_weight_decay` and biases `bias_weight_decay` (None:
+      `weight_decay`, as torch does when no parameter groups are given).
     - `label_smoothing`; `freeze_backbone` (train the head only); `bf16` (bfloat16 compute,
       float32 parameters and statistics).
-    - `resize_size`, `crop_size`: override the weights' preprocessing (training crops are
-      random resized crops of `crop_size`); `augmentation`: crop scale, ratio and flip.
+    - `resize_size`, `crop_size`: override the weights' preprocessing for evaluation;
+      `train_crop_size`: the training crop when it differs from `crop_size` (torchvision's
+      ``--train-crop-size``); `augmentation`: crop scale, ratio, flip and the image policies.
     - `val_split`: hold out this fraction of each class when there is no validation folder.
     - `save_every`: also checkpoint every N steps (0: at the end of each epoch only).
     """
 
     model: str
-    weights: str | None = "DEFAULT"
+    weights: str | None = None
+    new_head: bool | None = None
     epochs: int = 10
     batch_size: int = 64
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    norm_weight_decay: float | None = 0.0
+    bias_weight_decay: float | None = 0.0
     warmup_epochs: float = 1.0
+    warmup_method: WarmupMethod = "linear"
+    warmup_decay: float = 0.0
+    lr_min: float = 0.0
+    schedule_unit: StepUnit = "step"
     label_smoothing: float = 0.1
     freeze_backbone: bool = False
     bf16: bool = False
     seed: int = 0
     resize_size: int | None = None
     crop_size: int | None = None
+    train_crop_size: int | None = None
     augmentation: Augmentation = dataclasses.field(default_factory=Augmentation)
     val_split: float | None = None
     save_every: int = 0
@@ -104,9 +120,12 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        decays = {name: getattr(self, name) for name in ("norm_weight_decay",
+                                                         "bias_weight_decay")
+                  if getattr(self, name) is not None}
         training.check_hyperparameters(
             lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-            warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing)
+            warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing, **decays)
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0, got {self.save_every}")
         if not 0 <= self.seed <= MAX_SEED:
@@ -115,6 +134,17 @@ class FinetuneConfig:
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs:g}) must not exceed epochs "
                              f"({self.epochs}): the warm-up is part of the schedule")
+        self.schedule()  # checks the schedule's own settings
+        for name in ("resize_size", "crop_size", "train_crop_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
+    def schedule(self) -> Schedule:
+        """The learning-rate schedule these settings describe."""
+        return Schedule(self.lr, self.epochs, self.warmup_epochs, self.warmup_method,
+                        self.warmup_decay, self.lr_min, self.schedule_unit)
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change the trajectory (a resumed run must match them)."""
@@ -122,6 +152,15 @@ class FinetuneConfig:
         for key in ("save_every", "keep_checkpoints"):
             out.pop(key)
         return json.loads(json.dumps(out))
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig(TrainConfig):
+    """:class:`TrainConfig` with fine-tuning's defaults: start from the default weights and
+    give the model a new head for the data's classes."""
+
+    weights: str | None = "DEFAULT"
+    new_head: bool | None = True
 
 
 @dataclasses.dataclass
@@ -136,7 +175,7 @@ class FinetuneResult:
     best_epoch: int
 
 
-def initial_model(config: FinetuneConfig, num_classes: int, *,
+def initial_model(config: TrainConfig, num_classes: int, *,
                   cache_dir: str | os.PathLike | None = None,
                   progress: bool = True) -> tuple[ResNet, Preprocessing]:
     """The model to start from, with a new head of `num_classes`, and the preprocessing its
@@ -155,18 +194,31 @@ def initial_model(config: FinetuneConfig, num_classes: int, *,
                                 progress=progress)
     cfg = pretrained_cfg(model)
     base = cfg.preprocessing if cfg is not None and cfg.preprocessing else Preprocessing()
-    model.reset_classifier(num_classes, rngs=nnx.Rngs(config.seed))  # the record follows
+    if weights not in RANDOM_INIT:
+        _fit_head(model, num_classes, config)
     sizes = {k: v for k, v in (("resize_size", config.resize_size),
                                ("crop_size", config.crop_size)) if v is not None}
     return model, dataclasses.replace(base, **sizes)
 
 
+def _fit_head(model: ResNet, num_classes: int, config: TrainConfig) -> None:
+    """A new head for the data's classes when `config.new_head` asks for one (None: when the
+    weights' head has another size); keeping a head of the wrong size is an error."""
+    same = model.num_classes == num_classes
+    if config.new_head or (config.new_head is None and not same):
+        model.reset_classifier(num_classes, rngs=nnx.Rngs(config.seed))  # the record follows
+    elif not same:
+        raise ValueError(f"new_head=False keeps the weights' head of {model.num_classes} "
+                         f"classes, but the data has {num_classes}: give new_head=None or "
+                         "True")
+
+
 @functools.cache
-def _optimizer(kind: str, lr: float, momentum: float, weight_decay: float, warmup: int,
-               total: int) -> optax.GradientTransformation:
+def _optimizer(kind: str, schedule_settings: Schedule, steps_per_epoch: int, momentum: float,
+               weight_decay: float) -> optax.GradientTransformation:
     """Cached: the optimizer is static in the jitted step, so an equal but new object would
     compile the step again (runs in one process share it)."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1))
+    schedule = schedule_settings.optax(steps_per_epoch)
     if kind == "sgd":
         return training.sgd(schedule, momentum=momentum, weight_decay=weight_decay)
     return optax.adamw(schedule, weight_decay=weight_decay, mask=training.decay_mask)
@@ -178,7 +230,7 @@ def _train_step(mesh: Mesh, label_smoothing: float) -> Callable:
 
 
 def _datasets(train: str | os.PathLike | ImageDataset, val: str | os.PathLike | ImageDataset
-              | None, config: FinetuneConfig) -> tuple[ImageDataset, ImageDataset | None]:
+              | None, config: TrainConfig) -> tuple[ImageDataset, ImageDataset | None]:
     train_ds = train if isinstance(train, ImageDataset) else load_dataset(train)
     if train_ds.num_classes < 2:
         raise DatasetError(f"{train_ds.root}: fine-tuning needs at least 2 classes, found "
@@ -205,9 +257,9 @@ def _checkpoint_manager(directory: str, keep: int) -> Any:
         item_names=("state", "data", "run"))
 
 
-def finetune(
+def train(
     train: str | os.PathLike | ImageDataset,
-    config: FinetuneConfig,
+    config: TrainConfig,
     output_dir: str | os.PathLike,
     *,
     val: str | os.PathLike | ImageDataset | None = None,
@@ -219,15 +271,19 @@ def finetune(
     log: Callable[[str], None] | None = None,
     extend: bool = False,
 ) -> FinetuneResult:
-    """Fine-tune `config.model` on a folder or list file; resume if `output_dir` holds a run.
+    """Train `config.model` on a folder or list file; resume if `output_dir` holds a run.
 
-    `output_dir` receives ``checkpoints/`` (Orbax: the train state, the loader position and
-    the run's history), ``best.safetensors`` (the best epoch by validation acc@1, or the last
-    epoch without validation; a converted checkpoint with the class names and preprocessing
-    in its header) and ``history.json``. `val` is a validation folder or list file (classes
-    matched by name); else ``config.val_split`` holds out part of `train`. `on_step(step,
-    metrics)` is called after every step (an exception there stops the run without saving,
-    like a crash). Ctrl-C saves a checkpoint and re-raises.
+    ``finetune`` is the same function; :class:`FinetuneConfig` holds fine-tuning's defaults
+    and :mod:`resnext_flax.recipes` published recipes (``recipe_config``).
+
+    `output_dir` receives ``checkpoints/`` (Orbax: the train state, the loader position and the
+    run's history), ``metrics.jsonl`` and ``metrics.png`` (one line and one point per epoch:
+    losses, accuracies, learning rate), ``best.safetensors`` (the best epoch by validation
+    acc@1, or the last epoch without validation; a converted checkpoint with the class names
+    and preprocessing in its header) and ``history.json``. `val` is a validation folder or list
+    file (classes matched by name); else ``config.val_split`` holds out part of `train`.
+    `on_step(step, metrics)` is called after every step (an exception there stops the run
+    without saving, like a crash). Ctrl-C saves a checkpoint and re-raises.
     """
     say = log or (lambda message: print(message, flush=True))
     check_finetune_output(output_dir, [train, val], config.weights)
@@ -241,12 +297,15 @@ def finetune(
                            f"one batch of {config.batch_size}")
     model, preprocessing = initial_model(config, train_ds.num_classes, cache_dir=cache_dir,
                                          progress=progress)
+    train_preprocessing = preprocessing if config.train_crop_size is None else (
+        dataclasses.replace(preprocessing, crop_size=config.train_crop_size))
     batches = train_loader(
-        train_ds, preprocessing, config.batch_size, epochs=config.epochs, seed=config.seed,
-        augmentation=config.augmentation, options=loader)
+        train_ds, train_preprocessing, config.batch_size, epochs=config.epochs,
+        seed=config.seed, augmentation=config.augmentation, options=loader)
     per_epoch = batches.steps_per_epoch
-    tx = _optimizer(config.optimizer, config.lr, config.momentum, config.weight_decay,
-                    round(config.warmup_epochs * per_epoch), per_epoch * config.epochs)
+    schedule = config.schedule()
+    tx = _optimizer(config.optimizer, schedule, per_epoch, config.momentum,
+                    config.weight_decay)
     state = training.create_train_state(model, tx, freeze_backbone=config.freeze_backbone)
     state = parallel.replicate(mesh, parallel.with_batchnorm_axis(state))
     step_fn = _train_step(mesh, config.label_smoothing)
@@ -304,7 +363,8 @@ def finetune(
         nonlocal totals, skipped, first_validation
         watch.flush()  # no validation, export or checkpoint of a diverged state
         entry = totals.entry(step // per_epoch, step, config.batch_size)
-        entry.update(images_per_second=timer.rate(), skipped=skipped.count)
+        entry.update(images_per_second=timer.rate(), skipped=skipped.count,
+                     lr=schedule.rate((step - 1) / per_epoch))
         if val_ds is not None:
             with first_validation:
                 entry.update(_validate(state, val_ds, preprocessing, config, loader, mesh))
@@ -318,6 +378,9 @@ def finetune(
                 _export(state, best_path, train_ds.classes, preprocessing, config, entry)
             run["best"] = {"epoch": entry["epoch"], "acc1": entry.get("val_acc1")}
         run["history"].append(entry)
+        if primary:
+            write_metrics(output_dir, run["history"])
+            plot_metrics(output_dir, run["history"])
         totals, skipped = bookkeeping.EpochTotals(), SkipReport(train_ds)
         timer.restart()
         save(replace=True)
@@ -366,8 +429,12 @@ def finetune(
                           int(best["epoch"]))
 
 
+#: Fine-tuning is training with :class:`FinetuneConfig`'s defaults.
+finetune = train
+
+
 def _validate(state: TrainState, val_ds: ImageDataset, preprocessing: Preprocessing,
-              config: FinetuneConfig, loader: LoaderOptions | None, mesh: Mesh
+              config: TrainConfig, loader: LoaderOptions | None, mesh: Mesh
               ) -> dict[str, Any]:
     result = evaluate(state.model(), val_ds, preprocessing=preprocessing,
                       batch_size=config.batch_size, loader=loader, mesh=mesh, progress=False)
@@ -376,7 +443,7 @@ def _validate(state: TrainState, val_ds: ImageDataset, preprocessing: Preprocess
 
 
 def _export(state: TrainState, path: str, classes: tuple[str, ...],
-            preprocessing: Preprocessing, config: FinetuneConfig, entry: dict[str, Any]
+            preprocessing: Preprocessing, config: TrainConfig, entry: dict[str, Any]
             ) -> None:
     bookkeeping.check_finite({"params": state.params, "batch_stats": state.batch_stats}, path)
     model = state.model()
@@ -387,7 +454,7 @@ def _export(state: TrainState, path: str, classes: tuple[str, ...],
     save_checkpoint(model, path, metadata=metadata)
 
 
-def finetuned_cfg(config: FinetuneConfig, classes: tuple[str, ...],
+def finetuned_cfg(config: TrainConfig, classes: tuple[str, ...],
                   preprocessing: Preprocessing, path: str) -> PretrainedCfg:
     """The record a fine-tuned model carries: its classes and preprocessing, and where it was
     written."""

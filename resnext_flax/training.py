@@ -154,6 +154,8 @@ HYPERPARAMETER_BOUNDS: dict[str, Bounds] = {
     "learning_rate": LEARNING_RATE_BOUNDS,
     "lr": PEAK_LR_BOUNDS,
     "weight_decay": NON_NEGATIVE_BOUNDS,
+    "norm_weight_decay": NON_NEGATIVE_BOUNDS,
+    "bias_weight_decay": NON_NEGATIVE_BOUNDS,
     "warmup_epochs": NON_NEGATIVE_BOUNDS,
     "momentum": MOMENTUM_BOUNDS,
     "label_smoothing": LABEL_SMOOTHING_BOUNDS,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 
 import jax
@@ -17,12 +18,14 @@ import optax
 import pytest
 import torch_reference
 from folder_helpers import learnable_folder
+from PIL import Image
 from pretrained_helpers import save_torchvision_file
 
 from resnext_flax import cli, datasets, evaluation, finetuning, from_pretrained, parallel
 from resnext_flax.cli import finetune as commands
 from resnext_flax.errors import TrainingError
-from resnext_flax.finetuning import FinetuneConfig, finetune, initial_model
+from resnext_flax.finetuning import FinetuneConfig, TrainConfig, finetune, initial_model
+from resnext_flax.run_log import read_metrics
 from resnext_flax.weights.checkpoint import read_checkpoint_labels
 
 CLASSES = ("china", "digits", "flower")
@@ -76,6 +79,13 @@ def test_learns_and_exports_the_model_it_trained(run, evaluated):
     assert (preprocessing.resize_size, preprocessing.crop_size) == (36, 32)
     history = json.loads((root / "out" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    # One metrics line per epoch, as the history; the learning rate the epoch ended with.
+    assert read_metrics(root / "out" / "metrics.jsonl") == history
+    ends = [(9 * epoch - 1) / 9 for epoch in (1, 2, 3, 4)]  # 9 steps an epoch, warm-up 0.5
+    assert [h["lr"] for h in history] == pytest.approx(
+        [0.002 * (1 + math.cos(math.pi * (t - 0.5) / 3.5)) / 2 for t in ends])
+    with Image.open(root / "out" / "metrics.png") as plot:
+        assert plot.format == "PNG" and plot.width > 600
 
 
 def test_predict_prints_the_folder_classes(run, evaluated, capsys):
@@ -100,6 +110,45 @@ def test_a_finished_run_resumes_to_itself_and_other_settings_are_refused(run, ca
     assert cli.main(["finetune", *argv[:-1], "--lr", "0.01"]) == 1
     assert "holds a run with other settings (lr: 0.002 -> 0.01): rerun with its settings" in (
         capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("new_head,classes,replaced", [
+    (True, 1000, True), (None, 1000, False), (None, 3, True), (False, 1000, False)])
+def test_new_head_replaces_the_weights_head_only_when_asked(tmp_path, new_head, classes,
+                                                            replaced):
+    pth = save_torchvision_file(torch_reference.torch_model("resnet18", seed=4), tmp_path,
+                                "resnet18")
+    start = from_pretrained("resnet18", checkpoint=pth)
+    config = TrainConfig(model="resnet18", weights=str(pth), new_head=new_head)
+    model, _ = initial_model(config, classes)
+    assert model.num_classes == classes
+    same = np.array_equal(np.asarray(model.fc.kernel[...])[:, :3],
+                          np.asarray(start.fc.kernel[...])[:, :3])
+    assert same is not replaced
+    # The backbone is the file's whatever happens to the head.
+    np.testing.assert_array_equal(np.asarray(model.conv1.kernel[...]),
+                                  np.asarray(start.conv1.kernel[...]))
+
+
+def test_a_kept_head_of_another_size_is_refused(tmp_path):
+    pth = save_torchvision_file(torch_reference.torch_model("resnet18", seed=4), tmp_path,
+                                "resnet18")
+    config = TrainConfig(model="resnet18", weights=str(pth), new_head=False)
+    with pytest.raises(ValueError, match="head of 1000 classes, but the data has 3"):
+        initial_model(config, 3)
+
+
+def test_training_defaults_start_from_scratch_and_finetuning_from_the_weights():
+    assert (TrainConfig(model="resnet18").weights, TrainConfig(model="resnet18").new_head) == (
+        None, None)
+    assert (FinetuneConfig(model="resnet18").weights,
+            FinetuneConfig(model="resnet18").new_head) == ("DEFAULT", True)
+    with pytest.raises(ValueError, match="train_crop_size must be a positive integer"):
+        TrainConfig(model="resnet18", train_crop_size=0)
+    with pytest.raises(ValueError, match="whole number of warm-up epochs"):
+        TrainConfig(model="resnet18", warmup_epochs=0.5, schedule_unit="epoch")
+    with pytest.raises(ValueError, match="norm_weight_decay must be a finite number"):
+        TrainConfig(model="resnet18", norm_weight_decay=-1.0)
 
 
 def test_options_before_any_work(tmp_path):
@@ -199,6 +248,9 @@ def test_an_interrupt_at_the_end_of_the_last_epoch_is_finished_by_the_rerun(run,
     assert resumed.best_epoch == result.best_epoch
     history = json.loads((tmp_path / "out" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    timed = ("images_per_second",)  # a resumed run's metrics file holds each epoch once
+    assert [{k: v for k, v in h.items() if k not in timed}
+            for h in read_metrics(tmp_path / "out" / "metrics.jsonl")] == timeless[:4]
 
 
 def test_an_interrupt_before_any_step_saves_nothing(run, tmp_path, monkeypatch):
