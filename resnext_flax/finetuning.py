@@ -213,15 +213,25 @@ def _fit_head(model: ResNet, num_classes: int, config: TrainConfig) -> None:
                          "True")
 
 
+def _optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SGD is torch's (coupled L2 before momentum); AdamW's decay is decoupled, after Adam's
+    scaling, as in optax.adamw."""
+    return _cached_optimizer(config.optimizer, config.schedule(), steps_per_epoch,
+                             config.momentum, (config.weight_decay, config.norm_weight_decay,
+                                               config.bias_weight_decay))
+
+
 @functools.cache
-def _optimizer(kind: str, schedule_settings: Schedule, steps_per_epoch: int, momentum: float,
-               weight_decay: float) -> optax.GradientTransformation:
-    """Cached: the optimizer is static in the jitted step, so an equal but new object would
-    compile the step again (runs in one process share it)."""
-    schedule = schedule_settings.optax(steps_per_epoch)
+def _cached_optimizer(kind: str, schedule: Schedule, steps_per_epoch: int, momentum: float,
+                      decays: tuple[float, float | None, float | None]
+                      ) -> optax.GradientTransformation:
+    """Cached on what the update depends on: the optimizer is static in the jitted step, so
+    an equal but new object would compile the step again (runs in one process share it)."""
+    decay = training.grouped_weight_decay(*decays)
+    rate = schedule.optax(steps_per_epoch)
     if kind == "sgd":
-        return training.sgd(schedule, momentum=momentum, weight_decay=weight_decay)
-    return optax.adamw(schedule, weight_decay=weight_decay, mask=training.decay_mask)
+        return optax.chain(decay, optax.sgd(rate, momentum=momentum or None))
+    return optax.chain(optax.scale_by_adam(), decay, optax.scale_by_learning_rate(rate))
 
 
 @functools.cache
@@ -304,8 +314,7 @@ def train(
         seed=config.seed, augmentation=config.augmentation, options=loader)
     per_epoch = batches.steps_per_epoch
     schedule = config.schedule()
-    tx = _optimizer(config.optimizer, schedule, per_epoch, config.momentum,
-                    config.weight_decay)
+    tx = _optimizer(config, per_epoch)
     state = training.create_train_state(model, tx, freeze_backbone=config.freeze_backbone)
     state = parallel.replicate(mesh, parallel.with_batchnorm_axis(state))
     step_fn = _train_step(mesh, config.label_smoothing)

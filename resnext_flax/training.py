@@ -93,6 +93,52 @@ def decay_mask(params: Params) -> Params:
     )
 
 
+def decay_groups(params: Params, *, weight_decay: float, norm_weight_decay: float | None,
+                 bias_weight_decay: float | None) -> Params:
+    """Each parameter's weight decay, as torchvision reference's ``set_weight_decay`` groups
+    them: a parameter named ``bias`` gets `bias_weight_decay`, else a normalization layer's
+    (BatchNorm scale and bias) `norm_weight_decay`, else `weight_decay`; a group given None
+    falls into the next."""
+
+    def visit(tree: Any, norm: bool) -> Any:
+        if not isinstance(tree, dict):
+            raise TypeError(f"expected a nested dict of parameters, got {type(tree)}")
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out[key] = visit(value, "scale" in value)
+            elif key == "bias" and bias_weight_decay is not None:
+                out[key] = bias_weight_decay
+            elif norm and norm_weight_decay is not None:
+                out[key] = norm_weight_decay
+            else:
+                out[key] = weight_decay
+        return out
+
+    return visit(params, False)
+
+
+def grouped_weight_decay(weight_decay: float, norm_weight_decay: float | None,
+                         bias_weight_decay: float | None) -> optax.GradientTransformation:
+    """torch's coupled L2 (``grad + wd * param``) with a decay per parameter group
+    (:func:`decay_groups`), to put before the optimizer's update."""
+    check_hyperparameters(weight_decay=weight_decay, **{
+        name: value for name, value in (("norm_weight_decay", norm_weight_decay),
+                                        ("bias_weight_decay", bias_weight_decay))
+        if value is not None})
+    settings = dict(weight_decay=weight_decay, norm_weight_decay=norm_weight_decay,
+                    bias_weight_decay=bias_weight_decay)
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        if params is None:
+            raise ValueError("weight decay needs the parameters: pass params to update()")
+        decays = decay_groups(params, **settings)
+        return jax.tree_util.tree_map(lambda g, p, wd: g + wd * p if wd else g,
+                                      updates, params, decays), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def sgd(
     learning_rate: float | optax.Schedule,
     *,

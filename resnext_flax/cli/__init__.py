@@ -1,6 +1,6 @@
-"""The ``resnext-flax`` command: one module per subcommand (``predict``, ``list``,
-``inspect``, ``evaluate``, ``finetune``, ``convert``, ``export``), each with ``add_parser`` and
-a ``run`` that returns what is printed. argparse (stdlib) keeps the command free of extra
+"""The ``resnext-flax`` command: one module per subcommand (``predict``, ``list``, ``inspect``,
+``evaluate``, ``train``, ``finetune``, ``convert``, ``export``), each with ``add_parser`` and a
+``run`` that returns what is printed. argparse (stdlib) keeps the command free of extra
 dependencies; the subcommands import the library inside ``run``, so ``--help`` and ``list``
 start fast.
 """
@@ -14,7 +14,16 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from resnext_flax.cli import convert, evaluate, export, finetune, inspect, listing, predict
+from resnext_flax.cli import (
+    convert,
+    evaluate,
+    export,
+    finetune,
+    inspect,
+    listing,
+    predict,
+    train,
+)
 from resnext_flax.cli.common import (
     add_checkpoint_options,
     checkpoint_options,
@@ -25,7 +34,7 @@ from resnext_flax.cli.common import (
 from resnext_flax.errors import ResnextFlaxError
 
 #: The subcommands, in the order ``--help`` lists them.
-SUBCOMMANDS = (predict, listing, inspect, evaluate, finetune, convert, export)
+SUBCOMMANDS = (predict, listing, inspect, evaluate, train, finetune, convert, export)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -153,17 +153,21 @@ def model_name(args: argparse.Namespace) -> str:
     return name
 
 
-def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
-    """The input pipeline's options (``evaluate``, ``finetune``)."""
+def add_loader_arguments(parser: argparse.ArgumentParser, *,
+                         val_prefix: bool = False) -> None:
+    """The input pipeline's options (``evaluate``, ``finetune``, ``train``); `val_prefix`
+    also spells the sizes as torchvision's reference does (``--val-resize-size``)."""
     parser.add_argument("--workers", type=int, default=0, metavar="N",
                         help="Grain worker processes decoding images; see docs/data.md "
                              "(default: 0, in-process threads only)")
     parser.add_argument("--threads", type=int, default=2, metavar="N",
                         help="decoding threads per process (default: 2)")
-    parser.add_argument("--resize-size", type=int, metavar="PX",
-                        help="override the weights' resize size")
-    parser.add_argument("--crop-size", type=int, metavar="PX",
-                        help="override the weights' crop size")
+    for size in ("resize", "crop"):
+        flags = [f"--{size}-size"]
+        if val_prefix:
+            flags.insert(0, f"--val-{size}-size")
+        parser.add_argument(*flags, dest=f"{size}_size", type=int, metavar="PX",
+                            help=f"override the weights' {size} size (evaluation)")
     parser.add_argument("--cache-dir", metavar="DIR", help="converted-checkpoint cache")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
