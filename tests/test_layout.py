@@ -27,6 +27,7 @@ LAYERS = {
     "resnext_flax.outputs": 2,
     "resnext_flax.preprocess": 3,
     "resnext_flax.augment": 3,
+    "resnext_flax.autoaugment": 3,
     "resnext_flax.datasets": 3,
     "resnext_flax.inference": 4,
     "resnext_flax.training": 4,
@@ -86,7 +87,7 @@ def _is_module(name: str) -> bool:
         PACKAGE / relative).with_suffix(".py").is_file()
 
 
-DATA_MODULES = ("preprocess", "augment", "datasets", "pipeline")
+DATA_MODULES = ("preprocess", "augment", "autoaugment", "datasets", "pipeline")
 
 
 @pytest.mark.parametrize("name", DATA_MODULES)
