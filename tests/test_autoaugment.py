@@ -6,7 +6,6 @@ reference preset's composition for the same decisions."""
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import numpy as np
@@ -107,6 +106,18 @@ def test_every_operation_equals_torchvisions_apply_op(interpolation):
             _theirs(image, [op], interpolation, fill=[10, 200, 30]))
 
 
+class _Recording:
+    """A numpy Generator that records every integer it draws."""
+
+    def __init__(self, seed: int):
+        self.rng, self.drawn = np.random.default_rng(seed), []
+
+    def integers(self, *args, **kwargs):
+        value = self.rng.integers(*args, **kwargs)
+        self.drawn.append(int(value))
+        return value
+
+
 class _Replay:
     """torch.randint replaced by a queue of values (the draws ours made), which must be
     consumed exactly."""
@@ -118,30 +129,17 @@ class _Replay:
         return torch.tensor([self.values.pop(0)])
 
 
-def _replay_draws(policy: str, ops, space) -> list[int]:
-    draws = []
-    for op in ops:
-        names = list(space)
-        draws.append(names.index(op.name))
-        magnitudes, signed = space[op.name]
-        if policy == "ta_wide" and magnitudes is not None:
-            draws.append(int(np.flatnonzero(magnitudes == abs(op.magnitude))[0]))
-        if signed:
-            draws.append(int(math.copysign(1.0, op.magnitude) < 0))
-    return draws
-
-
 @pytest.mark.parametrize("policy", ["ta_wide", "ra"])
 def test_trivial_and_rand_augment_replayed_through_torchvision(policy, monkeypatch):
-    """torchvision's own forward, its random draws replaced by ours, gives our pixels: the
-    draw structure (which draws happen, and in what order) is torchvision's."""
+    """torchvision's own forward, its random integers replaced by the ones ours drew, gives
+    our pixels: the draws (which happen, in what order, what each value means) are
+    torchvision's."""
     for seed in range(40):
         image = _photo(seed)
         interpolation = INTERPOLATIONS[seed % 3]
-        rng = np.random.default_rng(seed)
+        rng = _Recording(seed)
         ops = aa.draw_ops(policy, rng, image.height, image.width, ra_magnitude=seed % 31)
-        space = aa.augmentation_space(policy, 31, image.height, image.width)
-        replay = _Replay(_replay_draws(policy, ops, space))
+        replay = _Replay(rng.drawn)
         monkeypatch.setattr(torch, "randint", replay)
         mode = InterpolationMode(interpolation)
         module = (tva.TrivialAugmentWide(interpolation=mode) if policy == "ta_wide"
