@@ -138,8 +138,8 @@ def erase_box(height: int, width: int, channels: int, rng: np.random.Generator,
               augmentation: Augmentation = Augmentation()) -> Erase | None:
     """torchvision's ``RandomErasing(p=random_erase, value=erase_value)``: erase with
     probability `random_erase`; then up to 10 tries at a box of a random area fraction in
-    :data:`ERASE_SCALE` and a log-uniform aspect ratio in :data:`ERASE_RATIO` strictly inside
-    the image (noise drawn before its position, as torchvision), else nothing."""
+    :data:`ERASE_SCALE` and a log-uniform aspect ratio in :data:`ERASE_RATIO`, smaller than the
+    image on both sides (noise drawn before its position, as torchvision), else nothing."""
     if not rng.random() < augmentation.random_erase:
         return None
     log_ratio = (math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1]))

@@ -14,7 +14,16 @@ import torch
 import torchvision.transforms.functional as TF
 from folder_helpers import photo_crop
 from PIL import Image
-from torchvision.transforms import InterpolationMode, RandomErasing
+from torchvision.transforms import (
+    Compose,
+    ConvertImageDtype,
+    InterpolationMode,
+    Normalize,
+    PILToTensor,
+    RandomErasing,
+    RandomHorizontalFlip,
+    RandomResizedCrop,
+)
 from torchvision.transforms import autoaugment as tva
 
 from resnext_flax import autoaugment as aa
@@ -27,6 +36,7 @@ from resnext_flax.augment import (
     check_augmentation,
     draw_decision,
     erase_box,
+    random_resized_crop_box,
 )
 from resnext_flax.metadata import Preprocessing
 
@@ -109,7 +119,7 @@ def test_every_operation_equals_torchvisions_apply_op(interpolation):
 class _Recording:
     """A numpy Generator that records every integer it draws."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int | np.random.Generator):
         self.rng, self.drawn = np.random.default_rng(seed), []
 
     def integers(self, *args, **kwargs):
@@ -127,6 +137,14 @@ class _Replay:
 
     def __call__(self, *args, **kwargs):
         return torch.tensor([self.values.pop(0)])
+
+
+def _same_decision(a: TrainDecision, b: TrainDecision) -> bool:
+    erases = (a.erase, b.erase)
+    same_erase = erases == (None, None) or (None not in erases and all(
+        np.array_equal(getattr(a.erase, f), getattr(b.erase, f))
+        for f in ("top", "left", "height", "width", "value")))
+    return (a.box, a.flip, a.ops) == (b.box, b.flip, b.ops) and same_erase
 
 
 @pytest.mark.parametrize("policy", ["ta_wide", "ra"])
@@ -281,6 +299,59 @@ def test_train_transform_equals_the_reference_preset(policy, interpolation):
         np.testing.assert_array_equal(
             augment_image(image, cfg, np.random.default_rng(seed), aug), ours)
     assert applied > 0 or policy is None
+
+
+@pytest.mark.parametrize("policy", ["ta_wide", "ra", "imagenet"])
+def test_the_reference_preset_replayed(policy, monkeypatch):
+    """torchvision's preset transforms themselves, in the preset's order (RandomResizedCrop,
+    RandomHorizontalFlip, the policy, PILToTensor, ConvertImageDtype, Normalize,
+    RandomErasing(p)), their random draws replaced by ours, give our training images."""
+    cfg = Preprocessing(resize_size=64, crop_size=48, interpolation="bilinear")
+    aug = Augmentation(auto_augment=policy, ra_magnitude=5, random_erase=0.5)
+    mode = InterpolationMode.BILINEAR
+    module = {"ta_wide": tva.TrivialAugmentWide(interpolation=mode),
+              "ra": tva.RandAugment(magnitude=5, interpolation=mode),
+              "imagenet": tva.AutoAugment(interpolation=mode)}[policy]
+    preset = Compose([RandomResizedCrop(48, interpolation=mode, antialias=True),
+                      RandomHorizontalFlip(0.5), module, PILToTensor(),
+                      ConvertImageDtype(torch.float), Normalize(cfg.mean, cfg.std),
+                      RandomErasing(p=0.5)])
+    erased = 0
+    for seed in range(10):
+        image = _photo(seed, 30, 150)
+        # The decision, drawn step by step in draw_decision's order.
+        rng = np.random.default_rng(seed)
+        box = random_resized_crop_box(image.height, image.width, rng, aug)
+        flip = bool(rng.random() < aug.hflip)
+        recording = _Recording(rng)
+        params = aa.auto_augment_params(rng) if policy == "imagenet" else None
+        ops = (aa.auto_augment_ops(params, 48, 48) if params
+               else aa.draw_ops(policy, recording, 48, 48, aug.ra_magnitude))
+        erase = erase_box(48, 48, 3, rng, aug)
+        decision = TrainDecision(box, flip, ops, erase)
+        assert _same_decision(decision, draw_decision(image.height, image.width, 48,
+                                                      np.random.default_rng(seed), aug))
+        monkeypatch.setattr(RandomResizedCrop, "get_params",
+                            staticmethod(lambda img, scale, ratio, box=box: box))
+        rand, randint = _Replay([0.0 if flip else 0.99, 0.0 if erase else 0.99]), _Replay(
+            recording.drawn)
+        monkeypatch.setattr(torch, "rand", rand)
+        monkeypatch.setattr(torch, "randint", randint)
+        if params:
+            replayed = (params[0], torch.from_numpy(params[1]), torch.from_numpy(params[2]))
+            monkeypatch.setattr(tva.AutoAugment, "get_params",
+                                staticmethod(lambda n, drawn=replayed: drawn))
+        if erase:
+            chw = torch.from_numpy(np.asarray(erase.value)).reshape(-1, 1, 1)
+            box_value = (erase.top, erase.left, erase.height, erase.width, chw)
+            monkeypatch.setattr(RandomErasing, "get_params", staticmethod(
+                lambda img, scale, ratio, value, drawn=box_value: drawn))
+        theirs = preset(image).permute(1, 2, 0).numpy()
+        monkeypatch.undo()
+        assert not rand.values and not randint.values
+        erased += erase is not None
+        np.testing.assert_array_equal(apply_decision(image, decision, cfg), theirs)
+    assert 0 < erased < 10
 
 
 def test_settings_are_checked():
