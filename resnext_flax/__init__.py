@@ -48,7 +48,7 @@ _EXPORTS = {
 }
 
 _SUBMODULES = frozenset({
-    "augment", "builders", "cli", "compilation", "datasets", "errors", "evaluation",
+    "augment", "autoaugment", "builders", "cli", "compilation", "datasets", "errors", "evaluation",
     "export", "finetuning", "inference", "metadata", "models", "nn", "parallel", "pipeline",
     "preprocess", "training", "weights",
 })

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from resnext_flax.augment import Augmentation, augment_image
+from resnext_flax.augment import Augmentation, augment_image, check_augmentation
 from resnext_flax.datasets import DatasetError, ImageDataset
 from resnext_flax.metadata import Preprocessing
 from resnext_flax.preprocess import load_image, preprocess_image
@@ -182,11 +182,13 @@ class _EvalRecord:
 
 
 class _TrainRecord:
-    """Dataset index (already shuffled) -> augmented element; an unreadable file is replaced
-    by the next readable one (its own label), and marked ``bad``."""
+    """Dataset index (already shuffled) -> augmented element (:func:`augment_image`: crop,
+    flip, auto-augment, normalization, erasing); an unreadable file is replaced by the next
+    readable one (its own label), and marked ``bad``."""
 
     def __init__(self, dataset: ImageDataset, config: Preprocessing,
                  augmentation: Augmentation):
+        check_augmentation(config, augmentation)  # here, not in a worker
         self.paths, self.labels = dataset.paths, dataset.labels
         self.config, self.augmentation = config, augmentation
 
@@ -394,7 +396,8 @@ def train_loader(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> BatchLoader:
-    """Training batches for all `epochs` (random resized crop, flip).
+    """Training batches for all `epochs` (random resized crop, flip, and the auto-augment
+    policy and random erasing that `augmentation` asks for).
 
     Each epoch is a new seeded permutation of the dataset, cut to whole global batches (the
     remainder is dropped, as ``drop_last``); each image is augmented with its own generator,

@@ -27,6 +27,7 @@ LAYERS = {
     "resnext_flax.outputs": 2,
     "resnext_flax.preprocess": 3,
     "resnext_flax.augment": 3,
+    "resnext_flax.autoaugment": 3,
     "resnext_flax.run_log": 3,
     "resnext_flax.schedules": 3,
     "resnext_flax.datasets": 3,
@@ -89,7 +90,7 @@ def _is_module(name: str) -> bool:
         PACKAGE / relative).with_suffix(".py").is_file()
 
 
-DATA_MODULES = ("preprocess", "augment", "datasets", "pipeline")
+DATA_MODULES = ("preprocess", "augment", "autoaugment", "datasets", "pipeline")
 
 
 @pytest.mark.parametrize("name", DATA_MODULES)

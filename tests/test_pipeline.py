@@ -150,6 +150,32 @@ def test_train_batches_resume_and_do_not_depend_on_workers(folder):
         _train(ds).set_state({"position": 10**6})
 
 
+def test_train_batches_with_the_recipe_augmentations(folder):
+    """TrivialAugmentWide and random erasing run in the loader, per record, reproducibly and
+    whatever the worker count."""
+    ds, _ = folder
+    recipe = Augmentation(auto_augment="ta_wide", random_erase=1.0)
+    with _train(ds, augmentation=recipe) as loader:
+        batches = [next(loader) for _ in range(3)]
+    with _train(ds) as plain_loader:
+        plain = [next(plain_loader) for _ in range(3)]
+    for ours, without in zip(batches, plain, strict=True):
+        np.testing.assert_array_equal(ours["index"], without["index"])
+        assert not np.array_equal(ours["image"], without["image"])
+        # Every image has its erased box: zeros (the reference's value) in all channels.
+        erased = (ours["image"] == 0).all(axis=-1).sum(axis=(1, 2))
+        assert (erased >= 15).all(), erased
+    with _train(ds, augmentation=recipe) as again:
+        again.set_state({"position": 1})
+        assert _same(next(again), batches[1])
+    with _train(ds, workers=2, augmentation=recipe) as parallel_loader:
+        assert all(_same(next(parallel_loader), batch) for batch in batches[:2])
+    lanczos = Preprocessing(resize_size=36, crop_size=32, interpolation="lanczos")
+    with pytest.raises(ValueError, match="'lanczos'"):
+        pipeline.train_loader(ds, lanczos, 4, epochs=1, seed=0, process_index=0,
+                              process_count=1, augmentation=Augmentation(auto_augment="ra"))
+
+
 def test_loader_errors(folder):
     ds, _ = folder
     with pytest.raises(datasets.DatasetError, match="fewer than one batch"):
