@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -38,6 +39,7 @@ from resnext_flax.augment import Augmentation, augment_image, check_augmentation
 from resnext_flax.datasets import DatasetError, ImageDataset
 from resnext_flax.metadata import Preprocessing
 from resnext_flax.preprocess import load_image, preprocess_image
+from resnext_flax.sampling import RASampler
 
 Batch = dict[str, np.ndarray]
 
@@ -395,6 +397,7 @@ def train_loader(
     options: LoaderOptions | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    repetitions: int = 1,
 ) -> BatchLoader:
     """Training batches for all `epochs` (random resized crop, flip, and the auto-augment
     policy and random erasing that `augmentation` asks for).
@@ -402,22 +405,67 @@ def train_loader(
     Each epoch is a new seeded permutation of the dataset, cut to whole global batches (the
     remainder is dropped, as ``drop_last``); each image is augmented with its own generator,
     seeded by (`seed`, position). Batch ``k`` is therefore a function of (`seed`, ``k``) only.
+
+    `repetitions` > 1 is repeated augmentation, the order of torchvision reference's
+    ``RASampler(repetitions=...)`` with the same seed (:mod:`resnext_flax.sampling`): each
+    image `repetitions` times in a row, differently augmented, and an epoch of as many
+    images as the dataset rounded down to a multiple of 256. Its batches hold the images the
+    reference's replicas read in the same step together, whatever the number of replicas;
+    BatchNorm statistics and the loss are the global batch's, so where each copy lands does
+    not matter (MixUp and CutMix pair within each device's part).
     """
     grain = _grain()
     index, count = _process(process_index, process_count)
     local = _local_batch(batch_size, count)
-    steps = len(dataset) // batch_size
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if repetitions == 1:
+        steps = len(dataset) // batch_size
+        order = grain.MapDataset.range(len(dataset)).shuffle(seed=seed)[:steps * batch_size]
+        order = order.repeat(epochs)
+    else:
+        per_epoch = RepeatedOrder.epoch_length(len(dataset), repetitions, dataset.root)
+        steps = per_epoch // batch_size
+        order = grain.MapDataset.source(
+            RepeatedOrder(len(dataset), seed, repetitions, steps * batch_size, epochs))
     if steps == 0:
         raise DatasetError(f"{dataset.root}: {len(dataset)} training images are fewer than one "
                            f"batch of {batch_size}")
-    if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
-    order = grain.MapDataset.range(len(dataset)).shuffle(seed=seed)[:steps * batch_size]
-    records = order.repeat(epochs).random_map(
+    records = order.random_map(
         _TrainRecord(dataset, config, augmentation or Augmentation()), seed=seed)
     shape = (local, config.crop_size, config.crop_size, 3)
     return BatchLoader(records[index::count].batch(local), steps,
                        fit_workers(options or LoaderOptions(), shape))
+
+
+class RepeatedOrder:
+    """Dataset indices of all epochs under repeated augmentation, computed an epoch at a time
+    (the whole run's would not fit in memory for a long run on a large dataset)."""
+
+    def __init__(self, length: int, seed: int, repetitions: int, per_epoch: int,
+                 epochs: int):
+        self.sampler = RASampler(length, seed=seed, repetitions=repetitions)
+        self.per_epoch, self.epochs = per_epoch, epochs
+
+    @staticmethod
+    def epoch_length(length: int, repetitions: int, root: str) -> int:
+        """Images per epoch: the reference keeps ``len // 256 * 256`` of them."""
+        if length < 256:
+            raise DatasetError(f"{root}: repeated augmentation (as torchvision's RASampler) "
+                               f"keeps len // 256 * 256 images an epoch; {length} images give "
+                               "none: use repetitions=1 or more images")
+        return RASampler(length, repetitions=repetitions).num_selected_samples
+
+    def __len__(self) -> int:
+        return self.per_epoch * self.epochs
+
+    def __getitem__(self, position: int) -> int:
+        epoch, within = divmod(int(position), self.per_epoch)
+        return int(self._epoch(epoch)[within])
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - one loader, the epoch being read
+    def _epoch(self, epoch: int) -> np.ndarray:
+        return self.sampler.indices(epoch)
 
 
 @dataclasses.dataclass

@@ -155,7 +155,10 @@ def test_without_a_recipe_the_options_default_to_train_configs():
 
 
 def test_train_help_shows_the_defaults_a_run_without_recipe_uses():
+    from resnext_flax.augment import Augmentation
+
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    defaults.update({f.name: f.default for f in dataclasses.fields(Augmentation)})
     for flags, field, _, _, text, shown in train_command._OPTIONS:
         if shown is not None:
             assert defaults[field] == shown, (flags, field)
