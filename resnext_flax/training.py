@@ -181,10 +181,20 @@ def cross_entropy(
     logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0
 ) -> jax.Array:
     """Mean softmax cross-entropy in float32 (float64 for float64 logits); smoothing as torch's
-    ``CrossEntropyLoss`` (``(1 - eps) * one_hot + eps / num_classes``)."""
+    ``CrossEntropyLoss`` (``(1 - eps) * target + eps / num_classes``).
+
+    `labels` are class indices ``(N,)`` or, as torch also accepts, class probabilities
+    ``(N, num_classes)`` of a float dtype (the soft targets of :mod:`resnext_flax.mixing`),
+    smoothed the same way."""
     check_hyperparameters(label_smoothing=label_smoothing)
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    if jnp.issubdtype(labels.dtype, jnp.floating):
+        if labels.shape != logits.shape:
+            raise ValueError(f"probability targets must have the logits' shape {logits.shape}, "
+                             f"got {labels.shape}")
+        targets = labels.astype(logits.dtype)
+    else:
+        targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
     if isinstance(label_smoothing, jax.core.Tracer) or label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
     return jnp.mean(optax.softmax_cross_entropy(logits, targets))
