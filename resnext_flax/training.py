@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from resnext_flax import optim
 from resnext_flax.models import functional
 from resnext_flax.nn.layers import BatchNorm
 
@@ -82,15 +83,53 @@ def create_train_state(
     return state.replace(opt_state=tx.init(state.trainable()))
 
 
+def weight_decay_tree(
+    params: Params,
+    weight_decay: float,
+    *,
+    norm_weight_decay: float | None = None,
+    bias_weight_decay: float | None = None,
+) -> Params:
+    """Each parameter's weight-decay rate, by torchvision's reference ``set_weight_decay``:
+    a parameter named ``bias`` gets `bias_weight_decay` when given (norm layers' biases
+    included), else a norm layer's parameter gets `norm_weight_decay` when given, else
+    `weight_decay`. Norm layers are the modules with a ``scale`` (torch's norm ``weight``).
+
+    The recipe's ``--norm-weight-decay 0`` is ``norm_weight_decay=0.0``: it keeps the decay
+    on the classifier's bias, unlike :func:`decay_mask`.
+    """
+    check_hyperparameters(weight_decay=weight_decay)
+    _check_group_rates(norm_weight_decay=norm_weight_decay, bias_weight_decay=bias_weight_decay)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    norm_layers = {_keys(path[:-1]) for path, _ in leaves if _keys(path[-1:]) == ("scale",)}
+
+    def rate(path: tuple, _: Any) -> float:
+        if bias_weight_decay is not None and _keys(path[-1:]) == ("bias",):
+            return bias_weight_decay
+        if norm_weight_decay is not None and _keys(path[:-1]) in norm_layers:
+            return norm_weight_decay
+        return weight_decay
+
+    return jax.tree_util.tree_map_with_path(rate, params)
+
+
 def decay_mask(params: Params) -> Params:
-    """True for conv and linear kernels, False for BatchNorm scale/bias and the fc bias.
+    """True for conv and linear kernels, False for norm layers' parameters and biases.
 
     The usual fine-tuning recipe: weight decay on BN affine parameters and biases only
     fights the normalization and rarely helps.
     """
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) == "kernel", params
-    )
+    rates = weight_decay_tree(params, 1.0, norm_weight_decay=0.0, bias_weight_decay=0.0)
+    return jax.tree.map(bool, rates)
+
+
+def _check_group_rates(**rates: float | None) -> None:
+    """The rates given (None: that group is not set apart) are weight decays."""
+    check_hyperparameters(**{name: rate for name, rate in rates.items() if rate is not None})
+
+
+def _keys(path: tuple) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
 
 
 def sgd(
@@ -98,19 +137,34 @@ def sgd(
     *,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
-    decay_bn_and_bias: bool = False,
+    decay_bn_and_bias: bool | None = None,
     nesterov: bool = False,
+    norm_weight_decay: float | None = None,
+    bias_weight_decay: float | None = None,
 ) -> optax.GradientTransformation:
     """torch.optim.SGD's update: coupled L2 (``grad + wd * param``) *before* momentum.
 
-    torch decays every parameter; that is ``decay_bn_and_bias=True``. The default masks
-    BN scale/bias and biases out (:func:`decay_mask`).
+    Which parameters decay, either as a switch or as torchvision's parameter groups:
+    ``decay_bn_and_bias=True`` decays every parameter (torch's default); False (the default)
+    masks norm layers and biases out (:func:`decay_mask`); `norm_weight_decay` and
+    `bias_weight_decay` give those groups their own rates (:func:`weight_decay_tree`, the
+    reference's ``--norm-weight-decay`` and ``--bias-weight-decay``), the others keeping
+    `weight_decay`.
     """
     check_hyperparameters(learning_rate=learning_rate, momentum=momentum,
                           weight_decay=weight_decay)
-    mask = None if decay_bn_and_bias else decay_mask
+    groups = norm_weight_decay is not None or bias_weight_decay is not None
+    if groups and decay_bn_and_bias is not None:
+        raise ValueError("give either decay_bn_and_bias or norm_weight_decay/bias_weight_decay"
+                         ", not both")
+    if not groups and not decay_bn_and_bias:
+        norm_weight_decay = bias_weight_decay = 0.0
+    _check_group_rates(norm_weight_decay=norm_weight_decay, bias_weight_decay=bias_weight_decay)
+    rates = functools.partial(weight_decay_tree, weight_decay=weight_decay,
+                              norm_weight_decay=norm_weight_decay,
+                              bias_weight_decay=bias_weight_decay)
     return optax.chain(
-        optax.add_decayed_weights(weight_decay, mask=mask),
+        optim.add_weight_decay(rates),
         optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),
     )
 
@@ -154,6 +208,8 @@ HYPERPARAMETER_BOUNDS: dict[str, Bounds] = {
     "learning_rate": LEARNING_RATE_BOUNDS,
     "lr": PEAK_LR_BOUNDS,
     "weight_decay": NON_NEGATIVE_BOUNDS,
+    "norm_weight_decay": NON_NEGATIVE_BOUNDS,
+    "bias_weight_decay": NON_NEGATIVE_BOUNDS,
     "warmup_epochs": NON_NEGATIVE_BOUNDS,
     "momentum": MOMENTUM_BOUNDS,
     "label_smoothing": LABEL_SMOOTHING_BOUNDS,
