@@ -79,4 +79,17 @@ def accumulate_gradients(tx: optax.GradientTransformation,
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if steps == 1:
         return tx
-    return optax.MultiSteps(tx, every_k_schedule=steps).gradient_transformation()
+
+    def multi_steps(tree: Params) -> optax.MultiSteps:
+        # optax accumulates in float32 unless told otherwise; float64 parameters need their
+        # own precision (bfloat16 ones keep float32: the mean of many small gradients).
+        dtype = jnp.promote_types(jnp.result_type(*jax.tree.leaves(tree)), jnp.float32)
+        return optax.MultiSteps(tx, every_k_schedule=steps, accumulator_dtype=dtype)
+
+    def init(params: Params) -> optax.MultiStepsState:
+        return multi_steps(params).init(params)
+
+    def update(updates: Params, state: optax.MultiStepsState, params: Params | None = None):
+        return multi_steps(state.acc_grads).update(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
