@@ -218,7 +218,7 @@ def test_accumulation_averages_in_the_parameters_precision(x64: bool):
 # clipped, 3 micro-batches per optimizer step: float64, where the math must agree to rounding
 # (a chaotic float32 run would only bound it; tests/test_training.py explains).
 ACCUMULATE, OPTIMIZER_STEPS, MAX_NORM, LR = 3, 2, 1.0, 1e-3
-FLOAT64_BOUND = 1e-10
+FLOAT64_BOUND = 1e-10  # measured 4e-15
 
 
 def _micro_batches():
