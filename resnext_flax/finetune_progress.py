@@ -74,15 +74,21 @@ def epoch_message(entry: dict[str, Any], epochs: int) -> str:
     if "val_acc1" in entry:
         message += (f", val acc@1 {entry['val_acc1']:.2f}% acc@5 {entry['val_acc5']:.2f}% "
                     f"loss {entry['val_loss']:.4f}")
+    if "val_acc1_ema" in entry:
+        message += f" (EMA acc@1 {entry['val_acc1_ema']:.2f}% acc@5 {entry['val_acc5_ema']:.2f}%)"
     if entry["images_per_second"]:
         message += f", {entry['images_per_second']:.0f} images/s"
     return message
 
 
-def is_better(entry: dict[str, Any], best: dict[str, Any] | None) -> bool:
-    if "val_acc1" not in entry:
+def is_better(entry: dict[str, Any], best: dict[str, Any] | None, *, ema: bool = False
+              ) -> bool:
+    """Whether `entry`'s epoch beats the best so far, by validation acc@1 (of the weights'
+    average when `ema`, the model it exports)."""
+    key = "val_acc1_ema" if ema else "val_acc1"
+    if key not in entry:
         return True  # no validation: the last epoch is the one exported
-    return best is None or best.get("acc1") is None or entry["val_acc1"] > best["acc1"]
+    return best is None or best.get("acc1") is None or entry[key] > best["acc1"]
 
 
 class LossWatch:
@@ -214,19 +220,22 @@ def _check_same_run(directory: str, saved: dict[str, Any], run: dict[str, Any], 
 
 
 def resume(manager: Any, state: TrainState, batches: Any, run: dict[str, Any],
-           say: Callable[[str], None], *, extend: bool = False
-           ) -> tuple[TrainState, dict[str, Any]]:
+           say: Callable[[str], None], *, extend: bool = False,
+           extra: dict[str, Any] | None = None
+           ) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
     """Restore the latest checkpoint of `manager`, if any, after checking it was written by
     this run (:func:`identity`); `batches` then continues at the batch after the last one
-    whose update the checkpoint holds."""
+    whose update the checkpoint holds. `extra` holds other arrays checkpointed beside the
+    state (the weights' average), returned restored (as given when nothing is saved)."""
     import orbax.checkpoint as ocp
 
+    extra = dict(extra or {})
     step = manager.latest_step()
     if step is None:
-        return state, run
+        return state, run, extra
     saved = manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
     saved = _check_same_run(str(manager.directory), saved, run, step, extend, say)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, arrays(state))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {**arrays(state), **extra})
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
     position = int(restored["data"]["position"])
@@ -237,7 +246,9 @@ def resume(manager: Any, state: TrainState, batches: Any, run: dict[str, Any],
                             f"{position}, not {step}; use another output directory")
     batches.set_state({"position": step})
     say(f"resumed from step {step}")
-    return state.replace(**restored["state"]), saved
+    arrays_restored = dict(restored["state"])
+    extra = {name: arrays_restored.pop(name) for name in extra}
+    return state.replace(**arrays_restored), saved, extra
 
 
 def arrays(state: TrainState) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import Any, Literal
@@ -30,14 +31,22 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from resnext_flax import finetune_progress as bookkeeping
-from resnext_flax import parallel, training
+from resnext_flax import optim, parallel, training
 from resnext_flax.augment import Augmentation
 from resnext_flax.builders import create_model
 from resnext_flax.compilation import report_compilation
 from resnext_flax.datasets import DatasetError, ImageDataset, load_dataset, split_dataset
+from resnext_flax.ema import (
+    EmaConfig,
+    adjusted_decay,
+    ema_step,
+    ema_train_state,
+    init_ema,
+)
 from resnext_flax.errors import WeightFileNotFoundError
 from resnext_flax.evaluation import evaluate
 from resnext_flax.metadata import Preprocessing, PretrainedCfg, pretrained_cfg
+from resnext_flax.mixing import MixConfig
 from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import get_spec
 from resnext_flax.outputs import check_finetune_output
@@ -78,6 +87,17 @@ class TrainConfig:
     - `resize_size`, `crop_size`: override the weights' preprocessing for evaluation;
       `train_crop_size`: the training crop when it differs from `crop_size` (torchvision's
       ``--train-crop-size``); `augmentation`: crop scale, ratio, flip and the image policies.
+    - `mixup_alpha`, `cutmix_alpha`: MixUp / CutMix of each batch (0: off), one of the two
+      per batch as torchvision's reference does (:mod:`resnext_flax.mixing`).
+    - `ema_steps`: keep an exponential moving average of the weights and BatchNorm
+      statistics, updated every `ema_steps` optimizer steps of an epoch with `ema_decay`
+      adjusted to the run as the reference does (:mod:`resnext_flax.ema`); 0: none. With an
+      average, it is validated each epoch beside the model and is what ``best.safetensors``
+      holds.
+    - `ra_reps`: repeated augmentation, the reference's ``RASampler`` (1: off).
+    - `grad_accum_steps`: one optimizer step per this many batches, on their mean gradient
+      (``batch_size`` is each batch's; the optimizer sees ``batch_size * grad_accum_steps``).
+    - `clip_grad_norm`: clip the gradients' global norm as torch's ``clip_grad_norm_``.
     - `val_split`: hold out this fraction of each class when there is no validation folder.
     - `save_every`: also checkpoint every N steps (0: at the end of each epoch only).
     """
@@ -106,6 +126,13 @@ class TrainConfig:
     crop_size: int | None = None
     train_crop_size: int | None = None
     augmentation: Augmentation = dataclasses.field(default_factory=Augmentation)
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    ema_steps: int = 0
+    ema_decay: float = 0.99998
+    ra_reps: int = 1
+    grad_accum_steps: int = 1
+    clip_grad_norm: float | None = None
     val_split: float | None = None
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -113,11 +140,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
-        for name in ("epochs", "batch_size", "keep_checkpoints", "save_every", "seed"):
+        for name in ("epochs", "batch_size", "keep_checkpoints", "save_every", "seed",
+                     "ema_steps", "ra_reps", "grad_accum_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | np.integer):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        for name in ("epochs", "batch_size", "keep_checkpoints"):
+        for name in ("epochs", "batch_size", "keep_checkpoints", "ra_reps",
+                     "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         decays = {name: getattr(self, name) for name in ("norm_weight_decay",
@@ -135,11 +164,28 @@ class TrainConfig:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs:g}) must not exceed epochs "
                              f"({self.epochs}): the warm-up is part of the schedule")
         self.schedule()  # checks the schedule's own settings
+        if self.ema_steps < 0:
+            raise ValueError(f"ema_steps must be >= 0 (0: no average), got {self.ema_steps}")
+        if self.ema_steps:
+            EmaConfig(self.ema_decay, self.ema_steps)  # checks the decay
+        if self.mixup_alpha or self.cutmix_alpha:
+            self.mixing(2)  # checks the alphas
+        elif self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ValueError("mixup_alpha and cutmix_alpha must be >= 0, got "
+                             f"{self.mixup_alpha} and {self.cutmix_alpha}")
+        if self.clip_grad_norm is not None:
+            optim.clip_grad_norm(self.clip_grad_norm)  # checks the norm
         for name in ("resize_size", "crop_size", "train_crop_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
+    def mixing(self, num_classes: int) -> MixConfig | None:
+        """MixUp / CutMix for `num_classes`, or None when both alphas are 0."""
+        if not self.mixup_alpha and not self.cutmix_alpha:
+            return None
+        return MixConfig(num_classes, float(self.mixup_alpha), float(self.cutmix_alpha))
 
     def schedule(self) -> Schedule:
         """The learning-rate schedule these settings describe."""
@@ -215,28 +261,40 @@ def _fit_head(model: ResNet, num_classes: int, config: TrainConfig) -> None:
 
 def _optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     """SGD is torch's (coupled L2 before momentum); AdamW's decay is decoupled, after Adam's
-    scaling, as in optax.adamw."""
-    return _cached_optimizer(config.optimizer, config.schedule(), steps_per_epoch,
-                             config.momentum, (config.weight_decay, config.norm_weight_decay,
-                                               config.bias_weight_decay))
+    scaling, as in optax.adamw. Gradients are clipped first, as torch's loop clips them
+    before ``optimizer.step()``."""
+    return _cached_optimizer(config.optimizer, config.schedule(),
+                             steps_per_epoch / config.grad_accum_steps, config.momentum,
+                             (config.weight_decay, config.norm_weight_decay,
+                              config.bias_weight_decay), config.clip_grad_norm,
+                             config.grad_accum_steps)
 
 
 @functools.cache
-def _cached_optimizer(kind: str, schedule: Schedule, steps_per_epoch: int, momentum: float,
-                      decays: tuple[float, float | None, float | None]
-                      ) -> optax.GradientTransformation:
+def _cached_optimizer(kind: str, schedule: Schedule, steps_per_epoch: float, momentum: float,
+                      decays: tuple[float, float | None, float | None],
+                      clip: float | None, accumulate: int) -> optax.GradientTransformation:
     """Cached on what the update depends on: the optimizer is static in the jitted step, so
     an equal but new object would compile the step again (runs in one process share it)."""
-    decay = training.grouped_weight_decay(*decays)
+    weight_decay, norm, bias = decays
+    decay = optim.add_weight_decay(functools.partial(
+        training.weight_decay_tree, weight_decay=weight_decay, norm_weight_decay=norm,
+        bias_weight_decay=bias))
     rate = schedule.optax(steps_per_epoch)
     if kind == "sgd":
-        return optax.chain(decay, optax.sgd(rate, momentum=momentum or None))
-    return optax.chain(optax.scale_by_adam(), decay, optax.scale_by_learning_rate(rate))
+        update = optax.chain(decay, optax.sgd(rate, momentum=momentum or None))
+    else:
+        update = optax.chain(optax.scale_by_adam(), decay, optax.scale_by_learning_rate(rate))
+    if clip is not None:
+        update = optax.chain(optim.clip_grad_norm(clip), update)
+    return optim.accumulate_gradients(update, accumulate)
 
 
 @functools.cache
-def _train_step(mesh: Mesh, label_smoothing: float) -> Callable:
-    return parallel.make_parallel_train_step(mesh, label_smoothing=label_smoothing)
+def _train_step(mesh: Mesh, label_smoothing: float, mix: MixConfig | None = None,
+                mix_seed: int = 0) -> Callable:
+    return parallel.make_parallel_train_step(mesh, label_smoothing=label_smoothing, mix=mix,
+                                             mix_seed=mix_seed)
 
 
 def _datasets(train: str | os.PathLike | ImageDataset, val: str | os.PathLike | ImageDataset
@@ -311,13 +369,16 @@ def train(
         dataclasses.replace(preprocessing, crop_size=config.train_crop_size))
     batches = train_loader(
         train_ds, train_preprocessing, config.batch_size, epochs=config.epochs,
-        seed=config.seed, augmentation=config.augmentation, options=loader)
+        seed=config.seed, augmentation=config.augmentation, options=loader,
+        repetitions=config.ra_reps)
     per_epoch = batches.steps_per_epoch
     schedule = config.schedule()
     tx = _optimizer(config, per_epoch)
     state = training.create_train_state(model, tx, freeze_backbone=config.freeze_backbone)
     state = parallel.replicate(mesh, parallel.with_batchnorm_axis(state))
-    step_fn = _train_step(mesh, config.label_smoothing)
+    step_fn = _train_step(mesh, config.label_smoothing, config.mixing(train_ds.num_classes),
+                          config.seed)
+    average = _Average.create(config, state, per_epoch)
 
     output_dir = os.fspath(output_dir)
     best_path = os.path.join(output_dir, "best.safetensors")
@@ -328,7 +389,9 @@ def train(
     run = {"config": config.fingerprint(), "classes": list(train_ds.classes),
            "train_images": len(train_ds), "data": data, "history": [],
            "epoch": bookkeeping.EpochTotals().to_json(), "best": None}
-    state, run = bookkeeping.resume(manager, state, batches, run, say, extend=extend)
+    state, run, extra = bookkeeping.resume(manager, state, batches, run, say, extend=extend,
+                                           extra=average.arrays())
+    average.restore(extra)
     totals = bookkeeping.EpochTotals.from_json(run["epoch"])
     watch = bookkeeping.LossWatch(per_epoch)
     primary = jax.process_index() == 0
@@ -351,7 +414,7 @@ def train(
             # The loader may have drawn the batch of a step that never finished: the data
             # consumed is one batch per completed step.
             manager.save(done, force=True, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(bookkeeping.arrays(state)),
+                state=ocp.args.StandardSave({**bookkeeping.arrays(state), **average.arrays()}),
                 data=ocp.args.JsonSave({"position": done}), run=ocp.args.JsonSave(run)))
         return done
 
@@ -377,15 +440,21 @@ def train(
         if val_ds is not None:
             with first_validation:
                 entry.update(_validate(state, val_ds, preprocessing, config, loader, mesh))
+                if average.ema is not None:
+                    scores = _validate(average.train_state(state), val_ds, preprocessing,
+                                       config, loader, mesh)
+                    entry.update({f"{k}_ema": v for k, v in scores.items()})
             first_validation = contextlib.nullcontext()
         say(bookkeeping.epoch_message(entry, config.epochs))
         if skipped.count:
             say(f"epoch {entry['epoch']}: "
                 f"{skipped.message('replaced by the next readable image')}")
-        if bookkeeping.is_better(entry, run["best"]):
+        if bookkeeping.is_better(entry, run["best"], ema=average.ema is not None):
             if primary:
-                _export(state, best_path, train_ds.classes, preprocessing, config, entry)
-            run["best"] = {"epoch": entry["epoch"], "acc1": entry.get("val_acc1")}
+                _export(average.train_state(state), best_path, train_ds.classes,
+                        preprocessing, config, entry)
+            acc1 = entry.get("val_acc1_ema" if average.ema is not None else "val_acc1")
+            run["best"] = {"epoch": entry["epoch"], "acc1": acc1}
         run["history"].append(entry)
         if primary:
             write_metrics(output_dir, run["history"])
@@ -405,6 +474,7 @@ def train(
                     state, metrics = step_fn(state, images, labels)
                 first_step = contextlib.nullcontext()
                 step = batches.position
+                average.after_step(state, step)
                 watch.add(step, metrics["loss"])
                 totals.add(metrics)
                 skipped.add(batch)
@@ -436,6 +506,51 @@ def train(
     best = run["best"] or {"epoch": config.epochs}
     return FinetuneResult(state, run["history"], train_ds.classes, preprocessing, best_path,
                           int(best["epoch"]))
+
+
+class _Average:
+    """The run's exponential moving average of the weights (none when ``ema_steps`` is 0):
+    updated after each optimizer step by the reference loop's rule, checkpointed with the
+    state, validated and exported in the model's place."""
+
+    def __init__(self, config: EmaConfig | None, state: TrainState, per_epoch: int,
+                 accumulate: int):
+        self.config, self.per_epoch, self.accumulate = config, per_epoch, accumulate
+        self.ema = None if config is None else init_ema(state.params, state.batch_stats)
+
+    @classmethod
+    def create(cls, config: TrainConfig, state: TrainState, per_epoch: int) -> _Average:
+        if not config.ema_steps:
+            return cls(None, state, per_epoch, config.grad_accum_steps)
+        # The reference adjusts the decay by the images of one optimizer step over all
+        # processes (``world_size * batch_size``): here the global batch times accumulation.
+        decay = adjusted_decay(config.ema_decay, world_size=1,
+                               batch_size=config.batch_size * config.grad_accum_steps,
+                               steps=config.ema_steps, epochs=config.epochs)
+        settings = EmaConfig(decay, config.ema_steps, math.ceil(config.warmup_epochs))
+        return cls(settings, state, per_epoch, config.grad_accum_steps)
+
+    def arrays(self) -> dict[str, Any]:
+        return {} if self.ema is None else {"ema": self.ema}
+
+    def restore(self, arrays: dict[str, Any]) -> None:
+        if self.ema is not None:
+            self.ema = arrays["ema"]
+
+    def after_step(self, state: TrainState, step: int) -> None:
+        """After micro-step `step` (from 1): the reference's rule on optimizer steps."""
+        if self.ema is None or step % self.accumulate:
+            return
+        epoch, within = divmod(step - 1, self.per_epoch)
+        self.ema = _ema_step(self.config, self.ema, state.params, state.batch_stats,
+                             step_in_epoch=within // self.accumulate, epoch=epoch)
+
+    def train_state(self, state: TrainState) -> TrainState:
+        """`state` with the average's weights (the state itself when there is none)."""
+        return state if self.ema is None else ema_train_state(state, self.ema)
+
+
+_ema_step = jax.jit(ema_step, static_argnums=0)
 
 
 #: Fine-tuning is training with :class:`FinetuneConfig`'s defaults.

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnext_flax import training
+from resnext_flax.mixing import MixConfig
 from resnext_flax.training import Metrics, TrainState
 
 DATA_AXIS = "data"
@@ -83,13 +84,17 @@ def make_parallel_train_step(
     label_smoothing: float = 0.0,
     axis_name: str = DATA_AXIS,
     donate: bool = False,
+    mix: MixConfig | None = None,
+    mix_seed: int = 0,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
     """A jit-compiled ``shard_map`` train step: each device runs its shard of the batch.
 
     The state must come from :func:`with_batchnorm_axis` (BatchNorm statistics over the whole
-    mesh); it is replicated, images and labels are sharded along `axis_name`.
+    mesh); it is replicated, images and labels are sharded along `axis_name`. `mix` and
+    `mix_seed`: MixUp / CutMix per device (:func:`resnext_flax.training.train_step_fn`).
     """
-    step = training.train_step_fn(label_smoothing=label_smoothing, axis_name=axis_name)
+    step = training.train_step_fn(label_smoothing=label_smoothing, axis_name=axis_name,
+                                  mix=mix, mix_seed=mix_seed)
     per_device = jax.shard_map(
         step, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name)), out_specs=(P(), P())
     )

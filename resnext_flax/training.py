@@ -21,6 +21,9 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from resnext_flax import optim
+from resnext_flax.mixing import MixConfig
+from resnext_flax.mixing import mix as mix_batch
 from resnext_flax.models import functional
 from resnext_flax.nn.layers import BatchNorm
 
@@ -82,61 +85,53 @@ def create_train_state(
     return state.replace(opt_state=tx.init(state.trainable()))
 
 
+def weight_decay_tree(
+    params: Params,
+    weight_decay: float,
+    *,
+    norm_weight_decay: float | None = None,
+    bias_weight_decay: float | None = None,
+) -> Params:
+    """Each parameter's weight-decay rate, by torchvision's reference ``set_weight_decay``:
+    a parameter named ``bias`` gets `bias_weight_decay` when given (norm layers' biases
+    included), else a norm layer's parameter gets `norm_weight_decay` when given, else
+    `weight_decay`. Norm layers are the modules with a ``scale`` (torch's norm ``weight``).
+
+    The recipe's ``--norm-weight-decay 0`` is ``norm_weight_decay=0.0``: it keeps the decay
+    on the classifier's bias, unlike :func:`decay_mask`.
+    """
+    check_hyperparameters(weight_decay=weight_decay)
+    _check_group_rates(norm_weight_decay=norm_weight_decay, bias_weight_decay=bias_weight_decay)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    norm_layers = {_keys(path[:-1]) for path, _ in leaves if _keys(path[-1:]) == ("scale",)}
+
+    def rate(path: tuple, _: Any) -> float:
+        if bias_weight_decay is not None and _keys(path[-1:]) == ("bias",):
+            return bias_weight_decay
+        if norm_weight_decay is not None and _keys(path[:-1]) in norm_layers:
+            return norm_weight_decay
+        return weight_decay
+
+    return jax.tree_util.tree_map_with_path(rate, params)
+
+
 def decay_mask(params: Params) -> Params:
-    """True for conv and linear kernels, False for BatchNorm scale/bias and the fc bias.
+    """True for conv and linear kernels, False for norm layers' parameters and biases.
 
     The usual fine-tuning recipe: weight decay on BN affine parameters and biases only
     fights the normalization and rarely helps.
     """
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) == "kernel", params
-    )
+    rates = weight_decay_tree(params, 1.0, norm_weight_decay=0.0, bias_weight_decay=0.0)
+    return jax.tree.map(bool, rates)
 
 
-def decay_groups(params: Params, *, weight_decay: float, norm_weight_decay: float | None,
-                 bias_weight_decay: float | None) -> Params:
-    """Each parameter's weight decay, as torchvision reference's ``set_weight_decay`` groups
-    them: a parameter named ``bias`` gets `bias_weight_decay`, else a normalization layer's
-    (BatchNorm scale and bias) `norm_weight_decay`, else `weight_decay`; a group given None
-    falls into the next."""
-
-    def visit(tree: Any, norm: bool) -> Any:
-        if not isinstance(tree, dict):
-            raise TypeError(f"expected a nested dict of parameters, got {type(tree)}")
-        out = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                out[key] = visit(value, "scale" in value)
-            elif key == "bias" and bias_weight_decay is not None:
-                out[key] = bias_weight_decay
-            elif norm and norm_weight_decay is not None:
-                out[key] = norm_weight_decay
-            else:
-                out[key] = weight_decay
-        return out
-
-    return visit(params, False)
+def _check_group_rates(**rates: float | None) -> None:
+    """The rates given (None: that group is not set apart) are weight decays."""
+    check_hyperparameters(**{name: rate for name, rate in rates.items() if rate is not None})
 
 
-def grouped_weight_decay(weight_decay: float, norm_weight_decay: float | None,
-                         bias_weight_decay: float | None) -> optax.GradientTransformation:
-    """torch's coupled L2 (``grad + wd * param``) with a decay per parameter group
-    (:func:`decay_groups`), to put before the optimizer's update."""
-    check_hyperparameters(weight_decay=weight_decay, **{
-        name: value for name, value in (("norm_weight_decay", norm_weight_decay),
-                                        ("bias_weight_decay", bias_weight_decay))
-        if value is not None})
-    settings = dict(weight_decay=weight_decay, norm_weight_decay=norm_weight_decay,
-                    bias_weight_decay=bias_weight_decay)
-
-    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        if params is None:
-            raise ValueError("weight decay needs the parameters: pass params to update()")
-        decays = decay_groups(params, **settings)
-        return jax.tree_util.tree_map(lambda g, p, wd: g + wd * p if wd else g,
-                                      updates, params, decays), state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+def _keys(path: tuple) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
 
 
 def sgd(
@@ -144,19 +139,34 @@ def sgd(
     *,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
-    decay_bn_and_bias: bool = False,
+    decay_bn_and_bias: bool | None = None,
     nesterov: bool = False,
+    norm_weight_decay: float | None = None,
+    bias_weight_decay: float | None = None,
 ) -> optax.GradientTransformation:
     """torch.optim.SGD's update: coupled L2 (``grad + wd * param``) *before* momentum.
 
-    torch decays every parameter; that is ``decay_bn_and_bias=True``. The default masks
-    BN scale/bias and biases out (:func:`decay_mask`).
+    Which parameters decay, either as a switch or as torchvision's parameter groups:
+    ``decay_bn_and_bias=True`` decays every parameter (torch's default); False (the default)
+    masks norm layers and biases out (:func:`decay_mask`); `norm_weight_decay` and
+    `bias_weight_decay` give those groups their own rates (:func:`weight_decay_tree`, the
+    reference's ``--norm-weight-decay`` and ``--bias-weight-decay``), the others keeping
+    `weight_decay`.
     """
     check_hyperparameters(learning_rate=learning_rate, momentum=momentum,
                           weight_decay=weight_decay)
-    mask = None if decay_bn_and_bias else decay_mask
+    groups = norm_weight_decay is not None or bias_weight_decay is not None
+    if groups and decay_bn_and_bias is not None:
+        raise ValueError("give either decay_bn_and_bias or norm_weight_decay/bias_weight_decay"
+                         ", not both")
+    if not groups and not decay_bn_and_bias:
+        norm_weight_decay = bias_weight_decay = 0.0
+    _check_group_rates(norm_weight_decay=norm_weight_decay, bias_weight_decay=bias_weight_decay)
+    rates = functools.partial(weight_decay_tree, weight_decay=weight_decay,
+                              norm_weight_decay=norm_weight_decay,
+                              bias_weight_decay=bias_weight_decay)
     return optax.chain(
-        optax.add_decayed_weights(weight_decay, mask=mask),
+        optim.add_weight_decay(rates),
         optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),
     )
 
@@ -229,10 +239,20 @@ def cross_entropy(
     logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0
 ) -> jax.Array:
     """Mean softmax cross-entropy in float32 (float64 for float64 logits); smoothing as torch's
-    ``CrossEntropyLoss`` (``(1 - eps) * one_hot + eps / num_classes``)."""
+    ``CrossEntropyLoss`` (``(1 - eps) * target + eps / num_classes``).
+
+    `labels` are class indices ``(N,)`` or, as torch also accepts, class probabilities
+    ``(N, num_classes)`` of a float dtype (the soft targets of :mod:`resnext_flax.mixing`),
+    smoothed the same way."""
     check_hyperparameters(label_smoothing=label_smoothing)
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    if jnp.issubdtype(labels.dtype, jnp.floating):
+        if labels.shape != logits.shape:
+            raise ValueError(f"probability targets must have the logits' shape {logits.shape}, "
+                             f"got {labels.shape}")
+        targets = labels.astype(logits.dtype)
+    else:
+        targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
     if isinstance(label_smoothing, jax.core.Tracer) or label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
     return jnp.mean(optax.softmax_cross_entropy(logits, targets))
@@ -289,22 +309,34 @@ def _forward_train(
 
 
 def train_step_fn(
-    *, label_smoothing: float = 0.0, axis_name: str | None = None
+    *, label_smoothing: float = 0.0, axis_name: str | None = None,
+    mix: MixConfig | None = None, mix_seed: int = 0,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
     """The un-jitted step: forward (train mode), loss, gradients, optax update, BN statistics.
 
     With `axis_name` it is a per-device program for ``shard_map``: loss and gradients are
     those of the global batch (BatchNorm needs the same `axis_name`, see
     :func:`resnext_flax.parallel.with_batchnorm_axis`).
+
+    `mix` applies MixUp or CutMix (:mod:`resnext_flax.mixing`) to the batch first (to each
+    device's part under `axis_name`, as torchvision's reference mixes each GPU's batch), with
+    a key from (`mix_seed`, the step, the device): a resumed run draws the same. The
+    accuracy is then against the mixed targets' top class, as the reference counts it.
     """
     check_hyperparameters(label_smoothing=label_smoothing)
 
     def step(state: TrainState, images: jax.Array, labels: jax.Array):
         check_labels(images, labels)
+        targets = labels
+        if mix is not None:
+            key = jax.random.fold_in(jax.random.key(mix_seed), state.step)
+            if axis_name is not None:
+                key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+            images, targets = mix_batch(mix, key, images, labels)
 
         def loss_fn(trainable):
             logits, batch_stats = _forward_train(state, trainable, images)
-            loss = cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            loss = cross_entropy(logits, targets, label_smoothing=label_smoothing)
             if axis_name is not None:
                 # The global batch's mean loss. shard_map transposes the implicit broadcast
                 # of the replicated parameters into a psum, so the gradient of this
@@ -316,7 +348,8 @@ def train_step_fn(
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             trainable
         )
-        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+        top = labels if mix is None else jnp.argmax(targets, -1)
+        correct = jnp.sum(jnp.argmax(logits, -1) == top)
         if axis_name is not None:
             correct = jax.lax.psum(correct, axis_name)
         updates, opt_state = state.tx.update(grads, state.opt_state, trainable)

@@ -49,6 +49,20 @@ _OPTIONS: tuple[tuple[tuple[str, ...], str, Any, str | None, str, Any], ...] = (
      "automatic augmentation policy after the crop and flip", None),
     (("--ra-magnitude",), "ra_magnitude", int, "BIN", "RandAugment's magnitude bin (of 31)", 9),
     (("--random-erase",), "random_erase", float, "P", "RandomErasing's probability", 0.0),
+    (("--mixup-alpha",), "mixup_alpha", float, "A", "MixUp's alpha (0: no MixUp)", 0.0),
+    (("--cutmix-alpha",), "cutmix_alpha", float, "A", "CutMix's alpha (0: no CutMix)", 0.0),
+    (("--model-ema-steps",), "ema_steps", int, "N",
+     "update the weights' moving average every N optimizer steps (0: no average; given "
+     "alone it turns the average on)", 0),
+    (("--model-ema-decay",), "ema_decay", float, "D",
+     "the average's decay before the reference's adjustment to the run", 0.99998),
+    (("--ra-reps",), "ra_reps", int, "N",
+     "repeated augmentation: each image N times an epoch (1: off; given alone it turns the "
+     "sampler on)", 1),
+    (("--clip-grad-norm",), "clip_grad_norm", float, "NORM",
+     "clip the gradients' global norm", None),
+    (("--grad-accum-steps",), "grad_accum_steps", int, "N",
+     "one optimizer step per N batches (the step sees N times --batch-size images)", 1),
     (("--train-crop-size",), "train_crop_size", int, "PX",
      "training crop when it differs from the evaluation crop", None),
     (("--seed",), "seed", int, "N", "shuffling, augmentation and initialization", 0),
@@ -96,6 +110,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     for flags, field, kind, metavar, text, default in _OPTIONS:
         shown = f" (default: {default})" if default is not None else ""
         p.add_argument(*flags, dest=field, type=kind, metavar=metavar, help=text + shown)
+    p.add_argument("--model-ema", action="store_true",
+                   help="keep a moving average of the weights (every 32 steps unless "
+                        "--model-ema-steps says otherwise); it is validated and exported")
+    p.add_argument("--ra-sampler", action="store_true",
+                   help="repeated augmentation (3 repetitions unless --ra-reps says otherwise)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 compute (torchvision: --amp)")
     p.add_argument("--hflip", type=float, help="horizontal flip probability (default: 0.5)")
     p.add_argument("--extend", action="store_true",
@@ -111,6 +130,10 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
     given = {field: getattr(args, field) for field in fields if getattr(args, field) is not None}
     if args.bf16:
         given["bf16"] = True
+    if args.model_ema:  # torchvision's switch, with its default period
+        given["ema_steps"] = given.get("ema_steps") or 32
+    if args.ra_sampler:
+        given["ra_reps"] = given.get("ra_reps") or 3
     return given
 
 
