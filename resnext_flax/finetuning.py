@@ -595,7 +595,11 @@ def _write_json(path: str, value: Any) -> None:
 def finetune_summary(result: FinetuneResult) -> str:
     """A short report: the best epoch and where the model was written."""
     best = next((h for h in result.history if h["epoch"] == result.best_epoch), None)
-    score = f" (val acc@1 {best['val_acc1']:.2f}%)" if best and "val_acc1" in best else ""
+    score = ""
+    if best and "val_acc1_ema" in best:  # the average is what was exported
+        score = f" (weights' average: val acc@1 {best['val_acc1_ema']:.2f}%)"
+    elif best and "val_acc1" in best:
+        score = f" (val acc@1 {best['val_acc1']:.2f}%)"
     return (f"best epoch {result.best_epoch}{score}; {len(result.classes)} classes; wrote "
             f"{result.best_path}")
 
