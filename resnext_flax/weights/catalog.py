@@ -165,9 +165,10 @@ def _build() -> MappingProxyType[str, MappingProxyType[str, WeightSet]]:
 
 #: model name -> tag -> :class:`WeightSet` (``DEFAULT`` is not a key; see ``DEFAULT_TAGS``).
 WEIGHT_SETS = _build()
-#: model name -> the tag torchvision's ``DEFAULT`` stands for.
+#: model name -> the tag torchvision's ``DEFAULT`` stands for (models with a weight set only).
 DEFAULT_TAGS = MappingProxyType(
-    {name: next(t for t, ws in sets.items() if ws.is_default) for name, sets in WEIGHT_SETS.items()}
+    {name: next(t for t, ws in sets.items() if ws.is_default)
+     for name, sets in WEIGHT_SETS.items() if sets}
 )
 
 
@@ -192,6 +193,10 @@ def get_weight_set(model: str, tag: str = "DEFAULT") -> WeightSet:
     if qualifier and owner not in (model, f"{model}_weights"):
         raise UnknownModelError(
             f"weight set {tag!r} is not one of {model}'s; ask for {model}.{short} or {short}")
+    if model not in DEFAULT_TAGS:
+        raise UnknownModelError(
+            f"{model} has no weight set in the catalog; load a local weight file with "
+            f"resnext_flax.from_pretrained(path) or build it with random weights")
     if short == "DEFAULT":
         short = DEFAULT_TAGS[model]
     sets = WEIGHT_SETS[model]
@@ -226,7 +231,7 @@ def list_weight_sets(model: str | None = None) -> list[WeightSet]:
     the set it stands for). Raises :class:`~resnext_flax.errors.UnknownModelError` for an
     unknown model."""
     if model is not None:
-        get_weight_set(model)  # validates the name
+        get_spec(model)  # a clear error for unknown names
         return list(WEIGHT_SETS[model].values())
     return [ws for sets in WEIGHT_SETS.values() for ws in sets.values()]
 
