@@ -149,6 +149,7 @@ def _convert_into_cache(
         "weights": weights.name,
         "source_url": source_url,
         "source_sha256": digest,
+        "license": weights.license,
     }, classes=weights.categories, preprocessing=weights.preprocessing)
 
 
