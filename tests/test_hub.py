@@ -93,8 +93,6 @@ CHILD = textwrap.dedent("""
     import resnext_flax
     from resnext_flax import cli
     from resnext_flax.weights.catalog import LicenseWarning
-    sys.path.insert(0, "tests")
-    from torch_reference import random_images
 
     out = {}
     def load(name, weights="DEFAULT"):
@@ -119,10 +117,13 @@ CHILD = textwrap.dedent("""
 
     repo = sys.argv[1]
     model, out["first"] = load("hf-hub:" + repo)
-    np.save(sys.argv[3], np.asarray(model(random_images(2, 32, 48, seed=1))))
+    images = np.random.default_rng(1).standard_normal((2, 32, 48, 3)).astype(np.float32)
+    np.save(sys.argv[3], np.asarray(model(images)))  # torch_reference.random_images(2, 32, 48, 1)
+    out["torch_imported"] = "torch" in sys.modules
     out["after_first"] = requests()
     out["second"] = load(model.pretrained_cfg.architecture, "hf-hub:" + repo)[1]
     out["after_second"] = requests()
+    out["by_tag"] = load(model.pretrained_cfg.architecture, repo.rsplit(".", 1)[1])[1]
     out["missing"] = error(lambda: resnext_flax.from_pretrained("hf-hub:timm/nothing.here"))
     hub = "hf-hub:timm/"
     out["resnet50d"] = error(lambda: resnext_flax.from_pretrained(hub + "resnet50d.a1_in1k"))
@@ -163,12 +164,14 @@ def test_offline_from_a_hub_cache_folder(tmp_path, resnet18_files):
     write_hub_cache(cache, repo, _files(resnet18_files, "resnet18", "fb_swsl_ig1b_ft_in1k"))
     out = run_child(tmp_path, repo, None, {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)})
     check_parity(resnet18_files, out["logits"])
+    assert not out["torch_imported"]  # safetensors read without torch
     first = out["first"]
     assert first["weights"] == "resnet18.fb_swsl_ig1b_ft_in1k"
     assert first["license"] == "CC-BY-NC-4.0"
     assert len(first["license_warnings"]) == 1 and "non-commercial" in first[
         "license_warnings"][0]
     assert out["second"]["license_warnings"] == []  # once per process
+    assert out["by_tag"]["weights"] == first["weights"]  # the catalog's tag: the same repository
     assert first["classes"] == ["tench", "goldfish"]
     assert first["preprocessing"] == {"resize_size": 33, "crop_size": 32,
                                       "interpolation": "bicubic", "antialias": True,
@@ -259,6 +262,7 @@ def test_download_from_a_local_hub_endpoint(tmp_path, resnet18_files):
     assert out["first"]["license"] == "Apache-2.0"
     assert out["first"]["license_warnings"] == []
     assert out["after_second"] == out["after_first"]  # the second load asked nothing
+    assert out["by_tag"]["sha256"] == out["first"]["sha256"]
     ours = [(m, p) for m, p, _ in FakeHub.requests if p.startswith(f"/{repo}/")]
     gets = [p.rsplit("/", 1)[1] for m, p in ours if m == "GET"]
     assert sorted(gets) == ["config.json", "model.safetensors"]  # each fetched once

@@ -190,6 +190,13 @@ def test_costs_of_the_models_torchvision_does_not_publish(name):
     assert round(flops.get_total_flops() / 2e9, 3) == ws.gflops
 
 
+def test_published_accuracy_only_where_both_figures_are():
+    """What an evaluation compares with: the paper gives no top-5 for timm's A1/A2 sets."""
+    assert get_weight_set("resnet50", "a1_in1k").published is None
+    assert get_weight_set("resnet50", "IMAGENET1K_V2").published == (80.858, 95.434)
+    assert get_weight_set("resnet50", "fb_swsl_ig1b_ft_in1k").published == (81.2, 96.0)
+
+
 def test_only_architectures_the_library_builds():
     """Facebook also published ResNeXt-101 32x4d SSL/SWSL weights: not in the table, since
     the library does not build that model."""

@@ -24,8 +24,8 @@ def add_parser(commands: Any) -> None:
                         help="only this publisher's sets (torchvision, WSL-Images, "
                              "semi-supervised-ImageNet1K-models, timm)")
     parser.add_argument("--sort", choices=list(SORT_KEYS), default="table",
-                        help="order: table (default), acc1/acc5 (best first; unpublished "
-                             "last), params, gflops, model")
+                        help="order: table, acc1/acc5 (best first; unpublished last), "
+                             "params, gflops, model (default: table)")
     parser.add_argument("--commercial", action="store_true",
                         help="only sets whose license allows commercial use")
     parser.set_defaults(run=run)
