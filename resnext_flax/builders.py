@@ -166,6 +166,24 @@ def resnext101_64x4d(**options: Unpack[ModelOptions]) -> ResNet:
     return create_model("resnext101_64x4d", **options)
 
 
+def resnext101_32x16d(**options: Unpack[ModelOptions]) -> ResNet:
+    """ResNeXt-101 32x16d (the weakly supervised WSL model; torchvision's ResNeXt with
+    ``width_per_group=16``, 194 M parameters); options as :func:`create_model`."""
+    return create_model("resnext101_32x16d", **options)
+
+
+def resnext101_32x32d(**options: Unpack[ModelOptions]) -> ResNet:
+    """ResNeXt-101 32x32d (the weakly supervised WSL model; ``width_per_group=32``, 469 M
+    parameters); options as :func:`create_model`."""
+    return create_model("resnext101_32x32d", **options)
+
+
+def resnext101_32x48d(**options: Unpack[ModelOptions]) -> ResNet:
+    """ResNeXt-101 32x48d (the weakly supervised WSL model; ``width_per_group=48``, 828 M
+    parameters, 3.3 GB of float32 weights); options as :func:`create_model`."""
+    return create_model("resnext101_32x48d", **options)
+
+
 def wide_resnet50_2(**options: Unpack[ModelOptions]) -> ResNet:
     """Wide ResNet-50-2 (torchvision's ``wide_resnet50_2``): twice the bottleneck width;
     options as :func:`create_model`."""
@@ -181,5 +199,6 @@ def wide_resnet101_2(**options: Unpack[ModelOptions]) -> ResNet:
 #: name -> constructor, for code that iterates over the models.
 CONSTRUCTORS = {fn.__name__: fn for fn in (
     resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d, resnext101_32x8d,
-    resnext101_64x4d, wide_resnet50_2, wide_resnet101_2)}
+    resnext101_64x4d, resnext101_32x16d, resnext101_32x32d, resnext101_32x48d, wide_resnet50_2,
+    wide_resnet101_2)}
 assert tuple(CONSTRUCTORS) == tuple(VARIANTS), "one constructor per variant, in table order"

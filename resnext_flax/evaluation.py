@@ -256,7 +256,7 @@ def match_labels(dataset: ImageDataset, num_classes: int, *,
         if present < 1000:
             note += (f"; only {present} of the 1000 classes are present, so the published "
                      "figures (full validation set) are not comparable")
-        return LabelSpace(labelled, note, (weight_set.acc1, weight_set.acc5))
+        return LabelSpace(labelled, note, weight_set.published)  # None where unpublished
     if dataset.num_classes != num_classes:
         hint = (" (ImageNet folders must be named by WordNet id, e.g. n01440764)"
                 if imagenet else "")

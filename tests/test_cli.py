@@ -68,13 +68,15 @@ def test_predict_matches_torchvision(resnet18, capsys):
 
 
 def test_list(capsys):
-    assert cli.main(["list"]) == 0
+    assert cli.main(["list", "--source", "torchvision"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:4] == ["model", "weights", "acc@1", "acc@5"]
     rows = out[2:]
-    assert len(rows) == len(list_weight_sets()) == 17
+    assert len(rows) == len(list_weight_sets(source="torchvision")) == 17
     assert re.match(r"resnet50\s+IMAGENET1K_V2 \(DEFAULT\)\s+80\.858\s+95\.434\s+25\.6M\s+4\.09"
-                    r"\s+97\.8 MB\s+232/224$", rows[3])
+                    r"\s+97\.8 MB\s+232/224\s+BSD-3-Clause\s+torchvision$", rows[3])
+    assert cli.main(["list"]) == 0
+    assert len(capsys.readouterr().out.splitlines()[2:]) == len(list_weight_sets())
     assert cli.main(["list", "--model", "resnext101_64x4d"]) == 0
     rows = capsys.readouterr().out.splitlines()[2:]
     assert len(rows) == 1 and "IMAGENET1K_V1 (DEFAULT)" in rows[0] and "83.246" in rows[0]

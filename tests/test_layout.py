@@ -122,8 +122,9 @@ def test_public_api_is_explicit():
 # What a user types in the README; the rest lives in the subpackages.
 NARROW_SURFACE = {
     "create_model", "list_models", "resnet18", "resnet34", "resnet50", "resnet101",
-    "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2",
-    "wide_resnet101_2", "ResNet", "from_pretrained", "list_weight_sets", "load_model",
+    "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "resnext101_32x16d",
+    "resnext101_32x32d", "resnext101_32x48d", "wide_resnet50_2", "wide_resnet101_2", "ResNet",
+    "from_pretrained", "list_weight_sets", "load_model",
     "inspect_checkpoint", "read_state_dict", "load_torch_state_dict", "to_torch_state_dict",
     "load_checkpoint", "save_checkpoint", "optimize_for_inference", "ConvPolicy", "Predictor",
     "FeatureExtractor", "ResnextFlaxError", "enable_compilation_cache",

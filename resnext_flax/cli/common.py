@@ -130,13 +130,21 @@ def local_weight_file(args: argparse.Namespace) -> str | None:
 
 def model_name(args: argparse.Namespace) -> str:
     """``--model``, or the architecture a converted ``--checkpoint`` records in its header
-    (read without its tensors); other files do not say, and then ``--model`` is required."""
+    (read without its tensors), or the one a ``--weights hf-hub:...`` repository's
+    ``config.json`` names; other files do not say, and then ``--model`` is required."""
     if args.model is not None:
         return args.model
+    weights = getattr(args, "weights", None)
+    if args.checkpoint is None and isinstance(weights, str) and weights.startswith("hf-hub:"):
+        from resnext_flax.weights.hub import hub_config
+
+        return hub_config(weights, cache_dir=getattr(args, "cache_dir", None),
+                          progress=not getattr(args, "no_progress", False)).architecture
     path = local_weight_file(args)
     if path is None:
         raise ValueError("--model is required unless --checkpoint names a converted "
-                         "checkpoint (which records its model)")
+                         "checkpoint (which records its model) or --weights a Hub repository "
+                         "(hf-hub:owner/repository)")
     from resnext_flax.weights.files import CONVERTED_FORMAT, read_safetensors_metadata
 
     if not os.path.exists(path):

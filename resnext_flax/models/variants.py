@@ -1,4 +1,5 @@
-"""The one table of architectures: torchvision's ten ResNet-family models.
+"""The one table of architectures: torchvision's ten ResNet-family models and the wider
+ResNeXt-101s of the weakly supervised (Instagram) pre-training, which only change the width.
 
 Pure data, kept apart from weight metadata (URLs, accuracies, preprocessing) and from code.
 """
@@ -22,9 +23,8 @@ MAX_BLOCKS_PER_STAGE = 64
 #: count, so this keeps the first call of a model a file describes within minutes.
 MAX_BLOCKS = 100
 #: The most channels a block's grouped 3x3 conv may have (the last stage's
-#: ``int(512 * width_per_group / 64) * groups``). The table's widest is 2048 (resnext101_32x8d,
-#: resnext101_64x4d); the widest published ResNeXt, the weakly supervised 32x48d, has 12288;
-#: the bound leaves room above both.
+#: ``int(512 * width_per_group / 64) * groups``). The table's widest, resnext101_32x48d (the
+#: widest published ResNeXt), has 12288; the bound leaves room above it.
 MAX_BLOCK_WIDTH = 16384
 
 
@@ -94,6 +94,9 @@ VARIANTS: MappingProxyType[str, ModelSpec] = MappingProxyType(
         "resnext50_32x4d": ModelSpec("bottleneck", (3, 4, 6, 3), groups=32, width_per_group=4),
         "resnext101_32x8d": ModelSpec("bottleneck", (3, 4, 23, 3), groups=32, width_per_group=8),
         "resnext101_64x4d": ModelSpec("bottleneck", (3, 4, 23, 3), groups=64, width_per_group=4),
+        "resnext101_32x16d": ModelSpec("bottleneck", (3, 4, 23, 3), groups=32, width_per_group=16),
+        "resnext101_32x32d": ModelSpec("bottleneck", (3, 4, 23, 3), groups=32, width_per_group=32),
+        "resnext101_32x48d": ModelSpec("bottleneck", (3, 4, 23, 3), groups=32, width_per_group=48),
         "wide_resnet50_2": ModelSpec("bottleneck", (3, 4, 6, 3), width_per_group=128),
         "wide_resnet101_2": ModelSpec("bottleneck", (3, 4, 23, 3), width_per_group=128),
     }
@@ -111,5 +114,5 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def find_variant(spec: ModelSpec) -> str | None:
-    """The torchvision name of an architecture, or None if it is not one of the ten."""
+    """The name of an architecture in the table, or None if it is not one of them."""
     return next((name for name, known in VARIANTS.items() if known == spec), None)

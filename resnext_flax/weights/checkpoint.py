@@ -103,6 +103,8 @@ def save_checkpoint(
         preprocessing = cfg.preprocessing if preprocessing is None else preprocessing
         if cfg.weights and "weights" not in metadata:
             header["weights"] = cfg.weights
+    if cfg is not None and cfg.license and "license" not in metadata:
+        header["license"] = cfg.license  # the trunk's terms, whatever its head
     if classes is not None:
         header["classes"] = json.dumps(_check_classes(classes, model.num_classes,
                                                      f"writing {os.fspath(path)!r}"))
@@ -237,7 +239,7 @@ def model_from_converted(
         weights=meta.get("weights") or None,
         source=next((meta[k] for k in _SOURCE_KEYS if meta.get(k)), path),
         sha256=meta.get("source_sha256") or None, class_names=classes,
-        preprocessing=preprocessing)
+        preprocessing=preprocessing, license=meta.get("license") or None)
     return model
 
 

@@ -2,8 +2,13 @@
 
 Every entry point (``from_pretrained``, the constructors' ``weights=``, the command's
 ``--weights``/``--checkpoint``) takes the weights one way (:func:`split_weights`): `weights` is
-a weight set (a tag or a :class:`WeightSet`) or a local file; `checkpoint` is a local file
-loaded as that weight set, which then only fills in what the file lacks.
+a weight set (a tag or a :class:`WeightSet`), a Hugging Face Hub repository
+(``"hf-hub:timm/resnet50.a1_in1k"``) or a local file; `checkpoint` is a local file loaded as
+that weight set, which then only fills in what the file lacks.
+
+Weight sets with a Hub repository (``WeightSet.hub_id``: the WSL, SSL/SWSL and timm sets, and
+any ``hf-hub:`` string) come through huggingface_hub's cache (``weights.hub``): its
+``model.safetensors`` is read in place, without torch. torchvision's sets (a ``.pth`` URL):
 
 Lookup order, first hit wins:
 
@@ -52,9 +57,22 @@ from resnext_flax.weights.cache import (
     unavailable_message,
     weights_url,
 )
-from resnext_flax.weights.catalog import WeightSet, get_weight_set, resolve_weights
+from resnext_flax.weights.catalog import (
+    WeightSet,
+    get_weight_set,
+    resolve_weights,
+    warn_license,
+)
 from resnext_flax.weights.checkpoint import CheckpointError, save_checkpoint
 from resnext_flax.weights.files import read_weight_file, sigterm_as_interrupt
+from resnext_flax.weights.hub import (
+    download_hub_weights,
+    hub_source,
+    hub_weight_set,
+    is_hub_id,
+    parse_hub_id,
+    resolve_hub_weights,
+)
 from resnext_flax.weights.loading import load_model
 
 #: Endings that make a ``weights`` string a local file rather than a weight-set tag.
@@ -88,13 +106,17 @@ def split_weights(
     as every entry point reads them.
 
     `weights`: a weight set (``"DEFAULT"``, a tag such as ``"IMAGENET1K_V1"``, a
-    :class:`WeightSet`) or a local file (a path object, or a string with a path separator or a
-    weight-file ending, or naming an existing file that is no tag). `checkpoint`: a local file
+    :class:`WeightSet`, a Hub repository ``"hf-hub:owner/repository[@revision]"``, whose
+    ``config.json`` is fetched to describe it) or a local file (a path object, or a string
+    with a path separator or a weight-file ending, or naming an existing file that is no tag).
+    `checkpoint`: a local file
     loaded as the weight set `weights` (``DEFAULT`` when None), which then only fills in what
     the file lacks (class names, preprocessing). A file as `weights` means ``checkpoint=`` that
     file with ``DEFAULT``; giving a file both ways is an error.
     """
     get_spec(name)  # a clear error for unknown model names first
+    if is_hub_id(weights):
+        return resolve_hub_weights(name, weights), checkpoint
     if _names_a_file(name, weights):
         if checkpoint is not None:
             raise WeightsError(f"weights={os.fspath(weights)!r} and checkpoint="
@@ -127,6 +149,7 @@ def _convert_into_cache(
         "weights": weights.name,
         "source_url": source_url,
         "source_sha256": digest,
+        "license": weights.license,
     }, classes=weights.categories, preprocessing=weights.preprocessing)
 
 
@@ -151,16 +174,23 @@ def download_pretrained(
     path. Uses the cache, then torch hub's folder, then downloads (see the module docstring).
 
     **Arguments:**
-    - `weights`: a tag (``"DEFAULT"``, ``"IMAGENET1K_V1"``…) or a :class:`WeightSet`.
-    - `cache_dir`: overrides ``$RESNEXT_FLAX_CACHE`` / ``~/.cache/resnext_flax``.
+    - `weights`: a tag (``"DEFAULT"``, ``"IMAGENET1K_V1"``…), a :class:`WeightSet` or a Hub
+      repository (``"hf-hub:..."``); a set with a Hub repository returns the cached
+      ``model.safetensors`` in huggingface_hub's cache.
+    - `cache_dir`: overrides ``$RESNEXT_FLAX_CACHE`` / ``~/.cache/resnext_flax`` (for Hub
+      repositories: huggingface_hub's cache folder, ``$HF_HUB_CACHE``).
     - `progress`: show a tqdm progress bar while downloading.
-    - `url`: download from here instead (a mirror or a ``file://`` URL); the file must still
-      carry the weight set's sha256 prefix.
+    - `url`: download the ``.pth`` from here instead (a mirror or a ``file://`` URL; for a
+      Hub set, instead of its repository); the file must still carry the weight set's
+      sha256 prefix.
     - `download_deadline`: seconds the whole download may take (default
       ``$RESNEXT_FLAX_DOWNLOAD_DEADLINE``, else ``cache.DOWNLOAD_DEADLINE_SECONDS``).
     """
-    return _download(resolve_weights(name, weights), cache_dir, progress, url,
-                     download_deadline)
+    ws = (resolve_hub_weights(name, weights, cache_dir=cache_dir, progress=progress)
+          if is_hub_id(weights) else resolve_weights(name, weights))
+    if ws.hub_id and not url:
+        return download_hub_weights(ws, cache_dir=cache_dir, progress=progress)[0]
+    return _download(ws, cache_dir, progress, url, download_deadline)
 
 
 def _download(ws: WeightSet, cache_dir: str | os.PathLike | None, progress: bool,
@@ -209,13 +239,18 @@ def from_pretrained(
     num_classes: int | None = None,
     trust_pickle: bool = False,
 ) -> ResNet:
-    """torchvision's pretrained `name` as a Flax model, in eval mode.
+    """A pretrained model as a Flax model, in eval mode.
 
     **Arguments:**
-    - `name`: a model name (``resnext_flax.list_models()``).
-    - `weights`: ``"DEFAULT"`` (torchvision's choice), a tag such as ``"IMAGENET1K_V1"``,
-      a :class:`WeightSet`, or a local file (the same as ``checkpoint=`` that file; see
-      :func:`split_weights`).
+    - `name`: a model name (``resnext_flax.list_models()``), or a Hub repository
+      (``"hf-hub:timm/resnext101_32x16d.fb_wsl_ig1b_ft_in1k"``), whose ``config.json``
+      names the model (then `weights` stays ``"DEFAULT"``).
+    - `weights`: ``"DEFAULT"`` (torchvision's choice), a tag such as ``"IMAGENET1K_V1"`` or
+      ``"fb_swsl_ig1b_ft_in1k"`` (``resnext_flax.list_weight_sets()``), a :class:`WeightSet`,
+      a Hub repository (``"hf-hub:owner/repository[@revision]"``, downloaded through
+      huggingface_hub: its cache, token and offline mode apply), or a local file (the same as
+      ``checkpoint=`` that file; see :func:`split_weights`). Weights under a non-commercial
+      license (the WSL and SSL/SWSL sets) say so once per process (a ``LicenseWarning``).
     - `checkpoint`: a local checkpoint as it comes (a torchvision, timm, Lightning, MoCo,
       Hugging Face... ``.pth`` / ``.bin`` / ``.ckpt`` / ``.safetensors`` file or model folder,
       see ``docs/checkpoints.md``) or a converted resnext_flax checkpoint; loaded strictly
@@ -233,6 +268,14 @@ def from_pretrained(
     and preprocessing it lacks from the weight set (class names only if the class count
     matches), but is never recorded as the weight set itself.
     """
+    if is_hub_id(name):
+        if weights != "DEFAULT":
+            raise WeightsError(f"from_pretrained({name!r}) takes its weights from the Hub "
+                               f"repository; weights={weights!r} asks for others")
+        weights = hub_weight_set(name, cache_dir=cache_dir, progress=progress)
+        name = weights.model
+    elif is_hub_id(weights):
+        weights = resolve_hub_weights(name, weights, cache_dir=cache_dir, progress=progress)
     ws, checkpoint = split_weights(name, weights, checkpoint)
     return load_weight_set(ws, checkpoint=checkpoint, cache_dir=cache_dir, progress=progress,
                            url=url, download_deadline=download_deadline, dtype=dtype,
@@ -266,7 +309,9 @@ def load_weight_set(
             class_names=ws.categories, preprocessing=ws.preprocessing)
         return model
     check_file_options(prefix, ema, key, trust_pickle)
-    ws = weights
+    warn_license(ws)
+    if ws.hub_id and not url:
+        return _load_hub(ws, cache_dir, progress, dtype, num_classes)
     path = _download(ws, cache_dir, progress, url, download_deadline)
     try:
         weight_file = read_weight_file(path)
@@ -288,7 +333,24 @@ def load_weight_set(
     model.pretrained_cfg = dataclasses.replace(
         model.pretrained_cfg, weights=ws.name if same_head else None,
         source=weight_file.metadata.get("source_url") or ws.url,
-        sha256=recorded).fill(class_names=ws.categories, preprocessing=ws.preprocessing)
+        sha256=recorded, license=ws.license).fill(class_names=ws.categories,
+                                                  preprocessing=ws.preprocessing)
+    return model
+
+
+def _load_hub(ws: WeightSet, cache_dir: str | os.PathLike | None, progress: bool, dtype: Any,
+              num_classes: int | None) -> ResNet:
+    """A Hub weight set, read in place from huggingface_hub's cache. The repository's
+    ``config.json`` is its publisher's word on the classes and preprocessing, so it wins over
+    the catalog's copy."""
+    path, config = download_hub_weights(ws, cache_dir=cache_dir, progress=progress)
+    model = load_model(path, ws.model, dtype=dtype, num_classes=num_classes)
+    source, digest = hub_source(path, parse_hub_id(ws.hub_id or "")[0])
+    model.pretrained_cfg = dataclasses.replace(
+        model.pretrained_cfg, weights=ws.name if model.num_classes == ws.num_classes else None,
+        source=source, sha256=digest, license=config.license or ws.license,
+    ).fill(class_names=config.class_names or ws.categories,
+           preprocessing=config.preprocessing or ws.preprocessing)
     return model
 
 
