@@ -219,6 +219,8 @@ class FinetuneResult:
     preprocessing: Preprocessing
     best_path: str
     best_epoch: int
+    #: The state with the weights' average in place of the model's (None: no average).
+    average: TrainState | None = None
 
 
 def initial_model(config: TrainConfig, num_classes: int, *,
@@ -505,7 +507,8 @@ def train(
                      lambda tmp: _write_json(tmp, run["history"]))
     best = run["best"] or {"epoch": config.epochs}
     return FinetuneResult(state, run["history"], train_ds.classes, preprocessing, best_path,
-                          int(best["epoch"]))
+                          int(best["epoch"]),
+                          None if average.ema is None else average.train_state(state))
 
 
 class _Average:
