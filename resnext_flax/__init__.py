@@ -4,14 +4,15 @@ weight port from PyTorch.
 The top level holds what a user types: the constructors, ``create_model``/``list_models``,
 weight loading and saving, ``optimize_for_inference`` with its ``ConvPolicy``, ``Predictor``
 and ``FeatureExtractor``, and ``enable_compilation_cache``. Training, data, evaluation,
-fine-tuning and data parallelism live in their modules (``resnext_flax.training``,
-``.datasets``, ``.pipeline``, ``.augment``, ``.evaluation``, ``.finetuning``, ``.parallel``),
+fine-tuning, data parallelism and multi-process runs live in their modules
+(``resnext_flax.training``, ``.datasets``, ``.pipeline``, ``.augment``, ``.evaluation``,
+``.finetuning``, ``.parallel``, ``.distributed``),
 imported on first use: ``import resnext_flax`` loads neither optax, Grain, Orbax nor torch.
 
 Layout, lowest layer first (each imports only the ones before it; ``tests/test_layout.py``):
 ``errors`` and ``metadata``; ``nn`` (layers, the conv policy, the optional CPU lowerings);
 ``models``; ``weights`` and ``compilation``; ``preprocess``/``augment``/``datasets``;
-``inference``/``training``/``pipeline``; ``parallel``; ``builders``;
+``inference``/``training``/``pipeline``; ``parallel``/``distributed``; ``builders``;
 ``evaluation``/``finetuning``; ``cli``.
 """
 
@@ -48,7 +49,7 @@ _EXPORTS = {
 }
 
 _SUBMODULES = frozenset({
-    "augment", "builders", "cli", "compilation", "datasets", "errors", "evaluation",
+    "augment", "builders", "cli", "compilation", "datasets", "distributed", "errors", "evaluation",
     "export", "finetuning", "inference", "metadata", "models", "nn", "parallel", "pipeline",
     "preprocess", "training", "weights",
 })

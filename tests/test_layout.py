@@ -32,6 +32,7 @@ LAYERS = {
     "resnext_flax.training": 4,
     "resnext_flax.pipeline": 4,
     "resnext_flax.parallel": 5,
+    "resnext_flax.distributed": 5,
     "resnext_flax.builders": 6,
     "resnext_flax.evaluation": 7,
     "resnext_flax.finetuning": 7,
