@@ -73,10 +73,12 @@ class DistributedSettings:
         """One line for a run's printed configuration."""
         if not self.multi_process:
             return "single process"
-        devices = ("" if self.local_device_ids is None
-                   else f", local devices {','.join(map(str, self.local_device_ids))}")
-        return (f"process {self.process_id} of {self.num_processes}, coordinator "
-                f"{self.coordinator_address}{devices} (from {self.source})")
+        parts = [f"process {self.process_id} of {self.num_processes}"]
+        if self.coordinator_address is not None:
+            parts.append(f"coordinator {self.coordinator_address}")
+        if self.local_device_ids is not None:
+            parts.append(f"local devices {','.join(map(str, self.local_device_ids))}")
+        return f"{', '.join(parts)} (from {self.source})"
 
 
 SINGLE_PROCESS = DistributedSettings(None, 1, 0)
@@ -243,6 +245,7 @@ def shutdown() -> None:
 
 def is_main_process() -> bool:
     """True on process 0, the one that writes logs, plots and exported models. Orbax
-    checkpoints are saved by every process together (each writes its own shards, process 0
-    the metadata), so every process calls the checkpoint manager."""
+    checkpoints are saved by every process together (Orbax spreads the array writes over
+    the processes and writes the metadata from process 0): every process calls the
+    checkpoint manager, on a directory they all see."""
     return jax.process_index() == 0
