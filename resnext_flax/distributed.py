@@ -25,12 +25,11 @@ every device of every process.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
-
-import jax
 
 #: The library's environment variables, by setting.
 ENV_VARS = {
@@ -203,8 +202,10 @@ def resolve(
 
 def _use_cpu_collectives() -> None:
     """Cross-process collectives on CPU need an implementation chosen before the backend
-    starts; without one a CPU run computes every process's reductions alone. Gloo (TCP) ships
-    with jaxlib; a choice already made (e.g. ``mpi``) is kept."""
+    starts; without one the CPU backend has nothing to reduce across processes with. Gloo
+    (TCP) ships with jaxlib; a choice already made (e.g. ``mpi``) is kept."""
+    import jax
+
     if jax.config.jax_cpu_collectives_implementation is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
@@ -224,6 +225,8 @@ def initialize(
 
     `initialization_timeout`: seconds to wait for every process to connect.
     """
+    import jax
+
     if jax.distributed.is_initialized():
         return DistributedSettings(None, jax.process_count(), jax.process_index(),
                                    source="jax.distributed, initialized before")
@@ -240,6 +243,8 @@ def initialize(
 
 def shutdown() -> None:
     """Disconnect from the run (waits for the other processes); a no-op when not joined."""
+    import jax
+
     jax.distributed.shutdown()
 
 
@@ -248,4 +253,31 @@ def is_main_process() -> bool:
     checkpoints are saved by every process together (Orbax spreads the array writes over
     the processes and writes the metadata from process 0): every process calls the
     checkpoint manager, on a directory they all see."""
+    import jax
+
     return jax.process_index() == 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line flags of :func:`initialize`'s settings, in their own help group
+    (``--coordinator``, ``--num-processes``, ``--process-id``, ``--local-device-ids``);
+    read them back with :func:`initialize_from_arguments`. Building the parser imports
+    nothing heavy."""
+    group = parser.add_argument_group(
+        "many hosts", "jax.distributed settings; unset ones come from the environment "
+        f"({', '.join(ENV_VARS.values())}) or the launcher (SLURM, Open MPI, Cloud TPU); "
+        "none at all: one process")
+    group.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="address of process 0 and a free port there")
+    group.add_argument("--num-processes", type=int, metavar="N", help="processes in all")
+    group.add_argument("--process-id", type=int, metavar="I",
+                       help="this process's index, from 0")
+    group.add_argument("--local-device-ids", metavar="IDS",
+                       help="comma-separated accelerators this process drives (default: "
+                            "JAX's, one GPU per process under SLURM and Open MPI)")
+
+
+def initialize_from_arguments(args: argparse.Namespace, **kwargs: Any) -> DistributedSettings:
+    """:func:`initialize` with the flags of :func:`add_arguments`."""
+    return initialize(args.coordinator, args.num_processes, args.process_id,
+                      args.local_device_ids, **kwargs)

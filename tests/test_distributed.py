@@ -181,6 +181,33 @@ def test_one_process_starts_nothing(env):
     assert distributed.is_main_process()
 
 
+def test_command_line_flags(env):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    distributed.add_arguments(parser)
+    args = parser.parse_args(["--coordinator", "10.0.0.1:1234", "--num-processes", "4",
+                              "--process-id", "2", "--local-device-ids", "0,1"])
+    s = distributed.resolve(args.coordinator, args.num_processes, args.process_id,
+                            args.local_device_ids)
+    assert (s.coordinator_address, s.num_processes, s.process_id, s.local_device_ids) == (
+        "10.0.0.1:1234", 4, 2, (0, 1))
+    unset = parser.parse_args([])
+    assert distributed.initialize_from_arguments(unset) == distributed.SINGLE_PROCESS
+    with pytest.raises(ValueError, match="but not coordinator_address, process_id"):
+        distributed.initialize_from_arguments(parser.parse_args(["--num-processes", "2"]))
+    assert "--coordinator HOST:PORT" in parser.format_help()
+
+
+def test_the_flags_import_no_jax():
+    """A command's parser (its --help) is built without importing JAX."""
+    code = ("import argparse, sys; from resnext_flax import distributed; "
+            "distributed.add_arguments(argparse.ArgumentParser()); print('jax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT, env=_child_env(1, {}))
+    assert out.stdout.strip() == "False", out.stderr
+
+
 # --------------------------------------------------------------------------------------------
 # Two processes training like one.
 
