@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import collections
 import re
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -79,10 +81,46 @@ def replicate(mesh: Mesh, tree: Any) -> Any:
     """Copy a pytree (e.g. a :class:`TrainState`) to every device of the mesh.
 
     In a multi-process run every process must pass the same values (the same seed, the same
-    checkpoint): each process places its own copy on its devices (``jax.device_put`` checks
-    across processes that the copies agree).
+    checkpoint): each places its own copy on its devices, after comparing a checksum of every
+    array with the other processes (``jax.device_put`` would gather every process's whole
+    tree on every host to compare them, memory that grows with the process count).
     """
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    sharding = NamedSharding(mesh, P())
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    local = [_host_copy(leaf) for _, leaf in leaves]
+    _check_same_everywhere([path for path, _ in leaves], local)
+    return jax.tree_util.tree_unflatten(treedef, [
+        jax.device_put(leaf, sharding) if host is None
+        else jax.make_array_from_process_local_data(sharding, host, host.shape)
+        for (_, leaf), host in zip(leaves, local, strict=True)])
+
+
+def _host_copy(leaf: Any) -> np.ndarray | None:
+    """The leaf's value on this host, or None for an array already spread over processes
+    (it is resharded by JAX, nothing to compare)."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return None
+    if not isinstance(leaf, jax.Array | np.ndarray):
+        leaf = jnp.asarray(leaf)  # a Python scalar: the dtype JAX would give it
+    return np.asarray(leaf)
+
+
+def _check_same_everywhere(paths: list[Any], values: list[np.ndarray | None]) -> None:
+    """A ValueError on every process unless all processes hold the same values."""
+    from jax.experimental import multihost_utils
+
+    sums = np.array([0 if v is None else zlib.crc32(np.ascontiguousarray(v).tobytes())
+                     for v in values], np.uint32)
+    gathered = np.asarray(multihost_utils.process_allgather(sums))  # (processes, leaves)
+    differ = np.flatnonzero((gathered != gathered[0]).any(axis=0))
+    if differ.size:
+        names = ", ".join(jax.tree_util.keystr(paths[i]) for i in differ[:5])
+        raise ValueError(
+            f"{differ.size} of the {len(values)} arrays to replicate differ between processes "
+            f"({names}{', ...' if differ.size > 5 else ''}): every process must start from "
+            "the same state (the same seed, the same weights or checkpoint)")
 
 
 def with_batchnorm_axis(state: TrainState, axis_name: str | None = DATA_AXIS) -> TrainState:

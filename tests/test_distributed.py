@@ -297,6 +297,9 @@ def test_two_processes_train_like_one(two_processes: pathlib.Path):
         assert (w["device_count"], w["local_device_count"]) == (4, DEVICES_PER_PROCESS)
         assert w["is_main_process"] == (i == 0)
         assert w["steps"] == EPOCHS * ((3 * PER_CLASS + 1) // BATCH)
+        assert w["different_states"].startswith(
+            "1 of the 2 arrays to replicate differ between processes (['w']): every process "
+            "must start from the same state"), w["different_states"]
     # Each process read its own half of every global batch.
     reference = json.loads((out / "reference.json").read_text())
     for step, whole in enumerate(reference["indices"]):
@@ -465,6 +468,11 @@ def _child_worker(folder: str, out: pathlib.Path) -> None:
         result["correct"], result["steps"] = correct, len(losses)
         if distributed.is_main_process():
             np.savez(out / f"worker-{np.dtype(dtype).name}.npz", **_trained(state))
+    try:  # a state that differs between processes cannot be replicated
+        parallel.replicate(mesh, {"step": np.int32(0), "w": np.full(3, float(index))})
+        result["different_states"] = "replicated"
+    except ValueError as err:
+        result["different_states"] = str(err)
     # Every process takes part in the checkpoint (Orbax writes each array once).
     manager = ocp.CheckpointManager(out / "checkpoints", item_names=("state", "run"))
     manager.save(len(losses), args=ocp.args.Composite(
