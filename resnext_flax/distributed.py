@@ -146,9 +146,12 @@ def resolve(
     num_processes: int | None = None,
     process_id: int | None = None,
     local_device_ids: Sequence[int] | str | None = None,
+    *,
+    initialization_timeout: int = 300,
 ) -> DistributedSettings:
     """The settings :func:`initialize` would use, from the arguments, the environment and
-    the launcher (see the module's docstring); starts nothing.
+    the launcher (see the module's docstring); starts nothing. `initialization_timeout`
+    bounds the wait of launchers whose coordinator is looked up (Cloud TPU).
 
     Raises ValueError for malformed values and for some settings given without the others
     when no launcher supplies the rest.
@@ -169,7 +172,7 @@ def resolve(
             values["process_id"] = launcher.get_process_id()
         if "coordinator_address" in missing:
             values["coordinator_address"] = launcher.get_coordinator_address(
-                timeout_secs=None,
+                timeout_secs=initialization_timeout,
                 override_coordinator_port=os.environ.get("JAX_COORDINATOR_PORT") or None)
         missing = []
     if launcher is None and len(missing) == len(REQUIRED):
@@ -230,7 +233,8 @@ def initialize(
     if jax.distributed.is_initialized():
         return DistributedSettings(None, jax.process_count(), jax.process_index(),
                                    source="jax.distributed, initialized before")
-    settings = resolve(coordinator_address, num_processes, process_id, local_device_ids)
+    settings = resolve(coordinator_address, num_processes, process_id, local_device_ids,
+                       initialization_timeout=initialization_timeout)
     if not settings.multi_process:
         return settings
     _use_cpu_collectives()
