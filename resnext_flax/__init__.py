@@ -4,16 +4,18 @@ weight port from PyTorch.
 The top level holds what a user types: the constructors, ``create_model``/``list_models``,
 weight loading and saving, ``optimize_for_inference`` with its ``ConvPolicy``, ``Predictor``
 and ``FeatureExtractor``, and ``enable_compilation_cache``. Training, data, evaluation,
-fine-tuning and data parallelism live in their modules (``resnext_flax.training``,
-``.optim``, ``.mixing``, ``.ema``, ``.sampling``, ``.datasets``, ``.pipeline``, ``.augment``,
-``.evaluation``, ``.finetuning``, ``.parallel``), imported on first use: ``import
-resnext_flax`` loads neither optax, Grain, Orbax nor torch.
+fine-tuning, data parallelism and multi-process runs live in their modules
+(``resnext_flax.training``, ``.optim``, ``.mixing``, ``.ema``, ``.sampling``, ``.schedules``,
+``.datasets``, ``.pipeline``, ``.augment``, ``.evaluation``, ``.finetuning``, ``.recipes``,
+``.parallel``, ``.distributed``), imported on first use: ``import resnext_flax`` loads neither
+optax, Grain, Orbax nor torch.
 
 Layout, lowest layer first (each imports only the ones before it; ``tests/test_layout.py``):
 ``errors`` and ``metadata``; ``nn`` (layers, the conv policy, the optional CPU lowerings);
 ``models``; ``weights`` and ``compilation``; ``preprocess``/``augment``/``datasets``/
-``sampling``; ``inference``/``training``/``optim``/``mixing``/``ema``/``pipeline``;
-``parallel``; ``builders``; ``evaluation``/``finetuning``; ``cli``.
+``sampling``/``schedules``/``run_log``; ``inference``/``training``/``optim``/``mixing``/``ema``/
+``pipeline``; ``parallel``/``distributed``; ``builders``; ``evaluation``/``finetuning``/
+``recipes``; ``cli``.
 """
 
 from __future__ import annotations
@@ -50,10 +52,10 @@ _EXPORTS = {
 }
 
 _SUBMODULES = frozenset({
-    "augment", "autoaugment", "builders", "cli", "compilation", "datasets", "ema", "errors",
-    "evaluation", "export", "finetuning", "inference", "metadata", "mixing", "models", "nn",
-    "optim", "parallel", "pipeline", "preprocess", "recipes", "run_log", "sampling",
-    "schedules", "training", "weights",
+    "augment", "autoaugment", "builders", "cli", "compilation", "datasets", "distributed",
+    "ema", "errors", "evaluation", "export", "finetuning", "inference", "metadata", "mixing",
+    "models", "nn", "optim", "parallel", "pipeline", "preprocess", "recipes", "run_log",
+    "sampling", "schedules", "training", "weights",
 })
 
 __all__ = [

@@ -39,6 +39,7 @@ LAYERS = {
     "resnext_flax.mixing": 4,
     "resnext_flax.ema": 4,
     "resnext_flax.parallel": 5,
+    "resnext_flax.distributed": 5,
     "resnext_flax.builders": 6,
     "resnext_flax.evaluation": 7,
     "resnext_flax.finetuning": 7,

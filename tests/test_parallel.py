@@ -267,11 +267,12 @@ def _child_devices() -> dict:
 def _child_process(index: int, port: int) -> dict:
     import jax
 
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from resnext_flax import distributed, parallel, training
+
+    # Explicit settings; the library picks the CPU collectives (gloo) before the backend starts.
+    distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=index,
+                           initialization_timeout=int(CHILD_TIMEOUT))
     jax.config.update("jax_enable_x64", True)
-    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=index,
-                               initialization_timeout=int(CHILD_TIMEOUT))
-    from resnext_flax import parallel, training
 
     mesh = parallel.data_mesh()
     local_device = jax.local_devices()[0]
@@ -290,7 +291,7 @@ def _child_process(index: int, port: int) -> dict:
     result = {"process_count": jax.process_count(), "device_count": jax.device_count(),
               **_drifts({dtype: two_processes(dtype) for dtype in (np.float64, np.float32)},
                         single)}
-    jax.distributed.shutdown()
+    distributed.shutdown()
     return result
 
 
