@@ -8,8 +8,9 @@ import argparse
 import os
 from typing import Any
 
-from resnext_flax import distributed
 from resnext_flax.cli.common import add_compilation_options, add_loader_arguments
+from resnext_flax.distributed import add_arguments as add_distributed_arguments
+from resnext_flax.distributed import initialize_from_arguments
 from resnext_flax.models.variants import VARIANTS
 
 _FINETUNE_DESCRIPTION = (
@@ -80,7 +81,7 @@ def _add_finetune_arguments(p: argparse.ArgumentParser) -> None:
                    help="let the run in --output-dir go on to more --epochs (its warm-up and "
                         "cosine schedule are rebuilt for the new total)")
     add_loader_arguments(p)
-    distributed.add_arguments(p)
+    add_distributed_arguments(p)
     # A start file's options (--prefix...) are `convert`'s: a fix naming them is spelled as
     # that command, whose output the run then starts from.
     p.set_defaults(fix_keywords=frozenset({"name", "extend"}))
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> str:
     from resnext_flax.pipeline import LoaderOptions
 
     check_output_dir(args)
-    distributed.initialize_from_arguments(args)  # before JAX starts its backend
+    initialize_from_arguments(args)  # before JAX starts its backend
     result = finetune(args.train, config_from_args(args), args.output_dir, val=args.val_dir,
                       loader=LoaderOptions(args.workers, args.threads),
                       progress=not args.no_progress, cache_dir=args.cache_dir,

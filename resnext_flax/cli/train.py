@@ -10,9 +10,10 @@ import argparse
 import os
 from typing import Any
 
-from resnext_flax import distributed
 from resnext_flax.cli.common import add_compilation_options, add_loader_arguments
 from resnext_flax.cli.finetune import check_output_dir
+from resnext_flax.distributed import add_arguments as add_distributed_arguments
+from resnext_flax.distributed import initialize_from_arguments
 from resnext_flax.models.variants import VARIANTS
 
 _DESCRIPTION = (
@@ -121,7 +122,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extend", action="store_true",
                    help="let the run in --output-dir go on to more --epochs")
     add_loader_arguments(p, val_prefix=True)
-    distributed.add_arguments(p)
+    add_distributed_arguments(p)
     p.set_defaults(fix_keywords=frozenset({"name", "extend"}))
 
 
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> str:
     from resnext_flax.pipeline import LoaderOptions
     from resnext_flax.recipes import describe_config
 
-    settings = distributed.initialize_from_arguments(args)  # before JAX starts its backend
+    settings = initialize_from_arguments(args)  # before JAX starts its backend
     config = config_from_args(args)
     if settings.process_id == 0:
         print(describe_config(config, args.recipe, given_settings(args)), flush=True)
