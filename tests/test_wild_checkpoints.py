@@ -302,7 +302,7 @@ def test_transformers_config_that_is_not_torchvision_is_refused(tmp_path):
     resnet26 = transformers_resnet("bottleneck", [2, 2, 2, 2], [256, 512, 1024, 2048],
                                    headless=False, seed=42)
     resnet26.save_pretrained(tmp_path / "r26")
-    refusal = "is not one of the ten architectures this library builds"
+    refusal = "is not one of the architectures this library builds"
     with pytest.raises(CheckpointLayoutError, match=refusal):
         resnext_flax.load_model(tmp_path / "r26")
     spec = ModelSpec("bottleneck", (2, 2, 2, 2))

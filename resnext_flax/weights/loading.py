@@ -159,7 +159,7 @@ def _build(report: CheckpointReport, name: str | None, dtype: Any, path: str | N
         name = chosen.architecture
         if name is None:
             raise CheckpointLayoutError(
-                f"{report.source}: its trunk is {chosen.spec}, which is not one of the ten "
+                f"{report.source}: its trunk is {chosen.spec}, which is not one of the "
                 f"architectures this library builds ({', '.join(VARIANTS)})")
     spec = get_spec(name)
     loaded_classes = 0 if report.fresh_head else report.num_classes
