@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-from torchvision.models import get_model_weights
+from torchvision.models import get_model_weights, list_models
 from torchvision.transforms import InterpolationMode
 
 import resnext_flax
@@ -26,7 +26,7 @@ def _q(text: str) -> str:
 def main() -> None:
     categories = None
     rows = []
-    for name in resnext_flax.list_models():
+    for name in resnext_flax.list_models(include=list_models()):  # torchvision's models
         enum = get_model_weights(name)
         for weights in enum:
             meta, transform = weights.meta, weights.transforms()
