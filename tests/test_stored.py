@@ -5,6 +5,8 @@ the device, and that the files are exactly what safetensors reads and writes."""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -96,6 +98,34 @@ def test_a_file_that_shrinks_after_opening_names_the_tensor(resnet18_file, tmp_p
         resnext_flax.load_model(weight_file)
     with pytest.raises(WeightFileError, match="not fully covered"):  # read again: refused
         resnext_flax.load_model(path)
+
+
+def test_a_file_renamed_over_the_path_is_not_read(resnet18_file, tmp_path):
+    """The tensors come from the file that was checked, not from one written over its path
+    (an atomic rewrite of a cache entry) between the check and the load."""
+    path, reference = resnet18_file
+    target = tmp_path / "r18.safetensors"
+    target.write_bytes(path.read_bytes())
+    weight_file = read_weight_file(target)
+    other = torch_model("resnet18", seed=6, num_classes=10)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, tmp_path / "new")
+    (tmp_path / "new").replace(target)
+    model = resnext_flax.load_model(weight_file)
+    np.testing.assert_array_equal(resnext_flax.to_torch_state_dict(model)["fc.weight"],
+                                  reference.state_dict()["fc.weight"].numpy())
+
+
+def test_a_read_is_complete_whatever_the_os_returns_per_call(resnet18_file, monkeypatch):
+    path, reference = resnet18_file
+    preadv = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, offset: preadv(
+        fd, [bufs[0][:1000]], offset))  # at most 1000 bytes per call
+    value = read_weight_file(path).content["layer4.0.conv2.weight"]
+    np.testing.assert_array_equal(np.asarray(value),
+                                  reference.state_dict()["layer4.0.conv2.weight"].numpy())
+    monkeypatch.delattr(os, "preadv")  # the pread form
+    np.testing.assert_array_equal(np.asarray(value),
+                                  reference.state_dict()["layer4.0.conv2.weight"].numpy())
 
 
 def test_written_files_are_safetensors(tmp_path):

@@ -4,17 +4,18 @@ written one at a time.
 Reading a file gives :class:`StoredTensor` placeholders (key, shape, dtype, where the bytes
 are): resolving what the file holds needs only those, and a load reads each tensor into a
 fresh array, converts it into the model's parameter and drops it before reading the next. So a
-load holds the model's weights about once, not the file's tensors as well: what lets the
-828 M-parameter ResNeXt-101 32x48d load in a little more memory than its weights. The bytes
-are read with plain file reads (no memory map, whose touched pages would stay resident for as
-long as the file is open), at the offsets the safetensors parser checked when the file was
-opened.
+load holds the model's weights about once, not the file's tensors as well. The bytes are read
+with plain reads (no memory map, whose touched pages would stay resident for as long as the
+file is mapped) through one descriptor opened before the safetensors parser checked the file:
+a file renamed over the path later is not read at the checked offsets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -39,15 +40,49 @@ def _numpy_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
+class _OpenFile:
+    """A read-only descriptor of a file, shared by its tensors and closed with the last."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+
+    def __del__(self) -> None:
+        fd = getattr(self, "fd", None)  # None: the open failed
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def read_into(self, buffer: memoryview, offset: int) -> int:
+        """Read into `buffer` from `offset` until it is full or the file ends; the bytes read."""
+        done = 0
+        while done < len(buffer):
+            if hasattr(os, "preadv"):  # straight into the buffer
+                got = os.preadv(self.fd, [buffer[done:]], offset + done)
+            else:
+                if hasattr(os, "pread"):
+                    data = os.pread(self.fd, len(buffer) - done, offset + done)
+                else:  # Windows
+                    os.lseek(self.fd, offset + done, os.SEEK_SET)
+                    data = os.read(self.fd, len(buffer) - done)
+                buffer[done:done + len(data)], got = data, len(data)
+            if not got:
+                break
+            done += got
+        return done
+
+
 class StoredTensor:
     """A tensor of a ``.safetensors`` file, read from it whenever it is used as an array
     (``np.asarray``); `shape` and `dtype` (numpy's) need no read."""
 
-    __slots__ = ("_offset", "dtype", "key", "path", "shape")
+    __slots__ = ("_file", "_offset", "dtype", "key", "path", "shape")
 
-    def __init__(self, path: str, key: str, shape: tuple[int, ...], dtype: np.dtype,
-                 offset: int):
-        self.path, self.key, self.shape, self.dtype, self._offset = path, key, shape, dtype, offset
+    def __init__(self, file: _OpenFile, path: str, key: str, shape: tuple[int, ...],
+                 dtype: np.dtype, offset: int):
+        self.path, self.key, self.shape, self.dtype = path, key, shape, dtype
+        self._file, self._offset = file, offset
 
     @property
     def ndim(self) -> int:
@@ -66,9 +101,7 @@ class StoredTensor:
 
         buffer = np.empty(self.nbytes, np.uint8)
         try:
-            with open(self.path, "rb") as f:
-                f.seek(self._offset)
-                got = f.readinto(buffer)
+            got = self._file.read_into(memoryview(buffer), self._offset)
         except OSError as err:
             raise WeightFileError(f"could not read {self.key!r} from {self.path!r}: "
                                   f"{err}") from err
@@ -94,6 +127,7 @@ def read_tensors(path: str) -> dict[str, StoredTensor | np.ndarray]:
     propagate."""
     from safetensors import safe_open
 
+    source = _OpenFile(path)
     with safe_open(path, framework="numpy") as f:
         keys = list(f.keys())
         problem = limits.tensor_count_problem(path, len(keys))
@@ -101,9 +135,15 @@ def read_tensors(path: str) -> dict[str, StoredTensor | np.ndarray]:
             raise ValueError(problem)
         kinds = {key: f.get_slice(key).get_dtype() for key in keys}
         eager = {key: f.get_tensor(key) for key in keys if kinds[key] not in _NUMPY_DTYPES}
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
+    opened, checked = os.fstat(source.fd), os.stat(path)
+    if (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino):
+        raise ValueError("the file was replaced while it was opened")
+    head = bytearray(8)
+    source.read_into(memoryview(head), 0)
+    size = int.from_bytes(head, "little")
+    raw = bytearray(size)
+    source.read_into(memoryview(raw), 8)
+    header = json.loads(raw)
     start = 8 + size
     out: dict[str, StoredTensor | np.ndarray] = {}
     for key in keys:
@@ -115,9 +155,8 @@ def read_tensors(path: str) -> dict[str, StoredTensor | np.ndarray]:
         begin, end = entry["data_offsets"]
         if end - begin != math.prod(shape) * dtype.itemsize:  # the parser checked it too
             raise ValueError(f"{key!r}: {end - begin} bytes for shape {shape} of {dtype}")
-        out[key] = StoredTensor(path, key, shape, dtype, start + begin)
+        out[key] = StoredTensor(source, path, key, shape, dtype, start + begin)
     return out
-
 
 
 def write_tensors(f: BinaryIO, tensors: Mapping[str, Any],
