@@ -167,20 +167,21 @@ def resnext101_64x4d(**options: Unpack[ModelOptions]) -> ResNet:
 
 
 def resnext101_32x16d(**options: Unpack[ModelOptions]) -> ResNet:
-    """ResNeXt-101 32x16d (the weakly supervised WSL model; torchvision's ResNeXt with
-    ``width_per_group=16``, 194 M parameters); options as :func:`create_model`."""
+    """ResNeXt-101 32x16d (``resnext101_32x16d``, the weakly supervised WSL model: torchvision's
+    ResNeXt with ``width_per_group=16``, 194 M parameters); options as :func:`create_model`."""
     return create_model("resnext101_32x16d", **options)
 
 
 def resnext101_32x32d(**options: Unpack[ModelOptions]) -> ResNet:
-    """ResNeXt-101 32x32d (the weakly supervised WSL model; ``width_per_group=32``, 469 M
-    parameters); options as :func:`create_model`."""
+    """ResNeXt-101 32x32d (``resnext101_32x32d``, the weakly supervised WSL model:
+    ``width_per_group=32``, 469 M parameters); options as :func:`create_model`."""
     return create_model("resnext101_32x32d", **options)
 
 
 def resnext101_32x48d(**options: Unpack[ModelOptions]) -> ResNet:
-    """ResNeXt-101 32x48d (the weakly supervised WSL model; ``width_per_group=48``, 828 M
-    parameters, 3.3 GB of float32 weights); options as :func:`create_model`."""
+    """ResNeXt-101 32x48d (``resnext101_32x48d``, the weakly supervised WSL model:
+    ``width_per_group=48``, 828 M parameters, 3.3 GB of float32 weights); options as
+    :func:`create_model`."""
     return create_model("resnext101_32x48d", **options)
 
 

@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 from limits import CHILD_TIMEOUT
 
+from resnext_flax.builders import list_models
+from resnext_flax.models.variants import get_spec
 from resnext_flax.nn.layers import block_output
 from resnext_flax.nn.lowering import conv as lowering
 from resnext_flax.nn.lowering import kernel as cpu_kernels
@@ -131,6 +133,14 @@ CASES = [
     (1, 1, 1, 128, 32, 1, 1),      # a single pixel
     (1, 1, 1, 512, 32, 2, 1),
     (4, 8, 8, 256, 64, 1, 1),      # 64 groups of 4 (ResNeXt-101 64x4d)
+    # the WSL ResNeXt-101s' wider groups (fewer groups than theirs: the per-group loop is what
+    # differs, and a float64 reference of a 12288-channel conv is slow)
+    (1, 9, 11, 1536, 32, 1, 1),    # d = 48 (32x48d layer1): six output vectors per group
+    (1, 7, 9, 384, 4, 2, 1),       # d = 96, stride 2 (32x48d layer2.0)
+    (1, 5, 6, 512, 4, 1, 1),       # d = 128 (32x16d layer4)
+    (1, 5, 5, 768, 4, 2, 1),       # d = 192, stride 2 (32x48d layer3.0)
+    (1, 4, 4, 512, 2, 2, 1),       # d = 256, stride 2 (32x32d layer4.0)
+    (1, 4, 5, 768, 2, 1, 1),       # d = 384 (32x48d layer4)
 ]
 
 
@@ -151,6 +161,24 @@ def test_matches_xla(case):
     ref = _reference64(x, k, s, p, g)
     floor = _floor(x, k, s, p, g, ref, expected)
     assert _rel(out, ref) <= FACTOR * floor, (_rel(out, ref), floor)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", list_models("resnext*"))
+def test_every_resnext_grouped_conv_runs_in_the_kernel(name):
+    """The automatic choice gives every grouped 3x3 conv of every ResNeXt in the table (all
+    their channels per group, strides and 224x224 map sizes, batch 1 and 8) to the kernel."""
+    spec = get_spec(name)
+    for stage, size in enumerate((56, 56, 28, 14)):
+        width = spec.block_width(64 * 2**stage)
+        kernel_shape = (3, 3, width // spec.groups, width)
+        for stride, h in ((1, size // (2 if stage else 1)), (2 if stage else 1, size)):
+            for n in (1, 8):
+                x_shape = (n, h, h, width)
+                assert cpu_kernels.supports(x_shape, kernel_shape, stride, 1, spec.groups,
+                                            jnp.float32), (name, stage, stride)
+                assert DEFAULT_POLICY.choose(x_shape, kernel_shape, stride=stride, padding=1,
+                                             groups=spec.groups, backend="cpu") == "ffi"
 
 
 # 1x1 convs in the direct kernel's GEMM: (n, h, w, channels in, channels out, stride).

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 from flax import nnx
+from torch_reference import WSL_WIDTHS, torch_architecture
 
 import resnext_flax
 from resnext_flax.models.resnet import FEATURE_NAMES
@@ -27,24 +28,33 @@ PUBLISHED_PARAMS = {
     "wide_resnet50_2": 68_883_240,
     "wide_resnet101_2": 126_886_696,
 }
+# The WSL ResNeXt-101s' counts as torchvision's ResNet class builds them (the paper rounds them
+# to 193 M / 466 M / 829 M).
+WSL_PARAMS = {
+    "resnext101_32x16d": 194_026_792,
+    "resnext101_32x32d": 468_530_472,
+    "resnext101_32x48d": 828_411_176,
+}
 
 
 def count_params(model) -> int:
     return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def test_the_ten_torchvision_models_are_listed():
-    assert sorted(resnext_flax.list_models()) == sorted(PUBLISHED_PARAMS)
-    assert set(resnext_flax.list_models()) <= set(torchvision.models.list_models())
+def test_the_ten_torchvision_models_and_the_wsl_resnexts_are_listed():
+    assert sorted(resnext_flax.list_models()) == sorted({**PUBLISHED_PARAMS, **WSL_PARAMS})
+    assert set(PUBLISHED_PARAMS) <= set(torchvision.models.list_models())
+    assert set(WSL_PARAMS) == set(WSL_WIDTHS)
+    assert not set(WSL_PARAMS) & set(torchvision.models.list_models())
 
 
 @pytest.mark.parametrize("name", resnext_flax.list_models())
 def test_parameter_count_equals_torchvision(name: str):
     model = nnx.eval_shape(lambda: resnext_flax.create_model(name))
-    with torch.device("meta"):  # shapes only: no random init of ~100M parameters
-        reference = torchvision.models.get_model(name, weights=None)
+    with torch.device("meta"):  # shapes only: no random init of up to 828 M parameters
+        reference = torch_architecture(name)
     assert count_params(model) == sum(p.numel() for p in reference.parameters())
-    assert count_params(model) == PUBLISHED_PARAMS[name]
+    assert count_params(model) == {**PUBLISHED_PARAMS, **WSL_PARAMS}[name]
 
 
 def test_every_variant_has_an_explicit_constructor():
@@ -59,7 +69,8 @@ def test_every_variant_has_an_explicit_constructor():
 
 def test_list_models_filters_with_wildcards():
     assert resnext_flax.list_models("resnext*") == [
-        "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d"]
+        "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "resnext101_32x16d",
+        "resnext101_32x32d", "resnext101_32x48d"]
     assert resnext_flax.list_models(["resnet1*", "wide*"], exclude="*101*") == [
         "resnet18", "resnet152", "wide_resnet50_2"]
     assert resnext_flax.list_models(exclude=["resnet*", "wide*"]) == resnext_flax.list_models(

@@ -17,6 +17,7 @@ from flax import nnx
 from torch_reference import (
     flax_model_from_torch,
     random_images,
+    real_weight_cases,
     relative_error,
     to_nchw,
     torch_stages,
@@ -91,7 +92,7 @@ class Pair:
                 for k, v in self.torch_outputs(batch, size).items()}
 
 
-@pytest.fixture(scope="module", params=resnext_flax.list_models())
+@pytest.fixture(scope="module", params=real_weight_cases())
 def pair(request) -> Pair:
     return Pair(request.param)
 

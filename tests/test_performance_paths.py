@@ -23,6 +23,7 @@ from torch_reference import (
     flax_model_from_torch,
     random_images,
     relative_error,
+    shrunk,
     to_nchw,
     torch_model,
 )
@@ -217,7 +218,8 @@ def test_unknown_lowering_is_rejected():
         ConvPolicy(lowering="fft")
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d",
+                                  shrunk("resnext101_32x16d"), shrunk("resnext101_32x48d")])
 def test_folded_model_matches_model_and_torchvision(name):
     reference = torch_model(name, seed=3)
     model = flax_model_from_torch(name, reference)

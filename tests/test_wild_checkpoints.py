@@ -19,7 +19,13 @@ import pytest
 import torch
 import torchvision
 from flax import nnx
-from torch_reference import random_images, randomize_batchnorm, relative_error, to_nchw
+from torch_reference import (
+    random_images,
+    randomize_batchnorm,
+    relative_error,
+    to_nchw,
+    torch_architecture,
+)
 
 import resnext_flax
 from resnext_flax import cli
@@ -296,7 +302,7 @@ def test_transformers_config_that_is_not_torchvision_is_refused(tmp_path):
     resnet26 = transformers_resnet("bottleneck", [2, 2, 2, 2], [256, 512, 1024, 2048],
                                    headless=False, seed=42)
     resnet26.save_pretrained(tmp_path / "r26")
-    refusal = "is not one of the ten architectures this library builds"
+    refusal = "is not one of the architectures this library builds"
     with pytest.raises(CheckpointLayoutError, match=refusal):
         resnext_flax.load_model(tmp_path / "r26")
     spec = ModelSpec("bottleneck", (2, 2, 2, 2))
@@ -504,7 +510,7 @@ def test_transformers_class_names_survive_conversion(tmp_path, images):
 @pytest.mark.parametrize("name", resnext_flax.list_models())
 def test_expected_keys_and_shapes_are_torchvisions(name):
     with torch.device("meta"):
-        model = torchvision.models.get_model(name, weights=None, num_classes=7)
+        model = torch_architecture(name, num_classes=7)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
                 if not k.endswith("num_batches_tracked")}
     assert dict(expected_shapes(VARIANTS[name], 7)) == expected

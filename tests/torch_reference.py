@@ -4,11 +4,62 @@ statistic)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 import torchvision
+from torchvision.models.resnet import Bottleneck, ResNet
 
 import resnext_flax
+from resnext_flax.models.variants import get_spec
+
+#: The weakly supervised ResNeXt-101s torchvision does not list, as its ``ResNet`` class builds
+#: them (the reference, written out here rather than read from the library's table): the
+#: ``width_per_group`` of a 32-group Bottleneck ResNet of depth (3, 4, 23, 3).
+WSL_WIDTHS = {"resnext101_32x16d": 16, "resnext101_32x32d": 32, "resnext101_32x48d": 48}
+WSL_LAYERS = (3, 4, 23, 3)
+#: Tests with real weights build those at this depth (194-828 M parameters in full): every
+#: grouped-conv width and stride of the full model, one stride-1 block after a downsampling one.
+SHRUNK_LAYERS = (1, 1, 2, 1)
+#: A case name ``"<model>" + SHRUNK`` stands for the model at ``SHRUNK_LAYERS``.
+SHRUNK = "@shrunk"
+
+
+def shrunk(name: str) -> str:
+    """The case name of model `name` at ``SHRUNK_LAYERS``."""
+    return name + SHRUNK
+
+
+def real_weight_cases() -> list[str]:
+    """Every model as a case for tests with real weights: the WSL ResNeXts shrunk."""
+    return [shrunk(n) if n in WSL_WIDTHS else n for n in resnext_flax.list_models()]
+
+
+def torch_architecture(case: str, *, num_classes: int = 1000) -> torch.nn.Module:
+    """The torch reference of `case` (a model name, or a :func:`shrunk` one) with torch's own
+    initialization, on torch's current default device (``torch.device("meta")``: shapes only).
+    """
+    name, _, shrink = case.partition("@")
+    if name in WSL_WIDTHS:
+        layers = SHRUNK_LAYERS if shrink else WSL_LAYERS
+        return ResNet(Bottleneck, list(layers), groups=32, width_per_group=WSL_WIDTHS[name],
+                      num_classes=num_classes)
+    if shrink:
+        raise ValueError(f"only the WSL ResNeXts have a shrunk test form, not {name!r}")
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def flax_architecture(case: str, **options) -> resnext_flax.ResNet:
+    """The library's model of `case` (``create_model``'s `options`), built as ``ResNet`` from
+    the table's spec at ``SHRUNK_LAYERS`` for a shrunk case."""
+    from flax import nnx
+
+    name, _, shrink = case.partition("@")
+    if not shrink:
+        return resnext_flax.create_model(name, **options)
+    spec = dataclasses.replace(get_spec(name), layers=SHRUNK_LAYERS)
+    return resnext_flax.ResNet(spec, rngs=nnx.Rngs(0), **options)
 
 
 def randomize_batchnorm(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -26,9 +77,10 @@ def randomize_batchnorm(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def torch_model(name: str, *, seed: int = 0, num_classes: int = 1000) -> torch.nn.Module:
-    """A torchvision model in eval mode with random weights and random BN statistics."""
+    """A torchvision model (a case of :func:`torch_architecture`) in eval mode with random
+    weights and random BN statistics."""
     torch.manual_seed(seed)
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    model = torch_architecture(name, num_classes=num_classes)
     return randomize_batchnorm(model, seed).eval()
 
 
@@ -41,7 +93,7 @@ def flax_model_from_torch(
 
     num_classes = model.fc.out_features
     abstract = nnx.eval_shape(
-        lambda: resnext_flax.create_model(name, num_classes=num_classes, dtype=dtype))
+        lambda: flax_architecture(name, num_classes=num_classes, dtype=dtype))
     flax_model = resnext_flax.load_torch_state_dict(abstract, model.state_dict())
     flax_model.eval()
     return flax_model

@@ -24,8 +24,8 @@ MAX_BLOCKS_PER_STAGE = 64
 MAX_BLOCKS = 100
 #: The most channels a block's grouped 3x3 conv may have (the last stage's
 #: ``int(512 * width_per_group / 64) * groups``). The table's widest, resnext101_32x48d (the
-#: widest published ResNeXt), has 12288; the bound leaves room above it.
-MAX_BLOCK_WIDTH = 16384
+#: widest published ResNeXt), has 12288; the bound leaves room for relatives a few times wider.
+MAX_BLOCK_WIDTH = 65536
 
 
 def _positive_int(value: object) -> bool:

@@ -12,11 +12,10 @@ import functools
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -34,7 +33,8 @@ from resnext_flax.weights.files import (
     read_safetensors_metadata,
     read_weight_file,
 )
-from resnext_flax.weights.torch_port import compare_shapes, warn_non_finite
+from resnext_flax.weights.stored import write_tensors
+from resnext_flax.weights.torch_port import compare_shapes, put_each
 
 FORMAT = CONVERTED_FORMAT
 FORMAT_VERSION = "1"
@@ -73,8 +73,6 @@ def save_checkpoint(
     for prediction (:func:`read_checkpoint_labels`); by default they, and the weight set's
     name, come from the model's ``pretrained_cfg``, so a loaded model saves what it carries.
     """
-    from safetensors.numpy import save
-
     if is_folded(model):
         raise TypeError(
             "save_checkpoint: this model's BatchNorms are folded into its convs "
@@ -110,12 +108,11 @@ def save_checkpoint(
                                                      f"writing {os.fspath(path)!r}"))
     if preprocessing is not None:
         header["preprocessing"] = json.dumps(preprocessing.to_json())
-    tensors = {key: np.asarray(var.get_value()) for key, var in _flat_variables(model).items()}
-    blob = save(tensors, metadata=header)
+    tensors = {key: var.get_value() for key, var in _flat_variables(model).items()}
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
-            f.write(blob)
+            write_tensors(f, tensors, header)
 
     atomic_write(path, write)
 
@@ -223,13 +220,16 @@ def model_from_converted(
     )
     variables = _flat_variables(model)
     classes, preprocessing = header_labels(weight_file.metadata, path)
-    # Cast on the host and transfer once: a cast on the device compiles a program per shape.
-    # Finiteness is checked after the cast: float64 values beyond float32's range become Inf.
-    with np.errstate(over="ignore"):  # overflow is reported by warn_non_finite, by key
-        arrays = {key: np.asarray(tensors[key], dtype=var.get_value().dtype)
-                  for key, var in variables.items()}
-    warn_non_finite(arrays, repr(path))
-    values = jax.device_put(list(arrays.values()))
+
+    def cast() -> Iterator[tuple[str, np.ndarray]]:
+        # Cast on the host, one tensor at a time as it is read (``weights.stored``): a cast
+        # on the device compiles a program per shape. Finiteness is checked after the cast:
+        # float64 values beyond float32's range become Inf.
+        for key, var in variables.items():
+            with np.errstate(over="ignore"):  # overflow is reported by put_each, by key
+                yield key, np.asarray(tensors[key], dtype=var.get_value().dtype)
+
+    values = put_each(cast(), repr(path))
     for var, value in zip(variables.values(), values, strict=True):
         var.set_value(value)
     model.eval()

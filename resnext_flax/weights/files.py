@@ -28,13 +28,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from resnext_flax.errors import Fix, Message, WeightFileNotFoundError, WeightsError
 from resnext_flax.weights import limits
-
-if TYPE_CHECKING:  # numpy is imported where arrays are made: `resnext-flax list` needs none
-    import numpy as np
 
 #: The header value that marks a converted checkpoint of this library.
 CONVERTED_FORMAT = "resnext_flax"
@@ -199,42 +196,18 @@ def _read_hf_config(path: str) -> dict[str, Any] | None:
     return data
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """The tensors as numpy arrays, read without JAX (reading a file starts no backend).
-    safetensors checks the header (offsets, sizes) on opening; bfloat16 tensors, which its
-    numpy reader refuses, are then read from the checked offsets as ``ml_dtypes.bfloat16``."""
-    from safetensors import safe_open
+def _read_safetensors(path: str) -> dict[str, Any]:
+    """The tensors, as placeholders read one at a time when used (``weights.stored``), read
+    without JAX (reading a file starts no backend); safetensors checks the header (offsets,
+    sizes) on opening."""
+    from resnext_flax.weights.stored import read_tensors
 
     try:
-        with safe_open(path, framework="numpy") as f:
-            _refuse(limits.tensor_count_problem(path, len(f.keys())))
-            tensors = {key: None if f.get_slice(key).get_dtype() == "BF16" else
-                       f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (no dict)
-        missing = [key for key, value in tensors.items() if value is None]
-        if missing:
-            tensors.update(_read_bfloat16(path, missing))
-        return tensors
+        return read_tensors(path)
     except Exception as err:
         raise WeightFileError(
             f"could not read {path!r} as a safetensors file ({describe_file(path)}): {err}"
         ) from err
-
-
-def _read_bfloat16(path: str, keys: list[str]) -> dict[str, np.ndarray]:
-    import ml_dtypes
-    import numpy as np
-
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-        arrays = {}
-        for key in keys:
-            begin, end = header[key]["data_offsets"]
-            f.seek(8 + size + begin)
-            data = bytearray(f.read(end - begin))  # writable, as the numpy reader's arrays
-            arrays[key] = np.frombuffer(data, dtype=ml_dtypes.bfloat16).reshape(
-                header[key]["shape"])
-    return arrays
 
 
 def _read_torch_file(path: str, trust_pickle: bool = False) -> Any:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -40,9 +39,9 @@ from resnext_flax.weights.torch_port import (
     from_torch_layout,
     model_name,
     normalize_state_dict,
+    put_each,
     to_numpy,
     torch_variables,
-    warn_non_finite,
 )
 
 #: A path, a file already read, or an in-memory state dict or container.
@@ -160,7 +159,7 @@ def _build(report: CheckpointReport, name: str | None, dtype: Any, path: str | N
         name = chosen.architecture
         if name is None:
             raise CheckpointLayoutError(
-                f"{report.source}: its trunk is {chosen.spec}, which is not one of the ten "
+                f"{report.source}: its trunk is {chosen.spec}, which is not one of the "
                 f"architectures this library builds ({', '.join(VARIANTS)})")
     spec = get_spec(name)
     loaded_classes = 0 if report.fresh_head else report.num_classes
@@ -259,20 +258,21 @@ def load_torch_state_dict(
         warnings.warn(report.format(model_name(model)), StateDictMismatchWarning, stacklevel=2)
     sd = normalize_state_dict(state_dict)
     skip = {k for k, _, _ in report.mismatched} | {k for k, _ in report.wrong_dtype}
-    variables = torch_variables(model)
-    arrays = {key: to_numpy(key, sd[key]) for key in variables
-              if key in sd and key not in skip}  # every dtype checked before any write
-    targets = [(key, leaf, var) for key, (leaf, var) in variables.items() if key in arrays]
-    # Relayout and cast on the host, into a copy (the device array must not alias the torch
-    # tensor's memory, which torch could later change in place), then one transfer: on the
-    # device each would compile a program per shape. Finiteness is checked after the cast:
-    # float64 values beyond float32's range become Inf.
-    with np.errstate(over="ignore"):  # overflow is reported by warn_non_finite, by key
-        cast = {key: np.array(from_torch_layout(leaf, arrays[key]),
-                              dtype=var.get_value().dtype, order="C")
-                for key, leaf, var in targets}
-    warn_non_finite(cast, "the state dict")
-    values = jax.device_put(list(cast.values()))
+    targets = [(key, leaf, var) for key, (leaf, var) in torch_variables(model).items()
+               if key in sd and key not in skip]
+
+    def cast() -> Iterator[tuple[str, np.ndarray]]:
+        # Relayout and cast on the host, into a copy (the device array must not alias the
+        # torch tensor's memory, which torch could later change in place), one tensor at a
+        # time (a file's tensors are read here, as asked for: ``weights.stored``); on the
+        # device each would compile a program per shape. Finiteness is checked after the
+        # cast: float64 values beyond float32's range become Inf.
+        for key, leaf, var in targets:
+            with np.errstate(over="ignore"):  # overflow is reported by put_each, by key
+                yield key, np.array(from_torch_layout(leaf, to_numpy(key, sd[key])),
+                                    dtype=var.get_value().dtype, order="C")
+
+    values = put_each(cast(), "the state dict")  # every tensor read before any write
     for (_, _, var), value in zip(targets, values, strict=True):
         var.set_value(value)
     if isinstance(model, ResNet):

@@ -13,10 +13,11 @@ import dataclasses
 import functools
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -212,6 +213,8 @@ def to_numpy(key: str, value: Any) -> np.ndarray:
         return value.float().numpy() if value.dtype.itemsize < 4 else value.numpy()
     try:
         array = np.asarray(value)
+    except WeightsError:  # a file's tensor that could not be read says why itself
+        raise
     except Exception as err:
         raise ValueError(f"{key!r}: expected a floating-point array, got "
                          f"{type(value).__name__}") from err
@@ -278,13 +281,22 @@ class NonFiniteWeightsWarning(UserWarning):
     """Loaded weights contain NaN or Inf (a diverged run, a corrupt file)."""
 
 
-def warn_non_finite(arrays: Mapping[str, np.ndarray], source: str) -> None:
-    """Warn, naming the tensors, if any of `arrays` holds NaN or Inf."""
-    bad = [key for key, value in arrays.items() if not np.isfinite(value).all()]
+def put_each(arrays: Iterable[tuple[str, np.ndarray]], source: str) -> list[jax.Array]:
+    """Each ``(key, host array)`` on the default device, in order, taking the next host array
+    only once the last is there: with a generator that reads or converts each tensor when
+    asked, a load holds its weights about once (the device's, on the CPU) instead of a full
+    host copy beside them. Warns, naming the tensors, about those holding NaN or Inf."""
+    values, bad = [], []
+    for key, array in arrays:
+        if not np.isfinite(array).all():
+            bad.append(key)
+        values.append(jax.device_put(array))
+        del array  # before the generator makes the next
     if bad:
         shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
         warnings.warn(f"{source}: {len(bad)} tensor(s) hold NaN or Inf: {shown}",
                       NonFiniteWeightsWarning, stacklevel=3)
+    return values
 
 
 def compare_shapes(

@@ -100,7 +100,7 @@ class CheckpointReport:
         if chosen is None or spec is None or not chosen.original_keys:
             return ()
         if find_variant(spec) is None:
-            return (f"{spec} is not one of the ten architectures this library builds",)
+            return (f"{spec} is not one of the architectures this library builds",)
         loaded = 0 if self.fresh_head else self.num_classes or 0
         got = {k: tuple(v.shape) for k, v in self.state_dict.items()}
         return compare_shapes(expected_shapes(spec, loaded), got, self.source).summary()
