@@ -188,8 +188,8 @@ def _step_that(monkeypatch, act):
     real = finetuning._train_step
     calls = []
 
-    def wrapped(mesh, label_smoothing):
-        step = real(mesh, label_smoothing)
+    def wrapped(*args):
+        step = real(*args)
 
         def run(state, images, labels):
             calls.append(None)
