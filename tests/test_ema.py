@@ -1,5 +1,5 @@
 """The EMA against torchvision's reference: ``ExponentialMovingAverage`` (an
-``AveragedModel`` over parameters and buffers, written out below as the reference defines it),
+``AveragedModel`` over parameters and buffers, written out in classification_reference.py),
 driven by the reference training loop's rule (an update every ``model_ema_steps`` batches of an
 epoch, the count reset during the warm-up epochs) on a tiny torch model that really trains."""
 
@@ -10,20 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from torch.optim.swa_utils import AveragedModel
+from classification_reference import ExponentialMovingAverage
 
 import resnext_flax
 from resnext_flax import ema, training
-
-
-class ExponentialMovingAverage(AveragedModel):
-    """torchvision's ``references/classification/utils.py:ExponentialMovingAverage``."""
-
-    def __init__(self, model, decay, device="cpu"):
-        def ema_avg(avg_model_param, model_param, num_averaged):
-            return decay * avg_model_param + (1 - decay) * model_param
-
-        super().__init__(model, device, ema_avg, use_buffers=True)
 
 
 def _tiny() -> torch.nn.Module:

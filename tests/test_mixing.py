@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from classification_reference import get_mixup_cutmix, replaying
 from torch_reference import relative_error, to_nchw
-from torchvision.transforms import v2
 
 from resnext_flax import mixing, training
 
@@ -25,37 +25,13 @@ def _batch(seed: int = 0):
     return images, rng.integers(0, NUM_CLASSES, BATCH)
 
 
-class _Replayed:
-    """Stands in for torchvision's ``Beta`` distribution: returns the decision's lambda."""
-
-    def __init__(self, lam: float):
-        self.lam = lam
-
-    def sample(self, shape=()):
-        return torch.tensor([self.lam], dtype=torch.float32)
-
-
-def _torchvision(decision: mixing.MixDecision, images, labels, monkeypatch,
-                 config: mixing.MixConfig):
-    """The reference's ``RandomChoice`` over the transforms whose alpha is > 0 (its
-    ``get_mixup_cutmix``), replaying `decision`."""
-    mixup = v2.MixUp(alpha=config.mixup_alpha or 1.0, num_classes=NUM_CLASSES)
-    cutmix = v2.CutMix(alpha=config.cutmix_alpha or 1.0, num_classes=NUM_CLASSES)
-    mixup._dist = cutmix._dist = _Replayed(float(decision.lam))
-    chosen = [t for t, alpha in [(mixup, config.mixup_alpha), (cutmix, config.cutmix_alpha)]
-              if alpha]
-    draws = iter([int(decision.center[0]), int(decision.center[1])])
-    monkeypatch.setattr(torch, "randint", lambda high, size: torch.tensor([next(draws)]))
-    monkeypatch.setattr(torch, "multinomial", lambda p, n: torch.tensor(
-        [chosen.index(cutmix if bool(decision.cutmix) else mixup)]))
-    if bool(decision.cutmix):  # the box and label weight torchvision derives from the draws
-        params = cutmix.make_params([to_nchw(images)])
-        assert params["box"] == tuple(int(v) for v in decision.box)
-        assert abs(params["lam_adjusted"] - float(decision.label_lam)) <= 1.2e-7  # 2 ulp
-        draws = iter([int(decision.center[0]), int(decision.center[1])])
-    choice = v2.RandomChoice(chosen)
-    out, targets = choice(to_nchw(images), torch.from_numpy(labels))
-    monkeypatch.undo()
+def _torchvision(decision: mixing.MixDecision, images, labels, config: mixing.MixConfig):
+    """The reference's ``RandomChoice`` over the transforms whose alpha is > 0, replaying
+    `decision`."""
+    choice = get_mixup_cutmix(mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
+                              num_classes=NUM_CLASSES)
+    with replaying(choice, decision, HEIGHT, WIDTH):
+        out, targets = choice(to_nchw(images), torch.from_numpy(labels))
     return out.numpy().transpose(0, 2, 3, 1), targets.numpy()
 
 
@@ -74,15 +50,14 @@ def _decisions(config: mixing.MixConfig, count: int):
     mixing.MixConfig(NUM_CLASSES, mixup_alpha=0.0),
     mixing.MixConfig(NUM_CLASSES, cutmix_alpha=0.0),
 ], ids=["both", "cutmix", "mixup"])
-def test_same_decision_same_images_and_targets_as_torchvision(config, monkeypatch):
+def test_same_decision_same_images_and_targets_as_torchvision(config):
     images, labels = _batch()
     apply = jax.jit(mixing.apply_decision, static_argnums=3)
     decisions = _decisions(config, 12)
     kinds = {bool(d.cutmix) for d in decisions}
     assert kinds == {True, False} if config.mixup_alpha and config.cutmix_alpha else len(kinds)
     for decision in decisions:
-        expected_images, expected_targets = _torchvision(decision, images, labels, monkeypatch,
-                                                         config)
+        expected_images, expected_targets = _torchvision(decision, images, labels, config)
         got_images, got_targets = apply(decision, images, labels, NUM_CLASSES)
         if bool(decision.cutmix):  # a copy, not arithmetic: exact
             np.testing.assert_array_equal(got_images, expected_images)
@@ -93,7 +68,7 @@ def test_same_decision_same_images_and_targets_as_torchvision(config, monkeypatc
         np.testing.assert_allclose(got_targets.sum(1), 1.0, rtol=1e-6)
 
 
-def test_a_cut_box_clipped_at_the_border_corrects_lambda(monkeypatch):
+def test_a_cut_box_clipped_at_the_border_corrects_lambda():
     """A centre in the corner: the box is clipped and the label weight follows the area that
     was really pasted, not lambda."""
     config = mixing.MixConfig(NUM_CLASSES, mixup_alpha=0.0)
@@ -104,7 +79,7 @@ def test_a_cut_box_clipped_at_the_border_corrects_lambda(monkeypatch):
                                   center=np.array([0, HEIGHT - 1], np.int32), box=box,
                                   label_lam=np.float32(label_lam))
     images, labels = _batch(1)
-    expected = _torchvision(decision, images, labels, monkeypatch, config)
+    expected = _torchvision(decision, images, labels, config)
     got = mixing.apply_decision(decision, images, labels, NUM_CLASSES)
     np.testing.assert_array_equal(got[0], expected[0])
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-6, atol=1e-7)

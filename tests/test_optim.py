@@ -1,5 +1,5 @@
 """Parameter groups, gradient clipping and gradient accumulation against torch: torchvision's
-reference ``set_weight_decay`` (written out below: the reference is not an installed package)
+reference ``set_weight_decay`` (written out in classification_reference.py)
 with ``torch.optim.SGD``, ``torch.nn.utils.clip_grad_norm_``, and ``(loss / k).backward()``
 over k micro-batches before each ``optimizer.step()``."""
 
@@ -11,57 +11,17 @@ import numpy as np
 import optax
 import pytest
 import torch
+from classification_reference import set_weight_decay
 from flax import nnx
 from torch_reference import relative_error, to_nchw, torch_model
 
 import resnext_flax
 from resnext_flax import optim, training
 
-NORM_CLASSES = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm,
-                torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LocalResponseNorm)
-
-
-def reference_set_weight_decay(model, weight_decay, norm_weight_decay=None,
-                               custom_keys_weight_decay=None):
-    """torchvision's ``references/classification/utils.py:set_weight_decay``."""
-    params = {"other": [], "norm": []}
-    params_weight_decay = {"other": weight_decay, "norm": norm_weight_decay}
-    custom_keys = []
-    if custom_keys_weight_decay is not None:
-        for key, weight_decay in custom_keys_weight_decay:
-            params[key] = []
-            params_weight_decay[key] = weight_decay
-            custom_keys.append(key)
-
-    def _add_params(module, prefix=""):
-        for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            is_custom_key = False
-            for key in custom_keys:
-                target_name = f"{prefix}.{name}" if prefix != "" and "." in key else name
-                if key == target_name:
-                    params[key].append(p)
-                    is_custom_key = True
-                    break
-            if not is_custom_key:
-                if norm_weight_decay is not None and isinstance(module, NORM_CLASSES):
-                    params["norm"].append(p)
-                else:
-                    params["other"].append(p)
-
-        for child_name, child_module in module.named_children():
-            child_prefix = f"{prefix}.{child_name}" if prefix != "" else child_name
-            _add_params(child_module, prefix=child_prefix)
-
-    _add_params(model)
-    return [{"params": params[key], "weight_decay": params_weight_decay[key]}
-            for key in params if len(params[key]) > 0]
-
 
 def _reference_groups(model, weight_decay, norm, bias):
     custom = [("bias", bias)] if bias is not None else None
-    return reference_set_weight_decay(model, weight_decay, norm, custom)
+    return set_weight_decay(model, weight_decay, norm, custom)
 
 
 def _torch_names(tree) -> dict[str, object]:

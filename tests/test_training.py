@@ -14,6 +14,7 @@ import optax
 import pytest
 import torch
 from flax import nnx
+from float32_floor import FLOOR_ABSOLUTE, FLOOR_MULTIPLE, Snapshot, bound, drift, floors
 from torch_reference import (
     flax_model_from_torch,
     randomize_batchnorm,
@@ -127,15 +128,7 @@ TRAJECTORIES = {  # name: learning rate (docs/training.md has the measurements)
 STEPS = 3
 # Float64: measured 1e-15 (resnet18) to 1e-13 (resnext50_32x4d, statistics after 3 steps).
 FLOAT64_BOUND = 1e-10
-# Float32: ours may drift from torch float64 by at most FLOOR_MULTIPLE times the floor, plus
-# FLOOR_ABSOLUTE. The floor is the larger drift of torch's two float32 layouts (NCHW and
-# channels_last run different kernels: two samples of float32 rounding). Two float32
-# implementations of a chaotic run drift by amounts that differ by a factor: measured on an
-# AVX2 machine, torch's two layouts by up to 2.6x (resnext50_32x4d, loss at step 3) and ours
-# vs torch by up to 2.3x (resnet18, loss at step 3). 4x covers that spread; a real float32
-# defect stays far outside it (the BatchNorm cancellation bug found earlier was ~2600x).
-FLOOR_MULTIPLE = 4.0
-FLOOR_ABSOLUTE = 1e-6
+# Float32: ours may drift from torch float64 by the float32 floor's bound (float32_floor.py).
 
 
 def _trajectory_params(name: str):
@@ -147,9 +140,6 @@ def _batches():
     rng = np.random.default_rng(1)
     return [(rng.standard_normal((4, 64, 64, 3)).astype(np.float32), rng.integers(0, 10, 4))
             for _ in range(STEPS)]
-
-
-Snapshot = tuple[float, dict[str, np.ndarray]]  # loss, float64 state dict after the step
 
 
 def _torch_trajectory(reference: torch.nn.Module, dtype: torch.dtype, lr: float,
@@ -187,19 +177,6 @@ def _our_trajectory(name: str, reference: torch.nn.Module, dtype, lr: float) -> 
     return snapshots
 
 
-def _drift(run: list[Snapshot], exact: list[Snapshot]) -> list[dict[str, float]]:
-    """Per step: relative error of the loss, the worst parameter and the worst statistic."""
-    out = []
-    for (loss, sd), (loss0, sd0) in zip(run, exact, strict=True):
-        errors = {k: relative_error(v, sd0[k]) for k, v in sd.items()}
-        out.append({
-            "loss": abs(loss - loss0) / abs(loss0),
-            "parameters": max(v for k, v in errors.items() if "running" not in k),
-            "statistics": max(v for k, v in errors.items() if "running" in k),
-        })
-    return out
-
-
 @functools.cache
 def _trajectories(name: str) -> dict[str, list[Snapshot]]:
     """torch float64 (the exact trajectory) and torch float32 in both layouts, computed once
@@ -222,7 +199,7 @@ def test_sgd_steps_equal_torch_in_float64(name: str):
     with jax.enable_x64(True):
         ours = _our_trajectory(name, runs["reference"], jnp.float64, TRAJECTORIES[name])
         assert ours[-1][1]["conv1.weight"].dtype == np.float64
-    for step, errors in enumerate(_drift(ours, runs["float64"]), 1):
+    for step, errors in enumerate(drift(ours, runs["float64"]), 1):
         for kind, error in errors.items():
             assert error <= FLOAT64_BOUND, (step, kind, error)
     # The running statistics really moved (train mode), by far more than the bound.
@@ -236,15 +213,12 @@ def test_sgd_steps_within_the_float32_floor(name: str):
     """float32: ours stays as close to torch float64 as torch float32 does (see
     FLOOR_MULTIPLE), step by step, for the loss, the parameters and the statistics."""
     runs = _trajectories(name)
-    ours = _drift(_our_trajectory(name, runs["reference"], jnp.float32, TRAJECTORIES[name]),
-                  runs["float64"])
-    floors = [{kind: max(a[kind], b[kind]) for kind in a} for a, b in zip(
-        _drift(runs["float32"], runs["float64"]),
-        _drift(runs["float32_channels_last"], runs["float64"]), strict=True)]
-    for step, (errors, floor) in enumerate(zip(ours, floors, strict=True), 1):
+    ours = drift(_our_trajectory(name, runs["reference"], jnp.float32, TRAJECTORIES[name]),
+                 runs["float64"])
+    measured = floors([runs["float32"], runs["float32_channels_last"]], runs["float64"])
+    for step, (errors, floor) in enumerate(zip(ours, measured, strict=True), 1):
         for kind, error in errors.items():
-            bound = FLOOR_MULTIPLE * floor[kind] + FLOOR_ABSOLUTE
-            assert error <= bound, (
+            assert error <= bound(floor[kind]), (
                 f"step {step}, {kind}: relative drift from torch float64 {error:.2e} > "
                 f"{FLOOR_MULTIPLE:g} x float32 floor {floor[kind]:.2e} + {FLOOR_ABSOLUTE:g}")
 
