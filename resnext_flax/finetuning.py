@@ -51,7 +51,7 @@ from resnext_flax.models.resnet import ResNet
 from resnext_flax.models.variants import get_spec
 from resnext_flax.outputs import check_finetune_output
 from resnext_flax.pipeline import LoaderOptions, SkipReport, train_loader
-from resnext_flax.run_log import plot_metrics, write_metrics
+from resnext_flax.run_log import plot_metrics, require_plotting, write_metrics
 from resnext_flax.schedules import Schedule, StepUnit, WarmupMethod
 from resnext_flax.training import TrainState
 from resnext_flax.weights.checkpoint import save_checkpoint
@@ -112,12 +112,12 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     norm_weight_decay: float | None = 0.0
-    bias_weight_decay: float | None = 0.0
+    bias_weight_decay: float | None = None
     warmup_epochs: float = 1.0
     warmup_method: WarmupMethod = "linear"
-    warmup_decay: float = 0.0
+    warmup_decay: float = 0.01
     lr_min: float = 0.0
-    schedule_unit: StepUnit = "step"
+    schedule_unit: StepUnit = "epoch"
     label_smoothing: float = 0.1
     freeze_backbone: bool = False
     bf16: bool = False
@@ -202,11 +202,15 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig(TrainConfig):
-    """:class:`TrainConfig` with fine-tuning's defaults: start from the default weights and
-    give the model a new head for the data's classes."""
+    """:class:`TrainConfig` with fine-tuning's defaults: start from the default weights, give
+    the model a new head for the data's classes, no decay on biases, and a warm-up from 0
+    with the rate changed every step."""
 
     weights: str | None = "DEFAULT"
     new_head: bool | None = True
+    bias_weight_decay: float | None = 0.0
+    warmup_decay: float = 0.0
+    schedule_unit: StepUnit = "step"
 
 
 @dataclasses.dataclass
@@ -357,6 +361,7 @@ def train(
     """
     say = log or (lambda message: print(message, flush=True))
     check_finetune_output(output_dir, [train, val], config.weights)
+    require_plotting()  # before any work: every epoch ends with the plot
     train_ds, val_ds = _datasets(train, val, config)
     mesh = mesh if mesh is not None else parallel.data_mesh()
     if config.batch_size % mesh.size:
@@ -372,8 +377,12 @@ def train(
     batches = train_loader(
         train_ds, train_preprocessing, config.batch_size, epochs=config.epochs,
         seed=config.seed, augmentation=config.augmentation, options=loader,
-        repetitions=config.ra_reps)
+        repetitions=config.ra_reps, replicas=mesh.size)
     per_epoch = batches.steps_per_epoch
+    if per_epoch % config.grad_accum_steps:
+        raise ValueError(f"grad_accum_steps={config.grad_accum_steps} must divide the "
+                         f"{per_epoch} batches of an epoch (an optimizer step would straddle "
+                         "two epochs and their learning rates)")
     schedule = config.schedule()
     tx = _optimizer(config, per_epoch)
     state = training.create_train_state(model, tx, freeze_backbone=config.freeze_backbone)
@@ -393,7 +402,7 @@ def train(
            "epoch": bookkeeping.EpochTotals().to_json(), "best": None}
     state, run, extra = bookkeeping.resume(manager, state, batches, run, say, extend=extend,
                                            extra=average.arrays())
-    average.restore(extra)
+    average.restore(extra, int(state.step))
     totals = bookkeeping.EpochTotals.from_json(run["epoch"])
     watch = bookkeeping.LossWatch(per_epoch)
     primary = jax.process_index() == 0
@@ -406,13 +415,15 @@ def train(
 
         watch.flush()
         done = int(state.step)
+        average.catch_up(state, done)  # an interrupt may come between a step and its update
         run["epoch"] = totals.to_json()
         run["epoch_skipped"] = {"count": skipped.count, "paths": skipped.paths}
         if done and replace and manager.latest_step() == done:
             manager.wait_until_finished()
             manager.delete(done)
         if done and manager.latest_step() != done:
-            bookkeeping.check_finite(bookkeeping.arrays(state), f"checkpoint {done}")
+            bookkeeping.check_finite({**bookkeeping.arrays(state), **average.arrays()},
+                                     f"checkpoint {done}")
             # The loader may have drawn the batch of a step that never finished: the data
             # consumed is one batch per completed step.
             manager.save(done, force=True, args=ocp.args.Composite(
@@ -520,6 +531,7 @@ class _Average:
                  accumulate: int):
         self.config, self.per_epoch, self.accumulate = config, per_epoch, accumulate
         self.ema = None if config is None else init_ema(state.params, state.batch_stats)
+        self.seen = 0  # the last step whose update was considered
 
     @classmethod
     def create(cls, config: TrainConfig, state: TrainState, per_epoch: int) -> _Average:
@@ -536,17 +548,25 @@ class _Average:
     def arrays(self) -> dict[str, Any]:
         return {} if self.ema is None else {"ema": self.ema}
 
-    def restore(self, arrays: dict[str, Any]) -> None:
+    def restore(self, arrays: dict[str, Any], step: int) -> None:
+        self.seen = step
         if self.ema is not None:
             self.ema = arrays["ema"]
 
     def after_step(self, state: TrainState, step: int) -> None:
         """After micro-step `step` (from 1): the reference's rule on optimizer steps."""
+        self.seen = step
         if self.ema is None or step % self.accumulate:
             return
         epoch, within = divmod(step - 1, self.per_epoch)
         self.ema = _ema_step(self.config, self.ema, state.params, state.batch_stats,
                              step_in_epoch=within // self.accumulate, epoch=epoch)
+
+    def catch_up(self, state: TrainState, step: int) -> None:
+        """The update of step `step` if it has not been made (a checkpoint of that step must
+        hold the average after it)."""
+        if step and self.seen != step:
+            self.after_step(state, step)
 
     def train_state(self, state: TrainState) -> TrainState:
         """`state` with the average's weights (the state itself when there is none)."""

@@ -398,6 +398,7 @@ def train_loader(
     process_index: int | None = None,
     process_count: int | None = None,
     repetitions: int = 1,
+    replicas: int = 1,
 ) -> BatchLoader:
     """Training batches for all `epochs` (random resized crop, flip, and the auto-augment
     policy and random erasing that `augmentation` asks for).
@@ -406,13 +407,16 @@ def train_loader(
     remainder is dropped, as ``drop_last``); each image is augmented with its own generator,
     seeded by (`seed`, position). Batch ``k`` is therefore a function of (`seed`, ``k``) only.
 
-    `repetitions` > 1 is repeated augmentation, the order of torchvision reference's
-    ``RASampler(repetitions=...)`` with the same seed (:mod:`resnext_flax.sampling`): each
-    image `repetitions` times in a row, differently augmented, and an epoch of as many
-    images as the dataset rounded down to a multiple of 256. Its batches hold the images the
-    reference's replicas read in the same step together, whatever the number of replicas;
-    BatchNorm statistics and the loss are the global batch's, so where each copy lands does
-    not matter (MixUp and CutMix pair within each device's part).
+    `repetitions` > 1 is repeated augmentation as torchvision's reference samples it
+    (``RASampler(num_replicas=replicas, rank=r, repetitions=...)``, the same seed;
+    :mod:`resnext_flax.sampling`): each image `repetitions` times, its copies dealt to
+    different replicas, an epoch of as many images as the dataset rounded down to a multiple
+    of 256. `replicas` is the number of devices the global batch is split over (contiguous
+    equal parts, in order): device ``r``'s part of each batch is replica ``r``'s next images,
+    as GPU ``r`` reads them in the reference, so MixUp and CutMix pair distinct images there.
+
+    In a run of several processes each reads a contiguous part of every global batch, in
+    process order: the global batch is the one a single process reads.
     """
     grain = _grain()
     index, count = _process(process_index, process_count)
@@ -424,37 +428,39 @@ def train_loader(
         order = grain.MapDataset.range(len(dataset)).shuffle(seed=seed)[:steps * batch_size]
         order = order.repeat(epochs)
     else:
-        per_epoch = RepeatedOrder.epoch_length(len(dataset), repetitions, dataset.root)
-        steps = per_epoch // batch_size
-        order = grain.MapDataset.source(
-            RepeatedOrder(len(dataset), seed, repetitions, steps * batch_size, epochs))
+        repeated = RepeatedOrder(len(dataset), seed, repetitions, batch_size, replicas, epochs,
+                                 dataset.root)
+        steps = repeated.steps
+        order = grain.MapDataset.source(repeated)
     if steps == 0:
         raise DatasetError(f"{dataset.root}: {len(dataset)} training images are fewer than one "
                            f"batch of {batch_size}")
     records = order.random_map(
         _TrainRecord(dataset, config, augmentation or Augmentation()), seed=seed)
     shape = (local, config.crop_size, config.crop_size, 3)
-    return BatchLoader(records[index::count].batch(local), steps,
+    return BatchLoader(records.batch(local)[index::count], steps,
                        fit_workers(options or LoaderOptions(), shape))
 
 
 class RepeatedOrder:
     """Dataset indices of all epochs under repeated augmentation, computed an epoch at a time
-    (the whole run's would not fit in memory for a long run on a large dataset)."""
+    (the whole run's would not fit in memory for a long run on a large dataset): each global
+    batch is the concatenation of every replica's next ``batch_size // replicas`` indices."""
 
-    def __init__(self, length: int, seed: int, repetitions: int, per_epoch: int,
-                 epochs: int):
-        self.sampler = RASampler(length, seed=seed, repetitions=repetitions)
-        self.per_epoch, self.epochs = per_epoch, epochs
-
-    @staticmethod
-    def epoch_length(length: int, repetitions: int, root: str) -> int:
-        """Images per epoch: the reference keeps ``len // 256 * 256`` of them."""
+    def __init__(self, length: int, seed: int, repetitions: int, batch_size: int,
+                 replicas: int, epochs: int, root: str):
         if length < 256:
             raise DatasetError(f"{root}: repeated augmentation (as torchvision's RASampler) "
                                f"keeps len // 256 * 256 images an epoch; {length} images give "
                                "none: use repetitions=1 or more images")
-        return RASampler(length, repetitions=repetitions).num_selected_samples
+        if replicas < 1 or batch_size % replicas:
+            raise ValueError(f"the batch of {batch_size} must split evenly over the {replicas} "
+                             "replicas of repeated augmentation")
+        self.samplers = [RASampler(length, num_replicas=replicas, rank=r, seed=seed,
+                                   repetitions=repetitions) for r in range(replicas)]
+        self.part = batch_size // replicas
+        self.steps = self.samplers[0].num_selected_samples // self.part
+        self.per_epoch, self.epochs = self.steps * batch_size, epochs
 
     def __len__(self) -> int:
         return self.per_epoch * self.epochs
@@ -465,7 +471,10 @@ class RepeatedOrder:
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - one loader, the epoch being read
     def _epoch(self, epoch: int) -> np.ndarray:
-        return self.sampler.indices(epoch)
+        used = self.steps * self.part
+        parts = np.stack([s.indices(epoch)[:used] for s in self.samplers])  # (replica, n)
+        parts = parts.reshape(len(self.samplers), self.steps, self.part)
+        return parts.transpose(1, 0, 2).reshape(-1)  # step-major, then replica
 
 
 @dataclasses.dataclass

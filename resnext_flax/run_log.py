@@ -48,6 +48,16 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def require_plotting() -> None:
+    """An ImportError naming the extra unless matplotlib can be imported: a run checks this
+    before its first step rather than failing at the end of its first epoch."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        raise ImportError("the training plot needs matplotlib: pip install "
+                          "'resnext-flax[train]'") from err
+
+
 def plot_metrics(directory: str | os.PathLike, history: Sequence[dict[str, Any]]) -> str:
     """Draw ``metrics.png`` in `directory`: one panel each for loss, accuracy and learning
     rate against the epoch; a series appears only when the history has it."""

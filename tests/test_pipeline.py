@@ -273,3 +273,29 @@ def test_sigterm_with_workers_shuts_down_quietly(folder, tmp_path):
         child.kill()
     assert child.returncode == 130, err
     assert "Exception ignored" not in err and "leaked" not in err, err
+
+
+def test_repeated_augmentation_gives_each_device_its_replicas_images():
+    """Device ``r``'s part of every global batch is the reference sampler's rank ``r`` list
+    in order, so copies of one image land on different devices (as on the reference's GPUs)
+    and MixUp/CutMix, which pair within a device's part, pair distinct images."""
+    from resnext_flax.datasets import DatasetError
+    from resnext_flax.pipeline import RepeatedOrder
+    from resnext_flax.sampling import RASampler
+
+    order = RepeatedOrder(600, 3, 4, 32, 4, 2, "data")
+    assert order.steps == 512 // 4 // 8 and len(order) == 2 * order.steps * 32
+    for epoch in range(2):
+        lists = [RASampler(600, num_replicas=4, rank=r, seed=3, repetitions=4).indices(epoch)
+                 for r in range(4)]
+        for step in range(order.steps):
+            start = (epoch * order.steps + step) * 32
+            batch = [order[start + i] for i in range(32)]
+            for r in range(4):
+                part = batch[8 * r:8 * r + 8]
+                assert part == list(lists[r][8 * step:8 * step + 8])
+                assert len(set(part)) == 8
+    with pytest.raises(ValueError, match="split evenly over the 3 replicas"):
+        RepeatedOrder(600, 3, 4, 32, 3, 1, "data")
+    with pytest.raises(DatasetError, match="255 images give none"):
+        RepeatedOrder(255, 3, 4, 32, 1, 1, "data")

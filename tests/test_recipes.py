@@ -121,6 +121,34 @@ def test_torchvision_v2_is_the_published_command(model):
         expected["resize_size"], expected["crop_size"])
 
 
+@pytest.mark.parametrize("model", sorted(PUBLISHED))
+def test_the_published_command_given_to_train_is_the_recipe(model):
+    """torchvision's command carries over as written; only ``-b`` differs: here it is the
+    global batch (8 GPUs of 128 in the reference)."""
+    args = train_command.train_parser().parse_args(
+        ["data", "--model", model, *shlex.split(PUBLISHED[model])])
+    ours = resolved(train_command.config_from_args(args))
+    recipe = resolved(recipe_config("torchvision-v2", model))
+    assert (ours.pop("batch_size"), recipe.pop("batch_size")) == (128, 1024)
+    # No --val-crop-size: the weights' crop, 224 for every V2 set (and the default).
+    assert ours.pop("crop_size") is None and recipe.pop("crop_size") == 224
+    assert ours == recipe
+
+
+def test_switches_keep_a_recipes_values_and_an_explicit_zero():
+    parse = train_command.train_parser().parse_args
+    args = parse(["data", "--model", "resnet50", "--recipe", "torchvision-v2", "--ra-sampler",
+                  "--model-ema"])
+    config = train_command.config_from_args(args)
+    assert (config.ra_reps, config.ema_steps) == (4, 32)  # the recipe's, not 3 and 32
+    config = train_command.config_from_args(parse(["data", "--model", "resnet50",
+                                                   "--model-ema", "--model-ema-steps", "0",
+                                                   "--ra-sampler"]))
+    assert (config.ema_steps, config.ra_reps) == (0, 3)
+    with pytest.raises(SystemExit):
+        parse(["data", "--model", "resnet50", "--lr-scheduler", "steplr"])
+
+
 def test_recipe_tables_cover_the_published_models_only():
     assert set(recipe_models("torchvision-v2")) == set(PUBLISHED) and set(RECIPES) == {
         "torchvision-v2"}

@@ -12,7 +12,7 @@ import pytest
 from folder_helpers import learnable_folder
 from PIL import Image
 
-from resnext_flax import finetuning
+from resnext_flax import finetuning, load_checkpoint
 from resnext_flax.cli import train as command
 from resnext_flax.finetuning import TrainConfig, train
 from resnext_flax.run_log import read_metrics
@@ -74,6 +74,11 @@ def test_the_recipe_run_records_each_epoch(folders, recipe_run):
     assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
         jax.tree.leaves(result.average.params), jax.tree.leaves(result.state.params),
         strict=True))
+    best = max(history, key=lambda h: h["val_acc1_ema"])
+    if best["epoch"] == 2:  # the last epoch's average is the one in memory
+        exported = load_checkpoint(result.best_path)
+        np.testing.assert_array_equal(np.asarray(exported.fc.kernel[...]),
+                                      np.asarray(result.average.params["fc"]["kernel"]))
 
 
 def test_an_interrupted_recipe_run_resumes_bit_for_bit(folders, recipe_run, tmp_path):
@@ -106,7 +111,8 @@ def test_an_interrupted_recipe_run_resumes_bit_for_bit(folders, recipe_run, tmp_
 
 def test_a_plain_run_from_scratch_learns(folders, tmp_path):
     config = TrainConfig(model="resnet18", epochs=4, batch_size=16, optimizer="adamw",
-                         lr=0.002, warmup_epochs=0.5, crop_size=32, resize_size=36)
+                         lr=0.002, warmup_epochs=0.5, warmup_decay=0.0, schedule_unit="step",
+                         bias_weight_decay=0.0, crop_size=32, resize_size=36)
     result = train(folders / "train", config, tmp_path / "out", val=folders / "val",
                    progress=False)
     losses = [h["train_loss"] for h in result.history]

@@ -1,8 +1,9 @@
 """``resnext-flax train``: train a model on an image folder, from scratch or from weights,
 with a published recipe's settings (``--recipe torchvision-v2``) or one's own, around
 :func:`resnext_flax.finetuning.train`. The options are spelled as torchvision's
-classification reference spells them, so its commands carry over; the resolved settings are
-printed before the run starts."""
+classification reference spells them, and mean what they mean there, except ``-b``: the global
+batch over all devices and processes, not one GPU's. The resolved settings are printed before
+the run starts."""
 
 from __future__ import annotations
 
@@ -36,17 +37,17 @@ _OPTIONS: tuple[tuple[tuple[str, ...], str, Any, str | None, str, Any], ...] = (
     (("--norm-weight-decay",), "norm_weight_decay", float, "WD",
      "weight decay of BatchNorm parameters", 0.0),
     (("--bias-weight-decay",), "bias_weight_decay", float, "WD",
-     "weight decay of biases", 0.0),
+     "weight decay of biases (default: --wd's)", None),
     (("--label-smoothing",), "label_smoothing", float, "F", "label smoothing", 0.1),
     (("--lr-warmup-epochs",), "warmup_epochs", float, "N", "warm-up length in epochs", 1.0),
     (("--lr-warmup-method",), "warmup_method", str, "{linear,constant}", "warm-up shape",
      "linear"),
     (("--lr-warmup-decay",), "warmup_decay", float, "F",
-     "the warm-up starts at lr times this", 0.0),
+     "the warm-up starts at lr times this", 0.01),
     (("--lr-min",), "lr_min", float, "LR", "the cosine decay's end", 0.0),
     (("--lr-step",), "schedule_unit", str, "{step,epoch}",
-     "change the learning rate every step or every epoch (torchvision's reference: epoch)",
-     "step"),
+     "change the learning rate every epoch, as torchvision's reference, or every step",
+     "epoch"),
     (("--auto-augment",), "auto_augment", str, "{ta_wide,ra,imagenet}",
      "automatic augmentation policy after the crop and flip", None),
     (("--ra-magnitude",), "ra_magnitude", int, "BIN", "RandAugment's magnitude bin (of 31)", 9),
@@ -112,6 +113,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     for flags, field, kind, metavar, text, default in _OPTIONS:
         shown = f" (default: {default})" if default is not None else ""
         p.add_argument(*flags, dest=field, type=kind, metavar=metavar, help=text + shown)
+    p.add_argument("--lr-scheduler", choices=("cosineannealinglr",),
+                   help="the schedule after the warm-up: cosine to --lr-min, the only one "
+                        "(accepted so that torchvision's commands carry over)")
     p.add_argument("--model-ema", action="store_true",
                    help="keep a moving average of the weights (every 32 steps unless "
                         "--model-ema-steps says otherwise); it is validated and exported")
@@ -133,20 +137,29 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
     given = {field: getattr(args, field) for field in fields if getattr(args, field) is not None}
     if args.bf16:
         given["bf16"] = True
-    if args.model_ema:  # torchvision's switch, with its default period
-        given["ema_steps"] = given.get("ema_steps") or 32
-    if args.ra_sampler:
-        given["ra_reps"] = given.get("ra_reps") or 3
     return given
+
+
+def _switches(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
+    """torchvision's ``--model-ema`` and ``--ra-sampler``: on, with the period or repetitions
+    given, else the recipe's, else the reference's defaults (32, 3)."""
+    out = {}
+    if args.model_ema and args.ema_steps is None:
+        out["ema_steps"] = recipe.get("ema_steps") or 32
+    if args.ra_sampler and args.ra_reps is None:
+        out["ra_reps"] = recipe.get("ra_reps", 1) if recipe.get("ra_reps", 1) > 1 else 3
+    return out
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """The :class:`~resnext_flax.finetuning.TrainConfig` the arguments describe: the recipe's
     settings (or TrainConfig's defaults) with the options given on top."""
-    from resnext_flax.recipes import recipe_config
+    from resnext_flax.recipes import recipe_config, recipe_settings
 
     weights = None if args.weights.lower() in ("none", "random") else args.weights
-    return recipe_config(args.recipe, args.model, **given_settings(args), weights=weights)
+    recipe = recipe_settings(args.recipe, args.model) if args.recipe else {}
+    return recipe_config(args.recipe, args.model, **given_settings(args),
+                         **_switches(args, recipe), weights=weights)
 
 
 def run(args: argparse.Namespace) -> str:
