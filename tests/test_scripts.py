@@ -231,16 +231,10 @@ def test_train_step_benchmark_smallest_run_times_both_sides(tmp_path):
     assert "| resnet18 | bf16 | 2 |" in result.stdout
 
 
-def test_train_step_benchmark_rejects_an_unknown_dtype():
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"),
-                             "--dtypes", "fp16"], capture_output=True, text=True)
-    assert result.returncode != 0 and "--dtypes: choose from fp32, bf16" in result.stderr
-
-
 def test_train_pipeline_benchmark_smallest_run_compares_loaders_and_the_step(tmp_path):
     out = tmp_path / "train_pipeline.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_pipeline.py"),
-                             "--images", "12", "--batch-size", "4", "--workers", "0,1",
+                             "--images", "12", "--batch-size", "4", "--workers", "0",
                              "--model", "resnet18", "--crop-size", "32", "--step-batch", "2",
                              "--step-steps", "1", "--num-classes", "10", "--rounds", "1",
                              "--json", str(out)],
@@ -250,13 +244,12 @@ def test_train_pipeline_benchmark_smallest_run_compares_loaders_and_the_step(tmp
     assert data["crop_size"] == 32 and data["images"] == 12 and data["step_measured"]
     assert data["augmentation"]["auto_augment"] == "ta_wide"
     assert data["augmentation"]["random_erase"] == 0.1
-    for key in ("library_w0", "library_w1", "torch_w0", "torch_w1", "step_alone",
-                "end_to_end_w1"):
+    for key in ("library_w0", "torch_w0", "step_alone", "end_to_end_w0"):
         assert data["median"][key] > 0 and len(data["samples"][key]) == 1
     assert data["step_images_per_second"] == data["median"]["step_alone"]
     verdict = data["keep_up"]["library_w0"]
     assert verdict["cpu_share"] == pytest.approx(
         data["median"]["step_alone"] / data["median"]["library_w0"])
     assert verdict["keeps_up"] == (verdict["cpu_share"] < 1)
-    assert "| 1 |" in result.stdout and "training step (resnet18, batch 2, measured)" in (
+    assert "| 0 |" in result.stdout and "training step (resnet18, batch 2, measured)" in (
         result.stdout)
