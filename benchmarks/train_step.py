@@ -120,9 +120,12 @@ def torch_step(config: TrainConfig,
     torch.manual_seed(config.seed)
     model = torchvision.models.get_model(config.model, weights=None, num_classes=num_classes)
     model = model.to(memory_format=torch.channels_last).train()
+    # The schedule's first rate, the library's at these steps: the recipe's peak rate on
+    # random data can diverge, and a diverged step need not cost what a real one does.
     optimizer = torch.optim.SGD(
-        parameter_groups(model, config.weight_decay, config.norm_weight_decay), lr=config.lr,
-        momentum=config.momentum, weight_decay=config.weight_decay)
+        parameter_groups(model, config.weight_decay, config.norm_weight_decay),
+        lr=config.schedule().rate(0.0), momentum=config.momentum,
+        weight_decay=config.weight_decay)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     mix = v2.RandomChoice([v2.MixUp(alpha=config.mixup_alpha, num_classes=num_classes),
                            v2.CutMix(alpha=config.cutmix_alpha, num_classes=num_classes)])
