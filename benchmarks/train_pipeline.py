@@ -23,16 +23,19 @@ measured here: the library's batch-``--step-batch`` step of ``--model`` as ``tra
 builds it, on a batch in memory) against the pipeline's: ``cpu_share`` is the fraction of the
 machine the pipeline needs to feed the step (step / pipeline images/s; below 1 it keeps up).
 Measured here, the step also runs fed by the library's loader with the most workers
-(``end_to_end``): close to the step alone, the pipeline is not the bottleneck even though both
-share the CPUs.
+(``end_to_end``, ``--step-steps`` steps after the first): close to the step alone, the
+pipeline is not the bottleneck even though both share the CPUs.
+
+With few batches per pass, the loaders' read-ahead during the first batch inflates the rate
+of the others: give ``--passes`` enough for many batches per worker.
 
 The folder: ``--folder DIR`` (an ImageFolder), or by default ``--images N`` JPEGs of
 ImageNet's typical size written by ``data_pipeline.py``'s ``write_folder``; ``--passes P``
 reads it P times.
 
-    python benchmarks/train_pipeline.py --images 256 \\
+    python benchmarks/train_pipeline.py --images 256 --passes 4 \\
         --json benchmarks/results/cpu_2core_train_pipeline.json
-    python benchmarks/train_pipeline.py --images 256 --step-images-per-second 4.1
+    python benchmarks/train_pipeline.py --images 256 --passes 4 --step-images-per-second 4.1
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import pathlib
@@ -141,10 +145,12 @@ def time_batches(batches: Iterable[Any], size: Callable[[Any], int],
     return ready - start, images / (time.perf_counter() - ready)
 
 
-def _timed_library(make: Callable[[], Any],
-                   consume: Callable[[Any], None] = lambda batch: None) -> tuple[float, float]:
+def _timed_library(make: Callable[[], Any], consume: Callable[[Any], None] = lambda batch: None,
+                   limit: int | None = None) -> tuple[float, float]:
+    """`time_batches` over a library loader, its first `limit` batches (None: all)."""
     with make() as loader:
-        return time_batches(loader, lambda b: len(b["image"]), consume)
+        return time_batches(itertools.islice(loader, limit), lambda b: len(b["image"]),
+                            consume)
 
 
 def measure(args: argparse.Namespace, folder: str) -> dict[str, Any]:
@@ -175,7 +181,7 @@ def measure(args: argparse.Namespace, folder: str) -> dict[str, Any]:
 
         sides["step_alone"] = step_alone
         sides[f"end_to_end_w{max(args.workers)}"] = lambda: _timed_library(
-            feed, lambda b: step(b["image"], b["label"]))
+            feed, lambda b: step(b["image"], b["label"]), limit=args.step_steps + 1)
     samples: dict[str, list[float]] = {}
     for round_ in range(args.rounds):
         keys = list(sides)
@@ -238,7 +244,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the training crop (default: the recipe's for --model)")
     p.add_argument("--num-classes", type=int, default=1000, help="the step's head")
     p.add_argument("--step-batch", type=int, default=64, help="the step's batch (default 64)")
-    p.add_argument("--step-steps", type=int, default=2, help="steps timed per round, alone")
+    p.add_argument("--step-steps", type=int, default=3,
+                   help="steps timed per round, alone and fed by the loader")
     p.add_argument("--step-images-per-second", type=float,
                    help="the step's images/s (e.g. from train_step.py); not measured then")
     p.add_argument("--rounds", type=int, default=3)
