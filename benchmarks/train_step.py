@@ -23,7 +23,9 @@ The sides are timed interleaved, one step each per round in a rotated order, so 
 other processes hits both alike; medians over ``--repeats`` rounds after ``--warmup`` steps of
 each (the first compiles the library's step). PyTorch gets ``--threads`` intra-op threads,
 by default the CPUs this process may run on, as XLA's CPU pool has. The 1-minute load average
-is recorded before and after each case, and the process's peak resident memory.
+is recorded before and after each case, and the process's peak resident memory: both sides'
+models, activations and gradients live in this one process; where they do not fit,
+``--sides library`` (or ``torch_eager``) times one side alone (no ratio).
 
     python benchmarks/train_step.py --json benchmarks/results/cpu_2core_train_step.json
     python benchmarks/train_step.py --models resnet50 --batch-size 16 --dtypes fp32 --repeats 5
@@ -57,6 +59,7 @@ from resnext_flax.finetuning import TrainConfig
 RECIPE = "torchvision-v2"
 MODELS = ("resnet50", "resnext50_32x4d", "resnext101_32x8d")
 DTYPES = ("fp32", "bf16")
+SIDES = ("library", "torch_eager")
 #: The optimizer's schedule depends on the epoch length; the step's cost does not.
 STEPS_PER_EPOCH = 1000
 
@@ -155,8 +158,8 @@ def run_case(name: str, dtype: str, args: argparse.Namespace) -> dict[str, Any]:
                                  dtype=np.float32)
     labels = rng.integers(0, args.num_classes, args.batch_size).astype(np.int32)
     load_start = os.getloadavg()[0]
-    steps = {"library": library_step(config, args.num_classes),
-             "torch_eager": torch_step(config, args.num_classes)}
+    build = {"library": library_step, "torch_eager": torch_step}
+    steps = {side: build[side](config, args.num_classes) for side in args.sides}
     calls = {key: lambda f=fn: f(images, labels) for key, fn in steps.items()}
     first: dict[str, dict[str, float]] = {}
     for key, fn in calls.items():  # warm-up: the first library call compiles
@@ -178,23 +181,23 @@ def run_case(name: str, dtype: str, args: argparse.Namespace) -> dict[str, Any]:
         median = statistics.median(ts)
         results[key] = first[key] | {"median_s": median, "images_per_s": args.batch_size / median,
                                      "times_s": ts, "losses": losses[key]}
+    ratio = (results["library"]["images_per_s"] / results["torch_eager"]["images_per_s"]
+             if len(results) == len(SIDES) else None)
     return {"model": name, "dtype": dtype, "batch": args.batch_size, "size": args.image_size,
             "recipe": RECIPE, "recipe_covers_model": name in recipes.recipe_models(RECIPE),
             "loadavg_1min_start": load_start, "loadavg_1min_end": os.getloadavg()[0],
-            "library_vs_torch": results["library"]["images_per_s"]
-            / results["torch_eager"]["images_per_s"],
-            "results": results}
+            "library_vs_torch": ratio, "results": results}
 
 
 def table(cases: list[dict[str, Any]]) -> str:
     lines = ["| model | dtype | batch | library img/s | torch eager img/s | library/torch | load |",
              "|---|---|---|---|---|---|---|"]
     for c in cases:
-        r = c["results"]
-        lines.append(f"| {c['model']} | {c['dtype']} | {c['batch']} | "
-                     f"{r['library']['images_per_s']:.2f} | "
-                     f"{r['torch_eager']['images_per_s']:.2f} | {c['library_vs_torch']:.2f} | "
-                     f"{c['loadavg_1min_start']:.1f}-{c['loadavg_1min_end']:.1f} |")
+        cells = [f"{c['results'][side]['images_per_s']:.2f}" if side in c["results"] else "-"
+                 for side in SIDES]
+        ratio = "-" if c["library_vs_torch"] is None else f"{c['library_vs_torch']:.2f}"
+        lines.append(f"| {c['model']} | {c['dtype']} | {c['batch']} | {' | '.join(cells)} | "
+                     f"{ratio} | {c['loadavg_1min_start']:.1f}-{c['loadavg_1min_end']:.1f} |")
     return "\n".join(lines)
 
 
@@ -217,8 +220,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each side first")
     p.add_argument("--threads", type=int, default=_cpus(),
                    help="PyTorch's intra-op threads (default: this process's CPUs, as XLA)")
+    p.add_argument("--sides", default=",".join(SIDES),
+                   help="both (default), or one where both do not fit in memory (no ratio)")
     p.add_argument("--json", metavar="FILE", help="write the results here")
     args = p.parse_args(argv)
+    args.sides = [s for s in args.sides.split(",") if s]
+    if not args.sides or set(args.sides) - set(SIDES):
+        p.error(f"--sides: choose from {', '.join(SIDES)}, got {args.sides}")
     known = resnext_flax.list_models()
     args.models = known if args.models == "all" else [m for m in args.models.split(",") if m]
     if not args.models or set(args.models) - set(known):
@@ -255,12 +263,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for name in args.models:
         for dtype in args.dtypes:
             cases.append(run_case(name, dtype, args))
-            c = cases[-1]
-            print(f"{name} {dtype} batch {args.batch_size}: library "
-                  f"{c['results']['library']['images_per_s']:.2f} img/s, torch eager "
-                  f"{c['results']['torch_eager']['images_per_s']:.2f} img/s, ratio "
-                  f"{c['library_vs_torch']:.2f} (first library step "
-                  f"{c['results']['library']['first_step_s']:.1f} s)", flush=True)
+            print(table(cases[-1:]).splitlines()[-1], flush=True)
     info["loadavg_1min_end"] = os.getloadavg()[0]
     # ru_maxrss is KiB on Linux.
     info["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -231,6 +231,19 @@ def test_train_step_benchmark_smallest_run_times_both_sides(tmp_path):
     assert "| resnet18 | bf16 | 2 |" in result.stdout
 
 
+def test_train_step_benchmark_one_side_has_no_ratio(tmp_path):
+    out = tmp_path / "train_step.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"),
+                             "--models", "resnet18", "--batch-size", "2", "--image-size", "32",
+                             "--dtypes", "fp32", "--sides", "library", "--repeats", "1",
+                             "--warmup", "1", "--num-classes", "10", "--json", str(out)],
+                            capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (case,) = json.loads(out.read_text())["cases"]
+    assert set(case["results"]) == {"library"} and case["library_vs_torch"] is None
+    assert "| resnet18 | fp32 | 2 |" in result.stdout and "| - | - |" in result.stdout
+
+
 def test_train_pipeline_benchmark_smallest_run_compares_loaders_and_the_step(tmp_path):
     out = tmp_path / "train_pipeline.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_pipeline.py"),
