@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import platform
@@ -204,3 +205,64 @@ def test_readme_table_compact_has_a_column_per_model_and_two_rows_per_batch():
         "| batch | over | r18 | wrn50 |", "|---|---|---|---|",
         "| 1 | PyTorch eager | 1.31 | 1.47 |", "| 1 | ONNX Runtime | 1.19 | 1.05 |",
         "| 8 | PyTorch eager | 1.28 | - |", "| 8 | ONNX Runtime | 1.25 | - |"]
+
+
+def test_train_step_benchmark_smallest_run_times_both_sides(tmp_path):
+    out = tmp_path / "train_step.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"),
+                             "--models", "resnet18", "--batch-size", "2", "--image-size", "32",
+                             "--dtypes", "bf16", "--repeats", "2", "--warmup", "1",
+                             "--num-classes", "10", "--json", str(out)],
+                            capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    (case,) = data["cases"]
+    assert (case["model"], case["dtype"], case["batch"], case["size"]) == ("resnet18", "bf16",
+                                                                           2, 32)
+    assert case["recipe_covers_model"] is False  # the recipe's common settings
+    for side in ("library", "torch_eager"):
+        r = case["results"][side]
+        assert len(r["times_s"]) == 2 and r["images_per_s"] > 0
+        assert all(math.isfinite(loss) for loss in r["losses"]), r["losses"]
+    assert case["library_vs_torch"] == pytest.approx(
+        case["results"]["library"]["images_per_s"] / case["results"]["torch_eager"]["images_per_s"])
+    assert data["machine"]["torch_threads"] == data["args"]["threads"] >= 1
+    assert data["machine"]["peak_rss_mib"] > 0 and "loadavg_1min_end" in data["machine"]
+    assert "| resnet18 | bf16 | 2 |" in result.stdout
+
+
+def test_train_step_benchmark_one_side_has_no_ratio(tmp_path):
+    out = tmp_path / "train_step.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"),
+                             "--models", "resnet18", "--batch-size", "2", "--image-size", "32",
+                             "--dtypes", "fp32", "--sides", "library", "--repeats", "1",
+                             "--warmup", "1", "--num-classes", "10", "--json", str(out)],
+                            capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (case,) = json.loads(out.read_text())["cases"]
+    assert set(case["results"]) == {"library"} and case["library_vs_torch"] is None
+    assert "| resnet18 | fp32 | 2 |" in result.stdout and "| - | - |" in result.stdout
+
+
+def test_train_pipeline_benchmark_smallest_run_compares_loaders_and_the_step(tmp_path):
+    out = tmp_path / "train_pipeline.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_pipeline.py"),
+                             "--images", "12", "--batch-size", "4", "--workers", "0",
+                             "--model", "resnet18", "--crop-size", "32", "--step-batch", "2",
+                             "--step-steps", "1", "--num-classes", "10", "--rounds", "1",
+                             "--json", str(out)],
+                            capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["crop_size"] == 32 and data["images"] == 12 and data["step_measured"]
+    assert data["augmentation"]["auto_augment"] == "ta_wide"
+    assert data["augmentation"]["random_erase"] == 0.1
+    for key in ("library_w0", "torch_w0", "step_alone", "end_to_end_w0"):
+        assert data["median"][key] > 0 and len(data["samples"][key]) == 1
+    assert data["step_images_per_second"] == data["median"]["step_alone"]
+    verdict = data["keep_up"]["library_w0"]
+    assert verdict["cpu_share"] == pytest.approx(
+        data["median"]["step_alone"] / data["median"]["library_w0"])
+    assert verdict["keeps_up"] == (verdict["cpu_share"] < 1)
+    assert "| 0 |" in result.stdout and "training step (resnet18, batch 2, measured)" in (
+        result.stdout)
