@@ -9,7 +9,7 @@ The EMA of the weights (every 32 steps, outside the step on both sides) is not t
 
 - **library**: the step ``resnext_flax.finetuning.train`` compiles:
   ``parallel.make_parallel_train_step`` over ``parallel.data_mesh()`` (mixing inside the
-  step), the optimizer of ``finetuning._optimizer(config, steps_per_epoch)``, the model of
+  step), the optimizer of ``finetuning.optimizer(config, steps_per_epoch)``, the model of
   ``finetuning.initial_model`` (random weights; ``bf16`` builds it with bfloat16 compute as
   ``TrainConfig(bf16=True)`` does). A step is ``shard_batch`` of the NHWC float32 batch, the
   step, and waiting for its results.
@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import pathlib
@@ -79,7 +80,7 @@ def library_step(config: TrainConfig,
     images, int labels) and returns its loss, the state carried from call to call."""
     mesh = parallel.data_mesh()
     model, _ = finetuning.initial_model(config, num_classes, progress=False)
-    tx = finetuning._optimizer(config, STEPS_PER_EPOCH)
+    tx = finetuning.optimizer(config, STEPS_PER_EPOCH)
     state = training.create_train_state(model, tx)
     state = parallel.replicate(mesh, parallel.with_batchnorm_axis(state))
     step = parallel.make_parallel_train_step(mesh, label_smoothing=config.label_smoothing,
@@ -260,19 +261,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           f"{args.threads} torch threads, 1-min load average at start "
           f"{info['loadavg_1min_start']:.1f}")
     cases = []
+
+    def write() -> None:
+        """After every case: a run cut short (out of memory, interrupted) keeps its cases."""
+        info["loadavg_1min_end"] = os.getloadavg()[0]
+        # ru_maxrss is KiB on Linux.
+        info["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps(
+                {"machine": info, "args": vars(args), "date": datetime.date.today().isoformat(),
+                 "command": "python benchmarks/train_step.py " + " ".join(argv or sys.argv[1:]),
+                 "cases": cases}, indent=1))
+
     for name in args.models:
         for dtype in args.dtypes:
             cases.append(run_case(name, dtype, args))
             print(table(cases[-1:]).splitlines()[-1], flush=True)
-    info["loadavg_1min_end"] = os.getloadavg()[0]
-    # ru_maxrss is KiB on Linux.
-    info["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            gc.collect()  # the case's models, states and programs go before the next's
+            jax.clear_caches()
+            write()
     print(table(cases))
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(
-            {"machine": info, "args": vars(args), "date": datetime.date.today().isoformat(),
-             "command": "python benchmarks/train_step.py " + " ".join(argv or sys.argv[1:]),
-             "cases": cases}, indent=1))
     return cases
 
 

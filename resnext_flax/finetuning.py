@@ -265,10 +265,11 @@ def _fit_head(model: ResNet, num_classes: int, config: TrainConfig) -> None:
                          "True")
 
 
-def _optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """SGD is torch's (coupled L2 before momentum); AdamW's decay is decoupled, after Adam's
-    scaling, as in optax.adamw. Gradients are clipped first, as torch's loop clips them
-    before ``optimizer.step()``."""
+def optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """The optimizer `train` builds for `config` over epochs of `steps_per_epoch` batches:
+    SGD is torch's (coupled L2 before momentum); AdamW's decay is decoupled, after Adam's
+    scaling, as in optax.adamw. Gradients are clipped first, as torch's loop clips them before
+    ``optimizer.step()``; accumulation wraps it all."""
     return _cached_optimizer(config.optimizer, config.schedule(),
                              steps_per_epoch / config.grad_accum_steps, config.momentum,
                              (config.weight_decay, config.norm_weight_decay,
@@ -384,7 +385,7 @@ def train(
                          f"{per_epoch} batches of an epoch (an optimizer step would straddle "
                          "two epochs and their learning rates)")
     schedule = config.schedule()
-    tx = _optimizer(config, per_epoch)
+    tx = optimizer(config, per_epoch)
     state = training.create_train_state(model, tx, freeze_backbone=config.freeze_backbone)
     state = parallel.replicate(mesh, parallel.with_batchnorm_axis(state))
     step_fn = _train_step(mesh, config.label_smoothing, config.mixing(train_ds.num_classes),

@@ -199,7 +199,7 @@ def _library_run(reference: nn.Module) -> Iterator[Step]:
     abstract = nnx.eval_shape(lambda: resnext_flax.create_model(CONFIG.model,
                                                                 num_classes=NUM_CLASSES))
     model = resnext_flax.load_torch_state_dict(abstract, reference.state_dict())
-    state = training.create_train_state(model, finetuning._optimizer(CONFIG, STEPS_PER_EPOCH))
+    state = training.create_train_state(model, finetuning.optimizer(CONFIG, STEPS_PER_EPOCH))
     step_fn = jax.jit(training.train_step_fn(label_smoothing=CONFIG.label_smoothing,
                                              mix=CONFIG.mixing(NUM_CLASSES),
                                              mix_seed=CONFIG.seed))
