@@ -36,7 +36,7 @@ PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob(
 
 #: Blocks that are not run, by page and first line: each needs machines a test does not have.
 NOT_RUN = {
-    ("docs/training.md", "jax.distributed.initialize(coordinator_address=\"node0:1234\", "
+    ("docs/distributed.md", "jax.distributed.initialize(coordinator_address=\"node0:1234\", "
                          "num_processes=N, process_id=i)"),
 }
 #: Folders the docs name by the absolute path a reader's own data would have, and the staged

@@ -98,7 +98,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-dir", metavar="DIR", help="validation folder or list file")
     p.add_argument("--model", required=True, choices=list(VARIANTS), metavar="NAME")
     p.add_argument("--recipe", choices=("torchvision-v2",),
-                   help="start from a published recipe's settings (docs/training.md)")
+                   help="start from a published recipe's settings (docs/recipes.md)")
     p.add_argument("--weights", default="none", metavar="TAG|PATH",
                    help="start from a weight set tag or a local file (default: none, random "
                         "initialization)")
