@@ -145,6 +145,20 @@ RESNEXT_AVX2 void GemmBlock(const Shape& s, const float* x, const float* wb, flo
 constexpr int kTileRows = 12;
 constexpr int64_t kKc512 = 256, kMc512 = 96;
 
+// Floats between a tile's rows where they are copied (RowsOfA): a slice of channels plus a
+// cache line, so that the rows fall in different L1 sets.
+constexpr int64_t kCopiedLd = kKc512 + 16;
+
+// Where a register tile reads its rows of A: in the input, one pointer per row (channel k0 of
+// row r at rows[r] + k0), or, where those rows would share one L1 set, copied to `copied`
+// (channel k0 + k of row r at copied[r * kCopiedLd + k]). The copy's fixed row stride also
+// lets every row be addressed from one register, where twelve pointers do not fit in the
+// general registers.
+struct RowsOfA {
+  const float* const* rows = nullptr;
+  const float* copied = nullptr;
+};
+
 #define RESNEXT_ROWS12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 
 // Row r, vector v of a tile's output: added to y unless `first`, then the epilogue, stored.
@@ -166,13 +180,14 @@ __attribute__((always_inline, target("avx512f,avx2,fma"))) inline void Finish512
 // y[R rows, 16 V columns] (+)= A[rows, k0 : k0 + kc] * B; B is one or two 16-column panels
 // (b0, b1) at channel k0. Adds into y unless `first`; applies `ep` (offset to this tile)
 // unless null.
-template <int R, int V>
-RESNEXT_AVX512 void Tile512(int64_t kc, const float* const* rows, int64_t k0, const float* b0,
+template <int R, int V, bool kCopied>
+RESNEXT_AVX512 void Tile512(int64_t kc, const RowsOfA& a, int64_t k0, const float* b0,
                             const float* b1, float* y, int64_t ldy, bool first,
                             const Epilogue* ep) {
 #define RESNEXT_DECL(r)                                                          \
   __m512 acc##r##0 = _mm512_setzero_ps(), acc##r##1 = _mm512_setzero_ps();      \
-  const float* a##r = r < R ? rows[r] + k0 : nullptr;
+  const float* a##r = r >= R ? nullptr                                           \
+                      : kCopied ? a.copied + r * kCopiedLd : a.rows[r] + k0;
   RESNEXT_ROWS12(RESNEXT_DECL)
 #undef RESNEXT_DECL
 #pragma GCC unroll 4
@@ -199,18 +214,29 @@ RESNEXT_AVX512 void Tile512(int64_t kc, const float* const* rows, int64_t k0, co
 
 #undef RESNEXT_ROWS12
 
-template <int V>
-RESNEXT_AVX512 void Tile512Rows(int rows_here, int64_t kc, const float* const* rows, int64_t k0,
+template <int V, bool kCopied>
+RESNEXT_AVX512 void Tile512Rows(int rows_here, int64_t kc, const RowsOfA& rows, int64_t k0,
                                 const float* b0, const float* b1, float* y, int64_t ldy,
                                 bool first, const Epilogue* ep) {
   switch (rows_here) {
 #define RESNEXT_CASE(r) \
-    case r: Tile512<r, V>(kc, rows, k0, b0, b1, y, ldy, first, ep); break;
+    case r: Tile512<r, V, kCopied>(kc, rows, k0, b0, b1, y, ldy, first, ep); break;
     RESNEXT_CASE(12) RESNEXT_CASE(11) RESNEXT_CASE(10) RESNEXT_CASE(9) RESNEXT_CASE(8)
     RESNEXT_CASE(7) RESNEXT_CASE(6) RESNEXT_CASE(5) RESNEXT_CASE(4) RESNEXT_CASE(3)
-    RESNEXT_CASE(2) default: Tile512<1, V>(kc, rows, k0, b0, b1, y, ldy, first, ep);
+    RESNEXT_CASE(2) default: Tile512<1, V, kCopied>(kc, rows, k0, b0, b1, y, ldy, first, ep);
 #undef RESNEXT_CASE
   }
+}
+
+// The tile at row i, columns j (one or two panels), over channels [k0, k0 + kc).
+template <int V>
+RESNEXT_AVX512 void Tile512At(int rows_here, int64_t kc, const RowsOfA& rows, int64_t k0,
+                              const float* b0, const float* b1, float* y, int64_t ldy,
+                              bool first, const Epilogue* ep) {
+  if (rows.copied != nullptr)
+    Tile512Rows<V, true>(rows_here, kc, rows, k0, b0, b1, y, ldy, first, ep);
+  else
+    Tile512Rows<V, false>(rows_here, kc, rows, k0, b0, b1, y, ldy, first, ep);
 }
 
 // Output rows [q0, q0 + rows) (rows <= kMc512), columns [n0, n0 + nc) (multiples of 16), all
@@ -228,23 +254,36 @@ RESNEXT_AVX512 void GemmBlock512(const Shape& s, const float* x, const float* wb
     }
   }
   const bool any_epilogue = epilogue.bias || epilogue.residual || epilogue.relu;
+  // Neighbouring rows of A are c x stride floats apart. Where that is a multiple of 4 KiB
+  // (c = 1024, 2048; 512 at stride 2), a tile's twelve rows fall in one L1 set, which holds
+  // eight lines, and evict each other on every column panel: each tile's slice is copied
+  // once to rows that do not. Elsewhere the rows are read in place.
+  const bool copy_rows = (s.c * s.stride * sizeof(float)) % 4096 == 0;
+  alignas(64) float copied[kTileRows * kCopiedLd];
   for (int64_t k0 = 0; k0 < s.c; k0 += kKc512) {
     const int64_t kc = std::min(kKc512, s.c - k0);
     const bool last = k0 + kc >= s.c;
     // A row tile's slice of A (12 rows x 256 channels) stays in L1 while the columns' panels
     // stream past it from L2.
     for (int64_t i = 0; i < rows; i += kTileRows) {
+      const int rows_here = static_cast<int>(std::min<int64_t>(kTileRows, rows - i));
+      RowsOfA a;
+      a.rows = row_ptr + i;
+      if (copy_rows) {
+        for (int r = 0; r < rows_here; ++r)
+          std::memcpy(copied + r * kCopiedLd, row_ptr[i + r] + k0, kc * sizeof(float));
+        a.copied = copied;
+      }
       for (int64_t j = n0; j < n0 + nc; j += 32) {
-        const int rows_here = static_cast<int>(std::min<int64_t>(kTileRows, rows - i));
         const float* b0 = wb + (j / 16) * s.c * 16 + k0 * 16;
         const float* b1 = b0 + s.c * 16;
         const int64_t offset = (q0 + i) * s.cout + j;
         const Epilogue here = AtTile(epilogue, j, offset);
         const Epilogue* ep = last && any_epilogue ? &here : nullptr;
         if (j + 32 <= n0 + nc)
-          Tile512Rows<2>(rows_here, kc, row_ptr + i, k0, b0, b1, y + offset, s.cout, k0 == 0, ep);
+          Tile512At<2>(rows_here, kc, a, k0, b0, b1, y + offset, s.cout, k0 == 0, ep);
         else
-          Tile512Rows<1>(rows_here, kc, row_ptr + i, k0, b0, b1, y + offset, s.cout, k0 == 0, ep);
+          Tile512At<1>(rows_here, kc, a, k0, b0, b1, y + offset, s.cout, k0 == 0, ep);
       }
     }
   }

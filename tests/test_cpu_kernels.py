@@ -188,6 +188,7 @@ POINTWISE = [
     (2, 9, 9, 300, 32, 1),       # a partial channel slice; 162 rows: partial row tiles
     (3, 5, 7, 64, 256, 1),
     (2, 15, 15, 256, 512, 2),    # downsample: every other pixel of every other row
+    (1, 9, 9, 512, 64, 2),       # rows 4 KiB apart at stride 2: each tile's rows copied
     (1, 13, 11, 40, 48, 2),      # odd map, stride 2
     (64, 3, 3, 64, 128, 1),      # batch 64
     (1, 1, 1, 16, 16, 1),        # a single pixel and panel
