@@ -154,6 +154,10 @@ inline ffi::Error ReadShape(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w,
 }
 
 #if RESNEXT_X86
+// Whether the AVX-512 forms run (the 1x1 GEMM's and the stem's): the CPU has AVX-512F and tests
+// have not turned them off (gemm.cc, resnext_gemm_set_avx512).
+RESNEXT_HIDDEN extern std::atomic<bool> g_gemm_avx512;
+
 // A dense 1x1 conv (Form::kGemm) as a GEMM with its epilogue, on the pool (gemm.cc).
 RESNEXT_HIDDEN void GemmConv(ffi::ThreadPool* pool, const Shape& s, const float* x,
                              const float* wb, float* y, const Epilogue& epilogue = {});

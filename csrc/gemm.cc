@@ -299,7 +299,6 @@ bool CpuHasAvx512() {
 }  // namespace
 
 #if RESNEXT_X86
-// Whether the GEMM takes its AVX-512 form (the CPU has it, and tests have not turned it off).
 RESNEXT_HIDDEN std::atomic<bool> g_gemm_avx512{CpuHasAvx512()};
 
 // A 1x1 conv as a GEMM, in items of (a block of rows, a block of columns): at least ~8 items,
@@ -386,8 +385,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextPointwiseConv, PointwiseConv,
                                   .Attr<int64_t>("stride")
                                   .Attr<bool>("relu"));
 
-// Tests: 0 runs the GEMM's AVX2 form on a CPU with AVX-512 (1: the AVX-512 form where the CPU
-// has it). Returns whether the AVX-512 form was on before.
+// Tests: 0 runs the GEMM's and the stem's AVX2 forms on a CPU with AVX-512 (1: the AVX-512
+// forms where the CPU has it). Returns whether the AVX-512 forms were on before.
 extern "C" int resnext_gemm_set_avx512(int on) {
 #if RESNEXT_X86
   return resnext::g_gemm_avx512.exchange(on != 0 && resnext::CpuHasAvx512()) ? 1 : 0;

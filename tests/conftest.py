@@ -38,3 +38,22 @@ def isolated_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(BASE_URL_ENV, raising=False)
     monkeypatch.delenv(OFFLINE_ENV, raising=False)
+
+
+@pytest.fixture(params=["default", "avx2"])
+def gemm_form(request):
+    """The compiled kernel's default forms (AVX-512 where the CPU has it: the 1x1 GEMM's and the
+    stem's), and their AVX2 forms, which CPUs without AVX-512 run (on such a CPU both runs take
+    them)."""
+    if request.param == "default":
+        yield request.param
+        return
+    from resnext_flax.nn.lowering import kernel as cpu_kernels
+
+    lib = cpu_kernels._load().direct
+    previous = lib.resnext_gemm_set_avx512(0)
+    assert lib.resnext_gemm_set_avx512(0) == 0  # the AVX-512 forms are off now
+    try:
+        yield request.param
+    finally:
+        lib.resnext_gemm_set_avx512(previous)

@@ -197,22 +197,6 @@ POINTWISE = [
 ]
 
 
-@pytest.fixture(params=["default", "avx2"])
-def gemm_form(request):
-    """The GEMM's default form (AVX-512 where the CPU has it), and its AVX2 form, which CPUs
-    without AVX-512 run (on such a CPU both runs take it)."""
-    if request.param == "default":
-        yield request.param
-        return
-    lib = cpu_kernels._load().direct
-    previous = lib.resnext_gemm_set_avx512(0)
-    assert lib.resnext_gemm_set_avx512(0) == 0  # the AVX-512 form is off now
-    try:
-        yield request.param
-    finally:
-        lib.resnext_gemm_set_avx512(previous)
-
-
 @needs_kernels
 @pytest.mark.parametrize("case", POINTWISE, ids=lambda c: "x".join(map(str, c[:5])) + f"-s{c[5]}")
 def test_pointwise_gemm_matches_xla(case, gemm_form):

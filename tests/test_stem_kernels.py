@@ -29,6 +29,8 @@ CONVS = [
     (1, 11, 10, 4, 5, 5, 48, 3, 2),     # four channels, stride 3
     (2, 9, 12, 2, 3, 5, 16, 2, 0),      # a non-square window, no padding
     (1, 7, 7, 3, 7, 7, 16, 1, 0),       # a single output pixel
+    (2, 30, 27, 3, 3, 3, 32, 1, 1),     # a 3x3 conv over RGB, stride 1 (windows 3 floats apart)
+    (1, 33, 57, 3, 7, 7, 96, 2, 3),     # 29 outputs per row (tiles of 9-10), three panel pairs
 ]
 
 
@@ -51,7 +53,9 @@ def _xla(x, k, stride, padding):
 
 @needs_kernels
 @pytest.mark.parametrize("case", CONVS, ids=_id)
-def test_conv_matches_xla(case):
+def test_conv_matches_xla(case, gemm_form):
+    """Each case in the stem's AVX-512 form (where the CPU has it: windows 3 or 6 floats apart,
+    outputs in pairs of panels) and its AVX2 form (``gemm_form``)."""
     n, h, w, c, kh, kw, cout, s, p = case
     x, k, b = _data(n, h, w, c, kh, kw, cout)
     assert stem.supports(x.shape, k.shape, s, p, 1, x.dtype)
