@@ -296,7 +296,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     known = resnext_flax.list_models()
     # "all": the variants torchvision builds (the ORT side exports torchvision's model); the
-    # weakly supervised 32x16d-32x48d are asked for by name (their exports pass 2 GB).
+    # weakly supervised 32x16d-32x48d are asked for by name (0.8-3.3 GB of weights each, and
+    # a single ONNX protobuf stops at 2 GB).
     published = [m for m in known if hasattr(torchvision.models, m)]
     args.models = published if args.models == "all" else [m for m in args.models.split(",") if m]
     if not args.models or set(args.models) - set(known):

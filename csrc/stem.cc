@@ -10,7 +10,8 @@
 // weights come in the direct kernel's dense layout [cout/16][kh][kw][c][16], i.e. per 16-column
 // panel kh consecutive K x 16 slices. A 6x16 register tile (6 pixels of one output row x 16
 // channels, 12 accumulators) sums all kh * K products, then adds the bias and applies ReLU as it
-// stores; on CPUs with AVX-512F a 12x32 tile does (StemTile512), in the same order. Work items are output rows (all panels each: the whole kernel is a few tens of KiB).
+// stores; on CPUs with AVX-512F a 12x32 tile does (StemTile512), in the same
+// order. Work items are output rows (all panels each: the whole kernel is a few tens of KiB).
 //
 // Max-pool. Each output pixel's window is clipped to the input, which is the same max as
 // reduce_window over -inf padding with an -inf initial value (an empty window gives -inf).

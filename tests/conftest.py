@@ -52,8 +52,8 @@ def gemm_form(request):
 
     lib = cpu_kernels._load().direct
     previous = lib.resnext_gemm_set_avx512(0)
-    assert lib.resnext_gemm_set_avx512(0) == 0  # the AVX-512 forms are off now
     try:
+        assert lib.resnext_gemm_set_avx512(0) == 0  # the AVX-512 forms are off now
         yield request.param
     finally:
         lib.resnext_gemm_set_avx512(previous)

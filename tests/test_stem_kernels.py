@@ -74,8 +74,8 @@ def test_conv_matches_xla(case, gemm_form):
 
 
 @needs_kernels
-def test_conv_keeps_nan():
-    x, k, b = _data(1, 9, 9, 3, 7, 7, 16, seed=1)
+def test_conv_keeps_nan(gemm_form):
+    x, k, b = _data(1, 9, 9, 3, 7, 7, 32, seed=1)
     x = x.at[0, 4, 4, 1].set(jnp.nan)
     got = np.asarray(stem.conv(x, k, b, stride=2, padding=3, relu=True))
     want = np.asarray(jax.nn.relu(_xla(x, k, 2, 3) + b))
