@@ -169,7 +169,7 @@ def main() -> None:
                    help="helper threads from XLA's pool per build, comma-separated (one value: "
                         "all builds; -1: as many as the pool has; 0: the calling thread only)")
     p.add_argument("--gemm-avx2", default="",
-                   help="comma-separated indices of builds whose GEMM and stem run their AVX2 forms")
+                   help="comma-separated indices of builds whose GEMM and stem run AVX2 forms")
     p.add_argument("--models", default="",
                    help="comma-separated model names: whole optimize_for_inference models")
     p.add_argument("--size", type=int, default=224, help="image size of --models")
