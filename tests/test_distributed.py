@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import pytest
+from float64_state import in_float64
 from folder_helpers import learnable_folder
 from limits import CHILD_TIMEOUT
 from test_parallel import FLOAT64_BOUND, FLOOR_ABSOLUTE, FLOOR_MULTIPLE
@@ -381,8 +382,6 @@ def _trained(state) -> dict[str, np.ndarray]:
 def _start(dtype):
     """A reduced ResNet (one basic block per stage) and SGD, in `dtype`; the float64 state
     holds the float32 state's values, so both runs start from the same point."""
-    import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from resnext_flax import training
@@ -393,9 +392,7 @@ def _start(dtype):
     tx = training.sgd(0.01, weight_decay=1e-4)
     state = training.create_train_state(model, tx)
     if dtype == np.float64:
-        params, stats = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
-                                     (state.params, state.batch_stats))
-        state = state.replace(params=params, batch_stats=stats, opt_state=tx.init(params))
+        state = in_float64(state, tx)
     return state
 
 

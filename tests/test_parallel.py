@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+from float64_state import in_float64
 from limits import CHILD_TIMEOUT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -148,7 +149,6 @@ def _setup(batch: int, dtype):
     The float64 state holds the float32 state's values (the children run with
     jax_enable_x64, so float64 is real), so both start from the same point."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     import resnext_flax
@@ -159,9 +159,7 @@ def _setup(batch: int, dtype):
     tx = training.sgd(0.01, weight_decay=1e-4)
     state = training.create_train_state(model, tx)
     if dtype == np.float64:
-        params, stats = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
-                                     (state.params, state.batch_stats))
-        state = state.replace(params=params, batch_stats=stats, opt_state=tx.init(params))
+        state = in_float64(state, tx)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 32, 32, 3)).astype(dtype)
     y = rng.integers(0, 10, batch).astype(np.int32)
