@@ -266,3 +266,30 @@ def test_train_pipeline_benchmark_smallest_run_compares_loaders_and_the_step(tmp
     assert verdict["keeps_up"] == (verdict["cpu_share"] < 1)
     assert "| 0 |" in result.stdout and "training step (resnet18, batch 2, measured)" in (
         result.stdout)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None
+                    or importlib.util.find_spec("onnx") is None,
+                    reason="needs the onnx extra: pip install 'resnext-flax[onnx]'")
+def test_pointwise_vs_ort_times_both_sides_on_the_same_chain(tmp_path):
+    from resnext_flax.nn.lowering import kernel
+
+    if not kernel.available():
+        pytest.skip(f"the compiled kernel is not built: {kernel.unavailable_reasons()}")
+    out = tmp_path / "pointwise.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pointwise_vs_ort.py"),
+                             "--chain", "1:6:32-16,16-32:2", "--threads", "2,1", "--repeats",
+                             "2", "--warmup", "1", "--json", str(out)], capture_output=True,
+                            text=True, timeout=CHILD_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [row["threads"] for row in data["rows"]] == [2, 1]
+    for row in data["rows"]:
+        assert row["rel_err"] <= 1e-5  # the same weights on both sides
+        assert row["flops"] == 2 * 2 * 6 * 6 * (32 * 16 + 16 * 32)
+        assert len(row["times_s"]["library"]) == len(row["times_s"]["ort"]) == 2
+        assert row["gflops"]["library"] > 0 and row["gflops"]["ort"] > 0
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pointwise_vs_ort.py"),
+                          "--chain", "1:6:32-16,32-32:1"], capture_output=True, text=True,
+                         timeout=CHILD_TIMEOUT)
+    assert bad.returncode != 0 and "each layer's outputs feed the next's inputs" in bad.stderr
