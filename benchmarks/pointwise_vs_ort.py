@@ -1,23 +1,25 @@
-"""The compiled kernel's 1x1 GEMM against ONNX Runtime's (MLAS) on the same chains of 1x1 convs.
+"""The compiled kernel's 1x1 GEMM against ONNX Runtime's on the same chains of 1x1 convs.
 
 A whole-model comparison mixes every op, and both sides' profilers slow their own ops (the
 library's most at batch 1, where ops are short), so per-op profiles cannot settle a gap of a
 few percent. Here each side runs one chain of 1x1 conv + bias + ReLU layers with the same
 random weights, in one process, interleaved, without a profiler:
 
-* the library: the kernel's pointwise handler (the op an inference model's 1x1 convs run),
-  one ``ffi_call`` per layer in one jitted program, NHWC;
-* ONNX Runtime: a graph of ``Conv`` + ``Relu`` nodes (opset 17, all graph optimizations: it
-  fuses the ReLU and runs NCHWc convs, reordering only at the chain's two ends), CPU execution
-  provider, ``--threads`` intra-op threads that do not spin between runs.
+* the library: ``kernel.pointwise_conv`` with prepared weights (the op an inference model's
+  1x1 convs run, on the kernel's GEMM), one per layer, in one jitted program, NHWC in and out;
+* ONNX Runtime: a graph of ``Conv`` + ``Relu`` nodes (opset 17, all graph optimizations, which
+  fuse the ReLU and run the convs in its NCHWc layout), CPU execution provider, ``--threads``
+  intra-op threads that do not spin between runs. Its timed call includes the two reorders
+  between NCHW and NCHWc at the chain's ends, which the library's NHWC chain does not need: on
+  short chains that favours the library slightly.
 
-``--threads 1`` also runs the library on its calling thread only
-(``resnext_direct_conv_set_helpers(0)``), so the two kernels' single-core speeds compare
-without either side's work split. The layers repeat each shape's pattern (``1024-256,256-1024``:
-a block's reduce and expand) ``--repeats-of-pattern`` times, with distinct weights, so a chain
-of large layers reads its weights from memory as a deep model does. Each row records both
-sides' GFLOP/s (2 per multiply-add) and the library's time over ORT's; the outputs are compared
-(relative error).
+With ``--threads N`` the library's work loop uses the calling thread and N - 1 of XLA's pool
+(``resnext_direct_conv_set_helpers``), so ``--threads 1`` compares the two kernels' one-core
+speeds without either side's work split. A chain repeats its pattern of (in, out) channels
+(``1024-256,256-1024``: a bottleneck block's reduce and expand) with distinct weights, so a
+chain of large layers reads its weights from memory as a deep model does. Each row records both
+sides' GFLOP/s (2 per multiply-add), the library's time over ORT's and the outputs' relative
+difference; the JSON records the kernel build (path, size, commit of the checkout).
 
 Example (docs/performance.md):
     python benchmarks/pointwise_vs_ort.py --repeats 21 \\
@@ -27,13 +29,15 @@ Example (docs/performance.md):
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import json
+import pathlib
 import statistics
+import subprocess
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,28 +48,64 @@ from onnx import TensorProto, helper, numpy_helper
 
 from resnext_flax.nn.lowering import kernel
 
-#: (batch, map size, pattern of (in, out) channels, times the pattern repeats): the 1x1 convs
-#: of ResNeXt-101 32x8d's and ResNet-50's stages 3 and 4 at batch 1 and 8, and of their
-#: stages 1 and 2 at batch 1.
+
+class Chain(NamedTuple):
+    batch: int
+    size: int
+    pattern: str  # (in, out) channels of each layer, e.g. "1024-256,256-1024"
+    times: int  # how often the pattern repeats
+
+
+#: The 1x1 convs of ResNeXt-101 32x8d's stages 3 and 4 (1024-1024 at 14x14, 2048-2048 at
+#: 7x7) and of ResNet-50's stages 1-4, at batch 1; the two ResNeXt ones at batch 8 too; and a
+#: 7x7 chain of ResNeXt-101's stage-3 width, to separate the map size from the width.
 CHAINS = [
-    (1, 14, "1024-1024", 8),
-    (1, 14, "1024-256,256-1024", 6),
-    (1, 7, "2048-2048", 3),
-    (1, 7, "1024-1024", 12),
-    (1, 7, "2048-512,512-2048", 4),
-    (1, 28, "512-128,128-512", 4),
-    (1, 56, "256-64,64-256", 4),
-    (8, 14, "1024-1024", 4),
-    (8, 7, "2048-2048", 3),
+    Chain(1, 14, "1024-1024", 8),
+    Chain(1, 14, "1024-256,256-1024", 6),
+    Chain(1, 7, "2048-2048", 3),
+    Chain(1, 7, "1024-1024", 12),
+    Chain(1, 7, "2048-512,512-2048", 4),
+    Chain(1, 28, "512-128,128-512", 4),
+    Chain(1, 56, "256-64,64-256", 4),
+    Chain(8, 14, "1024-1024", 4),
+    Chain(8, 7, "2048-2048", 3),
 ]
 
 
 def layers_of(pattern: str, times: int) -> list[tuple[int, int]]:
-    pairs = [tuple(int(c) for c in p.split("-")) for p in pattern.split(",")]
+    """The chain's (in, out) channels per layer; each layer must feed the next."""
+    try:
+        pairs = [tuple(int(c) for c in p.split("-")) for p in pattern.split(",")]
+    except ValueError:
+        raise ValueError(f"pattern {pattern!r}: expected IN-OUT pairs of integers, "
+                         "comma-separated") from None
+    if any(len(p) != 2 or min(p) < 1 for p in pairs) or times < 1:
+        raise ValueError(f"pattern {pattern!r} x{times}: expected IN-OUT pairs of positive "
+                         "channel counts, repeated at least once")
     for (_, cout), (cin, _) in zip(pairs, pairs[1:] + pairs[:1], strict=True):
         if cout != cin:
             raise ValueError(f"pattern {pattern!r}: each layer's outputs feed the next's inputs")
     return pairs * times
+
+
+def parse_chain(text: str) -> Chain:
+    """``BATCH:SIZE:PATTERN:TIMES`` (an argparse type: errors become usage errors)."""
+    parts = text.split(":")
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected BATCH:SIZE:PATTERN:TIMES")
+    try:
+        chain = Chain(int(parts[0]), int(parts[1]), parts[2], int(parts[3]))
+        layers_of(chain.pattern, chain.times)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+    if chain.batch < 1 or chain.size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: batch and size must be positive")
+    return chain
+
+
+def select_chains(chains: list[Chain], only: list[str]) -> list[Chain]:
+    """The chains whose pattern is one of ``only`` (all of them when it is empty)."""
+    return [c for c in chains if not only or c.pattern in only]
 
 
 def onnx_chain(weights: list[np.ndarray], biases: list[np.ndarray], batch: int,
@@ -88,6 +128,7 @@ def onnx_chain(weights: list[np.ndarray], biases: list[np.ndarray], batch: int,
 
 
 def ort_session(model: bytes, threads: int) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads that sleep between runs."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -97,33 +138,41 @@ def ort_session(model: bytes, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def library_chain(weights: list[np.ndarray], biases: list[np.ndarray], x_nhwc: np.ndarray):
-    """The chain as one jitted program of the kernel's pointwise handler."""
-    blocked = [kernel.block_kernel(jnp.asarray(w.transpose(2, 3, 1, 0)), 1) for w in weights]
+def library_chain(weights: list[np.ndarray], biases: list[np.ndarray],
+                  x_nhwc: np.ndarray) -> Callable[[], jax.Array]:
+    """The chain as one jitted program of the kernel's pointwise conv, weights prepared."""
+    kernels = [jnp.asarray(w.transpose(2, 3, 1, 0)) for w in weights]  # OIHW -> HWIO
+    shape = x_nhwc.shape
+    for k in kernels:
+        if not kernel.pointwise_supports(shape, k.shape, 1, jnp.float32):
+            raise ValueError(f"a {k.shape[2]}->{k.shape[3]} 1x1 conv does not run in the "
+                             "kernel's GEMM (its output channels must be a multiple of 16)")
+        shape = (*shape[:3], k.shape[3])
+    prepared = [kernel.block_kernel(k, 1) for k in kernels]
     bias = [jnp.asarray(b) for b in biases]
 
-    def chain(x, blocked, bias):
-        for w, b in zip(blocked, bias, strict=True):
-            units, _, _, _, unit = w.shape
-            out = jax.ShapeDtypeStruct((*x.shape[:3], units * unit), jnp.float32)
-            x = jax.ffi.ffi_call(kernel._POINTWISE_TARGET, out)(x, w, b, stride=np.int64(1),
-                                                                relu=True)
+    def chain(x, kernels, prepared, bias):
+        for k, p, b in zip(kernels, prepared, bias, strict=True):
+            x = kernel.pointwise_conv(x, k, b, relu=True, blocked=p)
         return x
 
     x = jax.device_put(x_nhwc)
-    compiled = jax.jit(chain).lower(x, blocked, bias).compile()
-    return lambda: compiled(x, blocked, bias).block_until_ready()
+    compiled = jax.jit(chain).lower(x, kernels, prepared, bias).compile()
+    if compiled.as_text().count(kernel._POINTWISE_TARGET) < len(kernels):
+        raise RuntimeError("the compiled chain does not call the kernel's GEMM for every layer")
+    return lambda: compiled(x, kernels, prepared, bias).block_until_ready()
 
 
-def measure(batch: int, size: int, pattern: str, times: int, threads: int,
-            args: argparse.Namespace) -> dict[str, Any]:
-    layers = layers_of(pattern, times)
+def measure(chain: Chain, threads: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Both sides on one chain, interleaved: medians, GFLOP/s, their ratio, the outputs' error."""
+    layers = layers_of(chain.pattern, chain.times)
     rng = np.random.default_rng(0)
     weights = [(rng.standard_normal((cout, cin, 1, 1)) / np.sqrt(cin)).astype(np.float32)
                for cin, cout in layers]
     biases = [(0.1 * rng.standard_normal(cout)).astype(np.float32) for _, cout in layers]
-    x = rng.standard_normal((batch, layers[0][0], size, size)).astype(np.float32)
-    session = ort_session(onnx_chain(weights, biases, batch, size), threads)
+    x = rng.standard_normal((chain.batch, layers[0][0], chain.size, chain.size))
+    x = x.astype(np.float32)
+    session = ort_session(onnx_chain(weights, biases, chain.batch, chain.size), threads)
     sides = {"library": library_chain(weights, biases, x.transpose(0, 2, 3, 1)),
              "ort": lambda: session.run(None, {"x": x})[0]}
     reference = sides["ort"]()
@@ -138,61 +187,89 @@ def measure(batch: int, size: int, pattern: str, times: int, threads: int,
             t0 = time.perf_counter()
             sides[key]()
             times_s[key].append(time.perf_counter() - t0)
-    flops = sum(2 * batch * size * size * cin * cout for cin, cout in layers)
+    flops = sum(2 * chain.batch * chain.size * chain.size * cin * cout for cin, cout in layers)
     median = {k: statistics.median(v) for k, v in times_s.items()}
-    return {"batch": batch, "size": size, "pattern": pattern, "times": times,
-            "threads": threads, "flops": flops, "rel_err": rel_err,
+    return {**chain._asdict(), "threads": threads, "library_helpers": threads - 1,
+            "flops": flops, "rel_err": rel_err,
             "ms": {k: m * 1e3 for k, m in median.items()},
             "gflops": {k: flops / m / 1e9 for k, m in median.items()},
             "library_over_ort_time": median["library"] / median["ort"],
             "times_s": times_s}
 
 
-def parse_chain(text: str) -> tuple[int, int, str, int]:
-    batch, size, pattern, times = text.split(":")
-    layers_of(pattern, 1)  # checks that the layers chain
-    return int(batch), int(size), pattern, int(times)
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
+def thread_counts(text: str) -> list[int]:
+    return [positive_int(t) for t in text.split(",")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", default="2,1", help="comma-separated thread counts")
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--only", default="", help="comma-separated patterns to run (default all)")
-    p.add_argument("--chain", action="append", default=[],
-                   help="BATCH:SIZE:PATTERN:TIMES, e.g. 1:14:1024-256,256-1024:6, instead of the "
-                        "built-in chains (repeatable)")
+    p.add_argument("--threads", type=thread_counts, default=[2, 1],
+                   help="comma-separated thread counts, each run for every chain")
+    p.add_argument("--repeats", type=positive_int, default=15)
+    p.add_argument("--warmup", type=positive_int, default=3)
+    p.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                   help="run the built-in chains of this pattern (repeatable)")
+    p.add_argument("--chain", action="append", default=[], type=parse_chain,
+                   metavar="BATCH:SIZE:PATTERN:TIMES",
+                   help="run this chain instead of the built-in ones (repeatable), e.g. "
+                        "1:14:1024-256,256-1024:6")
     p.add_argument("--json", default="")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.chain and args.only:
+        p.error("--only selects among the built-in chains; with --chain, give only the chains")
+    args.chains = args.chain or select_chains(CHAINS, args.only)
+    if not args.chains:
+        p.error(f"--only {args.only}: no built-in chain has that pattern "
+                f"({', '.join(sorted({c.pattern for c in CHAINS}))})")
+    return args
+
+
+def build_info() -> dict[str, Any]:
+    """Which kernel build ran: its path and size, and the checkout's commit."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or None
+    return {"kernel_library": str(kernel._LIBRARY), "kernel_bytes": kernel._LIBRARY.stat().st_size,
+            "commit": commit}
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     if not kernel.available():
         sys.exit(f"the compiled kernel is not available: {kernel.unavailable_reasons()}")
-    helpers = ctypes.CDLL(str(kernel._LIBRARY))  # the handle the kernel module loaded
-    chains = [c for c in CHAINS if not args.only or c[2] in args.only.split(",")]
-    if args.chain:
-        chains = [parse_chain(text) for text in args.chain]
+    loaded = kernel._load().direct  # the handle the library registered its handlers from
     rows = []
-    for threads in (int(t) for t in args.threads.split(",")):
-        helpers.resnext_direct_conv_set_helpers(0 if threads == 1 else -1)
-        for batch, size, pattern, times in chains:
-            row = measure(batch, size, pattern, times, threads, args)
-            rows.append(row)
-            print(f"{threads} thread(s), batch {batch}, {size}x{size}, {pattern} x{times}: "
-                  f"library {row['ms']['library']:.2f} ms ({row['gflops']['library']:.0f} "
-                  f"GFLOP/s), ORT {row['ms']['ort']:.2f} ms ({row['gflops']['ort']:.0f}); "
-                  f"library / ORT time {row['library_over_ort_time']:.3f}, "
-                  f"rel err {row['rel_err']:.1e}", flush=True)
-    helpers.resnext_direct_conv_set_helpers(-1)
+    try:
+        for threads in args.threads:
+            loaded.resnext_direct_conv_set_helpers(threads - 1)
+            for chain in args.chains:
+                row = measure(chain, threads, args)
+                rows.append(row)
+                print(f"{threads} thread(s), batch {chain.batch}, {chain.size}x{chain.size}, "
+                      f"{chain.pattern} x{chain.times}: library {row['ms']['library']:.2f} ms "
+                      f"({row['gflops']['library']:.0f} GFLOP/s), ORT {row['ms']['ort']:.2f} ms "
+                      f"({row['gflops']['ort']:.0f}); library / ORT time "
+                      f"{row['library_over_ort_time']:.3f}, rel err {row['rel_err']:.1e}",
+                      flush=True)
+    except ValueError as err:  # a chain the kernel's GEMM does not run
+        sys.exit(f"error: {err}")
+    finally:
+        loaded.resnext_direct_conv_set_helpers(-1)  # the default: every pool thread
     if args.json:
+        record = vars(args) | {"chains": [c._asdict() for c in args.chains],
+                               "chain": [c._asdict() for c in args.chain]}
         with open(args.json, "w") as f:
             json.dump({"command": sys.argv, "date": datetime.date.today().isoformat(),
                        "machine": cpu_info() | {"onnxruntime": ort.__version__,
                                                 "jax": jax.__version__},
-                       "args": vars(args), "rows": rows}, f, indent=1)
+                       "build": build_info(), "args": record, "rows": rows}, f, indent=1)
     return rows
 
 

@@ -268,28 +268,53 @@ def test_train_pipeline_benchmark_smallest_run_compares_loaders_and_the_step(tmp
         result.stdout)
 
 
+
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None
                     or importlib.util.find_spec("onnx") is None,
                     reason="needs the onnx extra: pip install 'resnext-flax[onnx]'")
 def test_pointwise_vs_ort_times_both_sides_on_the_same_chain(tmp_path):
     from resnext_flax.nn.lowering import kernel
 
-    if not kernel.available():
+    if not kernel.available():  # e.g. no C++ compiler at install; CI builds the kernel
         pytest.skip(f"the compiled kernel is not built: {kernel.unavailable_reasons()}")
     out = tmp_path / "pointwise.json"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pointwise_vs_ort.py"),
-                             "--chain", "1:6:32-16,16-32:2", "--threads", "2,1", "--repeats",
-                             "2", "--warmup", "1", "--json", str(out)], capture_output=True,
-                            text=True, timeout=CHILD_TIMEOUT)
+    script = str(ROOT / "benchmarks" / "pointwise_vs_ort.py")
+    result = subprocess.run([sys.executable, script, "--chain", "1:6:32-16,16-32:2",
+                             "--threads", "2,1", "--repeats", "2", "--warmup", "1",
+                             "--json", str(out)], capture_output=True, text=True,
+                            timeout=CHILD_TIMEOUT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert [row["threads"] for row in data["rows"]] == [2, 1]
+    assert [(row["threads"], row["library_helpers"]) for row in data["rows"]] == [(2, 1), (1, 0)]
     for row in data["rows"]:
         assert row["rel_err"] <= 1e-5  # the same weights on both sides
         assert row["flops"] == 2 * 2 * 6 * 6 * (32 * 16 + 16 * 32)
         assert len(row["times_s"]["library"]) == len(row["times_s"]["ort"]) == 2
         assert row["gflops"]["library"] > 0 and row["gflops"]["ort"] > 0
-    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pointwise_vs_ort.py"),
-                          "--chain", "1:6:32-16,32-32:1"], capture_output=True, text=True,
-                         timeout=CHILD_TIMEOUT)
-    assert bad.returncode != 0 and "each layer's outputs feed the next's inputs" in bad.stderr
+    assert data["build"]["kernel_bytes"] > 0
+    for bad, message in [("1:6:32-16,32-32:1", "each layer's outputs feed the next's inputs"),
+                         ("1:6:32-16", "expected BATCH:SIZE:PATTERN:TIMES"),
+                         ("1:6:32-16-8:1", "expected IN-OUT pairs"),
+                         ("1:6:32-32:0", "repeated at least once"),
+                         ("1:6:24-24:1", "multiple of 16")]:
+        failed = subprocess.run([sys.executable, script, "--chain", bad, "--repeats", "1"],
+                                capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+        assert failed.returncode != 0 and message in failed.stderr, (bad, failed.stderr[-2000:])
+
+
+def test_pointwise_vs_ort_selects_chains_by_whole_pattern():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import pointwise_vs_ort as bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    picked = bench.parse_args(["--only", "1024-256,256-1024", "--only", "2048-2048"]).chains
+    assert {c.pattern for c in picked} == {"1024-256,256-1024", "2048-2048"}
+    assert len(picked) == 1 + 2  # 2048-2048 at batch 1 and 8
+    assert bench.parse_args([]).chains == bench.CHAINS
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--only", "1024-256"])  # a part of a pattern selects nothing
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--only", "2048-2048", "--chain", "1:7:32-32:1"])
