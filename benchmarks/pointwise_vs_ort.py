@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import pathlib
 import statistics
 import subprocess
@@ -146,7 +147,8 @@ def library_chain(weights: list[np.ndarray], biases: list[np.ndarray],
     for k in kernels:
         if not kernel.pointwise_supports(shape, k.shape, 1, jnp.float32):
             raise ValueError(f"a {k.shape[2]}->{k.shape[3]} 1x1 conv does not run in the "
-                             "kernel's GEMM (its output channels must be a multiple of 16)")
+                             "kernel's GEMM (it needs float32 on the CPU and output channels "
+                             "in multiples of 16)")
         shape = (*shape[:3], k.shape[3])
     prepared = [kernel.block_kernel(k, 1) for k in kernels]
     bias = [jnp.asarray(b) for b in biases]
@@ -189,7 +191,9 @@ def measure(chain: Chain, threads: int, args: argparse.Namespace) -> dict[str, A
             times_s[key].append(time.perf_counter() - t0)
     flops = sum(2 * chain.batch * chain.size * chain.size * cin * cout for cin, cout in layers)
     median = {k: statistics.median(v) for k, v in times_s.items()}
-    return {**chain._asdict(), "threads": threads, "library_helpers": threads - 1,
+    # The work loop never uses more helpers than XLA's pool has threads but one (one per core).
+    helpers = min(threads, os.cpu_count() or 1) - 1
+    return {**chain._asdict(), "threads": threads, "library_helpers": helpers,
             "flops": flops, "rel_err": rel_err,
             "ms": {k: m * 1e3 for k, m in median.items()},
             "gflops": {k: flops / m / 1e9 for k, m in median.items()},
@@ -226,7 +230,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--only selects among the built-in chains; with --chain, give only the chains")
     args.chains = args.chain or select_chains(CHAINS, args.only)
     if not args.chains:
-        p.error(f"--only {args.only}: no built-in chain has that pattern "
+        p.error(f"--only {' '.join(args.only)}: no built-in chain has that pattern "
                 f"({', '.join(sorted({c.pattern for c in CHAINS}))})")
     return args
 
@@ -234,8 +238,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_info() -> dict[str, Any]:
     """Which kernel build ran: its path and size, and the checkout's commit."""
     root = pathlib.Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or None
+    commit = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"],
+                            capture_output=True, text=True).stdout.strip() or None
     return {"kernel_library": str(kernel._LIBRARY), "kernel_bytes": kernel._LIBRARY.stat().st_size,
             "commit": commit}
 

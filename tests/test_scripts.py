@@ -268,7 +268,6 @@ def test_train_pipeline_benchmark_smallest_run_compares_loaders_and_the_step(tmp
         result.stdout)
 
 
-
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None
                     or importlib.util.find_spec("onnx") is None,
                     reason="needs the onnx extra: pip install 'resnext-flax[onnx]'")
@@ -296,7 +295,7 @@ def test_pointwise_vs_ort_times_both_sides_on_the_same_chain(tmp_path):
                          ("1:6:32-16", "expected BATCH:SIZE:PATTERN:TIMES"),
                          ("1:6:32-16-8:1", "expected IN-OUT pairs"),
                          ("1:6:32-32:0", "repeated at least once"),
-                         ("1:6:24-24:1", "multiple of 16")]:
+                         ("1:6:24-24:1", "multiples of 16")]:
         failed = subprocess.run([sys.executable, script, "--chain", bad, "--repeats", "1"],
                                 capture_output=True, text=True, timeout=CHILD_TIMEOUT)
         assert failed.returncode != 0 and message in failed.stderr, (bad, failed.stderr[-2000:])
