@@ -36,7 +36,6 @@ import pathlib
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -44,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import onnxruntime as ort
-from fma_peak import cpu_info  # sibling script (same folder)
+from fma_peak import cpu_info  # sibling scripts (same folder)
+from interleaved import interleaved_seconds
 from onnx import TensorProto, helper, numpy_helper
 
 from resnext_flax.nn.lowering import kernel
@@ -180,15 +180,7 @@ def measure(chain: Chain, threads: int, args: argparse.Namespace) -> dict[str, A
     reference = sides["ort"]()
     got = np.asarray(sides["library"]()).transpose(0, 3, 1, 2)
     rel_err = float(np.abs(got - reference).max() / np.abs(reference).max())
-    for fn in sides.values():
-        for _ in range(args.warmup):
-            fn()
-    times_s: dict[str, list[float]] = {k: [] for k in sides}
-    for round_ in range(args.repeats):  # interleaved, alternating which side goes first
-        for key in (list(sides) if round_ % 2 == 0 else list(sides)[::-1]):
-            t0 = time.perf_counter()
-            sides[key]()
-            times_s[key].append(time.perf_counter() - t0)
+    times_s = interleaved_seconds(sides, args.repeats, args.warmup)
     flops = sum(2 * chain.batch * chain.size * chain.size * cin * cout for cin, cout in layers)
     median = {k: statistics.median(v) for k, v in times_s.items()}
     # The work loop never uses more helpers than XLA's pool has threads but one (one per core).

@@ -48,6 +48,7 @@ import onnxruntime as ort
 import torch
 from fma_peak import cpu_info
 from hlo_layers import shared_time, thunk_layers
+from interleaved import interleaved_seconds
 from onnx_runtime import session, torch_onnx  # sibling scripts (same folder)
 
 from resnext_flax.models.folding import optimize_for_inference
@@ -331,15 +332,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reference = tmodel(torch.from_numpy(nchw)).numpy()
     rel_err = {"library": relative_error(np.asarray(folded(nhwc)), reference),
                "ort": relative_error(sides["ort"](), reference)}
-    for fn in sides.values():
-        for _ in range(args.warmup):
-            fn()
-    wall: dict[str, list[float]] = {k: [] for k in sides}
-    for round_ in range(args.repeats):  # interleaved, alternating which side goes first
-        for key in (list(sides) if round_ % 2 == 0 else list(sides)[::-1]):
-            t0 = time.perf_counter()
-            sides[key]()
-            wall[key].append((time.perf_counter() - t0) * 1e3)
+    wall = {k: [t * 1e3 for t in ts]
+            for k, ts in interleaved_seconds(sides, args.repeats, args.warmup).items()}
 
     joined = join(layers, lib["ms"], onnx["ms"], args.peak_gflops)
     walls = {k: statistics.median(v) for k, v in wall.items()}
